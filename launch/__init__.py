@@ -1,0 +1,1 @@
+"""absl launchers for mtl_dist (`mtl-train`)."""

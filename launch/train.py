@@ -1,0 +1,154 @@
+"""mtl-train: trains a shared-trunk multi-task model.
+
+Examples:
+  mtl-train --model_dir=/tmp/mtl --num_cpu_devices=2
+  mtl-train --flagfile=launch/configs/alternate.flags --model_dir=/tmp/mtl_alt
+
+Exit status: 0 on success, 2 for bad flags or configuration (nothing is
+written to --model_dir), 1 for a failure while running.
+"""
+
+import os
+import sys
+
+# Keep TensorFlow's C++ start-up chatter (oneDNN, CUDA probing) out of the
+# log unless the user asked for it; errors and warnings still show.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+from absl import logging
+
+import mtl_dist
+from mtl_dist import config as config_lib
+
+_PROGRAM = "mtl-train"
+
+_MODEL_DIR = flags.DEFINE_string(
+    "model_dir", None, "Directory for checkpoints, metrics and summaries; a "
+    "run on a directory that holds a checkpoint resumes from it.")
+_MODE = flags.DEFINE_enum("mode", "joint", config_lib.MODES,
+                          "joint: every example labelled for every task, one "
+                          "update on the weighted loss sum. alternate: one "
+                          "dataset per task, one task per step.")
+_DATASET = flags.DEFINE_string("dataset", "shapes",
+                               "Dataset; `shapes` is generated, no download.")
+_TASKS = flags.DEFINE_list("tasks", None,
+                           "Tasks to train (default: all of the dataset's).")
+_TASK_WEIGHTS = flags.DEFINE_string(
+    "task_weights", None, "Joint mode loss weights, e.g. shape=1.0,x=0.5 "
+    "(unlisted tasks weigh 1.0).")
+_SCHEDULE = flags.DEFINE_enum("schedule", None, config_lib.SCHEDULES,
+                              "Alternate mode: which task each step trains "
+                              "(default round_robin).")
+_PER_TASK_OPTIMIZER = flags.DEFINE_bool(
+    "per_task_optimizer", None, "Alternate mode: one optimizer per task "
+    "(default) instead of one shared.")
+_TASK_SIZES = flags.DEFINE_string(
+    "task_sizes", None, "Alternate mode on shapes: examples per task "
+    "dataset, e.g. shape=8000,x=500 (default: 8192 halving per task).")
+_TRAIN_EXAMPLES = flags.DEFINE_integer(
+    "train_examples", 16384, "Joint mode on shapes: training examples.")
+_EVAL_EXAMPLES = flags.DEFINE_integer("eval_examples", 2048,
+                                      "Shapes: held-out eval examples.")
+_TRAIN_STEPS = flags.DEFINE_integer("train_steps", 1000,
+                                    "Total training steps.")
+_GLOBAL_BATCH_SIZE = flags.DEFINE_integer(
+    "global_batch_size", 64, "Examples per step over all replicas.")
+_STEPS_PER_LOOP = flags.DEFINE_integer(
+    "steps_per_loop", 50, "Steps run inside one tf.function call.")
+_OPTIMIZER = flags.DEFINE_enum("optimizer", "adam", config_lib.OPTIMIZERS,
+                               "Optimizer.")
+_LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3, "Learning rate.")
+_TRUNK = flags.DEFINE_enum("trunk", "mlp", config_lib.TRUNKS,
+                           "Shared trunk architecture.")
+_TRUNK_WIDTH = flags.DEFINE_integer("trunk_width", 256,
+                                    "Units (mlp) or filters (conv) per layer.")
+_TRUNK_DEPTH = flags.DEFINE_integer("trunk_depth", 2, "Trunk layers.")
+_STRATEGY = flags.DEFINE_enum(
+    "strategy", "auto", config_lib.STRATEGIES,
+    "auto: MirroredStrategy over all GPUs, or over --num_cpu_devices CPU "
+    "devices when there is no GPU; one device when there is only one.")
+_NUM_CPU_DEVICES = flags.DEFINE_integer(
+    "num_cpu_devices", 1, "Split the host CPU into this many logical devices "
+    "(replicas when there is no GPU).")
+_CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 500,
+                                         "Steps between checkpoints.")
+_KEEP_CHECKPOINTS = flags.DEFINE_integer("keep_checkpoints", 3,
+                                         "Checkpoints to keep.")
+_EVAL_EVERY = flags.DEFINE_integer("eval_every", 500,
+                                   "Steps between evaluations.")
+_EVAL_STEPS = flags.DEFINE_integer(
+    "eval_steps", 0, "Eval batches per task; 0 evaluates the whole split.")
+_LOG_EVERY = flags.DEFINE_integer("log_every", 100,
+                                  "Steps between progress lines and metrics.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed for data, weights and order.")
+
+flags.mark_flag_as_required("model_dir")
+
+
+def _given(flag_holder: flags.FlagHolder):
+  """The flag's value if it was given on the command line or in a flagfile."""
+  return flag_holder.value if flag_holder.present else None
+
+
+def _config_from_flags() -> mtl_dist.TrainConfig:
+  task_weights = task_sizes = None
+  if _TASK_WEIGHTS.value is not None:
+    task_weights = mtl_dist.parse_key_values(_TASK_WEIGHTS.value,
+                                             "task_weights", float)
+  if _TASK_SIZES.value is not None:
+    task_sizes = mtl_dist.parse_key_values(_TASK_SIZES.value, "task_sizes",
+                                           int)
+  return mtl_dist.TrainConfig(
+      model_dir=_MODEL_DIR.value, mode=_MODE.value, dataset=_DATASET.value,
+      tasks=_TASKS.value, task_weights=task_weights,
+      schedule=_given(_SCHEDULE),
+      per_task_optimizer=_given(_PER_TASK_OPTIMIZER), task_sizes=task_sizes,
+      train_examples=_TRAIN_EXAMPLES.value,
+      eval_examples=_EVAL_EXAMPLES.value, train_steps=_TRAIN_STEPS.value,
+      global_batch_size=_GLOBAL_BATCH_SIZE.value,
+      steps_per_loop=_STEPS_PER_LOOP.value, optimizer=_OPTIMIZER.value,
+      learning_rate=_LEARNING_RATE.value, trunk=_TRUNK.value,
+      trunk_width=_TRUNK_WIDTH.value, trunk_depth=_TRUNK_DEPTH.value,
+      strategy=_STRATEGY.value, num_cpu_devices=_NUM_CPU_DEVICES.value,
+      checkpoint_every=_CHECKPOINT_EVERY.value,
+      keep_checkpoints=_KEEP_CHECKPOINTS.value,
+      eval_every=_EVAL_EVERY.value, eval_steps=_EVAL_STEPS.value,
+      log_every=_LOG_EVERY.value, seed=_SEED.value)
+
+
+def _exit_with_usage_error(message: str) -> None:
+  sys.stderr.write(f"{_PROGRAM}: error: {message}\n")
+  sys.exit(2)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """Parses flags; a bad flag exits 2 with one line (absl's default is 1)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _exit_with_usage_error(str(e))
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    _exit_with_usage_error(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    summary = mtl_dist.train(_config_from_flags())
+  except mtl_dist.ConfigError as e:
+    _exit_with_usage_error(str(e))
+  print(mtl_dist.format_results(
+      summary, title=f"{_PROGRAM}: {summary['mode']} mode, step "
+      f"{summary['step']}, {summary['replicas']} replica(s), "
+      f"{summary['examples_per_second']:.0f} examples/s; eval results:"))
+  logging.info("Wrote %s", os.path.join(_MODEL_DIR.value, "summary.json"))
+
+
+def run() -> None:
+  """Console-script entry point."""
+  app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+  run()

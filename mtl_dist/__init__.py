@@ -1,0 +1,32 @@
+"""mtl_dist: shared-trunk multi-task training on many devices.
+
+Public API:
+  TrainConfig, ConfigError, train: configure and run a training job (what the
+    `mtl-train` launcher calls).
+  TaskSpec: one task (its head, loss and metrics).
+  SharedTrunkModel, build_model, build_trunk: the model.
+  Trainer: a run's state and its compiled train/eval loops.
+  ExampleSource, MultiTaskData, distribute_train, distribute_eval: inputs.
+  create_strategy: a tf.distribute strategy over this host's devices.
+  format_results: a text table of a run summary.
+"""
+
+from mtl_dist.config import ConfigError
+from mtl_dist.config import parse_key_values
+from mtl_dist.config import TrainConfig
+from mtl_dist.controller import train
+from mtl_dist.data import distribute_eval
+from mtl_dist.data import distribute_train
+from mtl_dist.data import ExampleSource
+from mtl_dist.data import MultiTaskData
+from mtl_dist.data import source_from_arrays
+from mtl_dist.distribution import create_strategy
+from mtl_dist.model import build_model
+from mtl_dist.model import build_trunk
+from mtl_dist.model import SharedTrunkModel
+from mtl_dist.outputs import format_results
+from mtl_dist.tasks import TaskSpec
+from mtl_dist.trainer import make_optimizer_factory
+from mtl_dist.trainer import Trainer
+
+__version__ = "0.1.0"

@@ -1,0 +1,201 @@
+"""Run configuration: one dataclass that mirrors the launcher's flags.
+
+Every check that does not need TensorFlow's devices lives here, so the launcher
+and the Python API refuse the same bad input with the same message. Messages
+name the flag (`--name=value: what is wrong`), because the launcher is the
+main way runs are configured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Mapping, Optional, Sequence, TypeVar
+
+MODES = ("joint", "alternate")
+SCHEDULES = ("round_robin",)
+OPTIMIZERS = ("adam", "sgd")
+TRUNKS = ("mlp", "conv")
+STRATEGIES = ("auto", "mirrored", "one_device")
+
+_V = TypeVar("_V")
+
+
+class ConfigError(ValueError):
+  """A configuration problem found before training; the launcher exits 2."""
+
+
+def parse_key_values(text: str, flag: str,
+                     parse_value: Callable[[str], _V]) -> dict[str, _V]:
+  """Parses `a=1.0,b=0.5` into `{"a": 1.0, "b": 0.5}`.
+
+  Args:
+    text: The flag's value.
+    flag: The flag's name, for error messages.
+    parse_value: Converts one value; raises ValueError on bad input.
+
+  Returns:
+    The mapping, in the order given.
+
+  Raises:
+    ConfigError: On a malformed item, an empty key or a repeated key.
+  """
+  result: dict[str, _V] = {}
+  for item in text.split(","):
+    item = item.strip()
+    if not item:
+      continue
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+      raise ConfigError(f"--{flag}={text}: expected name=value items separated "
+                        f"by commas, got {item!r}")
+    if key in result:
+      raise ConfigError(f"--{flag}={text}: {key!r} is given twice")
+    try:
+      result[key] = parse_value(value.strip())
+    except ValueError:
+      raise ConfigError(f"--{flag}={text}: bad value {value.strip()!r} for "
+                        f"{key!r}") from None
+  return result
+
+
+@dataclasses.dataclass
+class TrainConfig:
+  """Everything one training run needs; field names are the launcher's flags.
+
+  Fields left at None take a default that depends on other fields (see
+  `resolved_*` helpers), so that a flag given where it has no meaning can be
+  refused instead of silently ignored.
+  """
+
+  model_dir: str
+  mode: str = "joint"
+  dataset: str = "shapes"
+  tasks: Optional[Sequence[str]] = None  # None: every task of the dataset.
+  task_weights: Optional[Mapping[str, float]] = None  # joint mode only.
+  schedule: Optional[str] = None  # alternate mode only; default round_robin.
+  per_task_optimizer: Optional[bool] = None  # alternate only; default True.
+  task_sizes: Optional[Mapping[str, int]] = None  # shapes, alternate only.
+  train_examples: int = 16384  # shapes, joint mode.
+  eval_examples: int = 2048  # shapes, both modes.
+  train_steps: int = 1000
+  global_batch_size: int = 64
+  steps_per_loop: int = 50
+  optimizer: str = "adam"
+  learning_rate: float = 1e-3
+  trunk: str = "mlp"
+  trunk_width: int = 256
+  trunk_depth: int = 2
+  strategy: str = "auto"
+  num_cpu_devices: int = 1
+  checkpoint_every: int = 500
+  keep_checkpoints: int = 3
+  eval_every: int = 500
+  eval_steps: int = 0  # 0: the whole eval split.
+  log_every: int = 100
+  seed: int = 0
+
+  @property
+  def resolved_schedule(self) -> str:
+    return self.schedule or "round_robin"
+
+  @property
+  def resolved_per_task_optimizer(self) -> bool:
+    if self.mode == "joint":
+      return False
+    return True if self.per_task_optimizer is None else self.per_task_optimizer
+
+  def validate(self) -> None:
+    """Checks what can be checked without data or devices.
+
+    Raises:
+      ConfigError: Naming the first bad flag and its value.
+    """
+    if not self.model_dir:
+      raise ConfigError("--model_dir is required")
+    _check_choice("mode", self.mode, MODES)
+    _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+    _check_choice("trunk", self.trunk, TRUNKS)
+    _check_choice("strategy", self.strategy, STRATEGIES)
+    if self.schedule is not None:
+      _check_choice("schedule", self.schedule, SCHEDULES)
+    for name in ("train_steps", "global_batch_size", "steps_per_loop",
+                 "trunk_width", "trunk_depth", "num_cpu_devices",
+                 "checkpoint_every", "keep_checkpoints", "eval_every",
+                 "log_every", "train_examples", "eval_examples"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"--{name}={value}: must be a positive integer")
+    if not isinstance(self.eval_steps, int) or self.eval_steps < 0:
+      raise ConfigError(f"--eval_steps={self.eval_steps}: must be >= 0 "
+                        "(0 evaluates the whole eval split)")
+    if not self.learning_rate > 0:
+      raise ConfigError(
+          f"--learning_rate={self.learning_rate}: must be positive")
+    if self.tasks is not None:
+      if not self.tasks:
+        raise ConfigError("--tasks=: name at least one task")
+      repeated = sorted({t for t in self.tasks if list(self.tasks).count(t) > 1})
+      if repeated:
+        raise ConfigError(f"--tasks={','.join(self.tasks)}: "
+                          f"{', '.join(repeated)} given twice")
+    self._validate_mode_flags()
+    if self.task_weights is not None:
+      for name, weight in self.task_weights.items():
+        if not weight >= 0:
+          raise ConfigError(f"--task_weights: weight {weight} for {name!r} "
+                            "must be >= 0")
+    if self.task_sizes is not None:
+      for name, size in self.task_sizes.items():
+        if size <= 0:
+          raise ConfigError(f"--task_sizes: size {size} for {name!r} must be "
+                            "positive")
+
+  def _validate_mode_flags(self) -> None:
+    """Refuses flags that mean nothing in the chosen mode."""
+    if self.mode == "joint":
+      for name in ("schedule", "per_task_optimizer", "task_sizes"):
+        if getattr(self, name) is not None:
+          raise ConfigError(f"--{name} applies to --mode=alternate only, "
+                            "but --mode=joint is set")
+    else:
+      if self.task_weights is not None:
+        raise ConfigError("--task_weights applies to --mode=joint only (an "
+                          "alternate step trains one task's loss), but "
+                          "--mode=alternate is set")
+
+  def validate_tasks(self, known_tasks: Sequence[str]) -> list[str]:
+    """Checks task names against a dataset's tasks.
+
+    Args:
+      known_tasks: The tasks the dataset offers.
+
+    Returns:
+      The tasks to train, in order.
+
+    Raises:
+      ConfigError: For an unknown task in --tasks, --task_weights or
+        --task_sizes.
+    """
+    tasks = list(self.tasks) if self.tasks is not None else list(known_tasks)
+    for task in tasks:
+      if task not in known_tasks:
+        raise ConfigError(
+            f"--tasks={','.join(tasks)}: unknown task {task!r} for "
+            f"--dataset={self.dataset} (known: {', '.join(known_tasks)})")
+    for flag in ("task_weights", "task_sizes"):
+      mapping = getattr(self, flag)
+      for task in mapping or {}:
+        if task not in tasks:
+          raise ConfigError(f"--{flag}: {task!r} is not a trained task "
+                            f"(--tasks={','.join(tasks)})")
+    return tasks
+
+  def weight_of(self, task: str) -> float:
+    """The loss weight of a task in joint mode (1.0 unless given)."""
+    return float((self.task_weights or {}).get(task, 1.0))
+
+
+def _check_choice(flag: str, value: str, choices: Sequence[str]) -> None:
+  if value not in choices:
+    raise ConfigError(f"--{flag}={value}: must be one of {', '.join(choices)}")

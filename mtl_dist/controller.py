@@ -1,0 +1,205 @@
+"""The training driver: set-up, the host loop, checkpoints, eval and outputs.
+
+`train(config)` is what the `mtl-train` launcher runs. It validates the
+configuration before it writes anything, resumes from the newest checkpoint in
+`model_dir/checkpoints`, then alternates compiled train loops of up to
+`steps_per_loop` steps with logging, evaluation and checkpointing at their
+intervals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Optional
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+import tf_keras
+
+from mtl_dist import config as config_lib
+from mtl_dist import data as data_lib
+from mtl_dist import distribution
+from mtl_dist import model as model_lib
+from mtl_dist import outputs
+from mtl_dist import trainer as trainer_lib
+
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+class _Run:
+  """One training run's objects, built and checked before anything is written."""
+
+  def __init__(self, config: config_lib.TrainConfig):
+    config.validate()
+    self.config = config
+    self.strategy = distribution.create_strategy(config.strategy,
+                                                 config.num_cpu_devices)
+    replicas = self.strategy.num_replicas_in_sync
+    if config.global_batch_size % replicas:
+      raise config_lib.ConfigError(
+          f"--global_batch_size={config.global_batch_size}: not divisible by "
+          f"the {replicas} replicas")
+    self.data = data_lib.load(config)
+    tf_keras.utils.set_random_seed(config.seed)
+    with self.strategy.scope():
+      self.model = model_lib.build_model(self.data.tasks, self.data.input_shape,
+                                         config.trunk, config.trunk_width,
+                                         config.trunk_depth)
+    self.trainer = trainer_lib.Trainer(
+        self.strategy, self.model, self.data.tasks, mode=config.mode,
+        global_batch_size=config.global_batch_size,
+        optimizer_factory=trainer_lib.make_optimizer_factory(
+            config.optimizer, config.learning_rate),
+        per_task_optimizer=config.resolved_per_task_optimizer,
+        schedule=config.resolved_schedule)
+    self.checkpoint = tf.train.Checkpoint(**self.trainer.checkpoint_items())
+    self.checkpoint_dir = os.path.join(config.model_dir, CHECKPOINT_SUBDIR)
+    self.restored_from = self._restore()
+
+  def _restore(self) -> Optional[str]:
+    """Restores the newest checkpoint, if any; refuses one of another model."""
+    path = tf.train.latest_checkpoint(self.checkpoint_dir)
+    if path is None:
+      return None
+    try:
+      self.checkpoint.restore(path).assert_consumed()
+    except (AssertionError, ValueError) as e:
+      first_line = str(e).strip().splitlines()[0][:300]
+      raise config_lib.ConfigError(
+          f"--model_dir={self.config.model_dir}: checkpoint {path} was "
+          "written by a different model or optimizer set-up (check --mode, "
+          f"--tasks, --trunk*, --optimizer, --per_task_optimizer): "
+          f"{first_line}") from None
+    return path
+
+
+def train(config: config_lib.TrainConfig) -> dict[str, Any]:
+  """Trains, evaluates and checkpoints a multi-task model.
+
+  Args:
+    config: The run's configuration.
+
+  Returns:
+    The run summary, also written to `model_dir/summary.json`: `step`,
+    `mode`, `replicas`, `task_steps`, `eval` (task to metric to value) and
+    `examples_per_second`.
+
+  Raises:
+    ConfigError: For bad configuration, before anything is written.
+  """
+  run = _Run(config)
+  trainer, strategy = run.trainer, run.strategy
+  tf.io.gfile.makedirs(config.model_dir)
+  outputs.write_json_atomic(os.path.join(config.model_dir, "config.json"),
+                            dataclasses.asdict(config))
+  start_step = int(trainer.global_step.numpy())
+  if run.restored_from:
+    logging.info("Resuming from %s at step %d.", run.restored_from, start_step)
+  manager = tf.train.CheckpointManager(
+      run.checkpoint, run.checkpoint_dir, max_to_keep=config.keep_checkpoints,
+      step_counter=trainer.global_step)
+  writer = outputs.MetricsWriter(config.model_dir, config.train_steps,
+                                 start_step)
+  task_names = [task.name for task in trainer.tasks]
+  # Each pipeline starts where the restored run left it: a joint pipeline
+  # has served one batch per step, a task's pipeline one per step of its task.
+  consumed = ([start_step] if config.mode == "joint" else
+              trainer.task_steps.numpy().tolist())
+  train_iterators = [
+      iter(data_lib.distribute_train(strategy, source,
+                                     config.global_batch_size,
+                                     config.seed + i, consumed[i]))
+      for i, source in enumerate(run.data.train)]
+  eval_datasets = [
+      data_lib.distribute_eval(strategy, source, config.global_batch_size,
+                               config.eval_steps)
+      for source in run.data.eval]
+  eval_groups = [source.task_names for source in run.data.eval]
+  logging.info("Training %s mode on %d replica(s): tasks %s, global batch %d.",
+               config.mode, strategy.num_replicas_in_sync,
+               ", ".join(task_names), config.global_batch_size)
+
+  step = start_step
+  interval_losses = np.zeros(len(task_names))
+  interval_counts = np.zeros(len(task_names))
+  interval_seconds, interval_steps = 0.0, 0
+  steady_seconds, steady_steps, loop_calls = 0.0, 0, 0
+  last_eval: dict[str, float] = {}
+  while step < config.train_steps:
+    num_steps = _steps_until_next_event(step, config)
+    started = time.perf_counter()
+    loss_sums, counts = trainer.train(train_iterators, num_steps)
+    seconds = time.perf_counter() - started
+    step += num_steps
+    loop_calls += 1
+    if loop_calls > 1:  # The first call includes tracing.
+      steady_seconds += seconds
+      steady_steps += num_steps
+    interval_losses += loss_sums
+    interval_counts += counts
+    interval_seconds += seconds
+    interval_steps += num_steps
+    if step % config.log_every == 0 or step == config.train_steps:
+      losses = {name: interval_losses[i] / interval_counts[i]
+                for i, name in enumerate(task_names) if interval_counts[i]}
+      speed = interval_steps * config.global_batch_size / interval_seconds
+      metrics = {f"{name}/loss": value for name, value in losses.items()}
+      metrics.update(_task_step_metrics(trainer))
+      metrics["examples_per_second"] = speed
+      writer.write(step, "train", metrics)
+      writer.progress(step, losses, speed)
+      interval_losses[:] = 0
+      interval_counts[:] = 0
+      interval_seconds, interval_steps = 0.0, 0
+    if step % config.checkpoint_every == 0 and step < config.train_steps:
+      manager.save(checkpoint_number=step)
+    if step % config.eval_every == 0 and step < config.train_steps:
+      last_eval = trainer.evaluate(eval_datasets, eval_groups)
+      writer.write(step, "eval", last_eval)
+
+  if manager.latest_checkpoint is None or not manager.latest_checkpoint.endswith(
+      f"-{step}"):
+    manager.save(checkpoint_number=step)
+  last_eval = trainer.evaluate(eval_datasets, eval_groups)
+  writer.write(step, "eval", last_eval)
+  writer.close()
+  if steady_steps:
+    examples_per_second = steady_steps * config.global_batch_size / steady_seconds
+  elif loop_calls:
+    examples_per_second = interval_steps * config.global_batch_size / max(
+        interval_seconds, 1e-9)
+  else:
+    examples_per_second = 0.0
+  summary = {
+      "step": step,
+      "mode": config.mode,
+      "replicas": strategy.num_replicas_in_sync,
+      "global_batch_size": config.global_batch_size,
+      "task_steps": dict(zip(task_names,
+                             trainer.task_steps.numpy().tolist())),
+      "eval": {name: {key.split("/", 1)[1]: value
+                      for key, value in last_eval.items()
+                      if key.startswith(name + "/")}
+               for name in task_names},
+      "examples_per_second": examples_per_second,
+  }
+  outputs.write_json_atomic(os.path.join(config.model_dir, "summary.json"),
+                            summary)
+  return summary
+
+
+def _steps_until_next_event(step: int, config: config_lib.TrainConfig) -> int:
+  """Steps to the next log, checkpoint, eval or the end, at most a loop's."""
+  candidates = [config.steps_per_loop, config.train_steps - step]
+  for every in (config.log_every, config.checkpoint_every, config.eval_every):
+    candidates.append(every - step % every)
+  return min(candidates)
+
+
+def _task_step_metrics(trainer: trainer_lib.Trainer) -> dict[str, float]:
+  counts = trainer.task_steps.numpy()
+  return {f"{task.name}/steps": float(counts[i])
+          for i, task in enumerate(trainer.tasks)}

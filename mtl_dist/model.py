@@ -1,0 +1,114 @@
+"""The shared-trunk model: one trunk, one head per task.
+
+In a checkpoint the trunk's variables sit under `model/trunk/...` and each
+head's under `model/heads/<task>/...`, so `tf.train.list_variables` tells which
+task a variable belongs to.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence
+
+import tensorflow as tf
+import tf_keras
+
+from mtl_dist import tasks as tasks_lib
+
+
+class SharedTrunkModel(tf_keras.Model):
+  """A trunk shared by all tasks and a dict of task-specific heads.
+
+  Calling the model returns a dict of every head's output; `call_task` runs
+  the trunk and a single head, which is what an alternate-mode step needs.
+  """
+
+  def __init__(self, trunk: tf_keras.layers.Layer,
+               heads: Mapping[str, tf_keras.layers.Layer], **kwargs):
+    """Initialises the model.
+
+    Args:
+      trunk: Any tf_keras layer or model mapping inputs to a representation.
+      heads: Task name to a layer mapping the representation to the task's
+        output (logits for classification).
+      **kwargs: Passed to `tf_keras.Model`.
+    """
+    super().__init__(**kwargs)
+    self.trunk = trunk
+    self.heads = dict(heads)
+
+  @property
+  def task_names(self) -> list[str]:
+    return list(self.heads)
+
+  def call(self, inputs: tf.Tensor, training: Optional[bool] = None,
+           tasks: Optional[Sequence[str]] = None) -> dict[str, tf.Tensor]:
+    """Returns `{task: output}` for `tasks` (default: every head)."""
+    representation = self.trunk(inputs, training=training)
+    return {name: self.heads[name](representation, training=training)
+            for name in (tasks if tasks is not None else self.heads)}
+
+  def call_task(self, inputs: tf.Tensor, task: str,
+                training: Optional[bool] = None) -> tf.Tensor:
+    """The output of one task's head; other heads are not run."""
+    return self.heads[task](self.trunk(inputs, training=training),
+                            training=training)
+
+  def trunk_and_head_variables(self, task: str) -> list[tf.Variable]:
+    """The trainable variables one task's update may change."""
+    return (list(self.trunk.trainable_variables) +
+            list(self.heads[task].trainable_variables))
+
+
+def build_trunk(kind: str, width: int, depth: int) -> tf_keras.layers.Layer:
+  """A built-in trunk.
+
+  Args:
+    kind: "mlp" (flatten, then `depth` ReLU dense layers of `width` units) or
+      "conv" (`depth` blocks of 3x3 ReLU convolution with `width` filters and
+      2x2 max pooling, then global average pooling).
+    width: Units or filters per layer.
+    depth: Number of layers or blocks.
+
+  Returns:
+    The (unbuilt) trunk.
+  """
+  if kind == "mlp":
+    layers = [tf_keras.layers.Flatten()]
+    layers += [tf_keras.layers.Dense(width, activation="relu")
+               for _ in range(depth)]
+  elif kind == "conv":
+    layers = []
+    for _ in range(depth):
+      layers += [tf_keras.layers.Conv2D(width, 3, padding="same",
+                                        activation="relu"),
+                 tf_keras.layers.MaxPooling2D(2, padding="same")]
+    layers.append(tf_keras.layers.GlobalAveragePooling2D())
+  else:
+    raise ValueError(f"unknown trunk {kind!r} (known: mlp, conv)")
+  return tf_keras.Sequential(layers, name="trunk")
+
+
+def build_model(tasks: Sequence[tasks_lib.TaskSpec], input_shape: Sequence[int],
+                trunk: str = "mlp", trunk_width: int = 256,
+                trunk_depth: int = 2) -> SharedTrunkModel:
+  """A built shared-trunk model with a linear head per task.
+
+  Call inside `strategy.scope()` so that the variables are distributed.
+
+  Args:
+    tasks: One head per task, sized by `TaskSpec.output_size`.
+    input_shape: Shape of one example, without the batch dimension.
+    trunk: The built-in trunk's kind, see `build_trunk`.
+    trunk_width: Units or filters per trunk layer.
+    trunk_depth: Number of trunk layers.
+
+  Returns:
+    The model, with all variables created.
+  """
+  heads = {task.name: tf_keras.layers.Dense(task.output_size,
+                                            name=f"head_{task.name}")
+           for task in tasks}
+  model = SharedTrunkModel(build_trunk(trunk, trunk_width, trunk_depth), heads,
+                           name="shared_trunk_model")
+  model(tf.zeros((1, *input_shape)))  # Creates every variable.
+  return model

@@ -1,0 +1,125 @@
+"""What a run writes: metrics.jsonl, TensorBoard events, progress, JSON files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from typing import Any, Mapping, Optional
+
+from absl import logging
+import tensorflow as tf
+
+from tensorflow.core.framework import summary_pb2
+
+# TensorBoard shows a summary as a scalar curve when its metadata names the
+# "scalars" plugin. Writing it with core tf.summary.write (what TensorBoard's
+# own tf.summary.scalar does) keeps the tensorboard package optional: it is
+# needed to look at the curves, not to train.
+_SCALAR_METADATA = summary_pb2.SummaryMetadata(
+    plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+
+
+def write_json_atomic(path: str, value: Any) -> None:
+  """Writes JSON to `path` through a temporary file and a rename.
+
+  A reader never sees a half-written file, and a crash mid-write leaves the
+  previous version in place.
+  """
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-",
+                                   suffix=".json")
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(value, f, indent=2, sort_keys=True)
+      f.write("\n")
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(temporary, path)
+  except BaseException:
+    if os.path.exists(temporary):
+      os.remove(temporary)
+    raise
+
+
+class MetricsWriter:
+  """Appends metrics to metrics.jsonl and TensorBoard, and logs progress.
+
+  Writes `model_dir/metrics.jsonl` (one `{"step", "split", "metrics"}` object
+  per line) and event files under `model_dir/tensorboard/{train,eval}`.
+  """
+
+  def __init__(self, model_dir: str, total_steps: int, start_step: int):
+    self._jsonl_path = os.path.join(model_dir, "metrics.jsonl")
+    self._writers = {
+        split: tf.summary.create_file_writer(
+            os.path.join(model_dir, "tensorboard", split))
+        for split in ("train", "eval")}
+    self._total_steps = total_steps
+    self._start_step = start_step
+    self._start_time = time.perf_counter()
+
+  def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
+    """Records one event's metrics at `step` for `split` ("train"/"eval")."""
+    record = {"step": int(step), "split": split,
+              "metrics": {k: float(v) for k, v in metrics.items()}}
+    with open(self._jsonl_path, "a") as f:
+      f.write(json.dumps(record, allow_nan=True) + "\n")
+    writer = self._writers[split]
+    with writer.as_default():
+      for name, value in metrics.items():
+        tf.summary.write(name, tf.constant(value, tf.float32), step=step,
+                         metadata=_SCALAR_METADATA)
+    writer.flush()
+
+  def progress(self, step: int, losses: Mapping[str, float],
+               examples_per_second: float) -> None:
+    """Logs `step/total | task losses | examples/s | ETA`."""
+    elapsed = time.perf_counter() - self._start_time
+    done = step - self._start_step
+    remaining = self._total_steps - step
+    eta = elapsed / done * remaining if done > 0 else math.nan
+    loss_text = " ".join(f"{task}={loss:.4g}" for task, loss in losses.items())
+    logging.info("step %d/%d | loss %s | %.0f examples/s | ETA %s", step,
+                 self._total_steps, loss_text, examples_per_second,
+                 _format_seconds(eta))
+
+  def close(self) -> None:
+    for writer in self._writers.values():
+      writer.close()
+
+
+def _format_seconds(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  minutes, secs = divmod(int(round(seconds)), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+def format_results(summary: Mapping[str, Any],
+                   title: Optional[str] = None) -> str:
+  """A plain-text table of a summary's per-task eval results and step counts.
+
+  Args:
+    summary: A run summary as returned by `mtl_dist.train`.
+    title: An optional first line.
+
+  Returns:
+    The table, one task a line.
+  """
+  metric_names = sorted({m for metrics in summary["eval"].values()
+                         for m in metrics})
+  header = ["task", "steps"] + metric_names
+  rows = [[task, str(summary["task_steps"].get(task, ""))] +
+          [f"{metrics[m]:.4f}" if m in metrics else "-" for m in metric_names]
+          for task, metrics in summary["eval"].items()]
+  widths = [max(len(row[i]) for row in [header] + rows)
+            for i in range(len(header))]
+  lines = [title] if title else []
+  for row in [header] + rows:
+    lines.append("  ".join(cell.ljust(width)
+                           for cell, width in zip(row, widths)).rstrip())
+  return "\n".join(lines)

@@ -1,0 +1,185 @@
+"""Train and eval steps: what happens on one replica for one batch.
+
+Joint and alternate mode share the model, the pipelines and the loop; they
+differ only here. Every loss is a per-example loss reduced with
+`tf.nn.compute_average_loss(..., global_batch_size=...)`, so the gradients the
+optimizer all-reduces (sums) over N replicas equal the gradient of one device
+with the same global batch.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import tensorflow as tf
+import tf_keras
+
+from mtl_dist import model as model_lib
+from mtl_dist import schedules
+from mtl_dist import tasks as tasks_lib
+
+Batch = tuple[tf.Tensor, dict[str, tf.Tensor]]
+
+
+def task_losses(tasks: Sequence[tasks_lib.TaskSpec],
+                labels: dict[str, tf.Tensor], outputs: dict[str, tf.Tensor],
+                global_batch_size: int) -> tuple[tf.Tensor, tf.Tensor]:
+  """This replica's share of each task's loss and of the weighted total.
+
+  Args:
+    tasks: The tasks, with their weights.
+    labels: Task name to labels.
+    outputs: Task name to head outputs.
+    global_batch_size: Examples per step over all replicas.
+
+  Returns:
+    (total, per_task): total = sum_i weight_i * per_task[i]; per_task is a
+    [T] vector of unweighted losses. Summed over replicas they are the
+    global-batch means.
+  """
+  per_task = tf.stack([
+      tf.nn.compute_average_loss(
+          task.per_example_loss(labels[task.name], outputs[task.name]),
+          global_batch_size=global_batch_size) for task in tasks
+  ])
+  weights = tf.constant([task.weight for task in tasks], tf.float32)
+  return tf.reduce_sum(weights * per_task), per_task
+
+
+def _regularization(layers: Sequence[tf_keras.layers.Layer]) -> tf.Tensor:
+  losses = [loss for layer in layers for loss in layer.losses]
+  if not losses:
+    return tf.constant(0.0)
+  return tf.nn.scale_regularization_loss(tf.add_n(losses))
+
+
+class JointStep:
+  """One update of the trunk and every head on the weighted sum of losses."""
+
+  def __init__(self, model: model_lib.SharedTrunkModel,
+               tasks: Sequence[tasks_lib.TaskSpec],
+               optimizer: tf_keras.optimizers.Optimizer,
+               global_batch_size: int):
+    self._model = model
+    self._tasks = tuple(tasks)
+    self._optimizer = optimizer
+    self._global_batch_size = global_batch_size
+
+  def replica_step(self, batch: Batch) -> tf.Tensor:
+    """Trains on one replica's batch; returns its [T] per-task losses."""
+    features, labels = batch
+    variables = self._model.trainable_variables
+    with tf.GradientTape() as tape:
+      outputs = self._model(features, training=True)
+      total, per_task = task_losses(self._tasks, labels, outputs,
+                                    self._global_batch_size)
+      total += _regularization([self._model])
+    gradients = tape.gradient(total, variables)
+    self._optimizer.apply_gradients(zip(gradients, variables))
+    return per_task
+
+  def __call__(self, strategy: tf.distribute.Strategy,
+               iterators: Sequence[tf.distribute.DistributedIterator],
+               step: tf.Variable) -> tuple[tf.Tensor, tf.Tensor]:
+    """Runs one step on every replica (cross-replica context).
+
+    Returns:
+      (losses, trained): [T] global-batch losses and a [T] 0/1 mask of the
+      tasks this step trained (all of them).
+    """
+    del step  # Every joint step trains every task.
+    per_replica = strategy.run(self.replica_step, args=(next(iterators[0]),))
+    losses = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica,
+                             axis=None)
+    return losses, tf.ones([len(self._tasks)])
+
+
+class AlternateStep:
+  """One update of the trunk and one task's head, the task picked in-graph.
+
+  Only the trunk and the chosen head are handed to the chosen task's
+  optimizer: other heads and other optimizers' slots stay bit-for-bit
+  unchanged (with Adam even a zero gradient would move a variable).
+  """
+
+  def __init__(self, model: model_lib.SharedTrunkModel,
+               tasks: Sequence[tasks_lib.TaskSpec],
+               optimizers: Sequence[tf_keras.optimizers.Optimizer],
+               global_batch_size: int, schedule: schedules.RoundRobin):
+    """Initialises the step.
+
+    Args:
+      model: The shared-trunk model.
+      tasks: The tasks, in the order of `optimizers` and of the iterators.
+      optimizers: The optimizer of each task (the same object repeated when
+        tasks share one).
+      global_batch_size: Examples per step over all replicas.
+      schedule: Maps the step counter to a task index.
+    """
+    self._model = model
+    self._tasks = tuple(tasks)
+    self._optimizers = tuple(optimizers)
+    self._global_batch_size = global_batch_size
+    self._schedule = schedule
+
+  def replica_step(self, task_index: int, batch: Batch) -> tf.Tensor:
+    """Trains task `task_index` on one replica's batch; returns its loss."""
+    task = self._tasks[task_index]
+    features, labels = batch
+    variables = self._model.trunk_and_head_variables(task.name)
+    with tf.GradientTape() as tape:
+      outputs = self._model.call_task(features, task.name, training=True)
+      loss = tf.nn.compute_average_loss(
+          task.per_example_loss(labels[task.name], outputs),
+          global_batch_size=self._global_batch_size)
+      total = loss + _regularization(
+          [self._model.trunk, self._model.heads[task.name]])
+    gradients = tape.gradient(total, variables)
+    self._optimizers[task_index].apply_gradients(zip(gradients, variables))
+    return loss
+
+  def __call__(self, strategy: tf.distribute.Strategy,
+               iterators: Sequence[tf.distribute.DistributedIterator],
+               step: tf.Variable) -> tuple[tf.Tensor, tf.Tensor]:
+    """Runs one step of the scheduled task on every replica.
+
+    Returns:
+      (losses, trained): [T] vectors, zero except at the trained task.
+    """
+    task_index = self._schedule.task_index(step)
+
+    def branch(index: int):
+      def run_task() -> tf.Tensor:
+        per_replica = strategy.run(self.replica_step,
+                                   args=(index, next(iterators[index])))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica,
+                               axis=None)
+      return run_task
+
+    loss = tf.switch_case(task_index,
+                          [branch(i) for i in range(len(self._tasks))])
+    trained = tf.one_hot(task_index, len(self._tasks))
+    return trained * loss, trained
+
+
+def eval_sums(model: model_lib.SharedTrunkModel,
+              tasks: Sequence[tasks_lib.TaskSpec],
+              batch: Batch) -> dict[str, tf.Tensor]:
+  """Sums of per-example loss and metrics over one replica's batch.
+
+  Returns:
+    `{"<task>/loss": sum, "<task>/<metric>": sum, "count": examples}`; sums
+    rather than means, so that uneven or empty final batches on some replicas
+    add up to exact means after the cross-replica sum.
+  """
+  features, labels = batch
+  outputs = model(features, training=False, tasks=[t.name for t in tasks])
+  sums = {}
+  for task in tasks:
+    label, output = labels[task.name], outputs[task.name]
+    sums[f"{task.name}/loss"] = tf.reduce_sum(
+        task.per_example_loss(label, output))
+    for metric, values in task.per_example_metrics(label, output).items():
+      sums[f"{task.name}/{metric}"] = tf.reduce_sum(values)
+  sums["count"] = tf.cast(tf.shape(features)[0], tf.float32)
+  return sums

@@ -1,0 +1,108 @@
+"""Task descriptions: what a head predicts, its loss and its metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Tuple
+
+import tensorflow as tf
+
+CLASSIFICATION = "classification"
+REGRESSION = "regression"
+
+_DEFAULT_LOSS = {CLASSIFICATION: "crossentropy", REGRESSION: "mse"}
+_LOSSES = {CLASSIFICATION: ("crossentropy",), REGRESSION: ("mse", "mae")}
+_DEFAULT_METRICS = {CLASSIFICATION: ("accuracy",), REGRESSION: ("mae",)}
+_METRICS = {CLASSIFICATION: ("accuracy",), REGRESSION: ("mae", "mse")}
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+  """One task: a head on the shared trunk.
+
+  Attributes:
+    name: The task's name; it keys labels, heads, metrics and checkpoints.
+    kind: "classification" (integer labels, logits output) or "regression"
+      (float labels of shape [size]).
+    num_classes: Class count, for classification.
+    size: Output size, for regression.
+    loss: "crossentropy" for classification; "mse" or "mae" for regression.
+      None picks the kind's default.
+    metrics: Evaluation metrics besides the loss; None picks the kind's
+      default (accuracy, or mean absolute error).
+    weight: The task's loss weight in joint mode.
+  """
+
+  name: str
+  kind: str
+  num_classes: Optional[int] = None
+  size: Optional[int] = None
+  loss: Optional[str] = None
+  metrics: Optional[Tuple[str, ...]] = None
+  weight: float = 1.0
+
+  def __post_init__(self):
+    if self.kind == CLASSIFICATION:
+      if not self.num_classes or self.num_classes < 2:
+        raise ValueError(f"task {self.name!r}: classification needs "
+                         f"num_classes >= 2, got {self.num_classes}")
+    elif self.kind == REGRESSION:
+      if not self.size or self.size < 1:
+        raise ValueError(f"task {self.name!r}: regression needs size >= 1, "
+                         f"got {self.size}")
+    else:
+      raise ValueError(f"task {self.name!r}: kind must be {CLASSIFICATION!r} "
+                       f"or {REGRESSION!r}, got {self.kind!r}")
+    if self.loss_name not in _LOSSES[self.kind]:
+      raise ValueError(f"task {self.name!r}: loss {self.loss!r} is not one of "
+                       f"{_LOSSES[self.kind]} for {self.kind}")
+    for metric in self.metric_names:
+      if metric not in _METRICS[self.kind]:
+        raise ValueError(f"task {self.name!r}: metric {metric!r} is not one "
+                         f"of {_METRICS[self.kind]} for {self.kind}")
+
+  @property
+  def output_size(self) -> int:
+    """Units of the head's output layer."""
+    return self.num_classes if self.kind == CLASSIFICATION else self.size
+
+  @property
+  def loss_name(self) -> str:
+    return self.loss or _DEFAULT_LOSS[self.kind]
+
+  @property
+  def metric_names(self) -> Tuple[str, ...]:
+    return (self.metrics if self.metrics is not None
+            else _DEFAULT_METRICS[self.kind])
+
+  def with_weight(self, weight: float) -> "TaskSpec":
+    return dataclasses.replace(self, weight=weight)
+
+  def per_example_loss(self, labels: tf.Tensor,
+                       outputs: tf.Tensor) -> tf.Tensor:
+    """Loss of each example, shape [batch]; no reduction over the batch."""
+    if self.kind == CLASSIFICATION:
+      return tf.nn.sparse_softmax_cross_entropy_with_logits(
+          labels=tf.cast(labels, tf.int32), logits=outputs)
+    return _regression_error(self.loss_name, labels, outputs)
+
+  def per_example_metrics(self, labels: tf.Tensor,
+                          outputs: tf.Tensor) -> dict[str, tf.Tensor]:
+    """Each metric per example, shape [batch]; means are taken by the caller."""
+    result = {}
+    for metric in self.metric_names:
+      if metric == "accuracy":
+        predicted = tf.argmax(outputs, axis=-1, output_type=tf.int32)
+        result[metric] = tf.cast(
+            tf.equal(predicted, tf.cast(labels, tf.int32)), tf.float32)
+      else:
+        result[metric] = _regression_error(metric, labels, outputs)
+    return result
+
+
+def _regression_error(name: str, labels: tf.Tensor,
+                      outputs: tf.Tensor) -> tf.Tensor:
+  diff = tf.cast(outputs, tf.float32) - tf.cast(labels, tf.float32)
+  if name == "mse":
+    return tf.reduce_mean(tf.square(diff), axis=-1)
+  return tf.reduce_mean(tf.abs(diff), axis=-1)

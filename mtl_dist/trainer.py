@@ -1,0 +1,199 @@
+"""The trainer: a run's state (model, optimizers, counters) and its loops.
+
+Following TF Model Garden's orbit, the host calls `train(iterators, n)` and
+`n` steps run inside one tf.function call, `n` passed as a tensor so that no
+call after the first retraces. Joint and alternate mode share this loop and
+differ only in the step object (see steps.py).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import tensorflow as tf
+import tf_keras
+
+from mtl_dist import model as model_lib
+from mtl_dist import schedules
+from mtl_dist import steps as steps_lib
+from mtl_dist import tasks as tasks_lib
+
+OptimizerFactory = Callable[[], tf_keras.optimizers.Optimizer]
+
+
+def make_optimizer_factory(name: str, learning_rate: float) -> OptimizerFactory:
+  """A function that makes a fresh tf_keras optimizer called `name`."""
+  optimizers = {"adam": tf_keras.optimizers.Adam,
+                "sgd": tf_keras.optimizers.SGD}
+  if name not in optimizers:
+    raise ValueError(f"unknown optimizer {name!r} (known: adam, sgd)")
+  return lambda: optimizers[name](learning_rate=learning_rate)
+
+
+class Trainer:
+  """Owns the trained state and runs compiled train and eval loops.
+
+  Attributes:
+    model: The shared-trunk model.
+    tasks: The trained tasks, in order.
+    global_step: Steps run so far (int64 variable, checkpointed).
+    task_steps: [T] update steps each task has received (checkpointed).
+    optimizers: Task name to its optimizer; in joint mode and with a shared
+      optimizer every task maps to the same object.
+  """
+
+  def __init__(self, strategy: tf.distribute.Strategy,
+               model: model_lib.SharedTrunkModel,
+               tasks: Sequence[tasks_lib.TaskSpec], *, mode: str,
+               global_batch_size: int, optimizer_factory: OptimizerFactory,
+               per_task_optimizer: bool = True,
+               schedule: str = "round_robin"):
+    """Creates the optimizers and counters inside the strategy's scope.
+
+    Args:
+      strategy: The strategy the model was built under.
+      model: A built shared-trunk model with a head for every task.
+      tasks: The trained tasks, in order.
+      mode: "joint" or "alternate".
+      global_batch_size: Examples per step over all replicas.
+      optimizer_factory: Makes one optimizer.
+      per_task_optimizer: Alternate mode: one optimizer per task (else one
+        shared). Ignored in joint mode, which has one optimizer.
+      schedule: Alternate mode: the task schedule's name.
+    """
+    self._strategy = strategy
+    self.model = model
+    self.tasks = tuple(tasks)
+    self.mode = mode
+    self.global_batch_size = global_batch_size
+    num_tasks = len(self.tasks)
+    self._per_task_optimizer = mode == "alternate" and per_task_optimizer
+    with strategy.scope():
+      first_replica = tf.VariableAggregation.ONLY_FIRST_REPLICA
+      self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                     name="global_step",
+                                     aggregation=first_replica)
+      self.task_steps = tf.Variable(tf.zeros([num_tasks], tf.int64),
+                                    trainable=False, name="task_steps",
+                                    aggregation=first_replica)
+      # Optimizers are created and built (slots included) in the scope,
+      # before the first trace.
+      if self._per_task_optimizer:
+        self.optimizers = {}
+        for task in self.tasks:
+          optimizer = optimizer_factory()
+          optimizer.build(model.trunk_and_head_variables(task.name))
+          self.optimizers[task.name] = optimizer
+      else:
+        shared = optimizer_factory()
+        shared.build(model.trainable_variables)
+        self.optimizers = {task.name: shared for task in self.tasks}
+    if mode == "joint":
+      self._step = steps_lib.JointStep(model, self.tasks, shared,
+                                       global_batch_size)
+    else:
+      self._step = steps_lib.AlternateStep(
+          model, self.tasks, [self.optimizers[t.name] for t in self.tasks],
+          global_batch_size, schedules.create(schedule, num_tasks))
+    self._train_loop = tf.function(self._train_loop_fn)
+    self._eval_loop = None
+    self._eval_groups = None
+
+  def checkpoint_items(self) -> dict[str, tf.Module]:
+    """The objects a `tf.train.Checkpoint` of this run holds, by name."""
+    items = {"model": self.model, "global_step": self.global_step,
+             "task_steps": self.task_steps}
+    if self._per_task_optimizer:
+      items["optimizers"] = dict(self.optimizers)
+    else:
+      items["optimizer"] = self.optimizers[self.tasks[0].name]
+    return items
+
+  @property
+  def train_trace_count(self) -> int:
+    """How many times the train loop has been traced."""
+    return self._train_loop.experimental_get_tracing_count()
+
+  def _train_loop_fn(self, iterators, num_steps):
+    num_tasks = len(self.tasks)
+    loss_sums = tf.zeros([num_tasks])
+    trained_counts = tf.zeros([num_tasks])
+    for _ in tf.range(num_steps):
+      losses, trained = self._step(self._strategy, iterators, self.global_step)
+      loss_sums += losses
+      trained_counts += trained
+      self.task_steps.assign_add(tf.cast(trained, tf.int64))
+      self.global_step.assign_add(1)
+    return loss_sums, trained_counts
+
+  def train(self, iterators: Sequence[tf.distribute.DistributedIterator],
+            num_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Runs `num_steps` steps in one tf.function call.
+
+    Args:
+      iterators: Joint mode: one iterator over examples labelled for every
+        task. Alternate mode: one iterator per task, in task order.
+      num_steps: Steps to run.
+
+    Returns:
+      (loss_sums, counts): [T] arrays; loss_sums[i] / counts[i] is task i's
+      mean training loss over the counts[i] steps that trained it.
+    """
+    loss_sums, counts = self._train_loop(
+        tuple(iterators), tf.constant(num_steps, tf.int64))
+    return loss_sums.numpy(), counts.numpy()
+
+  def evaluate(self, datasets: Sequence[tf.distribute.DistributedDataset],
+               task_groups: Sequence[Sequence[str]]) -> dict[str, float]:
+    """Evaluates on finite distributed datasets, all in one compiled call.
+
+    Args:
+      datasets: Evaluation datasets.
+      task_groups: The tasks each dataset is labelled for. The same groups
+        must be passed on every call.
+
+    Returns:
+      `{"<task>/loss": mean, "<task>/<metric>": mean}` over every example.
+
+    Raises:
+      ValueError: If an eval dataset is empty.
+    """
+    groups = tuple(tuple(t for t in self.tasks if t.name in names)
+                   for names in task_groups)
+    if self._eval_loop is None:
+      self._eval_loop = tf.function(self._make_eval_loop(groups))
+      self._eval_groups = groups
+    elif groups != self._eval_groups:
+      raise ValueError("evaluate() must be called with the same task groups")
+    # Fresh iterators, so that each evaluation reads the whole split.
+    group_sums = self._eval_loop(tuple(iter(d) for d in datasets))
+    results = {}
+    for names, sums in zip(task_groups, group_sums):
+      sums = {k: float(v) for k, v in sums.items()}
+      count = sums.pop("count")
+      if count == 0:
+        raise ValueError(f"the eval data for {', '.join(names)} is empty")
+      results.update({k: v / count for k, v in sums.items()})
+    return results
+
+  def _make_eval_loop(self, groups):
+    strategy, model = self._strategy, self.model
+
+    def eval_group(iterator, tasks):
+      keys = ["count"] + [f"{task.name}/{name}" for task in tasks
+                          for name in ("loss",) + task.metric_names]
+      totals = {key: tf.constant(0.0) for key in keys}
+      for batch in iterator:
+        per_replica = strategy.run(steps_lib.eval_sums,
+                                   args=(model, tasks, batch))
+        sums = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica,
+                               axis=None)
+        totals = {key: totals[key] + sums[key] for key in keys}
+      return totals
+
+    def eval_loop(iterators):
+      return [eval_group(iterator, tasks)
+              for iterator, tasks in zip(iterators, groups)]
+
+    return eval_loop
