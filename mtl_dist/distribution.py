@@ -12,9 +12,10 @@ _mirrored_strategies_made = 0
 def configure_cpu_devices(num_devices: int) -> None:
   """Splits the host CPU into `num_devices` logical devices.
 
-  Must run before TensorFlow initialises its runtime (the first op). If the
-  runtime is already up with at least `num_devices` logical CPUs (a test
-  harness, a notebook that split them earlier), those are used.
+  Must run before TensorFlow initialises its runtime (the first op). An
+  existing split into at least `num_devices` logical CPUs (made by a test
+  harness or a notebook earlier) is kept, and the first `num_devices` of
+  them are used.
 
   Args:
     num_devices: How many logical CPU devices to make.
@@ -23,6 +24,9 @@ def configure_cpu_devices(num_devices: int) -> None:
     ConfigError: If the runtime is already up with fewer logical CPUs.
   """
   cpu = tf.config.list_physical_devices("CPU")[0]
+  existing = tf.config.get_logical_device_configuration(cpu)
+  if existing and len(existing) >= num_devices:
+    return
   try:
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration()] * num_devices)

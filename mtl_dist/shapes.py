@@ -52,8 +52,11 @@ def generate(num_examples: int,
     `shape` to int32 [N] and every regression task to float32 [N, 1].
   """
   rng = np.random.default_rng(seed)
-  shape = rng.integers(0, len(SHAPE_NAMES), size=num_examples, dtype=np.int32)
-  factors = rng.uniform(0.0, 1.0, size=(num_examples, 4)).astype(np.float32)
+  # One row of draws per example, so example i depends on i alone.
+  draws = rng.uniform(0.0, 1.0, size=(num_examples, 5))
+  shape = np.minimum(draws[:, 0] * len(SHAPE_NAMES),
+                     len(SHAPE_NAMES) - 1).astype(np.int32)
+  factors = draws[:, 1:].astype(np.float32)
   scale, orientation, x, y = (factors[:, i] for i in range(4))
   images = np.empty((num_examples, IMAGE_SIZE, IMAGE_SIZE, 1), np.float32)
   for start in range(0, num_examples, _CHUNK):

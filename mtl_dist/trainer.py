@@ -115,6 +115,13 @@ class Trainer:
     """How many times the train loop has been traced."""
     return self._train_loop.experimental_get_tracing_count()
 
+  @property
+  def eval_trace_count(self) -> int:
+    """How many times the eval loop has been traced (0 before evaluating)."""
+    if self._eval_loop is None:
+      return 0
+    return self._eval_loop.experimental_get_tracing_count()
+
   def _train_loop_fn(self, iterators, num_steps):
     num_tasks = len(self.tasks)
     loss_sums = tf.zeros([num_tasks])

@@ -1,0 +1,83 @@
+"""Test set-up: four logical CPU devices, so tests run 1, 2 and 4 replicas.
+
+The split has to happen before TensorFlow initialises its runtime, hence at
+import time of this module, which pytest loads before any test module.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # pylint: disable=g-import-not-at-top
+import pytest
+import tensorflow as tf
+
+NUM_LOGICAL_CPUS = 4
+_cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    _cpu, [tf.config.LogicalDeviceConfiguration()] * NUM_LOGICAL_CPUS)
+
+import mtl_dist  # pylint: disable=g-import-not-at-top
+from mtl_dist import data as data_lib
+from mtl_dist import shapes
+
+
+def make_strategy(replicas: int) -> tf.distribute.Strategy:
+  """One device for 1 replica, else MirroredStrategy over logical CPUs."""
+  if replicas == 1:
+    return mtl_dist.create_strategy("one_device", 1)
+  return mtl_dist.create_strategy("mirrored", replicas)
+
+
+@pytest.fixture(scope="session")
+def shapes_arrays():
+  """512 generated shapes examples with all five labels."""
+  return shapes.generate(512, seed=123)
+
+
+@pytest.fixture
+def build_trainer(shapes_arrays):
+  """Builds (trainer, train_iterators, eval_datasets, eval_groups)."""
+
+  def build(replicas: int, mode: str, task_names=("shape", "x"), *,
+            optimizer: str = "sgd", learning_rate: float = 0.1,
+            global_batch_size: int = 32, per_task_optimizer: bool = True,
+            weights=None, initial_weights=None):
+    strategy = make_strategy(replicas)
+    specs = {task.name: task for task in shapes.TASKS}
+    tasks = [specs[name].with_weight((weights or {}).get(name, 1.0))
+             for name in task_names]
+    features, labels = shapes_arrays
+    with strategy.scope():
+      model = mtl_dist.build_model(tasks, features.shape[1:], "mlp", 16, 2)
+    if initial_weights is not None:
+      model.set_weights(initial_weights)
+    trainer = mtl_dist.Trainer(
+        strategy, model, tasks, mode=mode,
+        global_batch_size=global_batch_size,
+        optimizer_factory=mtl_dist.make_optimizer_factory(optimizer,
+                                                          learning_rate),
+        per_task_optimizer=per_task_optimizer)
+    if mode == "joint":
+      sources = [data_lib.source_from_arrays(features, labels, task_names)]
+    else:  # Disjoint slices, one per task.
+      size = len(features) // len(task_names)
+      sources = [data_lib.source_from_arrays(
+          features[i * size:(i + 1) * size],
+          {k: v[i * size:(i + 1) * size] for k, v in labels.items()},
+          [name]) for i, name in enumerate(task_names)]
+    iterators = [iter(data_lib.distribute_train(strategy, source,
+                                                global_batch_size, seed=7 + i))
+                 for i, source in enumerate(sources)]
+    eval_datasets = [data_lib.distribute_eval(strategy, source,
+                                              global_batch_size, 0)
+                     for source in sources]
+    groups = [source.task_names for source in sources]
+    return trainer, iterators, eval_datasets, groups
+
+  return build
+
+
+def snapshot(variables) -> list[np.ndarray]:
+  """Copies of the variables' current values."""
+  return [np.array(v.numpy(), copy=True) for v in variables]

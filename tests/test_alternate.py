@@ -1,0 +1,83 @@
+"""Alternate mode: one task per step, other heads and optimizers untouched."""
+
+import numpy as np
+import pytest
+
+from conftest import snapshot
+
+TASKS = ("shape", "x", "y")
+
+
+def _changed(before, after) -> list[bool]:
+  return [not np.array_equal(b, a) for b, a in zip(before, after)]
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_step_for_one_task_leaves_other_heads_and_optimizers_bitwise(
+    build_trainer, replicas):
+  trainer, iterators, _, _ = build_trainer(replicas, "alternate", TASKS,
+                                           optimizer="adam",
+                                           learning_rate=0.01)
+  model, optimizers = trainer.model, trainer.optimizers
+  for step, task in enumerate(TASKS):  # Round robin: step i trains task i.
+    others = [t for t in TASKS if t != task]
+    frozen = [v for t in others for v in model.heads[t].variables]
+    frozen += [v for t in others for v in optimizers[t].variables]
+    before_frozen = snapshot(frozen)
+    before_trunk = snapshot(model.trunk.variables)
+    before_head = snapshot(model.heads[task].variables)
+    before_slots = snapshot(optimizers[task].variables)
+
+    trainer.train(iterators, 1)
+
+    assert not any(_changed(before_frozen, snapshot(frozen))), (
+        f"a step for {task!r} changed another task's head or optimizer")
+    assert all(_changed(before_trunk, snapshot(model.trunk.variables)))
+    assert all(_changed(before_head, snapshot(model.heads[task].variables)))
+    assert all(_changed(before_slots, snapshot(optimizers[task].variables)))
+    assert int(optimizers[task].iterations.numpy()) == 1, step
+
+
+def test_shared_optimizer_touches_only_trunk_and_trained_head_slots(
+    build_trainer):
+  trainer, iterators, _, _ = build_trainer(2, "alternate", TASKS,
+                                           optimizer="adam",
+                                           per_task_optimizer=False)
+  model = trainer.model
+  shared = trainer.optimizers["shape"]
+  assert all(trainer.optimizers[t] is shared for t in TASKS)
+  heads_before = {t: snapshot(model.heads[t].variables) for t in TASKS}
+  slots_before = snapshot(shared.variables)
+
+  trainer.train(iterators, 1)  # Step 0 trains "shape".
+
+  for task in ("x", "y"):
+    assert not any(_changed(heads_before[task],
+                            snapshot(model.heads[task].variables)))
+  trained = len(model.trunk_and_head_variables("shape"))
+  # The iteration counter plus Adam's m and v of each trained variable.
+  assert sum(_changed(slots_before, snapshot(shared.variables))) == (
+      1 + 2 * trained)
+
+
+def test_one_round_robin_cycle_gives_each_task_one_step(build_trainer):
+  trainer, iterators, _, _ = build_trainer(2, "alternate", TASKS)
+  loss_sums, counts = trainer.train(iterators, len(TASKS))
+  np.testing.assert_array_equal(counts, [1, 1, 1])
+  np.testing.assert_array_equal(trainer.task_steps.numpy(), [1, 1, 1])
+  assert np.all(loss_sums > 0)
+  trainer.train(iterators, 2 * len(TASKS) + 1)  # Two cycles and one step.
+  np.testing.assert_array_equal(trainer.task_steps.numpy(), [4, 3, 3])
+  assert int(trainer.global_step.numpy()) == 10
+
+
+def test_alternate_replicas_match_one_device(build_trainer):
+  single, single_its, _, _ = build_trainer(1, "alternate", TASKS,
+                                           optimizer="adam")
+  multi, multi_its, _, _ = build_trainer(
+      4, "alternate", TASKS, optimizer="adam",
+      initial_weights=single.model.get_weights())
+  single.train(single_its, 5)
+  multi.train(multi_its, 5)
+  for got, want in zip(multi.model.get_weights(), single.model.get_weights()):
+    np.testing.assert_allclose(got, want, atol=1e-5)

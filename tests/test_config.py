@@ -1,0 +1,67 @@
+"""Configuration checks: every bad value names its flag."""
+
+import pytest
+
+import mtl_dist
+from mtl_dist import data as data_lib
+
+
+def test_parse_key_values():
+  assert mtl_dist.parse_key_values("a=1.0, b=0.5", "w", float) == {
+      "a": 1.0, "b": 0.5}
+  for bad, message in (("a:1", "expected name=value"),
+                       ("a=1,a=2", "given twice"),
+                       ("a=x", "bad value 'x'"), ("=1", "expected")):
+    with pytest.raises(mtl_dist.ConfigError, match=message) as error:
+      mtl_dist.parse_key_values(bad, "task_weights", float)
+    assert str(error.value).startswith("--task_weights=")
+
+
+@pytest.mark.parametrize("changes, flag", [
+    ({"train_steps": 0}, "--train_steps=0"),
+    ({"steps_per_loop": -1}, "--steps_per_loop=-1"),
+    ({"global_batch_size": 0}, "--global_batch_size=0"),
+    ({"log_every": 0}, "--log_every=0"),
+    ({"eval_steps": -2}, "--eval_steps=-2"),
+    ({"learning_rate": 0.0}, "--learning_rate=0.0"),
+    ({"mode": "both"}, "--mode=both"),
+    ({"trunk": "resnet"}, "--trunk=resnet"),
+    ({"tasks": ["x", "x"]}, "--tasks=x,x"),
+    ({"schedule": "round_robin"}, "--schedule"),
+    ({"per_task_optimizer": True}, "--per_task_optimizer"),
+    ({"task_sizes": {"x": 5}}, "--task_sizes"),
+    ({"mode": "alternate", "task_weights": {"x": 1.0}}, "--task_weights"),
+    ({"task_weights": {"x": -1.0}}, "--task_weights"),
+    ({"model_dir": ""}, "--model_dir"),
+])
+def test_validate_names_the_bad_flag(changes, flag):
+  config = mtl_dist.TrainConfig(model_dir="unused")
+  for name, value in changes.items():
+    setattr(config, name, value)
+  with pytest.raises(mtl_dist.ConfigError) as error:
+    config.validate()
+  assert flag in str(error.value)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"tasks": ["shape", "colour"]}, "--tasks=shape,colour: unknown task "
+     "'colour'"),
+    ({"dataset": "mnist"}, "--dataset=mnist: unknown dataset"),
+    ({"tasks": ["shape"], "task_weights": {"x": 2.0}},
+     "--task_weights: 'x' is not a trained task"),
+])
+def test_load_rejects_unknown_names(changes, message):
+  config = mtl_dist.TrainConfig(model_dir="unused", **changes)
+  config.validate()
+  with pytest.raises(mtl_dist.ConfigError, match=message):
+    data_lib.load(config)
+
+
+def test_defaults_depend_on_mode():
+  joint = mtl_dist.TrainConfig(model_dir="d")
+  alternate = mtl_dist.TrainConfig(model_dir="d", mode="alternate")
+  assert not joint.resolved_per_task_optimizer
+  assert alternate.resolved_per_task_optimizer
+  alternate.per_task_optimizer = False
+  assert not alternate.resolved_per_task_optimizer
+  assert alternate.resolved_schedule == "round_robin"

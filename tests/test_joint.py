@@ -1,0 +1,88 @@
+"""Joint mode: the loss it optimises and distributed equivalence."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import mtl_dist
+from mtl_dist import shapes
+from mtl_dist import steps
+
+
+def test_total_loss_is_weighted_sum_of_task_losses(shapes_arrays):
+  features, labels = shapes_arrays
+  specs = {task.name: task for task in shapes.TASKS}
+  tasks = [specs["shape"].with_weight(2.0), specs["x"].with_weight(0.5),
+           specs["scale"].with_weight(0.0)]
+  batch = 16
+  outputs = {"shape": tf.random.stateless_normal([batch, 3], seed=(1, 2)),
+             "x": tf.random.stateless_normal([batch, 1], seed=(3, 4)),
+             "scale": tf.random.stateless_normal([batch, 1], seed=(5, 6))}
+  batch_labels = {name: labels[name][:batch] for name in outputs}
+
+  total, per_task = steps.task_losses(tasks, batch_labels, outputs,
+                                      global_batch_size=batch)
+
+  logits = outputs["shape"].numpy().astype(np.float64)
+  log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+  cross_entropy = -log_probs[np.arange(batch), batch_labels["shape"]].mean()
+  mse_x = ((outputs["x"].numpy() - batch_labels["x"])**2).mean()
+  mse_scale = ((outputs["scale"].numpy() - batch_labels["scale"])**2).mean()
+  np.testing.assert_allclose(per_task.numpy(),
+                             [cross_entropy, mse_x, mse_scale], rtol=1e-5)
+  np.testing.assert_allclose(total.numpy(),
+                             2.0 * cross_entropy + 0.5 * mse_x, rtol=1e-5)
+
+
+def test_losses_sum_over_replicas_to_global_mean(shapes_arrays):
+  """Each replica's share, summed, is the loss of the whole global batch."""
+  features, labels = shapes_arrays
+  tasks = [shapes.TASKS[0], shapes.TASKS[3]]
+  outputs = {"shape": tf.random.stateless_normal([32, 3], seed=(1, 2)),
+             "x": tf.random.stateless_normal([32, 1], seed=(3, 4))}
+  batch_labels = {name: labels[name][:32] for name in outputs}
+  _, whole = steps.task_losses(tasks, batch_labels, outputs, 32)
+  shares = [steps.task_losses(
+      tasks, {k: v[i:i + 8] for k, v in batch_labels.items()},
+      {k: v[i:i + 8] for k, v in outputs.items()}, 32)[1]
+            for i in range(0, 32, 8)]
+  np.testing.assert_allclose(np.sum(shares, axis=0), whole.numpy(), rtol=1e-6)
+  del features
+
+
+@pytest.mark.parametrize("replicas", [2, 4])
+def test_replicas_match_one_device_with_same_global_batch(build_trainer,
+                                                          replicas):
+  weights = {"shape": 1.0, "x": 0.5}
+  single, single_its, _, _ = build_trainer(1, "joint", weights=weights)
+  initial = single.model.get_weights()
+  multi, multi_its, _, _ = build_trainer(replicas, "joint", weights=weights,
+                                         initial_weights=initial)
+
+  for _ in range(2):
+    single_losses, _ = single.train(single_its, 3)
+    multi_losses, _ = multi.train(multi_its, 3)
+
+  np.testing.assert_allclose(multi_losses, single_losses, rtol=1e-5)
+  for got, want in zip(multi.model.get_weights(), single.model.get_weights()):
+    np.testing.assert_allclose(got, want, atol=1e-5)
+  assert any(not np.allclose(w, i) for w, i in zip(
+      single.model.get_weights(), initial)), "training changed nothing"
+  assert int(multi.global_step.numpy()) == 6
+  np.testing.assert_array_equal(multi.task_steps.numpy(), [6, 6])
+
+
+def test_eval_is_the_same_on_any_replica_count(build_trainer):
+  single, _, single_eval, groups = build_trainer(1, "joint",
+                                                 global_batch_size=24)
+  multi, _, multi_eval, _ = build_trainer(
+      4, "joint", global_batch_size=24,
+      initial_weights=single.model.get_weights())
+  # 512 examples in batches of 24: the last global batch is partial and
+  # leaves some of the 4 replicas without examples.
+  want = single.evaluate(single_eval, groups)
+  got = multi.evaluate(multi_eval, groups)
+  assert set(got) == {"shape/loss", "shape/accuracy", "x/loss", "x/mae"}
+  for key in want:
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-5)
+  assert 0.0 <= got["shape/accuracy"] <= 1.0
