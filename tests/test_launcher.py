@@ -1,0 +1,161 @@
+"""The mtl-train launcher end to end, in subprocesses."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import tensorflow as tf
+
+pytestmark = pytest.mark.slow
+
+_SMALL = ["--num_cpu_devices=2", "--trunk_width=64", "--steps_per_loop=50",
+          "--log_every=100", "--eval_every=150", "--checkpoint_every=150",
+          "--eval_examples=1024"]
+
+
+def run_launcher(*flags: str, timeout: float = 300) -> subprocess.CompletedProcess:
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  return subprocess.run([sys.executable, "-m", "launch.train", *flags],
+                        capture_output=True, text=True, timeout=timeout,
+                        env=env, check=False)
+
+
+def read_jsonl(path: str) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def event_tags(directory: str) -> set[str]:
+  tags = set()
+  for name in os.listdir(directory):
+    for event in tf.compat.v1.train.summary_iterator(
+        os.path.join(directory, name)):
+      tags.update(value.tag for value in event.summary.value)
+  return tags
+
+
+def test_joint_end_to_end_then_resume(tmp_path):
+  model_dir = str(tmp_path / "joint")
+  first = run_launcher(f"--model_dir={model_dir}", "--mode=joint",
+                       "--train_steps=300", "--train_examples=4096", *_SMALL)
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert "shape" in first.stdout and "accuracy" in first.stdout
+  assert "step 300/300" in first.stderr and "examples/s" in first.stderr
+  assert "ETA" in first.stderr
+
+  summary = json.load(open(os.path.join(model_dir, "summary.json")))
+  assert summary["step"] == 300 and summary["mode"] == "joint"
+  assert summary["replicas"] == 2
+  assert summary["task_steps"] == {t: 300 for t in
+                                   ("shape", "scale", "orientation", "x", "y")}
+  assert summary["eval"]["shape"]["accuracy"] > 0.45  # Chance is 1/3.
+  assert summary["eval"]["x"]["mae"] < 0.25  # Predicting 0.5 gives 0.25.
+  assert summary["examples_per_second"] > 0
+
+  records = read_jsonl(os.path.join(model_dir, "metrics.jsonl"))
+  train = [r for r in records if r["split"] == "train"]
+  evals = [r for r in records if r["split"] == "eval"]
+  assert [r["step"] for r in train] == [100, 200, 300]
+  assert [r["step"] for r in evals] == [150, 300]
+  assert {"shape/loss", "x/loss", "examples_per_second"} <= set(
+      train[0]["metrics"])
+  assert {"shape/accuracy", "shape/loss", "y/mae"} <= set(evals[0]["metrics"])
+
+  checkpoint = tf.train.latest_checkpoint(os.path.join(model_dir,
+                                                       "checkpoints"))
+  assert checkpoint.endswith("ckpt-300")
+  names = [name for name, _ in tf.train.list_variables(checkpoint)]
+  assert any(n.startswith("model/trunk/") for n in names)
+  for task in ("shape", "x"):
+    assert any(n.startswith(f"model/heads/{task}/") for n in names)
+  assert {"shape/loss", "x/loss", "examples_per_second"} <= event_tags(
+      os.path.join(model_dir, "tensorboard", "train"))
+  assert {"shape/accuracy", "y/mae"} <= event_tags(
+      os.path.join(model_dir, "tensorboard", "eval"))
+
+  # A second run on the same model_dir continues from step 300.
+  second = run_launcher(f"--model_dir={model_dir}", "--mode=joint",
+                        "--train_steps=400", "--train_examples=4096", *_SMALL)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert "Resuming from" in second.stderr and "at step 300" in second.stderr
+  summary = json.load(open(os.path.join(model_dir, "summary.json")))
+  assert summary["step"] == 400 and summary["task_steps"]["shape"] == 400
+  train_steps = [r["step"] for r in read_jsonl(
+      os.path.join(model_dir, "metrics.jsonl")) if r["split"] == "train"]
+  assert train_steps == [100, 200, 300, 400]
+
+  # A different model on the same directory is refused; nothing is written.
+  config_before = open(os.path.join(model_dir, "config.json")).read()
+  third = run_launcher(f"--model_dir={model_dir}", "--mode=joint",
+                       "--train_steps=500", *_SMALL[:1], "--trunk_width=32")
+  assert third.returncode == 2, third.stderr[-3000:]
+  assert "--model_dir" in third.stderr and "Traceback" not in third.stderr
+  assert open(os.path.join(model_dir, "config.json")).read() == config_before
+
+
+def test_alternate_end_to_end(tmp_path):
+  model_dir = str(tmp_path / "alternate")
+  result = run_launcher(f"--model_dir={model_dir}", "--mode=alternate",
+                        "--tasks=shape,x,y", "--train_steps=450",
+                        "--task_sizes=shape=4000,x=1000,y=500", *_SMALL)
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = json.load(open(os.path.join(model_dir, "summary.json")))
+  assert summary["mode"] == "alternate" and summary["step"] == 450
+  assert summary["task_steps"] == {"shape": 150, "x": 150, "y": 150}
+  assert summary["eval"]["shape"]["accuracy"] > 0.45
+  names = [n for n, _ in tf.train.list_variables(
+      os.path.join(model_dir, "checkpoints"))]
+  for task in ("shape", "x", "y"):
+    assert any(n.startswith(f"optimizers/{task}/") for n in names)
+  train = [r for r in read_jsonl(os.path.join(model_dir, "metrics.jsonl"))
+           if r["split"] == "train"]
+  assert train[-1]["metrics"]["shape/steps"] == 150
+
+
+def test_flagfiles_parse(tmp_path):
+  """The shipped flagfiles are valid (run shortened to one loop)."""
+  configs = os.path.join(os.path.dirname(__file__), "..", "launch", "configs")
+  for name in ("joint", "alternate"):
+    model_dir = str(tmp_path / name)
+    result = run_launcher(f"--flagfile={os.path.join(configs, name)}.flags",
+                          f"--model_dir={model_dir}", "--train_steps=50",
+                          "--eval_steps=2", "--task_sizes=shape=256,x=256"
+                          if name == "alternate" else "--train_examples=512",
+                          "--tasks=shape,x", "--task_weights=shape=1,x=1"
+                          if name == "joint" else "--seed=0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.load(open(os.path.join(model_dir, "summary.json")))
+    assert summary["mode"] == name and summary["replicas"] == 2
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--tasks=shape,colour"], "--tasks=shape,colour"),
+    (["--dataset=imagenet"], "--dataset=imagenet"),
+    (["--task_weights=shape:1"], "--task_weights=shape:1"),
+    (["--global_batch_size=33", "--num_cpu_devices=2"],
+     "--global_batch_size=33"),
+    (["--train_steps=0"], "--train_steps=0"),
+    (["--steps_per_loop=-5"], "--steps_per_loop=-5"),
+    (["--train_steps=ten"], "--train_steps"),
+    (["--mode=joint", "--schedule=round_robin"], "--schedule"),
+    (["--mode=alternate", "--task_weights=shape=2"], "--task_weights"),
+    (["--mode=sideways"], "--mode"),
+    (["--no-such-flag=1"], "no-such-flag"),
+])
+def test_bad_input_exits_2_naming_the_flag(tmp_path, flags, named):
+  model_dir = tmp_path / "run"
+  result = run_launcher(f"--model_dir={model_dir}", *flags, timeout=120)
+  assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+  error_lines = [line for line in result.stderr.splitlines()
+                 if line.startswith("mtl-train: error:")]
+  assert len(error_lines) == 1 and named in error_lines[0], result.stderr
+  assert "Traceback" not in result.stderr
+  assert not model_dir.exists(), "a failed validation wrote into model_dir"
+
+
+def test_missing_model_dir_exits_2():
+  result = run_launcher("--train_steps=10", timeout=120)
+  assert result.returncode == 2
+  assert "--model_dir" in result.stderr and "Traceback" not in result.stderr
