@@ -36,11 +36,23 @@ _DATASET = flags.DEFINE_string("dataset", "shapes",
 _TASKS = flags.DEFINE_list("tasks", None,
                            "Tasks to train (default: all of the dataset's).")
 _TASK_WEIGHTS = flags.DEFINE_string(
-    "task_weights", None, "Joint mode loss weights, e.g. shape=1.0,x=0.5 "
-    "(unlisted tasks weigh 1.0).")
-_SCHEDULE = flags.DEFINE_enum("schedule", None, config_lib.SCHEDULES,
-                              "Alternate mode: which task each step trains "
-                              "(default round_robin).")
+    "task_weights", None, "Joint mode: loss weights; alternate mode with "
+    "--schedule=weights: task shares. E.g. shape=1.0,x=0.5 (unlisted tasks "
+    "weigh 1.0).")
+_SCHEDULE = flags.DEFINE_enum(
+    "schedule", None, config_lib.SCHEDULES,
+    "Alternate mode: which task each step trains (default round_robin). "
+    "proportional: P ~ dataset size; temperature: P ~ min(size, "
+    "--mixing_cap)^(1/--temperature); annealed: P ~ size^alpha, alpha 1.0 "
+    "to 0.2 over the epochs; weights: P ~ --task_weights.")
+_TEMPERATURE = flags.DEFINE_float(
+    "temperature", None, "--schedule=temperature: T (default 2.0).")
+_MIXING_CAP = flags.DEFINE_integer(
+    "mixing_cap", None, "--schedule=temperature: cap K on dataset sizes "
+    "(default 0: no cap).")
+_STEPS_PER_EPOCH = flags.DEFINE_integer(
+    "steps_per_epoch", None, "--schedule=annealed: steps per epoch (default: "
+    "one pass over all task datasets, sum of sizes / global batch).")
 _PER_TASK_OPTIMIZER = flags.DEFINE_bool(
     "per_task_optimizer", None, "Alternate mode: one optimizer per task "
     "(default) instead of one shared.")
@@ -105,6 +117,8 @@ def _config_from_flags() -> mtl_dist.TrainConfig:
       tasks=_TASKS.value, task_weights=task_weights,
       schedule=_given(_SCHEDULE),
       per_task_optimizer=_given(_PER_TASK_OPTIMIZER), task_sizes=task_sizes,
+      temperature=_TEMPERATURE.value, mixing_cap=_MIXING_CAP.value,
+      steps_per_epoch=_STEPS_PER_EPOCH.value,
       train_examples=_TRAIN_EXAMPLES.value,
       eval_examples=_EVAL_EXAMPLES.value, train_steps=_TRAIN_STEPS.value,
       global_batch_size=_GLOBAL_BATCH_SIZE.value,

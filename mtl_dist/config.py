@@ -12,7 +12,8 @@ import dataclasses
 from typing import Callable, Mapping, Optional, Sequence, TypeVar
 
 MODES = ("joint", "alternate")
-SCHEDULES = ("round_robin",)
+SCHEDULES = ("round_robin", "proportional", "temperature", "annealed",
+             "weights")
 OPTIMIZERS = ("adam", "sgd")
 TRUNKS = ("mlp", "conv")
 STRATEGIES = ("auto", "mirrored", "one_device")
@@ -72,10 +73,14 @@ class TrainConfig:
   mode: str = "joint"
   dataset: str = "shapes"
   tasks: Optional[Sequence[str]] = None  # None: every task of the dataset.
-  task_weights: Optional[Mapping[str, float]] = None  # joint mode only.
+  # Joint mode: loss weights. Alternate mode with --schedule=weights: shares.
+  task_weights: Optional[Mapping[str, float]] = None
   schedule: Optional[str] = None  # alternate mode only; default round_robin.
   per_task_optimizer: Optional[bool] = None  # alternate only; default True.
   task_sizes: Optional[Mapping[str, int]] = None  # shapes, alternate only.
+  temperature: Optional[float] = None  # schedule=temperature; default 2.0.
+  mixing_cap: Optional[int] = None  # schedule=temperature; default 0 (none).
+  steps_per_epoch: Optional[int] = None  # schedule=annealed.
   train_examples: int = 16384  # shapes, joint mode.
   eval_examples: int = 2048  # shapes, both modes.
   train_steps: int = 1000
@@ -152,17 +157,34 @@ class TrainConfig:
                             "positive")
 
   def _validate_mode_flags(self) -> None:
-    """Refuses flags that mean nothing in the chosen mode."""
+    """Refuses flags that mean nothing in the chosen mode and schedule."""
     if self.mode == "joint":
-      for name in ("schedule", "per_task_optimizer", "task_sizes"):
+      for name in ("schedule", "per_task_optimizer", "task_sizes",
+                   "temperature", "mixing_cap", "steps_per_epoch"):
         if getattr(self, name) is not None:
           raise ConfigError(f"--{name} applies to --mode=alternate only, "
                             "but --mode=joint is set")
-    else:
-      if self.task_weights is not None:
-        raise ConfigError("--task_weights applies to --mode=joint only (an "
-                          "alternate step trains one task's loss), but "
-                          "--mode=alternate is set")
+      return
+    schedule = self.resolved_schedule
+    if self.task_weights is not None and schedule != "weights":
+      raise ConfigError(
+          "--task_weights applies to --mode=joint (loss weights) or "
+          f"--schedule=weights (task shares), but --schedule={schedule} is "
+          "set in alternate mode")
+    for name, needs in (("temperature", "temperature"),
+                        ("mixing_cap", "temperature"),
+                        ("steps_per_epoch", "annealed")):
+      if getattr(self, name) is not None and schedule != needs:
+        raise ConfigError(f"--{name} applies to --schedule={needs} only, but "
+                          f"--schedule={schedule} is set")
+    if self.temperature is not None and not self.temperature > 0:
+      raise ConfigError(f"--temperature={self.temperature}: must be positive")
+    if self.mixing_cap is not None and self.mixing_cap < 0:
+      raise ConfigError(f"--mixing_cap={self.mixing_cap}: must be >= 0 (0 "
+                        "means no cap)")
+    if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+      raise ConfigError(
+          f"--steps_per_epoch={self.steps_per_epoch}: must be positive")
 
   def validate_tasks(self, known_tasks: Sequence[str]) -> list[str]:
     """Checks task names against a dataset's tasks.

@@ -24,6 +24,7 @@ from mtl_dist import data as data_lib
 from mtl_dist import distribution
 from mtl_dist import model as model_lib
 from mtl_dist import outputs
+from mtl_dist import schedules
 from mtl_dist import trainer as trainer_lib
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -54,7 +55,8 @@ class _Run:
         optimizer_factory=trainer_lib.make_optimizer_factory(
             config.optimizer, config.learning_rate),
         per_task_optimizer=config.resolved_per_task_optimizer,
-        schedule=config.resolved_schedule)
+        schedule=(_make_schedule(config, self.data)
+                  if config.mode == "alternate" else None))
     self.checkpoint = tf.train.Checkpoint(**self.trainer.checkpoint_items())
     self.checkpoint_dir = os.path.join(config.model_dir, CHECKPOINT_SUBDIR)
     self.restored_from = self._restore()
@@ -147,7 +149,10 @@ def train(config: config_lib.TrainConfig) -> dict[str, Any]:
                 for i, name in enumerate(task_names) if interval_counts[i]}
       speed = interval_steps * config.global_batch_size / interval_seconds
       metrics = {f"{name}/loss": value for name, value in losses.items()}
-      metrics.update(_task_step_metrics(trainer))
+      metrics.update(_task_step_metrics(trainer, run.data,
+                                        config.global_batch_size))
+      metrics.update({f"{name}/share": interval_counts[i] / interval_steps
+                      for i, name in enumerate(task_names)})
       metrics["examples_per_second"] = speed
       writer.write(step, "train", metrics)
       writer.progress(step, losses, speed)
@@ -191,6 +196,26 @@ def train(config: config_lib.TrainConfig) -> dict[str, Any]:
   return summary
 
 
+def _make_schedule(config: config_lib.TrainConfig,
+                   data: data_lib.MultiTaskData) -> schedules.Schedule:
+  """The alternate-mode schedule, from the task datasets' sizes."""
+  sizes = [source.num_examples for source in data.train]
+  weights = [config.weight_of(task.name) for task in data.tasks]
+  if config.resolved_schedule == "weights" and not sum(weights) > 0:
+    raise config_lib.ConfigError("--task_weights: with --schedule=weights "
+                                 "the shares must not all be zero")
+  steps_per_epoch, num_epochs = schedules.default_epochs(
+      sizes, config.global_batch_size, config.train_steps)
+  if config.steps_per_epoch is not None:
+    steps_per_epoch = config.steps_per_epoch
+    num_epochs = max(1, -(-config.train_steps // steps_per_epoch))
+  return schedules.create(
+      config.resolved_schedule, sizes=sizes, seed=config.seed,
+      temperature=config.temperature if config.temperature else 2.0,
+      mixing_cap=config.mixing_cap or 0, weights=weights,
+      steps_per_epoch=steps_per_epoch, num_epochs=num_epochs)
+
+
 def _steps_until_next_event(step: int, config: config_lib.TrainConfig) -> int:
   """Steps to the next log, checkpoint, eval or the end, at most a loop's."""
   candidates = [config.steps_per_loop, config.train_steps - step]
@@ -199,7 +224,15 @@ def _steps_until_next_event(step: int, config: config_lib.TrainConfig) -> int:
   return min(candidates)
 
 
-def _task_step_metrics(trainer: trainer_lib.Trainer) -> dict[str, float]:
+def _task_step_metrics(trainer: trainer_lib.Trainer,
+                       data: data_lib.MultiTaskData,
+                       global_batch_size: int) -> dict[str, float]:
+  """Each task's update steps so far and the passes over its data they made."""
   counts = trainer.task_steps.numpy()
-  return {f"{task.name}/steps": float(counts[i])
-          for i, task in enumerate(trainer.tasks)}
+  metrics = {}
+  for i, task in enumerate(trainer.tasks):
+    source = data.train[i if len(data.train) > 1 else 0]
+    metrics[f"{task.name}/steps"] = float(counts[i])
+    metrics[f"{task.name}/epochs"] = (
+        float(counts[i]) * global_batch_size / source.num_examples)
+  return metrics

@@ -105,7 +105,7 @@ class AlternateStep:
   def __init__(self, model: model_lib.SharedTrunkModel,
                tasks: Sequence[tasks_lib.TaskSpec],
                optimizers: Sequence[tf_keras.optimizers.Optimizer],
-               global_batch_size: int, schedule: schedules.RoundRobin):
+               global_batch_size: int, schedule: schedules.Schedule):
     """Initialises the step.
 
     Args:

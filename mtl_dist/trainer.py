@@ -8,7 +8,7 @@ differ only in the step object (see steps.py).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -48,7 +48,7 @@ class Trainer:
                tasks: Sequence[tasks_lib.TaskSpec], *, mode: str,
                global_batch_size: int, optimizer_factory: OptimizerFactory,
                per_task_optimizer: bool = True,
-               schedule: str = "round_robin"):
+               schedule: Optional[schedules.Schedule] = None):
     """Creates the optimizers and counters inside the strategy's scope.
 
     Args:
@@ -60,7 +60,8 @@ class Trainer:
       optimizer_factory: Makes one optimizer.
       per_task_optimizer: Alternate mode: one optimizer per task (else one
         shared). Ignored in joint mode, which has one optimizer.
-      schedule: Alternate mode: the task schedule's name.
+      schedule: Alternate mode: picks each step's task (default round
+        robin).
     """
     self._strategy = strategy
     self.model = model
@@ -95,7 +96,7 @@ class Trainer:
     else:
       self._step = steps_lib.AlternateStep(
           model, self.tasks, [self.optimizers[t.name] for t in self.tasks],
-          global_batch_size, schedules.create(schedule, num_tasks))
+          global_batch_size, schedule or schedules.RoundRobin(num_tasks))
     self._train_loop = tf.function(self._train_loop_fn)
     self._eval_loop = None
     self._eval_groups = None

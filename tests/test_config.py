@@ -31,6 +31,20 @@ def test_parse_key_values():
     ({"per_task_optimizer": True}, "--per_task_optimizer"),
     ({"task_sizes": {"x": 5}}, "--task_sizes"),
     ({"mode": "alternate", "task_weights": {"x": 1.0}}, "--task_weights"),
+    ({"mode": "alternate", "schedule": "proportional",
+      "task_weights": {"x": 1.0}}, "--task_weights"),
+    ({"mode": "alternate", "schedule": "lottery"}, "--schedule=lottery"),
+    ({"mode": "alternate", "temperature": 2.0}, "--temperature"),
+    ({"mode": "alternate", "schedule": "annealed", "mixing_cap": 5},
+     "--mixing_cap"),
+    ({"mode": "alternate", "schedule": "temperature", "temperature": 0.0},
+     "--temperature=0.0"),
+    ({"mode": "alternate", "schedule": "temperature", "mixing_cap": -1},
+     "--mixing_cap=-1"),
+    ({"mode": "alternate", "steps_per_epoch": 10}, "--steps_per_epoch"),
+    ({"mode": "alternate", "schedule": "annealed", "steps_per_epoch": 0},
+     "--steps_per_epoch=0"),
+    ({"temperature": 2.0}, "--temperature"),
     ({"task_weights": {"x": -1.0}}, "--task_weights"),
     ({"model_dir": ""}, "--model_dir"),
 ])
@@ -55,6 +69,14 @@ def test_load_rejects_unknown_names(changes, message):
   config.validate()
   with pytest.raises(mtl_dist.ConfigError, match=message):
     data_lib.load(config)
+
+
+def test_weights_schedule_accepts_task_weights_as_shares():
+  config = mtl_dist.TrainConfig(model_dir="d", mode="alternate",
+                                schedule="weights",
+                                task_weights={"shape": 3.0, "x": 1.0})
+  config.validate()
+  assert config.weight_of("shape") == 3.0 and config.weight_of("y") == 1.0
 
 
 def test_defaults_depend_on_mode():

@@ -114,6 +114,30 @@ def test_alternate_end_to_end(tmp_path):
   assert train[-1]["metrics"]["shape/steps"] == 150
 
 
+def test_sampled_schedule_resumes_with_the_same_choices(tmp_path):
+  """150 steps, then a resume to 300, give each task what 300 steps give."""
+  flags = ["--mode=alternate", "--tasks=shape,x,y", "--schedule=temperature",
+           "--temperature=1.5", "--task_sizes=shape=3000,x=600,y=150",
+           "--seed=11", *_SMALL]
+  whole_dir, split_dir = str(tmp_path / "whole"), str(tmp_path / "split")
+  whole = run_launcher(f"--model_dir={whole_dir}", "--train_steps=300", *flags)
+  assert whole.returncode == 0, whole.stderr[-3000:]
+  for steps in (150, 300):
+    part = run_launcher(f"--model_dir={split_dir}", f"--train_steps={steps}",
+                        *flags)
+    assert part.returncode == 0, part.stderr[-3000:]
+  whole_summary = json.load(open(os.path.join(whole_dir, "summary.json")))
+  split_summary = json.load(open(os.path.join(split_dir, "summary.json")))
+  assert split_summary["task_steps"] == whole_summary["task_steps"]
+  steps = whole_summary["task_steps"]
+  assert sum(steps.values()) == 300 and steps["shape"] > steps["y"] > 0
+  train = [r for r in read_jsonl(os.path.join(whole_dir, "metrics.jsonl"))
+           if r["split"] == "train"]
+  shares = [train[-1]["metrics"][f"{t}/share"] for t in ("shape", "x", "y")]
+  assert abs(sum(shares) - 1.0) < 1e-9
+  assert train[-1]["metrics"]["y/epochs"] == steps["y"] * 64 / 150
+
+
 def test_flagfiles_parse(tmp_path):
   """The shipped flagfiles are valid (run shortened to one loop)."""
   configs = os.path.join(os.path.dirname(__file__), "..", "launch", "configs")
