@@ -59,6 +59,10 @@ _PER_TASK_OPTIMIZER = flags.DEFINE_bool(
 _TASK_SIZES = flags.DEFINE_string(
     "task_sizes", None, "Alternate mode on shapes: examples per task "
     "dataset, e.g. shape=8000,x=500 (default: 8192 halving per task).")
+_LABEL_FRACTION = flags.DEFINE_string(
+    "label_fraction", None, "Joint mode on shapes: fraction of training "
+    "examples that keep each listed task's label, e.g. scale=0.3,x=0.5; the "
+    "others lack it (partial labels).")
 _TRAIN_EXAMPLES = flags.DEFINE_integer(
     "train_examples", 16384, "Joint mode on shapes: training examples.")
 _EVAL_EXAMPLES = flags.DEFINE_integer("eval_examples", 2048,
@@ -105,13 +109,16 @@ def _given(flag_holder: flags.FlagHolder):
 
 
 def _config_from_flags() -> mtl_dist.TrainConfig:
-  task_weights = task_sizes = None
+  task_weights = task_sizes = label_fraction = None
   if _TASK_WEIGHTS.value is not None:
     task_weights = mtl_dist.parse_key_values(_TASK_WEIGHTS.value,
                                              "task_weights", float)
   if _TASK_SIZES.value is not None:
     task_sizes = mtl_dist.parse_key_values(_TASK_SIZES.value, "task_sizes",
                                            int)
+  if _LABEL_FRACTION.value is not None:
+    label_fraction = mtl_dist.parse_key_values(_LABEL_FRACTION.value,
+                                               "label_fraction", float)
   return mtl_dist.TrainConfig(
       model_dir=_MODEL_DIR.value, mode=_MODE.value, dataset=_DATASET.value,
       tasks=_TASKS.value, task_weights=task_weights,
@@ -119,7 +126,7 @@ def _config_from_flags() -> mtl_dist.TrainConfig:
       per_task_optimizer=_given(_PER_TASK_OPTIMIZER), task_sizes=task_sizes,
       temperature=_TEMPERATURE.value, mixing_cap=_MIXING_CAP.value,
       steps_per_epoch=_STEPS_PER_EPOCH.value,
-      train_examples=_TRAIN_EXAMPLES.value,
+      label_fraction=label_fraction, train_examples=_TRAIN_EXAMPLES.value,
       eval_examples=_EVAL_EXAMPLES.value, train_steps=_TRAIN_STEPS.value,
       global_batch_size=_GLOBAL_BATCH_SIZE.value,
       steps_per_loop=_STEPS_PER_LOOP.value, optimizer=_OPTIMIZER.value,

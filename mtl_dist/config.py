@@ -81,6 +81,9 @@ class TrainConfig:
   temperature: Optional[float] = None  # schedule=temperature; default 2.0.
   mixing_cap: Optional[int] = None  # schedule=temperature; default 0 (none).
   steps_per_epoch: Optional[int] = None  # schedule=annealed.
+  # shapes, joint mode: the fraction of training examples that keep each
+  # listed task's label (the others get -1 or NaN, i.e. partial labels).
+  label_fraction: Optional[Mapping[str, float]] = None
   train_examples: int = 16384  # shapes, joint mode.
   eval_examples: int = 2048  # shapes, both modes.
   train_steps: int = 1000
@@ -159,12 +162,20 @@ class TrainConfig:
   def _validate_mode_flags(self) -> None:
     """Refuses flags that mean nothing in the chosen mode and schedule."""
     if self.mode == "joint":
+      for name, fraction in (self.label_fraction or {}).items():
+        if not 0.0 < fraction <= 1.0:
+          raise ConfigError(f"--label_fraction: {fraction} for {name!r} must "
+                            "be in (0, 1]")
       for name in ("schedule", "per_task_optimizer", "task_sizes",
                    "temperature", "mixing_cap", "steps_per_epoch"):
         if getattr(self, name) is not None:
           raise ConfigError(f"--{name} applies to --mode=alternate only, "
                             "but --mode=joint is set")
       return
+    if self.label_fraction is not None:
+      raise ConfigError("--label_fraction applies to --mode=joint only (in "
+                        "alternate mode each dataset is labelled for its "
+                        "task), but --mode=alternate is set")
     schedule = self.resolved_schedule
     if self.task_weights is not None and schedule != "weights":
       raise ConfigError(
@@ -205,7 +216,7 @@ class TrainConfig:
         raise ConfigError(
             f"--tasks={','.join(tasks)}: unknown task {task!r} for "
             f"--dataset={self.dataset} (known: {', '.join(known_tasks)})")
-    for flag in ("task_weights", "task_sizes"):
+    for flag in ("task_weights", "task_sizes", "label_fraction"):
       mapping = getattr(self, flag)
       for task in mapping or {}:
         if task not in tasks:

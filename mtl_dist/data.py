@@ -52,18 +52,33 @@ class MultiTaskData:
     train: Joint mode: one source labelled for every task. Alternate mode:
       one source per task, in task order.
     eval: Sources for evaluation, laid out like `train`.
+    partial_labels: Whether training examples may lack some tasks' labels
+      (see `TaskSpec.label_mask`).
   """
 
   tasks: tuple[tasks_lib.TaskSpec, ...]
   input_shape: tuple[int, ...]
   train: tuple[ExampleSource, ...]
   eval: tuple[ExampleSource, ...]
+  partial_labels: bool = False
 
 
 def source_from_arrays(features: np.ndarray, labels: dict[str, np.ndarray],
                        task_names: Sequence[str]) -> ExampleSource:
-  """An in-memory source over NumPy arrays, keeping only `task_names` labels."""
-  kept = {name: labels[name] for name in task_names}
+  """An in-memory source over NumPy arrays.
+
+  Args:
+    features: [N, ...] inputs.
+    labels: Task name to [N, ...] labels; may also hold `<task>_mask` arrays
+      marking which examples carry that task's label.
+    task_names: The tasks to keep labels (and masks) for.
+
+  Returns:
+    The source.
+  """
+  kept = {key: values for key, values in labels.items()
+          if key in task_names or
+          (key.endswith("_mask") and key[:-len("_mask")] in task_names)}
   for name, values in kept.items():
     if len(values) != len(features):
       raise ValueError(f"labels of {name!r} have {len(values)} rows, the "
@@ -102,6 +117,9 @@ def load(config: config_lib.TrainConfig) -> MultiTaskData:
   # One pool cut into disjoint pieces: training sets first, then eval.
   features, labels = shapes.generate(sum(sizes) + config.eval_examples,
                                      config.seed)
+  if config.label_fraction:
+    labels = shapes.drop_labels(labels, config.label_fraction,
+                                num_examples=sizes[0], seed=config.seed)
   bounds = np.cumsum([0] + sizes)
   eval_part = slice(bounds[-1], None)
 
@@ -118,7 +136,8 @@ def load(config: config_lib.TrainConfig) -> MultiTaskData:
                   for i, name in enumerate(names))
     evaluation = tuple(cut(eval_part, [name]) for name in names)
   return MultiTaskData(tasks=tasks, input_shape=features.shape[1:],
-                       train=train, eval=evaluation)
+                       train=train, eval=evaluation,
+                       partial_labels=bool(config.label_fraction))
 
 
 def input_options(

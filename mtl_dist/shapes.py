@@ -109,6 +109,35 @@ def _in_heart(u: np.ndarray, v: np.ndarray) -> np.ndarray:
   return (a2 + b * b - 1.0)**3 <= a2 * b**3
 
 
+def drop_labels(labels: dict[str, np.ndarray], fractions: dict[str, float],
+                num_examples: int, seed: int) -> dict[str, np.ndarray]:
+  """Marks labels of the first `num_examples` examples as missing.
+
+  For each task in `fractions`, a seeded random subset keeps its label (that
+  fraction of the examples) and the rest are set to missing: -1 for
+  classification, NaN for regression. Examples past `num_examples` (the
+  eval split) keep every label.
+
+  Args:
+    labels: Task name to labels, as returned by `generate`.
+    fractions: Task name to the fraction of examples that keep the label.
+    num_examples: How many leading examples to thin out.
+    seed: The random seed.
+
+  Returns:
+    New label arrays; the inputs are not modified.
+  """
+  result = dict(labels)
+  for i, (name, fraction) in enumerate(sorted(fractions.items())):
+    rng = np.random.default_rng([seed, 1 + i])
+    missing = rng.uniform(size=num_examples) >= fraction
+    values = labels[name].copy()
+    integer = np.issubdtype(values.dtype, np.integer)
+    values[:num_examples][missing] = -1 if integer else np.nan
+    result[name] = values
+  return result
+
+
 def default_task_sizes(task_names: list[str]) -> dict[str, int]:
   """Per-task dataset sizes for alternate mode: halving from 8192 down.
 

@@ -23,25 +23,44 @@ Batch = tuple[tf.Tensor, dict[str, tf.Tensor]]
 
 def task_losses(tasks: Sequence[tasks_lib.TaskSpec],
                 labels: dict[str, tf.Tensor], outputs: dict[str, tf.Tensor],
-                global_batch_size: int) -> tuple[tf.Tensor, tf.Tensor]:
+                global_batch_size: int,
+                partial_labels: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
   """This replica's share of each task's loss and of the weighted total.
 
   Args:
     tasks: The tasks, with their weights.
-    labels: Task name to labels.
+    labels: Task name to labels (and optionally `<task>_mask` entries).
     outputs: Task name to head outputs.
     global_batch_size: Examples per step over all replicas.
+    partial_labels: Whether examples may lack labels (see
+      `TaskSpec.label_mask`). Then each task's loss is the sum of its
+      per-example losses over labelled examples divided by the number of
+      labelled examples in the whole global batch, counted with one
+      all-reduce over replicas; a task with no labelled example gets 0.
+      Otherwise every example counts and the divisor is the global batch.
 
   Returns:
     (total, per_task): total = sum_i weight_i * per_task[i]; per_task is a
     [T] vector of unweighted losses. Summed over replicas they are the
     global-batch means.
   """
-  per_task = tf.stack([
-      tf.nn.compute_average_loss(
-          task.per_example_loss(labels[task.name], outputs[task.name]),
-          global_batch_size=global_batch_size) for task in tasks
-  ])
+  if partial_labels:
+    masks = [task.label_mask(labels) for task in tasks]
+    local_counts = tf.stack([tf.reduce_sum(mask) for mask in masks])
+    global_counts = tf.distribute.get_replica_context().all_reduce(
+        tf.distribute.ReduceOp.SUM, local_counts)
+    per_task = tf.stack([
+        tf.reduce_sum(mask * task.per_example_loss(
+            task.fill_missing(labels, mask), outputs[task.name])) /
+        tf.maximum(global_counts[i], 1.0)
+        for i, (task, mask) in enumerate(zip(tasks, masks))
+    ])
+  else:
+    per_task = tf.stack([
+        tf.nn.compute_average_loss(
+            task.per_example_loss(labels[task.name], outputs[task.name]),
+            global_batch_size=global_batch_size) for task in tasks
+    ])
   weights = tf.constant([task.weight for task in tasks], tf.float32)
   return tf.reduce_sum(weights * per_task), per_task
 
@@ -59,11 +78,12 @@ class JointStep:
   def __init__(self, model: model_lib.SharedTrunkModel,
                tasks: Sequence[tasks_lib.TaskSpec],
                optimizer: tf_keras.optimizers.Optimizer,
-               global_batch_size: int):
+               global_batch_size: int, partial_labels: bool = False):
     self._model = model
     self._tasks = tuple(tasks)
     self._optimizer = optimizer
     self._global_batch_size = global_batch_size
+    self._partial_labels = partial_labels
 
   def replica_step(self, batch: Batch) -> tf.Tensor:
     """Trains on one replica's batch; returns its [T] per-task losses."""
@@ -72,7 +92,8 @@ class JointStep:
     with tf.GradientTape() as tape:
       outputs = self._model(features, training=True)
       total, per_task = task_losses(self._tasks, labels, outputs,
-                                    self._global_batch_size)
+                                    self._global_batch_size,
+                                    self._partial_labels)
       total += _regularization([self._model])
     gradients = tape.gradient(total, variables)
     self._optimizer.apply_gradients(zip(gradients, variables))
@@ -167,19 +188,23 @@ def eval_sums(model: model_lib.SharedTrunkModel,
               batch: Batch) -> dict[str, tf.Tensor]:
   """Sums of per-example loss and metrics over one replica's batch.
 
+  Only examples that carry a task's label count for that task.
+
   Returns:
-    `{"<task>/loss": sum, "<task>/<metric>": sum, "count": examples}`; sums
-    rather than means, so that uneven or empty final batches on some replicas
-    add up to exact means after the cross-replica sum.
+    `{"<task>/loss": sum, "<task>/<metric>": sum, "<task>/count": labelled
+    examples}`; sums rather than means, so that uneven or empty final
+    batches on some replicas add up to exact means after the cross-replica
+    sum.
   """
   features, labels = batch
   outputs = model(features, training=False, tasks=[t.name for t in tasks])
   sums = {}
   for task in tasks:
-    label, output = labels[task.name], outputs[task.name]
+    mask = task.label_mask(labels)
+    label, output = task.fill_missing(labels, mask), outputs[task.name]
     sums[f"{task.name}/loss"] = tf.reduce_sum(
-        task.per_example_loss(label, output))
+        mask * task.per_example_loss(label, output))
     for metric, values in task.per_example_metrics(label, output).items():
-      sums[f"{task.name}/{metric}"] = tf.reduce_sum(values)
-  sums["count"] = tf.cast(tf.shape(features)[0], tf.float32)
+      sums[f"{task.name}/{metric}"] = tf.reduce_sum(mask * values)
+    sums[f"{task.name}/count"] = tf.reduce_sum(mask)
   return sums

@@ -78,6 +78,41 @@ class TaskSpec:
   def with_weight(self, weight: float) -> "TaskSpec":
     return dataclasses.replace(self, weight=weight)
 
+  @property
+  def mask_key(self) -> str:
+    """The optional labels entry that marks which examples carry this label."""
+    return f"{self.name}_mask"
+
+  def label_mask(self, labels: dict[str, tf.Tensor]) -> tf.Tensor:
+    """1.0 for examples that carry this task's label, else 0.0; shape [batch].
+
+    A label is missing when it is a negative class (classification), has a
+    NaN component (regression), or `labels["<task>_mask"]` is 0 or False.
+    """
+    label = labels[self.name]
+    if self.kind == CLASSIFICATION:
+      present = tf.greater_equal(label, 0)
+    else:
+      present = tf.reduce_all(tf.math.is_finite(tf.cast(label, tf.float32)),
+                              axis=-1)
+    if self.mask_key in labels:
+      present = tf.logical_and(present,
+                               tf.cast(labels[self.mask_key], tf.bool))
+    return tf.cast(present, tf.float32)
+
+  def fill_missing(self, labels: dict[str, tf.Tensor],
+                   mask: tf.Tensor) -> tf.Tensor:
+    """This task's labels with missing ones replaced by 0.
+
+    Losses of the replaced entries are multiplied by 0 afterwards; replacing
+    them first keeps NaN and out-of-range classes out of every gradient.
+    """
+    label = labels[self.name]
+    present = tf.cast(mask, tf.bool)
+    if self.kind == REGRESSION:
+      present = present[:, None]
+    return tf.where(present, label, tf.zeros_like(label))
+
   def per_example_loss(self, labels: tf.Tensor,
                        outputs: tf.Tensor) -> tf.Tensor:
     """Loss of each example, shape [batch]; no reduction over the batch."""

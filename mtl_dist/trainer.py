@@ -48,7 +48,8 @@ class Trainer:
                tasks: Sequence[tasks_lib.TaskSpec], *, mode: str,
                global_batch_size: int, optimizer_factory: OptimizerFactory,
                per_task_optimizer: bool = True,
-               schedule: Optional[schedules.Schedule] = None):
+               schedule: Optional[schedules.Schedule] = None,
+               partial_labels: bool = False):
     """Creates the optimizers and counters inside the strategy's scope.
 
     Args:
@@ -62,6 +63,9 @@ class Trainer:
         shared). Ignored in joint mode, which has one optimizer.
       schedule: Alternate mode: picks each step's task (default round
         robin).
+      partial_labels: Joint mode: examples may lack some tasks' labels;
+        each task's loss then averages over the examples that carry its
+        label in the global batch (see `steps.task_losses`).
     """
     self._strategy = strategy
     self.model = model
@@ -92,7 +96,7 @@ class Trainer:
         self.optimizers = {task.name: shared for task in self.tasks}
     if mode == "joint":
       self._step = steps_lib.JointStep(model, self.tasks, shared,
-                                       global_batch_size)
+                                       global_batch_size, partial_labels)
     else:
       self._step = steps_lib.AlternateStep(
           model, self.tasks, [self.optimizers[t.name] for t in self.tasks],
@@ -177,20 +181,23 @@ class Trainer:
     # Fresh iterators, so that each evaluation reads the whole split.
     group_sums = self._eval_loop(tuple(iter(d) for d in datasets))
     results = {}
-    for names, sums in zip(task_groups, group_sums):
+    for group, sums in zip(groups, group_sums):
       sums = {k: float(v) for k, v in sums.items()}
-      count = sums.pop("count")
-      if count == 0:
-        raise ValueError(f"the eval data for {', '.join(names)} is empty")
-      results.update({k: v / count for k, v in sums.items()})
+      for task in group:
+        count = sums.pop(f"{task.name}/count")
+        if count == 0:
+          raise ValueError(f"the eval data has no labelled example for task "
+                           f"{task.name!r}")
+        results.update({k: v / count for k, v in sums.items()
+                        if k.startswith(task.name + "/")})
     return results
 
   def _make_eval_loop(self, groups):
     strategy, model = self._strategy, self.model
 
     def eval_group(iterator, tasks):
-      keys = ["count"] + [f"{task.name}/{name}" for task in tasks
-                          for name in ("loss",) + task.metric_names]
+      keys = [f"{task.name}/{name}" for task in tasks
+              for name in ("loss", "count") + task.metric_names]
       totals = {key: tf.constant(0.0) for key in keys}
       for batch in iterator:
         per_replica = strategy.run(steps_lib.eval_sums,

@@ -42,12 +42,13 @@ def build_trainer(shapes_arrays):
   def build(replicas: int, mode: str, task_names=("shape", "x"), *,
             optimizer: str = "sgd", learning_rate: float = 0.1,
             global_batch_size: int = 32, per_task_optimizer: bool = True,
-            weights=None, initial_weights=None, schedule=None):
+            weights=None, initial_weights=None, schedule=None,
+            arrays=None, partial_labels: bool = False):
     strategy = make_strategy(replicas)
     specs = {task.name: task for task in shapes.TASKS}
     tasks = [specs[name].with_weight((weights or {}).get(name, 1.0))
              for name in task_names]
-    features, labels = shapes_arrays
+    features, labels = arrays if arrays is not None else shapes_arrays
     with strategy.scope():
       model = mtl_dist.build_model(tasks, features.shape[1:], "mlp", 16, 2)
     if initial_weights is not None:
@@ -57,7 +58,8 @@ def build_trainer(shapes_arrays):
         global_batch_size=global_batch_size,
         optimizer_factory=mtl_dist.make_optimizer_factory(optimizer,
                                                           learning_rate),
-        per_task_optimizer=per_task_optimizer, schedule=schedule)
+        per_task_optimizer=per_task_optimizer, schedule=schedule,
+        partial_labels=partial_labels)
     if mode == "joint":
       sources = [data_lib.source_from_arrays(features, labels, task_names)]
     else:  # Disjoint slices, one per task.

@@ -45,6 +45,9 @@ def test_parse_key_values():
     ({"mode": "alternate", "schedule": "annealed", "steps_per_epoch": 0},
      "--steps_per_epoch=0"),
     ({"temperature": 2.0}, "--temperature"),
+    ({"label_fraction": {"x": 0.0}}, "--label_fraction"),
+    ({"label_fraction": {"x": 1.5}}, "--label_fraction"),
+    ({"mode": "alternate", "label_fraction": {"x": 0.5}}, "--label_fraction"),
     ({"task_weights": {"x": -1.0}}, "--task_weights"),
     ({"model_dir": ""}, "--model_dir"),
 ])

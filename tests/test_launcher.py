@@ -138,6 +138,20 @@ def test_sampled_schedule_resumes_with_the_same_choices(tmp_path):
   assert train[-1]["metrics"]["y/epochs"] == steps["y"] * 64 / 150
 
 
+def test_joint_with_partial_labels(tmp_path):
+  model_dir = str(tmp_path / "partial")
+  result = run_launcher(f"--model_dir={model_dir}", "--tasks=shape,scale,x",
+                        "--label_fraction=scale=0.3,x=0.5",
+                        "--train_examples=4096", "--train_steps=300", *_SMALL)
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = json.load(open(os.path.join(model_dir, "summary.json")))
+  assert summary["eval"]["shape"]["accuracy"] > 0.45
+  assert summary["eval"]["x"]["mae"] < 0.25  # Predicting 0.5 gives 0.25.
+  for record in read_jsonl(os.path.join(model_dir, "metrics.jsonl")):
+    assert all(value == value for value in record["metrics"].values()), (
+        "NaN in metrics")
+
+
 def test_flagfiles_parse(tmp_path):
   """The shipped flagfiles are valid (run shortened to one loop)."""
   configs = os.path.join(os.path.dirname(__file__), "..", "launch", "configs")
