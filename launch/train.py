@@ -31,8 +31,30 @@ _MODE = flags.DEFINE_enum("mode", "joint", config_lib.MODES,
                           "joint: every example labelled for every task, one "
                           "update on the weighted loss sum. alternate: one "
                           "dataset per task, one task per step.")
-_DATASET = flags.DEFINE_string("dataset", "shapes",
-                               "Dataset; `shapes` is generated, no download.")
+_DATASET = flags.DEFINE_string(
+    "dataset", "shapes", "Dataset: `shapes` (generated, no download) or "
+    "`tfds:NAME` (a prepared TFDS dataset; joint mode, --tasks name its label "
+    "features).")
+_TASK_DATASETS = flags.DEFINE_string(
+    "task_datasets", None, "Alternate mode: each task's own TFDS dataset and "
+    "label feature, e.g. digits=tfds:mnist:label,fashion=tfds:fashion_mnist:"
+    "label.")
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", None, "TFDS data directory (default: TFDS's own).")
+_INPUT_KEY = flags.DEFINE_string(
+    "input_key", None, "TFDS: the input feature (default image).")
+_SPLIT = flags.DEFINE_string("split", None,
+                             "TFDS: training split (default train).")
+_EVAL_SPLIT = flags.DEFINE_string("eval_split", None,
+                                  "TFDS: eval split (default test).")
+_DOWNLOAD = flags.DEFINE_bool(
+    "download", False, "TFDS: download and prepare a dataset that is not "
+    "prepared yet (never done otherwise).")
+_IMAGE_SIZE = flags.DEFINE_list(
+    "image_size", None, "TFDS: resize images to HEIGHT,WIDTH in the pipeline.")
+_CHANNELS = flags.DEFINE_integer(
+    "channels", None, "TFDS: convert images to 1 (grayscale) or 3 (RGB) "
+    "channels in the pipeline.")
 _TASKS = flags.DEFINE_list("tasks", None,
                            "Tasks to train (default: all of the dataset's).")
 _TASK_WEIGHTS = flags.DEFINE_string(
@@ -109,7 +131,18 @@ def _given(flag_holder: flags.FlagHolder):
 
 
 def _config_from_flags() -> mtl_dist.TrainConfig:
-  task_weights = task_sizes = label_fraction = None
+  task_weights = task_sizes = label_fraction = task_datasets = None
+  image_size = None
+  if _TASK_DATASETS.value is not None:
+    task_datasets = mtl_dist.parse_key_values(_TASK_DATASETS.value,
+                                              "task_datasets", str)
+  if _IMAGE_SIZE.value is not None:
+    try:
+      image_size = [int(v) for v in _IMAGE_SIZE.value]
+    except ValueError:
+      raise mtl_dist.ConfigError(
+          f"--image_size={','.join(_IMAGE_SIZE.value)}: must be "
+          "HEIGHT,WIDTH integers") from None
   if _TASK_WEIGHTS.value is not None:
     task_weights = mtl_dist.parse_key_values(_TASK_WEIGHTS.value,
                                              "task_weights", float)
@@ -127,6 +160,10 @@ def _config_from_flags() -> mtl_dist.TrainConfig:
       temperature=_TEMPERATURE.value, mixing_cap=_MIXING_CAP.value,
       steps_per_epoch=_STEPS_PER_EPOCH.value,
       label_fraction=label_fraction, train_examples=_TRAIN_EXAMPLES.value,
+      task_datasets=task_datasets, data_dir=_DATA_DIR.value,
+      input_key=_INPUT_KEY.value, split=_SPLIT.value,
+      eval_split=_EVAL_SPLIT.value, download=_DOWNLOAD.value,
+      image_size=image_size, channels=_CHANNELS.value,
       eval_examples=_EVAL_EXAMPLES.value, train_steps=_TRAIN_STEPS.value,
       global_batch_size=_GLOBAL_BATCH_SIZE.value,
       steps_per_loop=_STEPS_PER_LOOP.value, optimizer=_OPTIMIZER.value,

@@ -85,6 +85,15 @@ class TrainConfig:
   # listed task's label (the others get -1 or NaN, i.e. partial labels).
   label_fraction: Optional[Mapping[str, float]] = None
   train_examples: int = 16384  # shapes, joint mode.
+  # TFDS datasets (--dataset=tfds:NAME, or --task_datasets in alternate mode).
+  task_datasets: Optional[Mapping[str, str]] = None  # task -> tfds:NAME:LABEL
+  data_dir: Optional[str] = None
+  input_key: Optional[str] = None  # default "image"
+  split: Optional[str] = None  # default "train"
+  eval_split: Optional[str] = None  # default "test"
+  download: bool = False
+  image_size: Optional[Sequence[int]] = None  # (height, width)
+  channels: Optional[int] = None  # 1 or 3
   eval_examples: int = 2048  # shapes, both modes.
   train_steps: int = 1000
   global_batch_size: int = 64
@@ -102,6 +111,22 @@ class TrainConfig:
   eval_steps: int = 0  # 0: the whole eval split.
   log_every: int = 100
   seed: int = 0
+
+  @property
+  def uses_tfds(self) -> bool:
+    return self.dataset.startswith("tfds:") or self.task_datasets is not None
+
+  @property
+  def resolved_input_key(self) -> str:
+    return self.input_key or "image"
+
+  @property
+  def resolved_split(self) -> str:
+    return self.split or "train"
+
+  @property
+  def resolved_eval_split(self) -> str:
+    return self.eval_split or "test"
 
   @property
   def resolved_schedule(self) -> str:
@@ -148,6 +173,7 @@ class TrainConfig:
         raise ConfigError(f"--tasks={','.join(self.tasks)}: "
                           f"{', '.join(repeated)} given twice")
     self._validate_mode_flags()
+    self._validate_dataset_flags()
     if self.task_weights is not None:
       for name, weight in self.task_weights.items():
         if not weight >= 0:
@@ -197,6 +223,56 @@ class TrainConfig:
       raise ConfigError(
           f"--steps_per_epoch={self.steps_per_epoch}: must be positive")
 
+  def _validate_dataset_flags(self) -> None:
+    """Refuses flags of one kind of dataset given with the other."""
+    if self.dataset != "shapes" and not self.dataset.startswith("tfds:"):
+      raise ConfigError(f"--dataset={self.dataset}: unknown dataset (known: "
+                        "shapes, tfds:NAME)")
+    if self.task_datasets is not None:
+      if self.mode != "alternate":
+        raise ConfigError("--task_datasets applies to --mode=alternate only "
+                          "(joint mode reads one --dataset=tfds:NAME)")
+      if self.dataset != "shapes":
+        raise ConfigError(f"--dataset={self.dataset} and --task_datasets "
+                          "both name data: give one of them")
+    if self.uses_tfds:
+      for name in ("task_sizes", "label_fraction"):
+        if getattr(self, name) is not None:
+          raise ConfigError(f"--{name} applies to --dataset=shapes only")
+      if self.dataset.startswith("tfds:") and self.mode == "alternate":
+        raise ConfigError(
+            f"--dataset={self.dataset} in alternate mode: give each task its "
+            "own dataset with --task_datasets=task=tfds:NAME:LABEL,...")
+    else:
+      for name in ("data_dir", "input_key", "split", "eval_split",
+                   "image_size", "channels"):
+        if getattr(self, name) is not None:
+          raise ConfigError(f"--{name} applies to TFDS datasets only "
+                            "(--dataset=tfds:NAME or --task_datasets)")
+      if self.download:
+        raise ConfigError("--download applies to TFDS datasets only")
+    if self.channels is not None and self.channels not in (1, 3):
+      raise ConfigError(f"--channels={self.channels}: must be 1 or 3")
+    if self.image_size is not None and (
+        len(self.image_size) != 2 or min(self.image_size) < 1):
+      raise ConfigError(
+          f"--image_size={','.join(map(str, self.image_size))}: must be "
+          "HEIGHT,WIDTH, both positive")
+
+  def check_known(self, tasks: Sequence[str]) -> None:
+    """Checks that per-task flags name only trained tasks.
+
+    Raises:
+      ConfigError: For a task in --task_weights, --task_sizes or
+        --label_fraction that is not trained.
+    """
+    for flag in ("task_weights", "task_sizes", "label_fraction"):
+      mapping = getattr(self, flag)
+      for task in mapping or {}:
+        if task not in tasks:
+          raise ConfigError(f"--{flag}: {task!r} is not a trained task "
+                            f"(--tasks={','.join(tasks)})")
+
   def validate_tasks(self, known_tasks: Sequence[str]) -> list[str]:
     """Checks task names against a dataset's tasks.
 
@@ -216,12 +292,7 @@ class TrainConfig:
         raise ConfigError(
             f"--tasks={','.join(tasks)}: unknown task {task!r} for "
             f"--dataset={self.dataset} (known: {', '.join(known_tasks)})")
-    for flag in ("task_weights", "task_sizes", "label_fraction"):
-      mapping = getattr(self, flag)
-      for task in mapping or {}:
-        if task not in tasks:
-          raise ConfigError(f"--{flag}: {task!r} is not a trained task "
-                            f"(--tasks={','.join(tasks)})")
+    self.check_known(tasks)
     return tasks
 
   def weight_of(self, task: str) -> float:

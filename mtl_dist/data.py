@@ -34,12 +34,20 @@ class ExampleSource:
     arrays: For in-memory sources, `(features, {task: labels})` NumPy arrays.
       They allow the index-based training pipeline (see `distribute_train`),
       whose batches are a function of (seed, step) alone.
+    read: For file-backed sources, `read(input_context, seed, shuffle)`
+      returns the input pipeline's own share of the examples (sharded by
+      file where the files allow it), decoded and preprocessed.
+    shuffle_buffer: Shuffle buffer of streamed training pipelines (default:
+      all examples, at most 16384).
   """
 
   task_names: tuple[str, ...]
   make_dataset: Callable[[], tf.data.Dataset]
   num_examples: int
   arrays: Optional[tuple[np.ndarray, dict[str, np.ndarray]]] = None
+  read: Optional[Callable[[Optional[tf.distribute.InputContext], int, bool],
+                          tf.data.Dataset]] = None
+  shuffle_buffer: Optional[int] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,9 +109,15 @@ def load(config: config_lib.TrainConfig) -> MultiTaskData:
   Raises:
     ConfigError: For an unknown dataset or task.
   """
+  if config.uses_tfds:
+    from mtl_dist import tfds_data  # pylint: disable=g-import-not-at-top
+    if config.mode == "joint":
+      return tfds_data.load_joint(config)
+    return tfds_data.load_alternate(config)
   if config.dataset != "shapes":
     raise config_lib.ConfigError(
-        f"--dataset={config.dataset}: unknown dataset (known: shapes)")
+        f"--dataset={config.dataset}: unknown dataset (known: shapes, "
+        "tfds:NAME)")
   names = config.validate_tasks(shapes.TASK_NAMES)
   specs = {task.name: task for task in shapes.TASKS}
   tasks = tuple(specs[name].with_weight(config.weight_of(name))
@@ -229,7 +243,8 @@ def distribute_train(strategy: tf.distribute.Strategy, source: ExampleSource,
     source: What to read.
     global_batch_size: Examples per step over all replicas.
     seed: The shuffle seed.
-    start_step: The step the pipeline starts at (index-based pipeline only).
+    start_step: The step the pipeline starts at (index-based pipeline only;
+      streamed pipelines restart their shuffled order).
 
   Returns:
     A distributed dataset of per-replica batches.
@@ -256,9 +271,13 @@ def distribute_train(strategy: tf.distribute.Strategy, source: ExampleSource,
     return dataset.prefetch(2).with_options(_options())
 
   def streamed_dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
-    dataset = source.make_dataset().shard(ctx.num_input_pipelines,
-                                          ctx.input_pipeline_id)
-    buffer = min(source.num_examples, _MAX_SHUFFLE_BUFFER)
+    if source.read is not None:
+      dataset = source.read(ctx, seed, True)
+    else:
+      dataset = source.make_dataset().shard(ctx.num_input_pipelines,
+                                            ctx.input_pipeline_id)
+    buffer = source.shuffle_buffer or min(source.num_examples,
+                                          _MAX_SHUFFLE_BUFFER)
     dataset = dataset.shuffle(buffer, seed=seed,
                               reshuffle_each_iteration=True).repeat()
     dataset = dataset.batch(ctx.get_per_replica_batch_size(global_batch_size),
@@ -290,10 +309,16 @@ def distribute_eval(strategy: tf.distribute.Strategy, source: ExampleSource,
   """
 
   def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
-    dataset = source.make_dataset()
-    if max_batches:
-      dataset = dataset.take(max_batches * global_batch_size)
-    dataset = dataset.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
+    if source.read is not None:  # Sharded by the source; take per pipeline.
+      dataset = source.read(ctx, 0, False)
+      if max_batches:
+        dataset = dataset.take(max_batches * global_batch_size //
+                               ctx.num_input_pipelines)
+    else:
+      dataset = source.make_dataset()
+      if max_batches:
+        dataset = dataset.take(max_batches * global_batch_size)
+      dataset = dataset.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
     dataset = dataset.batch(ctx.get_per_replica_batch_size(global_batch_size))
     return dataset.prefetch(2).with_options(_options())
 

@@ -45,6 +45,17 @@ def test_parse_key_values():
     ({"mode": "alternate", "schedule": "annealed", "steps_per_epoch": 0},
      "--steps_per_epoch=0"),
     ({"temperature": 2.0}, "--temperature"),
+    ({"dataset": "imagenet"}, "--dataset=imagenet"),
+    ({"data_dir": "/d"}, "--data_dir"),
+    ({"split": "train[:5%]"}, "--split"),
+    ({"download": True}, "--download"),
+    ({"dataset": "tfds:mnist", "channels": 2}, "--channels=2"),
+    ({"dataset": "tfds:mnist", "image_size": [0, 4]}, "--image_size=0,4"),
+    ({"dataset": "tfds:mnist", "task_sizes": {"x": 5}}, "--task_sizes"),
+    ({"dataset": "tfds:mnist", "mode": "alternate"}, "--task_datasets"),
+    ({"task_datasets": {"a": "tfds:mnist:label"}}, "--task_datasets"),
+    ({"mode": "alternate", "dataset": "tfds:mnist",
+      "task_datasets": {"a": "tfds:mnist:label"}}, "--task_datasets"),
     ({"label_fraction": {"x": 0.0}}, "--label_fraction"),
     ({"label_fraction": {"x": 1.5}}, "--label_fraction"),
     ({"mode": "alternate", "label_fraction": {"x": 0.5}}, "--label_fraction"),
@@ -63,7 +74,6 @@ def test_validate_names_the_bad_flag(changes, flag):
 @pytest.mark.parametrize("changes, message", [
     ({"tasks": ["shape", "colour"]}, "--tasks=shape,colour: unknown task "
      "'colour'"),
-    ({"dataset": "mnist"}, "--dataset=mnist: unknown dataset"),
     ({"tasks": ["shape"], "task_weights": {"x": 2.0}},
      "--task_weights: 'x' is not a trained task"),
 ])

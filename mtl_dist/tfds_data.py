@@ -1,0 +1,330 @@
+"""Datasets from TensorFlow Datasets (TFDS), read without downloading.
+
+Joint mode reads several label features of one dataset as tasks
+(`--dataset=tfds:NAME --tasks=label_a,label_b`); alternate mode gives each
+task its own dataset and label (`--task_datasets=a=tfds:NAME:LABEL,...`).
+A task's kind and size come from the feature spec: a ClassLabel is a
+classification with its class count, a bool a binary classification, and an
+integer or float scalar or vector without class names a regression.
+Nested features are named by path (`attributes/Smiling`); the task is named
+by the last component (`Smiling`).
+
+Nothing is downloaded unless `download=True`: a dataset that is not prepared
+in the data directory is a ConfigError naming both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional, Sequence
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+from mtl_dist import config as config_lib
+from mtl_dist import data as data_lib
+from mtl_dist import tasks as tasks_lib
+
+PREFIX = "tfds:"
+_SHUFFLE_BUFFER_BYTES = 256 * 2**20
+_MAX_SHUFFLE_BUFFER = 10000
+
+
+def _tfds():
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return tfds
+
+
+def parse_task_dataset(task: str, spec: str) -> tuple[str, str]:
+  """Splits `tfds:NAME:LABEL` (NAME may carry `/config:version`)."""
+  if not spec.startswith(PREFIX) or spec.count(":") < 2:
+    raise config_lib.ConfigError(
+        f"--task_datasets: {task}={spec} must look like "
+        f"{task}=tfds:NAME:LABEL_FEATURE")
+  name, label = spec[len(PREFIX):].rsplit(":", 1)
+  if not name or not label:
+    raise config_lib.ConfigError(
+        f"--task_datasets: {task}={spec} must look like "
+        f"{task}=tfds:NAME:LABEL_FEATURE")
+  return name, label
+
+
+def task_from_feature(task_name: str, feature: Any) -> tasks_lib.TaskSpec:
+  """The TaskSpec a TFDS feature implies.
+
+  Args:
+    task_name: The task's name.
+    feature: A TFDS FeatureConnector.
+
+  Returns:
+    A classification for ClassLabel (its class count) and bool (2 classes),
+    a regression (size = number of elements) for integer or float tensors.
+
+  Raises:
+    ConfigError: For any other feature (images, text, dicts, variable size).
+  """
+  tfds = _tfds()
+  if isinstance(feature, tfds.features.ClassLabel):
+    return tasks_lib.TaskSpec(task_name, tasks_lib.CLASSIFICATION,
+                              num_classes=feature.num_classes)
+  if type(feature) is tfds.features.Tensor:  # pylint: disable=unidiomatic-typecheck
+    dtype = tf.as_dtype(feature.tf_dtype)
+    shape = tuple(feature.shape)
+    if dtype == tf.bool and shape == ():
+      return tasks_lib.TaskSpec(task_name, tasks_lib.CLASSIFICATION,
+                                num_classes=2)
+    if (dtype.is_integer or dtype.is_floating) and None not in shape:
+      return tasks_lib.TaskSpec(task_name, tasks_lib.REGRESSION,
+                                size=int(np.prod(shape)) if shape else 1)
+  raise config_lib.ConfigError(
+      f"feature {task_name!r} ({feature!r}) cannot be a task: use a "
+      "ClassLabel, a bool, or an integer or float scalar or vector")
+
+
+def _feature_at(features: Any, path: str, dataset: str) -> Any:
+  feature = features
+  for part in path.split("/"):
+    try:
+      feature = feature[part]
+    except (KeyError, TypeError):
+      raise config_lib.ConfigError(
+          f"dataset {dataset} has no feature {path!r} (top-level features: "
+          f"{', '.join(sorted(features.keys()))})") from None
+  return feature
+
+
+def _value_at(example: dict[str, Any], path: str) -> tf.Tensor:
+  for part in path.split("/"):
+    example = example[part]
+  return example
+
+
+@dataclasses.dataclass(frozen=True)
+class _Preprocessing:
+  """How raw inputs become model inputs, applied in the input pipeline."""
+
+  input_key: str
+  image_size: Optional[tuple[int, int]]
+  channels: Optional[int]
+
+  def output_shape(self, feature: Any, dataset: str) -> tuple[int, ...]:
+    shape = list(feature.shape)
+    if self.image_size is not None:
+      if len(shape) != 3:
+        raise config_lib.ConfigError(
+            f"--image_size: input {self.input_key!r} of {dataset} has shape "
+            f"{tuple(shape)}, not an image")
+      shape[0], shape[1] = self.image_size
+    if self.channels is not None:
+      if len(shape) != 3 or shape[-1] not in (1, 3):
+        raise config_lib.ConfigError(
+            f"--channels: input {self.input_key!r} of {dataset} has shape "
+            f"{tuple(shape)}, not a 1- or 3-channel image")
+      shape[-1] = self.channels
+    if None in shape:
+      raise config_lib.ConfigError(
+          f"input {self.input_key!r} of {dataset} has variable shape "
+          f"{tuple(shape)}: pass --image_size=HEIGHT,WIDTH")
+    return tuple(int(d) for d in shape)
+
+  def apply(self, value: tf.Tensor) -> tf.Tensor:
+    if value.dtype == tf.uint8:
+      value = tf.cast(value, tf.float32) / 255.0
+    else:
+      value = tf.cast(value, tf.float32)
+    if self.channels is not None and value.shape[-1] != self.channels:
+      value = (tf.image.grayscale_to_rgb(value) if self.channels == 3
+               else tf.image.rgb_to_grayscale(value))
+    if self.image_size is not None:
+      value = tf.image.resize(value, self.image_size)
+    return value
+
+
+class _TfdsDataset:
+  """One prepared TFDS dataset, its splits and its feature spec."""
+
+  def __init__(self, name: str, config: config_lib.TrainConfig):
+    tfds = _tfds()
+    self.name = name
+    self._data_dir = config.data_dir
+    try:
+      self.builder = tfds.builder(name, data_dir=config.data_dir)
+    except Exception as e:  # pylint: disable=broad-except
+      if "not found" not in str(e).lower():
+        raise
+      raise config_lib.ConfigError(
+          f"--dataset: TFDS has no dataset {name!r} "
+          f"({str(e).splitlines()[0][:200]})") from None
+    if config.download:
+      logging.info("Downloading and preparing %s (--download).", name)
+      self.builder.download_and_prepare()
+
+  @property
+  def features(self) -> Any:
+    return self.builder.info.features
+
+  def _where(self) -> str:
+    if self._data_dir:
+      return f"--data_dir={self._data_dir}"
+    return f"the default data_dir {_tfds().core.constants.DATA_DIR}"
+
+  def open(self, split: str, flag: str, **kwargs) -> tf.data.Dataset:
+    """`builder.as_dataset`, with errors that name the dataset and flag."""
+    try:
+      return self.builder.as_dataset(split=split, **kwargs)
+    except AssertionError as e:
+      if "could not find data" not in str(e):
+        raise
+      raise config_lib.ConfigError(
+          f"dataset {self.name} is not prepared in {self._where()}: prepare "
+          "it there (e.g. `tfds build`), or pass --download to fetch it"
+      ) from None
+    except ValueError as e:
+      if "unknown split" not in str(e).lower():
+        raise
+      known = ", ".join(self.builder.info.splits.keys()) or "unknown"
+      raise config_lib.ConfigError(
+          f"--{flag}={split}: no such split of {self.name} (splits: "
+          f"{known})") from None
+
+  def num_examples(self, split: str, flag: str) -> int:
+    try:
+      count = self.builder.info.splits[split].num_examples
+    except (KeyError, ValueError):
+      count = 0
+    if not count:  # Metadata without split sizes: count once.
+      count = int(self.open(split, flag).reduce(0, lambda n, _: n + 1))
+    if not count:
+      raise config_lib.ConfigError(
+          f"--{flag}={split}: split of {self.name} is empty")
+    return count
+
+
+def _make_source(dataset: _TfdsDataset, split: str, flag: str,
+                 prep: _Preprocessing, label_paths: dict[str, str],
+                 tasks: Sequence[tasks_lib.TaskSpec],
+                 input_shape: tuple[int, ...]) -> data_lib.ExampleSource:
+  """An ExampleSource that reads, decodes and preprocesses one split."""
+  dataset.open(split, flag)  # Fails now, before training, if unreadable.
+  num_examples = dataset.num_examples(split, flag)
+  kinds = {task.name: task for task in tasks}
+
+  def to_example(raw: dict[str, Any]):
+    labels = {}
+    for name, path in label_paths.items():
+      value = _value_at(raw, path)
+      if kinds[name].kind == tasks_lib.CLASSIFICATION:
+        labels[name] = tf.cast(value, tf.int32)
+      else:
+        labels[name] = tf.reshape(tf.cast(value, tf.float32), [-1])
+    return prep.apply(_value_at(raw, prep.input_key)), labels
+
+  def read(ctx: Optional[tf.distribute.InputContext], seed: int,
+           shuffle: bool) -> tf.data.Dataset:
+    tfds = _tfds()
+    pipelines = ctx.num_input_pipelines if ctx else 1
+    read_config = tfds.ReadConfig(
+        shuffle_seed=seed, interleave_cycle_length=tf.data.AUTOTUNE,
+        num_parallel_calls_for_interleave_files=tf.data.AUTOTUNE,
+        try_autocache=False, input_context=ctx if pipelines > 1 else None)
+    try:  # File-level sharding: each pipeline reads its own files.
+      raw = dataset.open(split, flag, shuffle_files=shuffle,
+                         read_config=read_config)
+    except ValueError as e:
+      if "Cannot shard" not in str(e):
+        raise
+      # Fewer files than pipelines: every pipeline keeps its examples.
+      read_config = dataclasses.replace(read_config, input_context=None)
+      raw = dataset.open(split, flag, shuffle_files=shuffle,
+                         read_config=read_config)
+      raw = raw.shard(pipelines, ctx.input_pipeline_id)
+    return raw.map(to_example, num_parallel_calls=tf.data.AUTOTUNE)
+
+  example_bytes = 4 * math.prod(input_shape)
+  return data_lib.ExampleSource(
+      task_names=tuple(label_paths),
+      make_dataset=lambda: read(None, 0, False),
+      num_examples=num_examples, read=read,
+      shuffle_buffer=max(1, min(num_examples, _MAX_SHUFFLE_BUFFER,
+                                _SHUFFLE_BUFFER_BYTES // example_bytes)))
+
+
+def _preprocessing(config: config_lib.TrainConfig) -> _Preprocessing:
+  return _Preprocessing(config.resolved_input_key,
+                        tuple(config.image_size) if config.image_size else None,
+                        config.channels)
+
+
+def load_joint(config: config_lib.TrainConfig) -> data_lib.MultiTaskData:
+  """Label features of one TFDS dataset as tasks (`--dataset=tfds:NAME`)."""
+  name = config.dataset[len(PREFIX):]
+  if not config.tasks:
+    raise config_lib.ConfigError(
+        f"--tasks: name the label features of {name} to train on")
+  dataset = _TfdsDataset(name, config)
+  label_paths = {}
+  for path in config.tasks:
+    task_name = path.rsplit("/", 1)[-1]
+    if task_name in label_paths:
+      raise config_lib.ConfigError(
+          f"--tasks={','.join(config.tasks)}: two tasks are named "
+          f"{task_name!r}")
+    label_paths[task_name] = path
+  config.check_known(list(label_paths))
+  tasks = tuple(
+      task_from_feature(task, _feature_at(dataset.features, path, name))
+      .with_weight(config.weight_of(task))
+      for task, path in label_paths.items())
+  prep = _preprocessing(config)
+  input_shape = prep.output_shape(
+      _feature_at(dataset.features, prep.input_key, name), name)
+  train = _make_source(dataset, config.resolved_split, "split", prep,
+                       label_paths, tasks, input_shape)
+  evaluation = _make_source(dataset, config.resolved_eval_split, "eval_split",
+                            prep, label_paths, tasks, input_shape)
+  return data_lib.MultiTaskData(tasks=tasks, input_shape=input_shape,
+                                train=(train,), eval=(evaluation,),
+                                partial_labels=False)
+
+
+def load_alternate(config: config_lib.TrainConfig) -> data_lib.MultiTaskData:
+  """One TFDS dataset per task (`--task_datasets=a=tfds:NAME:LABEL,...`)."""
+  specs = {task: parse_task_dataset(task, spec)
+           for task, spec in config.task_datasets.items()}
+  names = list(config.tasks) if config.tasks else list(specs)
+  for task in names:
+    if task not in specs:
+      raise config_lib.ConfigError(
+          f"--tasks={','.join(names)}: {task!r} has no entry in "
+          "--task_datasets")
+  config.check_known(names)
+  prep = _preprocessing(config)
+  opened: dict[str, _TfdsDataset] = {}
+  tasks, shapes = [], {}
+  for task in names:
+    name, label = specs[task]
+    if name not in opened:
+      opened[name] = _TfdsDataset(name, config)
+    feature = _feature_at(opened[name].features, label, name)
+    tasks.append(task_from_feature(task, feature))
+    shapes[task] = prep.output_shape(
+        _feature_at(opened[name].features, prep.input_key, name), name)
+  if len(set(shapes.values())) > 1:
+    listed = "; ".join(f"{task} ({specs[task][0]}): {shape}"
+                       for task, shape in shapes.items())
+    raise config_lib.ConfigError(
+        f"--task_datasets: inputs disagree after preprocessing: {listed}. "
+        "Make them agree with --image_size and --channels")
+  input_shape = shapes[names[0]]
+  train, evaluation = [], []
+  for task in tasks:
+    name, label = specs[task.name]
+    for split, flag, out in ((config.resolved_split, "split", train),
+                             (config.resolved_eval_split, "eval_split",
+                              evaluation)):
+      out.append(_make_source(opened[name], split, flag, prep,
+                              {task.name: label}, [task], input_shape))
+  return data_lib.MultiTaskData(tasks=tuple(tasks), input_shape=input_shape,
+                                train=tuple(train), eval=tuple(evaluation))

@@ -1,0 +1,188 @@
+"""TFDS datasets: feature specs to tasks, mock data, and a prepared dataset."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+import mtl_dist
+from mtl_dist import data as data_lib
+from mtl_dist import tfds_data
+from test_launcher import run_launcher
+
+EMPTY_DATA_DIR = "/nonexistent/mtl_dist_tfds"
+
+
+def _features(name: str):
+  return tfds.builder(name, data_dir=EMPTY_DATA_DIR).info.features
+
+
+@pytest.mark.parametrize("dataset, path, kind, size", [
+    ("dsprites", "label_shape", "classification", 3),
+    ("dsprites", "value_scale", "regression", 1),
+    ("shapes3d", "label_object_hue", "classification", 10),
+    ("shapes3d", "value_orientation", "regression", 1),
+    ("smallnorb", "label_category", "classification", 5),
+    ("smallnorb", "instance", "classification", 10),
+    ("celeb_a", "attributes/Smiling", "classification", 2),
+    ("celeb_a", "landmarks/nose_x", "regression", 1),
+])
+def test_task_kind_and_size_come_from_the_feature_spec(dataset, path, kind,
+                                                       size):
+  feature = tfds_data._feature_at(_features(dataset), path, dataset)  # pylint: disable=protected-access
+  task = tfds_data.task_from_feature(path.rsplit("/", 1)[-1], feature)
+  assert task.kind == kind and task.output_size == size
+
+
+def test_non_label_features_are_refused():
+  with pytest.raises(mtl_dist.ConfigError, match="cannot be a task"):
+    tfds_data.task_from_feature("image", _features("mnist")["image"])
+  with pytest.raises(mtl_dist.ConfigError, match="no feature 'colour'"):
+    tfds_data._feature_at(_features("mnist"), "colour", "mnist")  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("dataset, tasks", [
+    ("dsprites", ["label_shape", "value_x_position"]),
+    ("shapes3d", ["label_shape", "value_scale"]),
+    ("smallnorb", ["label_category", "label_lighting"]),
+    ("celeb_a", ["attributes/Smiling", "attributes/Male", "landmarks/nose_x"]),
+])
+def test_joint_training_on_mock_data(tmp_path, dataset, tasks):
+  with tfds.testing.mock_data(num_examples=48):
+    config = mtl_dist.TrainConfig(
+        model_dir=str(tmp_path / dataset), dataset=f"tfds:{dataset}",
+        tasks=tasks, split="train", eval_split="train", image_size=[16, 16],
+        data_dir=EMPTY_DATA_DIR, train_steps=6, steps_per_loop=3,
+        log_every=3, eval_every=6, checkpoint_every=6, num_cpu_devices=2,
+        global_batch_size=16, trunk_width=16)
+    summary = mtl_dist.train(config)
+  names = [t.rsplit("/", 1)[-1] for t in tasks]
+  assert list(summary["eval"]) == names
+  assert summary["task_steps"] == {name: 6 for name in names}
+  for name, metrics in summary["eval"].items():
+    assert all(np.isfinite(v) for v in metrics.values()), name
+
+
+def test_alternate_training_on_mock_data(tmp_path):
+  with tfds.testing.mock_data(num_examples=40):
+    config = mtl_dist.TrainConfig(
+        model_dir=str(tmp_path / "alt"), mode="alternate",
+        task_datasets={"digits": "tfds:mnist:label",
+                       "fashion": "tfds:fashion_mnist:label"},
+        data_dir=EMPTY_DATA_DIR, train_steps=8, steps_per_loop=4,
+        log_every=4, eval_every=8, checkpoint_every=8, num_cpu_devices=2,
+        global_batch_size=8, trunk_width=16)
+    summary = mtl_dist.train(config)
+  assert summary["task_steps"] == {"digits": 4, "fashion": 4}
+  assert set(summary["eval"]["digits"]) == {"loss", "accuracy"}
+
+
+def _store(name: str, data_dir: str, image_shape, num_classes: int,
+           seed: int) -> None:
+  rng = np.random.default_rng(seed)
+
+  def split(n):
+    labels = rng.integers(0, num_classes, n)
+    images = rng.integers(0, 60, (n, *image_shape)).astype(np.uint8)
+    images[np.arange(n), labels] = 255  # The class is visible in the image.
+    return tf.data.Dataset.from_tensor_slices({
+        "image": images, "label": labels,
+        "value": labels.astype(np.float32) / num_classes,
+        "flag": labels % 2 == 0})
+
+  features = tfds.features.FeaturesDict({
+      "image": tfds.features.Image(shape=image_shape),
+      "label": tfds.features.ClassLabel(num_classes=num_classes),
+      "value": tf.float32, "flag": tf.bool})
+  tfds.dataset_builders.store_as_tfds_dataset(
+      name=name, version="1.0.0", features=features, data_dir=data_dir,
+      split_datasets={"train": split(240), "test": split(64)})
+
+
+@pytest.fixture(scope="module")
+def stored_data_dir(tmp_path_factory):
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  _store("mtl_toy_gray", data_dir, (8, 8, 1), 3, seed=0)
+  _store("mtl_toy_rgb", data_dir, (8, 8, 3), 4, seed=1)
+  return data_dir
+
+
+_SHORT = ["--train_steps=40", "--steps_per_loop=20", "--log_every=20",
+          "--eval_every=40", "--checkpoint_every=40", "--global_batch_size=16",
+          "--num_cpu_devices=2", "--trunk_width=32"]
+
+
+@pytest.mark.slow
+def test_launcher_reads_a_prepared_dataset_by_name(tmp_path, stored_data_dir):
+  model_dir = str(tmp_path / "joint")
+  result = run_launcher(f"--model_dir={model_dir}", "--dataset=tfds:mtl_toy_gray",
+                        f"--data_dir={stored_data_dir}", "--input_key=image",
+                        "--tasks=label,value,flag", *_SHORT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "auto_shard" not in result.stderr.lower()
+  summary = json.load(open(os.path.join(model_dir, "summary.json")))
+  assert set(summary["eval"]["label"]) == {"loss", "accuracy"}
+  assert set(summary["eval"]["flag"]) == {"loss", "accuracy"}
+  assert set(summary["eval"]["value"]) == {"loss", "mae"}
+
+
+@pytest.mark.slow
+def test_alternate_inputs_must_agree_after_preprocessing(tmp_path,
+                                                         stored_data_dir):
+  flags = [f"--data_dir={stored_data_dir}", "--mode=alternate",
+           "--task_datasets=gray=tfds:mtl_toy_gray:label,"
+           "rgb=tfds:mtl_toy_rgb:label", *_SHORT]
+  refused = run_launcher(f"--model_dir={tmp_path / 'bad'}", *flags)
+  assert refused.returncode == 2, refused.stderr[-3000:]
+  (error,) = [line for line in refused.stderr.splitlines()
+              if line.startswith("mtl-train: error:")]
+  for part in ("mtl_toy_gray", "mtl_toy_rgb", "(8, 8, 1)", "(8, 8, 3)"):
+    assert part in error
+  assert not (tmp_path / "bad").exists()
+
+  model_dir = str(tmp_path / "good")
+  result = run_launcher(f"--model_dir={model_dir}", *flags, "--channels=1")
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = json.load(open(os.path.join(model_dir, "summary.json")))
+  assert summary["task_steps"] == {"gray": 20, "rgb": 20}
+
+
+@pytest.mark.slow
+def test_unprepared_dataset_exits_2_naming_dataset_and_data_dir(tmp_path):
+  empty = tmp_path / "empty_tfds"
+  empty.mkdir()
+  model_dir = tmp_path / "run"
+  result = run_launcher(f"--model_dir={model_dir}", "--dataset=tfds:mnist",
+                        f"--data_dir={empty}", "--tasks=label", timeout=120)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "mnist" in result.stderr and str(empty) in result.stderr
+  assert "--download" in result.stderr and "Traceback" not in result.stderr
+  assert not model_dir.exists()
+  assert not any(empty.iterdir()), "something was downloaded"
+
+
+def test_unknown_split_names_the_flag(stored_data_dir):
+  config = mtl_dist.TrainConfig(model_dir="unused", dataset="tfds:mtl_toy_gray",
+                                data_dir=stored_data_dir, tasks=["label"],
+                                eval_split="validation")
+  config.validate()
+  with pytest.raises(mtl_dist.ConfigError,
+                     match="--eval_split=validation: no such split"):
+    data_lib.load(config)
+
+
+def test_file_sharding_falls_back_to_example_sharding(stored_data_dir):
+  config = mtl_dist.TrainConfig(model_dir="unused", dataset="tfds:mtl_toy_gray",
+                                data_dir=stored_data_dir, tasks=["label"])
+  (source,) = data_lib.load(config).train
+  assert source.num_examples == 240
+  shards = [source.read(tf.distribute.InputContext(2, i, 2), 0, False)
+            for i in range(2)]
+  counts = [sum(1 for _ in shard) for shard in shards]
+  assert counts == [120, 120]
+  image, labels = next(iter(shards[0]))
+  assert image.dtype == tf.float32 and float(tf.reduce_max(image)) <= 1.0
+  assert labels["label"].dtype == tf.int32
