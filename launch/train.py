@@ -85,6 +85,10 @@ _LABEL_FRACTION = flags.DEFINE_string(
     "label_fraction", None, "Joint mode on shapes: fraction of training "
     "examples that keep each listed task's label, e.g. scale=0.3,x=0.5; the "
     "others lack it (partial labels).")
+_PARTIAL_LABELS = flags.DEFINE_bool(
+    "partial_labels", False, "Joint mode: examples may lack some tasks' "
+    "labels (class -1, NaN target, or a <task>_mask entry of 0); each task "
+    "then averages over its labelled examples. On with --label_fraction.")
 _TRAIN_EXAMPLES = flags.DEFINE_integer(
     "train_examples", 16384, "Joint mode on shapes: training examples.")
 _EVAL_EXAMPLES = flags.DEFINE_integer("eval_examples", 2048,
@@ -159,7 +163,8 @@ def _config_from_flags() -> mtl_dist.TrainConfig:
       per_task_optimizer=_given(_PER_TASK_OPTIMIZER), task_sizes=task_sizes,
       temperature=_TEMPERATURE.value, mixing_cap=_MIXING_CAP.value,
       steps_per_epoch=_STEPS_PER_EPOCH.value,
-      label_fraction=label_fraction, train_examples=_TRAIN_EXAMPLES.value,
+      label_fraction=label_fraction, partial_labels=_PARTIAL_LABELS.value,
+      train_examples=_TRAIN_EXAMPLES.value,
       task_datasets=task_datasets, data_dir=_DATA_DIR.value,
       input_key=_INPUT_KEY.value, split=_SPLIT.value,
       eval_split=_EVAL_SPLIT.value, download=_DOWNLOAD.value,

@@ -84,6 +84,8 @@ class TrainConfig:
   # shapes, joint mode: the fraction of training examples that keep each
   # listed task's label (the others get -1 or NaN, i.e. partial labels).
   label_fraction: Optional[Mapping[str, float]] = None
+  # Joint mode: examples may lack labels (on for --label_fraction).
+  partial_labels: bool = False
   train_examples: int = 16384  # shapes, joint mode.
   # TFDS datasets (--dataset=tfds:NAME, or --task_datasets in alternate mode).
   task_datasets: Optional[Mapping[str, str]] = None  # task -> tfds:NAME:LABEL
@@ -198,6 +200,10 @@ class TrainConfig:
           raise ConfigError(f"--{name} applies to --mode=alternate only, "
                             "but --mode=joint is set")
       return
+    if self.partial_labels:
+      raise ConfigError("--partial_labels applies to --mode=joint only (in "
+                        "alternate mode each dataset is labelled for its "
+                        "task), but --mode=alternate is set")
     if self.label_fraction is not None:
       raise ConfigError("--label_fraction applies to --mode=joint only (in "
                         "alternate mode each dataset is labelled for its "

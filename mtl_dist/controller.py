@@ -57,7 +57,7 @@ class _Run:
         per_task_optimizer=config.resolved_per_task_optimizer,
         schedule=(_make_schedule(config, self.data)
                   if config.mode == "alternate" else None),
-        partial_labels=self.data.partial_labels)
+        partial_labels=self.data.partial_labels or config.partial_labels)
     self.checkpoint = tf.train.Checkpoint(**self.trainer.checkpoint_items())
     self.checkpoint_dir = os.path.join(config.model_dir, CHECKPOINT_SUBDIR)
     self.restored_from = self._restore()

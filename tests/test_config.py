@@ -59,6 +59,7 @@ def test_parse_key_values():
     ({"label_fraction": {"x": 0.0}}, "--label_fraction"),
     ({"label_fraction": {"x": 1.5}}, "--label_fraction"),
     ({"mode": "alternate", "label_fraction": {"x": 0.5}}, "--label_fraction"),
+    ({"mode": "alternate", "partial_labels": True}, "--partial_labels"),
     ({"task_weights": {"x": -1.0}}, "--task_weights"),
     ({"model_dir": ""}, "--model_dir"),
 ])

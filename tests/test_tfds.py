@@ -88,9 +88,10 @@ def _store(name: str, data_dir: str, image_shape, num_classes: int,
     labels = rng.integers(0, num_classes, n)
     images = rng.integers(0, 60, (n, *image_shape)).astype(np.uint8)
     images[np.arange(n), labels] = 255  # The class is visible in the image.
+    value = labels.astype(np.float32) / num_classes
+    value[::3] = np.nan  # A third of the examples lack the regression label.
     return tf.data.Dataset.from_tensor_slices({
-        "image": images, "label": labels,
-        "value": labels.astype(np.float32) / num_classes,
+        "image": images, "label": labels, "value": value,
         "flag": labels % 2 == 0})
 
   features = tfds.features.FeaturesDict({
@@ -120,13 +121,16 @@ def test_launcher_reads_a_prepared_dataset_by_name(tmp_path, stored_data_dir):
   model_dir = str(tmp_path / "joint")
   result = run_launcher(f"--model_dir={model_dir}", "--dataset=tfds:mtl_toy_gray",
                         f"--data_dir={stored_data_dir}", "--input_key=image",
-                        "--tasks=label,value,flag", *_SHORT)
+                        "--tasks=label,value,flag", "--partial_labels",
+                        *_SHORT)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "auto_shard" not in result.stderr.lower()
   summary = json.load(open(os.path.join(model_dir, "summary.json")))
   assert set(summary["eval"]["label"]) == {"loss", "accuracy"}
   assert set(summary["eval"]["flag"]) == {"loss", "accuracy"}
   assert set(summary["eval"]["value"]) == {"loss", "mae"}
+  for name, metrics in summary["eval"].items():  # NaN targets were masked.
+    assert all(np.isfinite(v) for v in metrics.values()), name
 
 
 @pytest.mark.slow
@@ -186,3 +190,46 @@ def test_file_sharding_falls_back_to_example_sharding(stored_data_dir):
   image, labels = next(iter(shards[0]))
   assert image.dtype == tf.float32 and float(tf.reduce_max(image)) <= 1.0
   assert labels["label"].dtype == tf.int32
+
+
+def _readme_tfds_commands() -> list[list[str]]:
+  """The mtl-train commands of README's TFDS section, as argument lists."""
+  import re  # pylint: disable=g-import-not-at-top
+  import shlex  # pylint: disable=g-import-not-at-top
+  readme = open(os.path.join(os.path.dirname(__file__), "..",
+                             "README.md")).read()
+  section = readme.split("## Real datasets through TFDS", 1)[1]
+  block = re.search(r"```sh\n(.*?)```", section, flags=re.DOTALL).group(1)
+  commands = []
+  for command in block.replace("\\\n", " ").splitlines():
+    command = command.split("#", 1)[0].strip()
+    if command:
+      commands.append(shlex.split(command))
+  return commands
+
+
+def test_readme_tfds_commands_run_on_mock_data(tmp_path):
+  """README's TFDS examples, with mock data instead of the download."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from launch import train as launcher  # pylint: disable=g-import-not-at-top
+  commands = _readme_tfds_commands()
+  assert [c[0] for c in commands] == ["mtl-train", "mtl-train"]
+  for i, argv in enumerate(commands):
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(argv)
+    try:
+      config = launcher._config_from_flags()  # pylint: disable=protected-access
+    finally:
+      flags.FLAGS.unparse_flags()
+    assert config.download
+    config.model_dir = str(tmp_path / f"run{i}")
+    config.download = False  # mock_data stands in for the download.
+    config.data_dir = EMPTY_DATA_DIR
+    config.train_steps, config.steps_per_loop = 4, 2
+    config.log_every = config.eval_every = config.checkpoint_every = 4
+    config.global_batch_size = 8
+    with tfds.testing.mock_data(num_examples=24):
+      summary = mtl_dist.train(config)
+    assert summary["step"] == 4
+    assert set(summary["eval"]) == {t.rsplit("/", 1)[-1] for t in (
+        config.tasks or config.task_datasets)}
