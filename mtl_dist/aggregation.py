@@ -1,0 +1,190 @@
+"""Gradient aggregation over tasks: PCGrad, CAGrad, MGDA, all in-graph.
+
+Every function takes the per-task gradients of the shared parameters as one
+[T, P] matrix (row i: task i's gradient, already summed over all replicas)
+and returns the update direction [P]. Because the input is the same on every
+replica and the computation is deterministic, every replica applies the same
+update, and N replicas equal one device.
+
+Formulas:
+  PCGrad (Yu et al. 2020): for each task i, over the other tasks j in a
+    random order, if g_i . g_j < 0 then g_i -= (g_i . g_j / |g_j|^2) g_j;
+    the update is sum_i g_i.
+  MGDA (Sener & Koltun 2018): the min-norm point of the convex hull of the
+    task gradients, found by Frank-Wolfe on the Gram matrix.
+  CAGrad (Liu et al. 2021): g0 = mean_i g_i; w* = argmin over the simplex of
+    g_w . g0 + c |g0| |g_w| with g_w = sum_i w_i g_i; the update is
+    (g0 + c |g0| / |g_w*| g_w*) / (1 + c^2).
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+_EPSILON = 1e-12
+
+
+def conflict_share(grads: tf.Tensor) -> tf.Tensor:
+  """The share of task pairs whose gradients conflict (negative cosine)."""
+  num_tasks = grads.shape[0]
+  if num_tasks < 2:
+    return tf.constant(0.0)
+  gram = tf.linalg.matmul(grads, grads, transpose_b=True)
+  upper = tf.linalg.band_part(tf.ones_like(gram), 0, -1) - tf.eye(num_tasks)
+  conflicts = tf.cast(gram < 0, tf.float32) * upper
+  return tf.reduce_sum(conflicts) / (num_tasks * (num_tasks - 1) / 2)
+
+
+def pcgrad(grads: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+  """PCGrad's update: conflicting components projected out, then summed.
+
+  Args:
+    grads: [T, P] per-task gradients.
+    seed: int64 [2] seed of the random task orders (e.g. (seed, step)), so
+      that every replica and worker draws the same orders.
+
+  Returns:
+    The [P] update.
+  """
+  num_tasks = grads.shape[0]
+  squared_norms = tf.reduce_sum(grads * grads, axis=1)
+  projected = []
+  for i in range(num_tasks):
+    others = tf.constant([j for j in range(num_tasks) if j != i], tf.int32)
+    order = tf.random.experimental.stateless_shuffle(
+        others, seed=tf.stack([seed[0], seed[1] * num_tasks + i]))
+    g_i = grads[i]
+    for k in range(num_tasks - 1):
+      j = order[k]
+      g_j = tf.gather(grads, j)
+      dot = tf.reduce_sum(g_i * g_j)
+      coefficient = tf.where(
+          dot < 0, dot / tf.maximum(tf.gather(squared_norms, j), _EPSILON),
+          0.0)
+      g_i = g_i - coefficient * g_j
+    projected.append(g_i)
+  return tf.add_n(projected)
+
+
+def _best_pair_weights(gram: tf.Tensor) -> tf.Tensor:
+  """The exact min-norm point over each pair of tasks; the best pair's weights.
+
+  Sener & Koltun's solver starts Frank-Wolfe here: the two-task problem has
+  a closed form, and in degenerate cases (a pair whose hull holds 0) it is
+  already the answer.
+  """
+  num_tasks = gram.shape[0]
+  if num_tasks == 1:
+    return tf.ones([1])
+  best_norm, best_weights = None, None
+  for i in range(num_tasks):
+    for j in range(i + 1, num_tasks):
+      m_ii, m_jj, m_ij = gram[i, i], gram[j, j], gram[i, j]
+      denominator = m_ii + m_jj - 2.0 * m_ij
+      gamma = tf.where(denominator > _EPSILON,
+                       tf.clip_by_value((m_jj - m_ij) / denominator, 0.0, 1.0),
+                       0.5)
+      norm = (gamma * gamma * m_ii + 2.0 * gamma * (1.0 - gamma) * m_ij +
+              (1.0 - gamma)**2 * m_jj)
+      weights = tf.tensor_scatter_nd_update(
+          tf.zeros([num_tasks]), [[i], [j]], tf.stack([gamma, 1.0 - gamma]))
+      if best_norm is None:
+        best_norm, best_weights = norm, weights
+      else:
+        better = norm < best_norm
+        best_norm = tf.where(better, norm, best_norm)
+        best_weights = tf.where(better, weights, best_weights)
+  return best_weights
+
+
+def min_norm_weights(gram: tf.Tensor, iterations: int = 1000) -> tf.Tensor:
+  """Weights w on the simplex minimising |sum_i w_i g_i| (Frank-Wolfe).
+
+  Starts from the best closed-form pair solution, then runs Frank-Wolfe
+  with exact line search, as in Sener & Koltun's MinNormSolver.
+
+  Args:
+    gram: [T, T] Gram matrix of the task gradients, G G^T.
+    iterations: Frank-Wolfe steps.
+
+  Returns:
+    The [T] weights.
+  """
+  num_tasks = gram.shape[0]
+  eye = tf.eye(num_tasks)
+
+  def step(i, w):
+    gw = tf.linalg.matvec(gram, w)  # (G G^T w)_t = g_t . v, v = sum w g.
+    t = tf.argmin(gw, output_type=tf.int32)
+    # Exact line search on |(1 - gamma) v + gamma g_t|^2.
+    v_v = tf.reduce_sum(w * gw)
+    v_t = tf.gather(gw, t)
+    denominator = v_v - 2.0 * v_t + gram[t, t]
+    gamma = tf.where(denominator > _EPSILON,
+                     tf.clip_by_value((v_v - v_t) / denominator, 0.0, 1.0),
+                     0.0)
+    return i + 1, (1.0 - gamma) * w + gamma * tf.gather(eye, t)
+
+  _, weights = tf.while_loop(lambda i, _: i < iterations, step,
+                             (tf.constant(0), _best_pair_weights(gram)))
+  return weights
+
+
+def mgda(grads: tf.Tensor, iterations: int = 1000) -> tf.Tensor:
+  """MGDA's update: the min-norm point of the convex hull of the gradients."""
+  gram = tf.linalg.matmul(grads, grads, transpose_b=True)
+  weights = min_norm_weights(gram, iterations)
+  return tf.linalg.matvec(grads, weights, transpose_a=True)
+
+
+def cagrad_weights(gram: tf.Tensor, c: float,
+                   iterations: int = 2000) -> tf.Tensor:
+  """CAGrad's dual: argmin over the simplex of w.b + c|g0| sqrt(w^T M w).
+
+  M is the Gram matrix, b = M 1 / T (so w.b = g_w . g0) and
+  |g0| = sqrt(1^T M 1) / T. Solved by exponentiated-gradient (mirror)
+  descent, which stays on the simplex, with a decaying step.
+
+  Args:
+    gram: [T, T] Gram matrix of the task gradients.
+    c: CAGrad's c.
+    iterations: Mirror-descent steps.
+
+  Returns:
+    The [T] weights.
+  """
+  num_tasks = gram.shape[0]
+  scale = tf.maximum(tf.reduce_max(tf.abs(gram)), _EPSILON)
+  m = gram / scale  # Scale-free: the minimiser does not depend on scale.
+  b = tf.reduce_sum(m, axis=1) / num_tasks
+  g0_norm = tf.sqrt(tf.maximum(tf.reduce_sum(m), 0.0)) / num_tasks
+
+  def objective_gradient(w):
+    mw = tf.linalg.matvec(m, w)
+    gw_norm = tf.sqrt(tf.maximum(tf.reduce_sum(w * mw), _EPSILON))
+    return b + c * g0_norm * mw / gw_norm
+
+  def step(i, w):
+    gradient = objective_gradient(w)
+    rate = 1.0 / tf.sqrt(tf.cast(i, tf.float32) + 1.0)
+    logits = tf.math.log(tf.maximum(w, 1e-30)) - rate * gradient / (
+        tf.reduce_max(tf.abs(gradient)) + _EPSILON)
+    return i + 1, tf.nn.softmax(logits)
+
+  _, weights = tf.while_loop(
+      lambda i, _: i < iterations, step,
+      (tf.constant(0), tf.fill([num_tasks], 1.0 / num_tasks)))
+  return weights
+
+
+def cagrad(grads: tf.Tensor, c: float = 0.5,
+           iterations: int = 2000) -> tf.Tensor:
+  """CAGrad's update (g0 + c|g0|/|g_w| g_w) / (1 + c^2) at the dual optimum."""
+  num_tasks = grads.shape[0]
+  gram = tf.linalg.matmul(grads, grads, transpose_b=True)
+  weights = cagrad_weights(gram, c, iterations)
+  g0 = tf.reduce_sum(grads, axis=0) / num_tasks
+  g_w = tf.linalg.matvec(grads, weights, transpose_a=True)
+  g0_norm = tf.norm(g0)
+  g_w_norm = tf.maximum(tf.norm(g_w), _EPSILON)
+  return (g0 + c * g0_norm / g_w_norm * g_w) / (1.0 + c * c)
