@@ -89,6 +89,14 @@ _PARTIAL_LABELS = flags.DEFINE_bool(
     "partial_labels", False, "Joint mode: examples may lack some tasks' "
     "labels (class -1, NaN target, or a <task>_mask entry of 0); each task "
     "then averages over its labelled examples. On with --label_fraction.")
+_AGGREGATOR = flags.DEFINE_enum(
+    "aggregator", "sum", config_lib.AGGREGATORS,
+    "Joint mode: how the tasks' gradients of the shared trunk combine: sum, "
+    "pcgrad (project out conflicts), cagrad (conflict-averse), mgda "
+    "(min-norm point). Per-task gradients are summed over all replicas "
+    "before aggregating.")
+_CAGRAD_C = flags.DEFINE_float("cagrad_c", None,
+                               "--aggregator=cagrad: c (default 0.5).")
 _TRAIN_EXAMPLES = flags.DEFINE_integer(
     "train_examples", 16384, "Joint mode on shapes: training examples.")
 _EVAL_EXAMPLES = flags.DEFINE_integer("eval_examples", 2048,
@@ -164,6 +172,7 @@ def _config_from_flags() -> mtl_dist.TrainConfig:
       temperature=_TEMPERATURE.value, mixing_cap=_MIXING_CAP.value,
       steps_per_epoch=_STEPS_PER_EPOCH.value,
       label_fraction=label_fraction, partial_labels=_PARTIAL_LABELS.value,
+      aggregator=_AGGREGATOR.value, cagrad_c=_CAGRAD_C.value,
       train_examples=_TRAIN_EXAMPLES.value,
       task_datasets=task_datasets, data_dir=_DATA_DIR.value,
       input_key=_INPUT_KEY.value, split=_SPLIT.value,

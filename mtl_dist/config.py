@@ -17,6 +17,7 @@ SCHEDULES = ("round_robin", "proportional", "temperature", "annealed",
 OPTIMIZERS = ("adam", "sgd")
 TRUNKS = ("mlp", "conv")
 STRATEGIES = ("auto", "mirrored", "one_device")
+AGGREGATORS = ("sum", "pcgrad", "cagrad", "mgda")
 
 _V = TypeVar("_V")
 
@@ -86,6 +87,8 @@ class TrainConfig:
   label_fraction: Optional[Mapping[str, float]] = None
   # Joint mode: examples may lack labels (on for --label_fraction).
   partial_labels: bool = False
+  aggregator: str = "sum"  # joint mode: how task gradients combine.
+  cagrad_c: Optional[float] = None  # aggregator=cagrad; default 0.5.
   train_examples: int = 16384  # shapes, joint mode.
   # TFDS datasets (--dataset=tfds:NAME, or --task_datasets in alternate mode).
   task_datasets: Optional[Mapping[str, str]] = None  # task -> tfds:NAME:LABEL
@@ -152,6 +155,7 @@ class TrainConfig:
     _check_choice("optimizer", self.optimizer, OPTIMIZERS)
     _check_choice("trunk", self.trunk, TRUNKS)
     _check_choice("strategy", self.strategy, STRATEGIES)
+    _check_choice("aggregator", self.aggregator, AGGREGATORS)
     if self.schedule is not None:
       _check_choice("schedule", self.schedule, SCHEDULES)
     for name in ("train_steps", "global_batch_size", "steps_per_loop",
@@ -194,6 +198,12 @@ class TrainConfig:
         if not 0.0 < fraction <= 1.0:
           raise ConfigError(f"--label_fraction: {fraction} for {name!r} must "
                             "be in (0, 1]")
+      if self.cagrad_c is not None:
+        if self.aggregator != "cagrad":
+          raise ConfigError("--cagrad_c applies to --aggregator=cagrad only, "
+                            f"but --aggregator={self.aggregator} is set")
+        if not self.cagrad_c >= 0:
+          raise ConfigError(f"--cagrad_c={self.cagrad_c}: must be >= 0")
       for name in ("schedule", "per_task_optimizer", "task_sizes",
                    "temperature", "mixing_cap", "steps_per_epoch"):
         if getattr(self, name) is not None:
@@ -208,6 +218,9 @@ class TrainConfig:
       raise ConfigError("--label_fraction applies to --mode=joint only (in "
                         "alternate mode each dataset is labelled for its "
                         "task), but --mode=alternate is set")
+    if self.aggregator != "sum":
+      raise ConfigError(f"--aggregator={self.aggregator} applies to "
+                        "--mode=joint only (an alternate step has one task)")
     schedule = self.resolved_schedule
     if self.task_weights is not None and schedule != "weights":
       raise ConfigError(

@@ -57,7 +57,10 @@ class _Run:
         per_task_optimizer=config.resolved_per_task_optimizer,
         schedule=(_make_schedule(config, self.data)
                   if config.mode == "alternate" else None),
-        partial_labels=self.data.partial_labels or config.partial_labels)
+        partial_labels=self.data.partial_labels or config.partial_labels,
+        aggregator=config.aggregator,
+        cagrad_c=0.5 if config.cagrad_c is None else config.cagrad_c,
+        seed=config.seed)
     self.checkpoint = tf.train.Checkpoint(**self.trainer.checkpoint_items())
     self.checkpoint_dir = os.path.join(config.model_dir, CHECKPOINT_SUBDIR)
     self.restored_from = self._restore()
@@ -129,6 +132,7 @@ def train(config: config_lib.TrainConfig) -> dict[str, Any]:
   interval_losses = np.zeros(len(task_names))
   interval_counts = np.zeros(len(task_names))
   interval_seconds, interval_steps = 0.0, 0
+  interval_step_metrics: dict[str, float] = {}
   steady_seconds, steady_steps, loop_calls = 0.0, 0, 0
   last_eval: dict[str, float] = {}
   while step < config.train_steps:
@@ -145,6 +149,9 @@ def train(config: config_lib.TrainConfig) -> dict[str, Any]:
     interval_counts += counts
     interval_seconds += seconds
     interval_steps += num_steps
+    for name, mean in trainer.last_step_metrics.items():
+      interval_step_metrics[name] = (interval_step_metrics.get(name, 0.0) +
+                                     mean * num_steps)
     if step % config.log_every == 0 or step == config.train_steps:
       losses = {name: interval_losses[i] / interval_counts[i]
                 for i, name in enumerate(task_names) if interval_counts[i]}
@@ -154,12 +161,15 @@ def train(config: config_lib.TrainConfig) -> dict[str, Any]:
                                         config.global_batch_size))
       metrics.update({f"{name}/share": interval_counts[i] / interval_steps
                       for i, name in enumerate(task_names)})
+      metrics.update({name: total / interval_steps
+                      for name, total in interval_step_metrics.items()})
       metrics["examples_per_second"] = speed
       writer.write(step, "train", metrics)
       writer.progress(step, losses, speed)
       interval_losses[:] = 0
       interval_counts[:] = 0
       interval_seconds, interval_steps = 0.0, 0
+      interval_step_metrics = {}
     if step % config.checkpoint_every == 0 and step < config.train_steps:
       manager.save(checkpoint_number=step)
     if step % config.eval_every == 0 and step < config.train_steps:

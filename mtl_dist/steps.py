@@ -14,6 +14,7 @@ from typing import Sequence
 import tensorflow as tf
 import tf_keras
 
+from mtl_dist import aggregation
 from mtl_dist import model as model_lib
 from mtl_dist import schedules
 from mtl_dist import tasks as tasks_lib
@@ -72,47 +73,148 @@ def _regularization(layers: Sequence[tf_keras.layers.Layer]) -> tf.Tensor:
   return tf.nn.scale_regularization_loss(tf.add_n(losses))
 
 
+AGGREGATORS = ("sum", "pcgrad", "cagrad", "mgda")
+
+
 class JointStep:
-  """One update of the trunk and every head on the weighted sum of losses."""
+  """One update of the trunk and every head on the weighted task losses.
+
+  With the `sum` aggregator the optimizer all-reduces the gradient of the
+  weighted sum as usual. With `pcgrad`, `cagrad` or `mgda`, each replica
+  computes every task's gradient of the shared trunk, one fused all-reduce
+  sums them (and the heads' gradients) over all replicas, every replica
+  aggregates the same global [T, P] matrix, and the result is applied with
+  `skip_gradients_aggregation=True`.
+  """
 
   def __init__(self, model: model_lib.SharedTrunkModel,
                tasks: Sequence[tasks_lib.TaskSpec],
                optimizer: tf_keras.optimizers.Optimizer,
-               global_batch_size: int, partial_labels: bool = False):
+               global_batch_size: int, partial_labels: bool = False,
+               aggregator: str = "sum", cagrad_c: float = 0.5,
+               seed: int = 0):
+    if aggregator not in AGGREGATORS:
+      raise ValueError(f"unknown aggregator {aggregator!r} (known: "
+                       f"{', '.join(AGGREGATORS)})")
     self._model = model
     self._tasks = tuple(tasks)
     self._optimizer = optimizer
     self._global_batch_size = global_batch_size
     self._partial_labels = partial_labels
+    self._aggregator = aggregator
+    self._cagrad_c = cagrad_c
+    self._seed = seed
+
+  @property
+  def metric_names(self) -> tuple[str, ...]:
+    """Names of the per-step metrics `__call__` returns besides losses."""
+    return () if self._aggregator == "sum" else ("conflict_share",)
+
+  def _losses(self, batch: Batch) -> tuple[tf.Tensor, tf.Tensor]:
+    features, labels = batch
+    outputs = self._model(features, training=True)
+    total, per_task = task_losses(self._tasks, labels, outputs,
+                                  self._global_batch_size,
+                                  self._partial_labels)
+    return total, per_task
 
   def replica_step(self, batch: Batch) -> tf.Tensor:
     """Trains on one replica's batch; returns its [T] per-task losses."""
-    features, labels = batch
     variables = self._model.trainable_variables
     with tf.GradientTape() as tape:
-      outputs = self._model(features, training=True)
-      total, per_task = task_losses(self._tasks, labels, outputs,
-                                    self._global_batch_size,
-                                    self._partial_labels)
+      total, per_task = self._losses(batch)
       total += _regularization([self._model])
     gradients = tape.gradient(total, variables)
     self._optimizer.apply_gradients(zip(gradients, variables))
     return per_task
 
+  def aggregated_replica_step(self, batch: Batch,
+                              step: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Trains with gradient aggregation; returns ([T] losses, conflict share)."""
+    trunk = self._model.trunk.trainable_variables
+    heads = [v for task in self._tasks
+             for v in self._model.heads[task.name].trainable_variables]
+    weights = tf.constant([task.weight for task in self._tasks], tf.float32)
+    # Every term is formed inside the tape: ops outside it are not recorded.
+    with tf.GradientTape(persistent=True) as tape:
+      _, per_task = self._losses(batch)
+      weighted = weights * per_task
+      task_terms = [weighted[i] for i in range(len(self._tasks))]
+      regularization = _regularization([self._model])
+      objective = tf.reduce_sum(weighted) + regularization
+    zero = tf.UnconnectedGradients.ZERO
+    task_grads = [_flatten(tape.gradient(term, trunk,
+                                         unconnected_gradients=zero))
+                  for term in task_terms]
+    rest = _flatten(tape.gradient(objective, heads,
+                                  unconnected_gradients=zero) +
+                    tape.gradient(regularization, trunk,
+                                  unconnected_gradients=zero))
+    del tape
+    num_trunk = int(task_grads[0].shape[0])
+    fused = tf.distribute.get_replica_context().all_reduce(
+        tf.distribute.ReduceOp.SUM, tf.concat(task_grads + [rest], axis=0))
+    matrix = tf.reshape(fused[:num_trunk * len(self._tasks)],
+                        [len(self._tasks), num_trunk])
+    rest = fused[num_trunk * len(self._tasks):]
+    if self._aggregator == "pcgrad":
+      direction = aggregation.pcgrad(
+          matrix, tf.stack([tf.constant(self._seed, tf.int64),
+                            tf.cast(step, tf.int64)]))
+    elif self._aggregator == "cagrad":
+      direction = aggregation.cagrad(matrix, self._cagrad_c)
+    else:
+      direction = aggregation.mgda(matrix)
+    head_grads = _unflatten(rest[:_size(heads)], heads)
+    trunk_grads = _unflatten(direction + rest[_size(heads):], trunk)
+    self._optimizer.apply_gradients(
+        zip(trunk_grads + head_grads, trunk + heads),
+        skip_gradients_aggregation=True)
+    return per_task, aggregation.conflict_share(matrix)
+
   def __call__(self, strategy: tf.distribute.Strategy,
                iterators: Sequence[tf.distribute.DistributedIterator],
-               step: tf.Variable) -> tuple[tf.Tensor, tf.Tensor]:
+               step: tf.Variable):
     """Runs one step on every replica (cross-replica context).
 
     Returns:
-      (losses, trained): [T] global-batch losses and a [T] 0/1 mask of the
-      tasks this step trained (all of them).
+      (losses, trained, metrics): [T] global-batch losses, a [T] 0/1 mask of
+      the tasks this step trained (all of them), and a [len(metric_names)]
+      vector of step metrics.
     """
-    del step  # Every joint step trains every task.
-    per_replica = strategy.run(self.replica_step, args=(next(iterators[0]),))
+    batch = next(iterators[0])
+    if self._aggregator == "sum":
+      per_replica = strategy.run(self.replica_step, args=(batch,))
+      metrics = tf.zeros([0])
+    else:
+      per_replica, share = strategy.run(self.aggregated_replica_step,
+                                        args=(batch, step.read_value()))
+      # Every replica computed the same share from the same global matrix.
+      metrics = tf.reshape(
+          strategy.experimental_local_results(share)[0], [1])
     losses = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica,
                              axis=None)
-    return losses, tf.ones([len(self._tasks)])
+    return losses, tf.ones([len(self._tasks)]), metrics
+
+
+def _size(variables: Sequence[tf.Variable]) -> int:
+  return sum(int(v.shape.num_elements()) for v in variables)
+
+
+def _flatten(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
+  if not tensors:
+    return tf.zeros([0])
+  return tf.concat([tf.reshape(t, [-1]) for t in tensors], axis=0)
+
+
+def _unflatten(flat: tf.Tensor,
+               variables: Sequence[tf.Variable]) -> list[tf.Tensor]:
+  pieces, offset = [], 0
+  for variable in variables:
+    size = int(variable.shape.num_elements())
+    pieces.append(tf.reshape(flat[offset:offset + size], variable.shape))
+    offset += size
+  return pieces
 
 
 class AlternateStep:
@@ -143,6 +245,8 @@ class AlternateStep:
     self._global_batch_size = global_batch_size
     self._schedule = schedule
 
+  metric_names = ()
+
   def replica_step(self, task_index: int, batch: Batch) -> tf.Tensor:
     """Trains task `task_index` on one replica's batch; returns its loss."""
     task = self._tasks[task_index]
@@ -165,7 +269,8 @@ class AlternateStep:
     """Runs one step of the scheduled task on every replica.
 
     Returns:
-      (losses, trained): [T] vectors, zero except at the trained task.
+      (losses, trained, metrics): [T] vectors, zero except at the trained
+      task, and an empty metrics vector.
     """
     task_index = self._schedule.task_index(step)
 
@@ -180,7 +285,7 @@ class AlternateStep:
     loss = tf.switch_case(task_index,
                           [branch(i) for i in range(len(self._tasks))])
     trained = tf.one_hot(task_index, len(self._tasks))
-    return trained * loss, trained
+    return trained * loss, trained, tf.zeros([0])
 
 
 def eval_sums(model: model_lib.SharedTrunkModel,

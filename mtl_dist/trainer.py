@@ -49,7 +49,8 @@ class Trainer:
                global_batch_size: int, optimizer_factory: OptimizerFactory,
                per_task_optimizer: bool = True,
                schedule: Optional[schedules.Schedule] = None,
-               partial_labels: bool = False):
+               partial_labels: bool = False, aggregator: str = "sum",
+               cagrad_c: float = 0.5, seed: int = 0):
     """Creates the optimizers and counters inside the strategy's scope.
 
     Args:
@@ -66,6 +67,10 @@ class Trainer:
       partial_labels: Joint mode: examples may lack some tasks' labels;
         each task's loss then averages over the examples that carry its
         label in the global batch (see `steps.task_losses`).
+      aggregator: Joint mode: how task gradients combine, one of
+        `steps.AGGREGATORS` (see `steps.JointStep`).
+      cagrad_c: CAGrad's c.
+      seed: Seed of PCGrad's task orders (drawn per step).
     """
     self._strategy = strategy
     self.model = model
@@ -95,13 +100,15 @@ class Trainer:
         shared.build(model.trainable_variables)
         self.optimizers = {task.name: shared for task in self.tasks}
     if mode == "joint":
-      self._step = steps_lib.JointStep(model, self.tasks, shared,
-                                       global_batch_size, partial_labels)
+      self._step = steps_lib.JointStep(
+          model, self.tasks, shared, global_batch_size, partial_labels,
+          aggregator=aggregator, cagrad_c=cagrad_c, seed=seed)
     else:
       self._step = steps_lib.AlternateStep(
           model, self.tasks, [self.optimizers[t.name] for t in self.tasks],
           global_batch_size, schedule or schedules.RoundRobin(num_tasks))
     self._train_loop = tf.function(self._train_loop_fn)
+    self.last_step_metrics: dict[str, float] = {}
     self._eval_loop = None
     self._eval_groups = None
 
@@ -131,13 +138,16 @@ class Trainer:
     num_tasks = len(self.tasks)
     loss_sums = tf.zeros([num_tasks])
     trained_counts = tf.zeros([num_tasks])
+    metric_sums = tf.zeros([len(self._step.metric_names)])
     for _ in tf.range(num_steps):
-      losses, trained = self._step(self._strategy, iterators, self.global_step)
+      losses, trained, metrics = self._step(self._strategy, iterators,
+                                            self.global_step)
       loss_sums += losses
       trained_counts += trained
+      metric_sums += metrics
       self.task_steps.assign_add(tf.cast(trained, tf.int64))
       self.global_step.assign_add(1)
-    return loss_sums, trained_counts
+    return loss_sums, trained_counts, metric_sums
 
   def train(self, iterators: Sequence[tf.distribute.DistributedIterator],
             num_steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -150,10 +160,15 @@ class Trainer:
 
     Returns:
       (loss_sums, counts): [T] arrays; loss_sums[i] / counts[i] is task i's
-      mean training loss over the counts[i] steps that trained it.
+      mean training loss over the counts[i] steps that trained it. The
+      step's own metrics (e.g. the aggregator's conflict share), averaged
+      over these steps, are left in `last_step_metrics`.
     """
-    loss_sums, counts = self._train_loop(
+    loss_sums, counts, metric_sums = self._train_loop(
         tuple(iterators), tf.constant(num_steps, tf.int64))
+    self.last_step_metrics = {
+        name: float(value) / num_steps
+        for name, value in zip(self._step.metric_names, metric_sums.numpy())}
     return loss_sums.numpy(), counts.numpy()
 
   def evaluate(self, datasets: Sequence[tf.distribute.DistributedDataset],

@@ -43,7 +43,8 @@ def build_trainer(shapes_arrays):
             optimizer: str = "sgd", learning_rate: float = 0.1,
             global_batch_size: int = 32, per_task_optimizer: bool = True,
             weights=None, initial_weights=None, schedule=None,
-            arrays=None, partial_labels: bool = False):
+            arrays=None, partial_labels: bool = False,
+            aggregator: str = "sum"):
     strategy = make_strategy(replicas)
     specs = {task.name: task for task in shapes.TASKS}
     tasks = [specs[name].with_weight((weights or {}).get(name, 1.0))
@@ -59,7 +60,7 @@ def build_trainer(shapes_arrays):
         optimizer_factory=mtl_dist.make_optimizer_factory(optimizer,
                                                           learning_rate),
         per_task_optimizer=per_task_optimizer, schedule=schedule,
-        partial_labels=partial_labels)
+        partial_labels=partial_labels, aggregator=aggregator)
     if mode == "joint":
       sources = [data_lib.source_from_arrays(features, labels, task_names)]
     else:  # Disjoint slices, one per task.

@@ -152,6 +152,23 @@ def test_joint_with_partial_labels(tmp_path):
         "NaN in metrics")
 
 
+@pytest.mark.parametrize("aggregator", ["pcgrad", "cagrad", "mgda"])
+def test_joint_with_gradient_aggregation(tmp_path, aggregator):
+  model_dir = str(tmp_path / aggregator)
+  result = run_launcher(f"--model_dir={model_dir}", "--tasks=shape,x,y",
+                        f"--aggregator={aggregator}", "--train_examples=2048",
+                        "--train_steps=200", *_SMALL)
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = json.load(open(os.path.join(model_dir, "summary.json")))
+  assert summary["eval"]["shape"]["accuracy"] > 0.4
+  train = [r for r in read_jsonl(os.path.join(model_dir, "metrics.jsonl"))
+           if r["split"] == "train"]
+  shares = [r["metrics"]["conflict_share"] for r in train]
+  assert len(shares) == 2 and all(0.0 <= s <= 1.0 for s in shares)
+  assert "conflict_share" in event_tags(
+      os.path.join(model_dir, "tensorboard", "train"))
+
+
 def test_flagfiles_parse(tmp_path):
   """The shipped flagfiles are valid (run shortened to one loop)."""
   configs = os.path.join(os.path.dirname(__file__), "..", "launch", "configs")
