@@ -75,6 +75,11 @@ _MIXING_CAP = flags.DEFINE_integer(
 _STEPS_PER_EPOCH = flags.DEFINE_integer(
     "steps_per_epoch", None, "--schedule=annealed: steps per epoch (default: "
     "one pass over all task datasets, sum of sizes / global batch).")
+_ANNEAL_EPOCHS = flags.DEFINE_integer(
+    "anneal_epochs", None, "--schedule=annealed: epochs E over which alpha "
+    "falls from 1.0 to 0.2 (default: the epochs in --train_steps of the "
+    "first run; kept in the checkpoint, so a resume with more steps keeps "
+    "the plan and alpha stays 0.2 after epoch E).")
 _PER_TASK_OPTIMIZER = flags.DEFINE_bool(
     "per_task_optimizer", None, "Alternate mode: one optimizer per task "
     "(default) instead of one shared.")
@@ -98,9 +103,10 @@ _AGGREGATOR = flags.DEFINE_enum(
 _CAGRAD_C = flags.DEFINE_float("cagrad_c", None,
                                "--aggregator=cagrad: c (default 0.5).")
 _TRAIN_EXAMPLES = flags.DEFINE_integer(
-    "train_examples", 16384, "Joint mode on shapes: training examples.")
-_EVAL_EXAMPLES = flags.DEFINE_integer("eval_examples", 2048,
-                                      "Shapes: held-out eval examples.")
+    "train_examples", None, "Joint mode on shapes: training examples "
+    "(default 16384).")
+_EVAL_EXAMPLES = flags.DEFINE_integer(
+    "eval_examples", None, "Shapes: held-out eval examples (default 2048).")
 _TRAIN_STEPS = flags.DEFINE_integer("train_steps", 1000,
                                     "Total training steps.")
 _GLOBAL_BATCH_SIZE = flags.DEFINE_integer(
@@ -171,6 +177,7 @@ def _config_from_flags() -> mtl_dist.TrainConfig:
       per_task_optimizer=_given(_PER_TASK_OPTIMIZER), task_sizes=task_sizes,
       temperature=_TEMPERATURE.value, mixing_cap=_MIXING_CAP.value,
       steps_per_epoch=_STEPS_PER_EPOCH.value,
+      anneal_epochs=_ANNEAL_EPOCHS.value,
       label_fraction=label_fraction, partial_labels=_PARTIAL_LABELS.value,
       aggregator=_AGGREGATOR.value, cagrad_c=_CAGRAD_C.value,
       train_examples=_TRAIN_EXAMPLES.value,

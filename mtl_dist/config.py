@@ -82,6 +82,7 @@ class TrainConfig:
   temperature: Optional[float] = None  # schedule=temperature; default 2.0.
   mixing_cap: Optional[int] = None  # schedule=temperature; default 0 (none).
   steps_per_epoch: Optional[int] = None  # schedule=annealed.
+  anneal_epochs: Optional[int] = None  # schedule=annealed.
   # shapes, joint mode: the fraction of training examples that keep each
   # listed task's label (the others get -1 or NaN, i.e. partial labels).
   label_fraction: Optional[Mapping[str, float]] = None
@@ -89,7 +90,7 @@ class TrainConfig:
   partial_labels: bool = False
   aggregator: str = "sum"  # joint mode: how task gradients combine.
   cagrad_c: Optional[float] = None  # aggregator=cagrad; default 0.5.
-  train_examples: int = 16384  # shapes, joint mode.
+  train_examples: Optional[int] = None  # shapes, joint mode; default 16384.
   # TFDS datasets (--dataset=tfds:NAME, or --task_datasets in alternate mode).
   task_datasets: Optional[Mapping[str, str]] = None  # task -> tfds:NAME:LABEL
   data_dir: Optional[str] = None
@@ -99,7 +100,7 @@ class TrainConfig:
   download: bool = False
   image_size: Optional[Sequence[int]] = None  # (height, width)
   channels: Optional[int] = None  # 1 or 3
-  eval_examples: int = 2048  # shapes, both modes.
+  eval_examples: Optional[int] = None  # shapes; default 2048.
   train_steps: int = 1000
   global_batch_size: int = 64
   steps_per_loop: int = 50
@@ -116,6 +117,14 @@ class TrainConfig:
   eval_steps: int = 0  # 0: the whole eval split.
   log_every: int = 100
   seed: int = 0
+
+  @property
+  def resolved_train_examples(self) -> int:
+    return self.train_examples or 16384
+
+  @property
+  def resolved_eval_examples(self) -> int:
+    return self.eval_examples or 2048
 
   @property
   def uses_tfds(self) -> bool:
@@ -163,6 +172,8 @@ class TrainConfig:
                  "checkpoint_every", "keep_checkpoints", "eval_every",
                  "log_every", "train_examples", "eval_examples"):
       value = getattr(self, name)
+      if value is None and name in ("train_examples", "eval_examples"):
+        continue
       if not isinstance(value, int) or value <= 0:
         raise ConfigError(f"--{name}={value}: must be a positive integer")
     if not isinstance(self.eval_steps, int) or self.eval_steps < 0:
@@ -180,6 +191,10 @@ class TrainConfig:
                           f"{', '.join(repeated)} given twice")
     self._validate_mode_flags()
     self._validate_dataset_flags()
+    if self.strategy == "one_device" and self.num_cpu_devices > 1:
+      raise ConfigError(
+          f"--num_cpu_devices={self.num_cpu_devices} makes replicas for a "
+          "mirrored strategy, but --strategy=one_device is set")
     if self.task_weights is not None:
       for name, weight in self.task_weights.items():
         if not weight >= 0:
@@ -205,7 +220,8 @@ class TrainConfig:
         if not self.cagrad_c >= 0:
           raise ConfigError(f"--cagrad_c={self.cagrad_c}: must be >= 0")
       for name in ("schedule", "per_task_optimizer", "task_sizes",
-                   "temperature", "mixing_cap", "steps_per_epoch"):
+                   "temperature", "mixing_cap", "steps_per_epoch",
+                   "anneal_epochs"):
         if getattr(self, name) is not None:
           raise ConfigError(f"--{name} applies to --mode=alternate only, "
                             "but --mode=joint is set")
@@ -218,6 +234,10 @@ class TrainConfig:
       raise ConfigError("--label_fraction applies to --mode=joint only (in "
                         "alternate mode each dataset is labelled for its "
                         "task), but --mode=alternate is set")
+    if self.train_examples is not None:
+      raise ConfigError("--train_examples applies to --mode=joint on shapes "
+                        "only (alternate mode sizes its task datasets with "
+                        "--task_sizes)")
     if self.aggregator != "sum":
       raise ConfigError(f"--aggregator={self.aggregator} applies to "
                         "--mode=joint only (an alternate step has one task)")
@@ -229,7 +249,8 @@ class TrainConfig:
           "set in alternate mode")
     for name, needs in (("temperature", "temperature"),
                         ("mixing_cap", "temperature"),
-                        ("steps_per_epoch", "annealed")):
+                        ("steps_per_epoch", "annealed"),
+                        ("anneal_epochs", "annealed")):
       if getattr(self, name) is not None and schedule != needs:
         raise ConfigError(f"--{name} applies to --schedule={needs} only, but "
                           f"--schedule={schedule} is set")
@@ -238,9 +259,10 @@ class TrainConfig:
     if self.mixing_cap is not None and self.mixing_cap < 0:
       raise ConfigError(f"--mixing_cap={self.mixing_cap}: must be >= 0 (0 "
                         "means no cap)")
-    if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
-      raise ConfigError(
-          f"--steps_per_epoch={self.steps_per_epoch}: must be positive")
+    for name in ("steps_per_epoch", "anneal_epochs"):
+      value = getattr(self, name)
+      if value is not None and value < 1:
+        raise ConfigError(f"--{name}={value}: must be positive")
 
   def _validate_dataset_flags(self) -> None:
     """Refuses flags of one kind of dataset given with the other."""
@@ -255,7 +277,8 @@ class TrainConfig:
         raise ConfigError(f"--dataset={self.dataset} and --task_datasets "
                           "both name data: give one of them")
     if self.uses_tfds:
-      for name in ("task_sizes", "label_fraction"):
+      for name in ("task_sizes", "label_fraction", "train_examples",
+                   "eval_examples"):
         if getattr(self, name) is not None:
           raise ConfigError(f"--{name} applies to --dataset=shapes only")
       if self.dataset.startswith("tfds:") and self.mode == "alternate":

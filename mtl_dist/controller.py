@@ -49,19 +49,28 @@ class _Run:
       self.model = model_lib.build_model(self.data.tasks, self.data.input_shape,
                                          config.trunk, config.trunk_width,
                                          config.trunk_depth)
+    with self.strategy.scope():  # Schedules may hold variables.
+      schedule = (_make_schedule(config, self.data)
+                  if config.mode == "alternate" else None)
     self.trainer = trainer_lib.Trainer(
         self.strategy, self.model, self.data.tasks, mode=config.mode,
         global_batch_size=config.global_batch_size,
         optimizer_factory=trainer_lib.make_optimizer_factory(
             config.optimizer, config.learning_rate),
         per_task_optimizer=config.resolved_per_task_optimizer,
-        schedule=(_make_schedule(config, self.data)
-                  if config.mode == "alternate" else None),
+        schedule=schedule,
         partial_labels=self.data.partial_labels or config.partial_labels,
         aggregator=config.aggregator,
         cagrad_c=0.5 if config.cagrad_c is None else config.cagrad_c,
         seed=config.seed)
-    self.checkpoint = tf.train.Checkpoint(**self.trainer.checkpoint_items())
+    # The task order, saved with the run: counters, pipelines and seeds are
+    # indexed by position, so a resume must train the same tasks in order.
+    self.task_names = ",".join(task.name for task in self.data.tasks)
+    with tf.device("/cpu:0"):
+      self.task_order = tf.Variable(self.task_names, trainable=False,
+                                    name="task_order")
+    self.checkpoint = tf.train.Checkpoint(task_order=self.task_order,
+                                          **self.trainer.checkpoint_items())
     self.checkpoint_dir = os.path.join(config.model_dir, CHECKPOINT_SUBDIR)
     self.restored_from = self._restore()
 
@@ -79,6 +88,11 @@ class _Run:
           "written by a different model or optimizer set-up (check --mode, "
           f"--tasks, --trunk*, --optimizer, --per_task_optimizer): "
           f"{first_line}") from None
+    saved = self.task_order.numpy().decode()
+    if saved != self.task_names:
+      raise config_lib.ConfigError(
+          f"--tasks={self.task_names}: checkpoint {path} in --model_dir="
+          f"{self.config.model_dir} trained the tasks {saved}, in that order")
     return path
 
 
@@ -134,6 +148,7 @@ def train(config: config_lib.TrainConfig) -> dict[str, Any]:
   interval_seconds, interval_steps = 0.0, 0
   interval_step_metrics: dict[str, float] = {}
   steady_seconds, steady_steps, loop_calls = 0.0, 0, 0
+  first_seconds, first_steps = 0.0, 0
   last_eval: dict[str, float] = {}
   while step < config.train_steps:
     num_steps = _steps_until_next_event(step, config)
@@ -145,6 +160,8 @@ def train(config: config_lib.TrainConfig) -> dict[str, Any]:
     if loop_calls > 1:  # The first call includes tracing.
       steady_seconds += seconds
       steady_steps += num_steps
+    else:
+      first_seconds, first_steps = seconds, num_steps
     interval_losses += loss_sums
     interval_counts += counts
     interval_seconds += seconds
@@ -184,9 +201,9 @@ def train(config: config_lib.TrainConfig) -> dict[str, Any]:
   writer.close()
   if steady_steps:
     examples_per_second = steady_steps * config.global_batch_size / steady_seconds
-  elif loop_calls:
-    examples_per_second = interval_steps * config.global_batch_size / max(
-        interval_seconds, 1e-9)
+  elif loop_calls:  # One call only: its time includes tracing.
+    examples_per_second = first_steps * config.global_batch_size / max(
+        first_seconds, 1e-9)
   else:
     examples_per_second = 0.0
   summary = {
@@ -220,6 +237,8 @@ def _make_schedule(config: config_lib.TrainConfig,
   if config.steps_per_epoch is not None:
     steps_per_epoch = config.steps_per_epoch
     num_epochs = max(1, -(-config.train_steps // steps_per_epoch))
+  if config.anneal_epochs is not None:
+    num_epochs = config.anneal_epochs
   return schedules.create(
       config.resolved_schedule, sizes=sizes, seed=config.seed,
       temperature=config.temperature if config.temperature else 2.0,

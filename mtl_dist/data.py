@@ -123,13 +123,13 @@ def load(config: config_lib.TrainConfig) -> MultiTaskData:
   tasks = tuple(specs[name].with_weight(config.weight_of(name))
                 for name in names)
   if config.mode == "joint":
-    sizes = [config.train_examples]
+    sizes = [config.resolved_train_examples]
   else:
     sizes_by_task = dict(shapes.default_task_sizes(names))
     sizes_by_task.update(config.task_sizes or {})
     sizes = [sizes_by_task[name] for name in names]
   # One pool cut into disjoint pieces: training sets first, then eval.
-  features, labels = shapes.generate(sum(sizes) + config.eval_examples,
+  features, labels = shapes.generate(sum(sizes) + config.resolved_eval_examples,
                                      config.seed)
   if config.label_fraction:
     labels = shapes.drop_labels(labels, config.label_fraction,
@@ -243,8 +243,9 @@ def distribute_train(strategy: tf.distribute.Strategy, source: ExampleSource,
     source: What to read.
     global_batch_size: Examples per step over all replicas.
     seed: The shuffle seed.
-    start_step: The step the pipeline starts at (index-based pipeline only;
-      streamed pipelines restart their shuffled order).
+    start_step: The step the pipeline starts at. The index-based pipeline
+      continues exactly; a streamed one starts a new order seeded by
+      (seed, start_step), not the continuation of the interrupted one.
 
   Returns:
     A distributed dataset of per-replica batches.
@@ -270,15 +271,19 @@ def distribute_train(strategy: tf.distribute.Strategy, source: ExampleSource,
     dataset = dataset.map(gather, num_parallel_calls=2, deterministic=True)
     return dataset.prefetch(2).with_options(_options())
 
+  # A resumed streamed pipeline cannot seek; a seed that depends on the start
+  # step at least keeps it from replaying the examples it began with.
+  streamed_seed = seed + 1_000_003 * start_step
+
   def streamed_dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
     if source.read is not None:
-      dataset = source.read(ctx, seed, True)
+      dataset = source.read(ctx, streamed_seed, True)
     else:
       dataset = source.make_dataset().shard(ctx.num_input_pipelines,
                                             ctx.input_pipeline_id)
     buffer = source.shuffle_buffer or min(source.num_examples,
                                           _MAX_SHUFFLE_BUFFER)
-    dataset = dataset.shuffle(buffer, seed=seed,
+    dataset = dataset.shuffle(buffer, seed=streamed_seed,
                               reshuffle_each_iteration=True).repeat()
     dataset = dataset.batch(ctx.get_per_replica_batch_size(global_batch_size),
                             drop_remainder=True)

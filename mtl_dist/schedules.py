@@ -76,25 +76,37 @@ class Sampled:
     return tf.minimum(tf.cast(index, tf.int32), self.num_tasks - 1)
 
 
-class Annealed(Sampled):
-  """P(i) proportional to n_i^alpha(epoch), alpha falling from 1.0 to 0.2."""
+class Annealed(Sampled, tf.Module):
+  """P(i) proportional to n_i^alpha(epoch), alpha falling from 1.0 to 0.2.
+
+  The annealing length (steps per epoch, epochs E) lives in variables that
+  the trainer checkpoints: a run resumed with a larger --train_steps keeps
+  the original annealing, so it makes the same choices as an uninterrupted
+  run, and alpha stays at 0.2 past epoch E. Create it inside the strategy's
+  scope.
+  """
 
   def __init__(self, sizes: Sequence[int], seed: int, steps_per_epoch: int,
                num_epochs: int):
-    super().__init__(sizes, seed)
+    tf.Module.__init__(self, name="annealed_schedule")
+    Sampled.__init__(self, sizes, seed)
     if steps_per_epoch < 1 or num_epochs < 1:
       raise ValueError("steps_per_epoch and num_epochs must be positive")
     self._log_sizes = np.log(np.asarray(sizes, np.float64))
-    self.steps_per_epoch = steps_per_epoch
-    self.num_epochs = num_epochs
+    self.steps_per_epoch = tf.Variable(steps_per_epoch, dtype=tf.int64,
+                                       trainable=False, name="steps_per_epoch")
+    self.num_epochs = tf.Variable(num_epochs, dtype=tf.int64, trainable=False,
+                                  name="num_epochs")
 
   def alpha(self, step: tf.Tensor) -> tf.Tensor:
     """alpha = 1 - 0.8 (e - 1) / (E - 1) in epoch e = 1..E (1.0 if E = 1)."""
-    if self.num_epochs == 1:
-      return tf.constant(1.0)
-    epoch = tf.minimum(tf.cast(step, tf.int64) // self.steps_per_epoch + 1,
-                       self.num_epochs)
-    return 1.0 - 0.8 * tf.cast(epoch - 1, tf.float32) / (self.num_epochs - 1)
+    epochs = self.num_epochs.read_value()
+    epoch = tf.minimum(
+        tf.cast(step, tf.int64) // self.steps_per_epoch.read_value() + 1,
+        epochs)
+    falling = 1.0 - 0.8 * tf.cast(epoch - 1, tf.float32) / tf.cast(
+        tf.maximum(epochs - 1, 1), tf.float32)
+    return tf.where(epochs > 1, falling, 1.0)
 
   def probabilities(self, step: tf.Tensor) -> tf.Tensor:
     return tf.nn.softmax(self.alpha(step) *

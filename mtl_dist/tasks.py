@@ -91,9 +91,9 @@ class TaskSpec:
     """
     label = labels[self.name]
     if self.kind == CLASSIFICATION:
-      present = tf.greater_equal(label, 0)
+      present = tf.greater_equal(tf.reshape(label, [-1]), 0)
     else:
-      present = tf.reduce_all(tf.math.is_finite(tf.cast(label, tf.float32)),
+      present = tf.reduce_all(tf.math.is_finite(self._as_matrix(label)),
                               axis=-1)
     if self.mask_key in labels:
       present = tf.logical_and(present,
@@ -107,19 +107,28 @@ class TaskSpec:
     Losses of the replaced entries are multiplied by 0 afterwards; replacing
     them first keeps NaN and out-of-range classes out of every gradient.
     """
-    label = labels[self.name]
     present = tf.cast(mask, tf.bool)
-    if self.kind == REGRESSION:
-      present = present[:, None]
-    return tf.where(present, label, tf.zeros_like(label))
+    if self.kind == CLASSIFICATION:
+      label = tf.reshape(labels[self.name], [-1])
+      return tf.where(present, label, tf.zeros_like(label))
+    label = self._as_matrix(labels[self.name])
+    return tf.where(present[:, None], label, tf.zeros_like(label))
+
+  def _as_matrix(self, label: tf.Tensor) -> tf.Tensor:
+    """Regression labels as float32 [batch, size], whatever their rank.
+
+    Labels of shape [batch] (size 1) would otherwise broadcast against
+    outputs of shape [batch, 1] into a [batch, batch] error matrix.
+    """
+    return tf.reshape(tf.cast(label, tf.float32), [-1, self.size])
 
   def per_example_loss(self, labels: tf.Tensor,
                        outputs: tf.Tensor) -> tf.Tensor:
     """Loss of each example, shape [batch]; no reduction over the batch."""
     if self.kind == CLASSIFICATION:
       return tf.nn.sparse_softmax_cross_entropy_with_logits(
-          labels=tf.cast(labels, tf.int32), logits=outputs)
-    return _regression_error(self.loss_name, labels, outputs)
+          labels=tf.reshape(tf.cast(labels, tf.int32), [-1]), logits=outputs)
+    return _regression_error(self.loss_name, self._as_matrix(labels), outputs)
 
   def per_example_metrics(self, labels: tf.Tensor,
                           outputs: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -129,9 +138,11 @@ class TaskSpec:
       if metric == "accuracy":
         predicted = tf.argmax(outputs, axis=-1, output_type=tf.int32)
         result[metric] = tf.cast(
-            tf.equal(predicted, tf.cast(labels, tf.int32)), tf.float32)
+            tf.equal(predicted, tf.reshape(tf.cast(labels, tf.int32), [-1])),
+            tf.float32)
       else:
-        result[metric] = _regression_error(metric, labels, outputs)
+        result[metric] = _regression_error(metric, self._as_matrix(labels),
+                                           outputs)
     return result
 
 

@@ -69,7 +69,8 @@ def task_from_feature(task_name: str, feature: Any) -> tasks_lib.TaskSpec:
   if isinstance(feature, tfds.features.ClassLabel):
     return tasks_lib.TaskSpec(task_name, tasks_lib.CLASSIFICATION,
                               num_classes=feature.num_classes)
-  if type(feature) is tfds.features.Tensor:  # pylint: disable=unidiomatic-typecheck
+  if (isinstance(feature, tfds.features.Tensor) and
+      not isinstance(feature, (tfds.features.Text, tfds.features.Audio))):
     dtype = tf.as_dtype(feature.tf_dtype)
     shape = tuple(feature.shape)
     if dtype == tf.bool and shape == ():
@@ -130,8 +131,9 @@ class _Preprocessing:
     return tuple(int(d) for d in shape)
 
   def apply(self, value: tf.Tensor) -> tf.Tensor:
-    if value.dtype == tf.uint8:
-      value = tf.cast(value, tf.float32) / 255.0
+    """Integer images scaled to [0, 1] by their dtype's maximum; others cast."""
+    if value.dtype in (tf.uint8, tf.uint16):
+      value = tf.cast(value, tf.float32) / float(value.dtype.max)
     else:
       value = tf.cast(value, tf.float32)
     if self.channels is not None and value.shape[-1] != self.channels:

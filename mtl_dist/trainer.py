@@ -99,6 +99,7 @@ class Trainer:
         shared = optimizer_factory()
         shared.build(model.trainable_variables)
         self.optimizers = {task.name: shared for task in self.tasks}
+    self.schedule = schedule
     if mode == "joint":
       self._step = steps_lib.JointStep(
           model, self.tasks, shared, global_batch_size, partial_labels,
@@ -120,6 +121,8 @@ class Trainer:
       items["optimizers"] = dict(self.optimizers)
     else:
       items["optimizer"] = self.optimizers[self.tasks[0].name]
+    if isinstance(self.schedule, tf.Module) and self.schedule.variables:
+      items["schedule"] = self.schedule  # Its state resumes with the run.
     return items
 
   @property
