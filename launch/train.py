@@ -102,6 +102,14 @@ _AGGREGATOR = flags.DEFINE_enum(
     "before aggregating.")
 _CAGRAD_C = flags.DEFINE_float("cagrad_c", None,
                                "--aggregator=cagrad: c (default 0.5).")
+_WEIGHTING = flags.DEFINE_enum(
+    "weighting", "static", config_lib.WEIGHTINGS,
+    "Joint mode: task loss weights: static (--task_weights), uncertainty "
+    "(learned log-variances, Kendall et al. 2018), dwa (dynamic weight "
+    "average, Liu et al. 2019).")
+_DWA_WINDOW = flags.DEFINE_integer(
+    "dwa_window", None, "--weighting=dwa: steps per loss-averaging window "
+    "(the paper's epoch; default 100).")
 _TRAIN_EXAMPLES = flags.DEFINE_integer(
     "train_examples", None, "Joint mode on shapes: training examples "
     "(default 16384).")
@@ -180,6 +188,7 @@ def _config_from_flags() -> mtl_dist.TrainConfig:
       anneal_epochs=_ANNEAL_EPOCHS.value,
       label_fraction=label_fraction, partial_labels=_PARTIAL_LABELS.value,
       aggregator=_AGGREGATOR.value, cagrad_c=_CAGRAD_C.value,
+      weighting=_WEIGHTING.value, dwa_window=_DWA_WINDOW.value,
       train_examples=_TRAIN_EXAMPLES.value,
       task_datasets=task_datasets, data_dir=_DATA_DIR.value,
       input_key=_INPUT_KEY.value, split=_SPLIT.value,

@@ -18,6 +18,7 @@ OPTIMIZERS = ("adam", "sgd")
 TRUNKS = ("mlp", "conv")
 STRATEGIES = ("auto", "mirrored", "one_device")
 AGGREGATORS = ("sum", "pcgrad", "cagrad", "mgda")
+WEIGHTINGS = ("static", "uncertainty", "dwa")
 
 _V = TypeVar("_V")
 
@@ -90,6 +91,8 @@ class TrainConfig:
   partial_labels: bool = False
   aggregator: str = "sum"  # joint mode: how task gradients combine.
   cagrad_c: Optional[float] = None  # aggregator=cagrad; default 0.5.
+  weighting: str = "static"  # joint mode: how task losses are weighted.
+  dwa_window: Optional[int] = None  # weighting=dwa; default 100 steps.
   train_examples: Optional[int] = None  # shapes, joint mode; default 16384.
   # TFDS datasets (--dataset=tfds:NAME, or --task_datasets in alternate mode).
   task_datasets: Optional[Mapping[str, str]] = None  # task -> tfds:NAME:LABEL
@@ -165,6 +168,7 @@ class TrainConfig:
     _check_choice("trunk", self.trunk, TRUNKS)
     _check_choice("strategy", self.strategy, STRATEGIES)
     _check_choice("aggregator", self.aggregator, AGGREGATORS)
+    _check_choice("weighting", self.weighting, WEIGHTINGS)
     if self.schedule is not None:
       _check_choice("schedule", self.schedule, SCHEDULES)
     for name in ("train_steps", "global_batch_size", "steps_per_loop",
@@ -213,6 +217,16 @@ class TrainConfig:
         if not 0.0 < fraction <= 1.0:
           raise ConfigError(f"--label_fraction: {fraction} for {name!r} must "
                             "be in (0, 1]")
+      if self.weighting != "static" and self.task_weights is not None:
+        raise ConfigError(f"--task_weights sets static weights, but "
+                          f"--weighting={self.weighting} learns them")
+      if self.dwa_window is not None:
+        if self.weighting != "dwa":
+          raise ConfigError("--dwa_window applies to --weighting=dwa only, "
+                            f"but --weighting={self.weighting} is set")
+        if self.dwa_window < 1:
+          raise ConfigError(f"--dwa_window={self.dwa_window}: must be "
+                            "positive")
       if self.cagrad_c is not None:
         if self.aggregator != "cagrad":
           raise ConfigError("--cagrad_c applies to --aggregator=cagrad only, "
@@ -238,6 +252,10 @@ class TrainConfig:
       raise ConfigError("--train_examples applies to --mode=joint on shapes "
                         "only (alternate mode sizes its task datasets with "
                         "--task_sizes)")
+    if self.weighting != "static" or self.dwa_window is not None:
+      raise ConfigError(f"--weighting={self.weighting} and --dwa_window "
+                        "apply to --mode=joint only (an alternate step trains "
+                        "one task's loss)")
     if self.aggregator != "sum":
       raise ConfigError(f"--aggregator={self.aggregator} applies to "
                         "--mode=joint only (an alternate step has one task)")

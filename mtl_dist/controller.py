@@ -60,7 +60,8 @@ class _Run:
         per_task_optimizer=config.resolved_per_task_optimizer,
         schedule=schedule,
         partial_labels=self.data.partial_labels or config.partial_labels,
-        aggregator=config.aggregator,
+        aggregator=config.aggregator, weighting=config.weighting,
+        dwa_window=config.dwa_window or 100,
         cagrad_c=0.5 if config.cagrad_c is None else config.cagrad_c,
         seed=config.seed)
     # The task order, saved with the run: counters, pipelines and seeds are

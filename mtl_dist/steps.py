@@ -18,6 +18,7 @@ from mtl_dist import aggregation
 from mtl_dist import model as model_lib
 from mtl_dist import schedules
 from mtl_dist import tasks as tasks_lib
+from mtl_dist import weighting as weighting_lib
 
 Batch = tuple[tf.Tensor, dict[str, tf.Tensor]]
 
@@ -92,7 +93,8 @@ class JointStep:
                optimizer: tf_keras.optimizers.Optimizer,
                global_batch_size: int, partial_labels: bool = False,
                aggregator: str = "sum", cagrad_c: float = 0.5,
-               seed: int = 0):
+               seed: int = 0,
+               weighting: weighting_lib.Weighting | None = None):
     if aggregator not in AGGREGATORS:
       raise ValueError(f"unknown aggregator {aggregator!r} (known: "
                        f"{', '.join(AGGREGATORS)})")
@@ -104,25 +106,27 @@ class JointStep:
     self._aggregator = aggregator
     self._cagrad_c = cagrad_c
     self._seed = seed
+    self._weighting = weighting or weighting_lib.Weighting(tasks)
 
   @property
   def metric_names(self) -> tuple[str, ...]:
     """Names of the per-step metrics `__call__` returns besides losses."""
-    return () if self._aggregator == "sum" else ("conflict_share",)
+    names = tuple(f"{task.name}/weight" for task in self._tasks)
+    return names if self._aggregator == "sum" else names + ("conflict_share",)
 
-  def _losses(self, batch: Batch) -> tuple[tf.Tensor, tf.Tensor]:
+  def _losses(self, batch: Batch) -> tf.Tensor:
     features, labels = batch
     outputs = self._model(features, training=True)
-    total, per_task = task_losses(self._tasks, labels, outputs,
-                                  self._global_batch_size,
-                                  self._partial_labels)
-    return total, per_task
+    _, per_task = task_losses(self._tasks, labels, outputs,
+                              self._global_batch_size, self._partial_labels)
+    return per_task
 
   def replica_step(self, batch: Batch) -> tf.Tensor:
     """Trains on one replica's batch; returns its [T] per-task losses."""
-    variables = self._model.trainable_variables
+    variables = self._model.trainable_variables + self._weighting.trainable
     with tf.GradientTape() as tape:
-      total, per_task = self._losses(batch)
+      per_task = self._losses(batch)
+      total = self._weighting.objective(per_task)
       total += _regularization([self._model])
     gradients = tape.gradient(total, variables)
     self._optimizer.apply_gradients(zip(gradients, variables))
@@ -134,14 +138,14 @@ class JointStep:
     trunk = self._model.trunk.trainable_variables
     heads = [v for task in self._tasks
              for v in self._model.heads[task.name].trainable_variables]
-    weights = tf.constant([task.weight for task in self._tasks], tf.float32)
+    heads += self._weighting.trainable  # Not shared: no surgery.
     # Every term is formed inside the tape: ops outside it are not recorded.
     with tf.GradientTape(persistent=True) as tape:
-      _, per_task = self._losses(batch)
-      weighted = weights * per_task
+      per_task = self._losses(batch)
+      weighted = self._weighting.weights() * per_task
       task_terms = [weighted[i] for i in range(len(self._tasks))]
       regularization = _regularization([self._model])
-      objective = tf.reduce_sum(weighted) + regularization
+      objective = self._weighting.objective(per_task) + regularization
     zero = tf.UnconnectedGradients.ZERO
     task_grads = [_flatten(tape.gradient(term, trunk,
                                          unconnected_gradients=zero))
@@ -183,17 +187,19 @@ class JointStep:
       vector of step metrics.
     """
     batch = next(iterators[0])
+    weights = self._weighting.weights()  # The weights this step uses.
     if self._aggregator == "sum":
       per_replica = strategy.run(self.replica_step, args=(batch,))
-      metrics = tf.zeros([0])
+      metrics = weights
     else:
       per_replica, share = strategy.run(self.aggregated_replica_step,
                                         args=(batch, step.read_value()))
       # Every replica computed the same share from the same global matrix.
-      metrics = tf.reshape(
-          strategy.experimental_local_results(share)[0], [1])
+      metrics = tf.concat([weights, tf.reshape(
+          strategy.experimental_local_results(share)[0], [1])], axis=0)
     losses = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica,
                              axis=None)
+    self._weighting.update(losses)
     return losses, tf.ones([len(self._tasks)]), metrics
 
 

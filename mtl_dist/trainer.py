@@ -18,6 +18,7 @@ from mtl_dist import model as model_lib
 from mtl_dist import schedules
 from mtl_dist import steps as steps_lib
 from mtl_dist import tasks as tasks_lib
+from mtl_dist import weighting as weighting_lib
 
 OptimizerFactory = Callable[[], tf_keras.optimizers.Optimizer]
 
@@ -50,7 +51,8 @@ class Trainer:
                per_task_optimizer: bool = True,
                schedule: Optional[schedules.Schedule] = None,
                partial_labels: bool = False, aggregator: str = "sum",
-               cagrad_c: float = 0.5, seed: int = 0):
+               cagrad_c: float = 0.5, seed: int = 0,
+               weighting: str = "static", dwa_window: int = 100):
     """Creates the optimizers and counters inside the strategy's scope.
 
     Args:
@@ -71,6 +73,9 @@ class Trainer:
         `steps.AGGREGATORS` (see `steps.JointStep`).
       cagrad_c: CAGrad's c.
       seed: Seed of PCGrad's task orders (drawn per step).
+      weighting: Joint mode: how task losses are weighted, one of
+        `weighting.METHODS`.
+      dwa_window: DWA's loss-averaging window in steps.
     """
     self._strategy = strategy
     self.model = model
@@ -89,6 +94,8 @@ class Trainer:
                                     aggregation=first_replica)
       # Optimizers are created and built (slots included) in the scope,
       # before the first trace.
+      self.weighting = weighting_lib.Weighting(
+          self.tasks, weighting if mode == "joint" else "static", dwa_window)
       if self._per_task_optimizer:
         self.optimizers = {}
         for task in self.tasks:
@@ -97,13 +104,14 @@ class Trainer:
           self.optimizers[task.name] = optimizer
       else:
         shared = optimizer_factory()
-        shared.build(model.trainable_variables)
+        shared.build(model.trainable_variables + self.weighting.trainable)
         self.optimizers = {task.name: shared for task in self.tasks}
     self.schedule = schedule
     if mode == "joint":
       self._step = steps_lib.JointStep(
           model, self.tasks, shared, global_batch_size, partial_labels,
-          aggregator=aggregator, cagrad_c=cagrad_c, seed=seed)
+          aggregator=aggregator, cagrad_c=cagrad_c, seed=seed,
+          weighting=self.weighting)
     else:
       self._step = steps_lib.AlternateStep(
           model, self.tasks, [self.optimizers[t.name] for t in self.tasks],
@@ -123,6 +131,8 @@ class Trainer:
       items["optimizer"] = self.optimizers[self.tasks[0].name]
     if isinstance(self.schedule, tf.Module) and self.schedule.variables:
       items["schedule"] = self.schedule  # Its state resumes with the run.
+    if self.weighting.variables:
+      items["weighting"] = self.weighting
     return items
 
   @property

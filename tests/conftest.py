@@ -44,7 +44,8 @@ def build_trainer(shapes_arrays):
             global_batch_size: int = 32, per_task_optimizer: bool = True,
             weights=None, initial_weights=None, schedule=None,
             arrays=None, partial_labels: bool = False,
-            aggregator: str = "sum"):
+            aggregator: str = "sum", weighting: str = "static",
+            dwa_window: int = 100):
     strategy = make_strategy(replicas)
     specs = {task.name: task for task in shapes.TASKS}
     tasks = [specs[name].with_weight((weights or {}).get(name, 1.0))
@@ -60,7 +61,8 @@ def build_trainer(shapes_arrays):
         optimizer_factory=mtl_dist.make_optimizer_factory(optimizer,
                                                           learning_rate),
         per_task_optimizer=per_task_optimizer, schedule=schedule,
-        partial_labels=partial_labels, aggregator=aggregator)
+        partial_labels=partial_labels, aggregator=aggregator,
+        weighting=weighting, dwa_window=dwa_window)
     if mode == "joint":
       sources = [data_lib.source_from_arrays(features, labels, task_names)]
     else:  # Disjoint slices, one per task.

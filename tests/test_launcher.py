@@ -150,6 +150,30 @@ def test_sampled_schedule_resumes_with_the_same_choices(tmp_path, schedule):
   assert train[-1]["metrics"]["y/epochs"] == steps["y"] * 64 / 150
 
 
+@pytest.mark.parametrize("weighting", ["uncertainty", "dwa"])
+def test_joint_with_dynamic_weighting(tmp_path, weighting):
+  model_dir = str(tmp_path / weighting)
+  flags = [f"--weighting={weighting}"]
+  if weighting == "dwa":
+    flags.append("--dwa_window=20")
+  result = run_launcher(f"--model_dir={model_dir}", "--tasks=shape,x,y",
+                        *flags, "--train_examples=2048", "--train_steps=200",
+                        *_SMALL)
+  assert result.returncode == 0, result.stderr[-3000:]
+  train = [r for r in read_jsonl(os.path.join(model_dir, "metrics.jsonl"))
+           if r["split"] == "train"]
+  last = train[-1]["metrics"]
+  weights = [last[f"{t}/weight"] for t in ("shape", "x", "y")]
+  assert all(w > 0 for w in weights) and len(set(weights)) > 1
+  if weighting == "dwa":
+    assert abs(sum(weights) - 3.0) < 1e-4  # DWA's weights sum to T.
+  assert "x/weight" in event_tags(os.path.join(model_dir, "tensorboard",
+                                               "train"))
+  names = [n for n, _ in tf.train.list_variables(
+      os.path.join(model_dir, "checkpoints"))]
+  assert any(n.startswith("weighting/") for n in names)
+
+
 def test_flagfiles_parse(tmp_path):
   """The shipped flagfiles are valid (run shortened to one loop)."""
   configs = os.path.join(os.path.dirname(__file__), "..", "launch", "configs")

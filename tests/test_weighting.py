@@ -1,0 +1,98 @@
+"""Loss weighting: formulas against NumPy, replica equality, state."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mtl_dist import shapes
+from mtl_dist import weighting as weighting_lib
+
+TASKS = [shapes.TASKS[0], shapes.TASKS[3], shapes.TASKS[4]]  # shape, x, y
+
+
+def test_static_weights_come_from_the_tasks():
+  tasks = [TASKS[0].with_weight(2.0), TASKS[1].with_weight(0.5)]
+  weighting = weighting_lib.Weighting(tasks)
+  np.testing.assert_allclose(weighting.weights(), [2.0, 0.5])
+  assert float(weighting.objective(tf.constant([1.0, 4.0]))) == 4.0
+  assert not weighting.trainable and not weighting.variables
+
+
+def test_uncertainty_objective_matches_formula():
+  weighting = weighting_lib.Weighting(TASKS, "uncertainty")
+  log_variances = np.array([0.3, -0.2, 1.0], np.float32)
+  weighting.log_variances.assign(log_variances)
+  losses = np.array([1.2, 0.05, 0.4], np.float32)
+  # Classification drops the 1/2 on the exp term; regression keeps it.
+  halves = np.array([1.0, 0.5, 0.5])
+  expected = np.sum(halves * np.exp(-log_variances) * losses +
+                    0.5 * log_variances)
+  np.testing.assert_allclose(weighting.objective(tf.constant(losses)),
+                             expected, rtol=1e-6)
+  np.testing.assert_allclose(weighting.weights(),
+                             halves * np.exp(-log_variances), rtol=1e-6)
+  assert weighting.trainable == [weighting.log_variances]
+
+
+def test_dwa_weights_follow_window_loss_ratios():
+  weighting = weighting_lib.Weighting(TASKS, "dwa", dwa_window=2)
+  window_losses = [[1.0, 2.0, 3.0], [3.0, 2.0, 1.0],  # window 1: mean 2,2,2
+                   [1.0, 1.0, 4.0], [1.0, 3.0, 0.0]]  # window 2: 1,2,2
+  for step, losses in enumerate(window_losses):
+    np.testing.assert_allclose(weighting.weights(), [1.0, 1.0, 1.0],
+                               err_msg=f"before two windows (step {step})")
+    weighting.update(tf.constant(losses))
+  ratios = np.array([1.0, 2.0, 2.0]) / np.array([2.0, 2.0, 2.0])
+  expected = 3 * np.exp(ratios / 2) / np.exp(ratios / 2).sum()
+  np.testing.assert_allclose(weighting.weights(), expected, rtol=1e-6)
+  # A partial third window does not change the weights yet.
+  weighting.update(tf.constant([10.0, 10.0, 10.0]))
+  np.testing.assert_allclose(weighting.weights(), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["uncertainty", "dwa"])
+@pytest.mark.parametrize("aggregator", ["sum", "pcgrad"])
+def test_weights_are_the_same_on_1_2_and_4_replicas(build_trainer, method,
+                                                    aggregator):
+  tasks = ("shape", "x", "y")
+  single, single_its, _, _ = build_trainer(
+      1, "joint", tasks, weighting=method, dwa_window=2,
+      aggregator=aggregator)
+  initial = single.model.get_weights()
+  single.train(single_its, 7)
+  want = [v.numpy() for v in single.weighting.variables]
+  assert want, "no weighting state"
+  for replicas in (2, 4):
+    multi, multi_its, _, _ = build_trainer(
+        replicas, "joint", tasks, weighting=method, dwa_window=2,
+        aggregator=aggregator, initial_weights=initial)
+    multi.train(multi_its, 7)
+    for got, expected in zip(multi.weighting.variables, want):
+      np.testing.assert_allclose(got.numpy(), expected, atol=1e-5)
+    for name in ("shape/weight", "x/weight", "y/weight"):
+      np.testing.assert_allclose(multi.last_step_metrics[name],
+                                 single.last_step_metrics[name], rtol=1e-5)
+    for got, expected in zip(multi.model.get_weights(),
+                             single.model.get_weights()):
+      np.testing.assert_allclose(got, expected, atol=1e-5)
+  if method == "uncertainty":  # The log-variances were trained.
+    assert np.abs(want[0]).max() > 0
+  else:  # Three complete windows of 2 steps: dynamic weights in use.
+    assert int(single.weighting.complete_windows.numpy()) == 3
+
+
+def test_weighting_state_is_checkpointed(build_trainer, tmp_path):
+  trainer, iterators, _, _ = build_trainer(2, "joint", ("shape", "x"),
+                                           weighting="dwa", dwa_window=3)
+  trainer.train(iterators, 7)
+  checkpoint = tf.train.Checkpoint(**trainer.checkpoint_items())
+  path = checkpoint.save(str(tmp_path / "ckpt"))
+  names = [name for name, _ in tf.train.list_variables(path)]
+  assert any(name.startswith("weighting/last_means") for name in names)
+  restored, _, _, _ = build_trainer(2, "joint", ("shape", "x"),
+                                    weighting="dwa", dwa_window=3)
+  tf.train.Checkpoint(**restored.checkpoint_items()).restore(
+      path).assert_consumed()
+  for got, want in zip(restored.weighting.variables,
+                       trainer.weighting.variables):
+    np.testing.assert_array_equal(got.numpy(), want.numpy())
