@@ -106,7 +106,12 @@ _WEIGHTING = flags.DEFINE_enum(
     "weighting", "static", config_lib.WEIGHTINGS,
     "Joint mode: task loss weights: static (--task_weights), uncertainty "
     "(learned log-variances, Kendall et al. 2018), dwa (dynamic weight "
-    "average, Liu et al. 2019).")
+    "average, Liu et al. 2019), gradnorm (Chen et al. 2018).")
+_GRADNORM_ALPHA = flags.DEFINE_float(
+    "gradnorm_alpha", None, "--weighting=gradnorm: alpha (default 1.5).")
+_GRADNORM_LR = flags.DEFINE_float(
+    "gradnorm_lr", None, "--weighting=gradnorm: step size of the weight "
+    "update (default 0.025).")
 _DWA_WINDOW = flags.DEFINE_integer(
     "dwa_window", None, "--weighting=dwa: steps per loss-averaging window "
     "(the paper's epoch; default 100).")
@@ -189,6 +194,7 @@ def _config_from_flags() -> mtl_dist.TrainConfig:
       label_fraction=label_fraction, partial_labels=_PARTIAL_LABELS.value,
       aggregator=_AGGREGATOR.value, cagrad_c=_CAGRAD_C.value,
       weighting=_WEIGHTING.value, dwa_window=_DWA_WINDOW.value,
+      gradnorm_alpha=_GRADNORM_ALPHA.value, gradnorm_lr=_GRADNORM_LR.value,
       train_examples=_TRAIN_EXAMPLES.value,
       task_datasets=task_datasets, data_dir=_DATA_DIR.value,
       input_key=_INPUT_KEY.value, split=_SPLIT.value,

@@ -18,7 +18,7 @@ OPTIMIZERS = ("adam", "sgd")
 TRUNKS = ("mlp", "conv")
 STRATEGIES = ("auto", "mirrored", "one_device")
 AGGREGATORS = ("sum", "pcgrad", "cagrad", "mgda")
-WEIGHTINGS = ("static", "uncertainty", "dwa")
+WEIGHTINGS = ("static", "uncertainty", "dwa", "gradnorm")
 
 _V = TypeVar("_V")
 
@@ -93,6 +93,8 @@ class TrainConfig:
   cagrad_c: Optional[float] = None  # aggregator=cagrad; default 0.5.
   weighting: str = "static"  # joint mode: how task losses are weighted.
   dwa_window: Optional[int] = None  # weighting=dwa; default 100 steps.
+  gradnorm_alpha: Optional[float] = None  # weighting=gradnorm; default 1.5.
+  gradnorm_lr: Optional[float] = None  # weighting=gradnorm; default 0.025.
   train_examples: Optional[int] = None  # shapes, joint mode; default 16384.
   # TFDS datasets (--dataset=tfds:NAME, or --task_datasets in alternate mode).
   task_datasets: Optional[Mapping[str, str]] = None  # task -> tfds:NAME:LABEL
@@ -227,6 +229,15 @@ class TrainConfig:
         if self.dwa_window < 1:
           raise ConfigError(f"--dwa_window={self.dwa_window}: must be "
                             "positive")
+      for name in ("gradnorm_alpha", "gradnorm_lr"):
+        value = getattr(self, name)
+        if value is None:
+          continue
+        if self.weighting != "gradnorm":
+          raise ConfigError(f"--{name} applies to --weighting=gradnorm only, "
+                            f"but --weighting={self.weighting} is set")
+        if not value > 0:
+          raise ConfigError(f"--{name}={value}: must be positive")
       if self.cagrad_c is not None:
         if self.aggregator != "cagrad":
           raise ConfigError("--cagrad_c applies to --aggregator=cagrad only, "
@@ -252,7 +263,8 @@ class TrainConfig:
       raise ConfigError("--train_examples applies to --mode=joint on shapes "
                         "only (alternate mode sizes its task datasets with "
                         "--task_sizes)")
-    if self.weighting != "static" or self.dwa_window is not None:
+    if (self.weighting != "static" or self.dwa_window is not None or
+        self.gradnorm_alpha is not None or self.gradnorm_lr is not None):
       raise ConfigError(f"--weighting={self.weighting} and --dwa_window "
                         "apply to --mode=joint only (an alternate step trains "
                         "one task's loss)")

@@ -62,6 +62,9 @@ class _Run:
         partial_labels=self.data.partial_labels or config.partial_labels,
         aggregator=config.aggregator, weighting=config.weighting,
         dwa_window=config.dwa_window or 100,
+        gradnorm_alpha=(1.5 if config.gradnorm_alpha is None
+                        else config.gradnorm_alpha),
+        gradnorm_lr=0.025 if config.gradnorm_lr is None else config.gradnorm_lr,
         cagrad_c=0.5 if config.cagrad_c is None else config.cagrad_c,
         seed=config.seed)
     # The task order, saved with the run: counters, pipelines and seeds are

@@ -124,11 +124,17 @@ class JointStep:
   def replica_step(self, batch: Batch) -> tf.Tensor:
     """Trains on one replica's batch; returns its [T] per-task losses."""
     variables = self._model.trainable_variables + self._weighting.trainable
-    with tf.GradientTape() as tape:
+    needs_terms = self._weighting.needs_task_gradients
+    with tf.GradientTape(persistent=needs_terms) as tape:
       per_task = self._losses(batch)
+      terms = ([per_task[i] for i in range(len(self._tasks))]
+               if needs_terms else [])
       total = self._weighting.objective(per_task)
       total += _regularization([self._model])
     gradients = tape.gradient(total, variables)
+    self._weighting.replica_update(tape, terms, per_task,
+                                   _last_shared_kernel(self._model))
+    del tape
     self._optimizer.apply_gradients(zip(gradients, variables))
     return per_task
 
@@ -144,6 +150,7 @@ class JointStep:
       per_task = self._losses(batch)
       weighted = self._weighting.weights() * per_task
       task_terms = [weighted[i] for i in range(len(self._tasks))]
+      unweighted_terms = [per_task[i] for i in range(len(self._tasks))]
       regularization = _regularization([self._model])
       objective = self._weighting.objective(per_task) + regularization
     zero = tf.UnconnectedGradients.ZERO
@@ -154,6 +161,8 @@ class JointStep:
                                   unconnected_gradients=zero) +
                     tape.gradient(regularization, trunk,
                                   unconnected_gradients=zero))
+    self._weighting.replica_update(tape, unweighted_terms, per_task,
+                                   _last_shared_kernel(self._model))
     del tape
     num_trunk = int(task_grads[0].shape[0])
     fused = tf.distribute.get_replica_context().all_reduce(
@@ -201,6 +210,14 @@ class JointStep:
                              axis=None)
     self._weighting.update(losses)
     return losses, tf.ones([len(self._tasks)]), metrics
+
+
+def _last_shared_kernel(model: model_lib.SharedTrunkModel) -> tf.Variable:
+  """The weights W of the trunk's last layer (its last variable of rank >= 2)."""
+  kernels = [v for v in model.trunk.trainable_variables if v.shape.rank >= 2]
+  if not kernels:
+    raise ValueError("the trunk has no weight matrix for GradNorm's W")
+  return kernels[-1]
 
 
 def _size(variables: Sequence[tf.Variable]) -> int:

@@ -52,7 +52,8 @@ class Trainer:
                schedule: Optional[schedules.Schedule] = None,
                partial_labels: bool = False, aggregator: str = "sum",
                cagrad_c: float = 0.5, seed: int = 0,
-               weighting: str = "static", dwa_window: int = 100):
+               weighting: str = "static", dwa_window: int = 100,
+               gradnorm_alpha: float = 1.5, gradnorm_lr: float = 0.025):
     """Creates the optimizers and counters inside the strategy's scope.
 
     Args:
@@ -76,6 +77,8 @@ class Trainer:
       weighting: Joint mode: how task losses are weighted, one of
         `weighting.METHODS`.
       dwa_window: DWA's loss-averaging window in steps.
+      gradnorm_alpha: GradNorm's alpha.
+      gradnorm_lr: GradNorm's step size on the weights.
     """
     self._strategy = strategy
     self.model = model
@@ -95,7 +98,8 @@ class Trainer:
       # Optimizers are created and built (slots included) in the scope,
       # before the first trace.
       self.weighting = weighting_lib.Weighting(
-          self.tasks, weighting if mode == "joint" else "static", dwa_window)
+          self.tasks, weighting if mode == "joint" else "static", dwa_window,
+          gradnorm_alpha=gradnorm_alpha, gradnorm_lr=gradnorm_lr)
       if self._per_task_optimizer:
         self.optimizers = {}
         for task in self.tasks:

@@ -1,4 +1,4 @@
-"""Task loss weighting for joint mode: static, uncertainty, DWA.
+"""Task loss weighting for joint mode: static, uncertainty, DWA, GradNorm.
 
 A `Weighting` turns the [T] per-task losses of a step into the weighted
 objective. Its state (learned log-variances, loss histories) is made of
@@ -16,6 +16,12 @@ Formulas:
                the mean losses of the last two complete windows of
                --dwa_window steps (the paper's epochs). Weights are 1 until
                two windows are complete.
+  gradnorm     Chen et al. 2018: G_i = |grad_W w_i L_i| at the last shared
+               layer W, G = mean_i G_i, r_i = (L_i(t)/L_i(0)) / mean_j
+               (L_j(t)/L_j(0)); L_grad = sum_i |G_i - sg(G r_i^alpha)|. The
+               weights take a gradient step on L_grad (d L_grad / d w_i =
+               sign(G_i - target_i) |grad_W L_i|) and are renormalised to sum
+               to T. Gradients and losses are global (all-reduced).
 """
 
 from __future__ import annotations
@@ -26,7 +32,35 @@ import tensorflow as tf
 
 from mtl_dist import tasks as tasks_lib
 
-METHODS = ("static", "uncertainty", "dwa")
+METHODS = ("static", "uncertainty", "dwa", "gradnorm")
+_MIN_WEIGHT = 1e-3
+
+
+def gradnorm_step(weights: tf.Tensor, gradient_norms: tf.Tensor,
+                  losses: tf.Tensor, initial_losses: tf.Tensor, alpha: float,
+                  learning_rate: float) -> tf.Tensor:
+  """One GradNorm update of the task weights.
+
+  Args:
+    weights: [T] current weights w_i.
+    gradient_norms: [T] |grad_W L_i| of the unweighted losses at the last
+      shared layer.
+    losses: [T] current losses L_i(t).
+    initial_losses: [T] losses at the first step, L_i(0).
+    alpha: GradNorm's alpha.
+    learning_rate: Step size on the weights.
+
+  Returns:
+    The new [T] weights, positive and summing to T.
+  """
+  num_tasks = tf.cast(tf.size(weights), tf.float32)
+  norms = weights * gradient_norms  # G_i
+  ratios = losses / tf.maximum(initial_losses, 1e-12)
+  relative = ratios / tf.maximum(tf.reduce_mean(ratios), 1e-12)
+  target = tf.stop_gradient(tf.reduce_mean(norms) * relative**alpha)
+  gradient = tf.sign(norms - target) * gradient_norms
+  updated = tf.maximum(weights - learning_rate * gradient, _MIN_WEIGHT)
+  return updated * num_tasks / tf.reduce_sum(updated)
 
 
 class Weighting(tf.Module):
@@ -34,7 +68,8 @@ class Weighting(tf.Module):
 
   def __init__(self, tasks: Sequence[tasks_lib.TaskSpec],
                method: str = "static", dwa_window: int = 100,
-               dwa_temperature: float = 2.0):
+               dwa_temperature: float = 2.0, gradnorm_alpha: float = 1.5,
+               gradnorm_lr: float = 0.025):
     """Creates the state; call inside `strategy.scope()`.
 
     Args:
@@ -42,6 +77,8 @@ class Weighting(tf.Module):
       method: One of `METHODS`.
       dwa_window: DWA: steps per loss-averaging window.
       dwa_temperature: DWA: the temperature tau.
+      gradnorm_alpha: GradNorm's alpha.
+      gradnorm_lr: GradNorm: step size of the weight update.
     """
     super().__init__(name=f"{method}_weighting")
     if method not in METHODS:
@@ -71,6 +108,19 @@ class Weighting(tf.Module):
       self.window_steps = state("window_steps", [], tf.int64)
       self.last_means = state("last_means", [2, self.num_tasks])  # t-1, t-2
       self.complete_windows = state("complete_windows", [], tf.int64)
+    elif method == "gradnorm":
+      self._alpha = gradnorm_alpha
+      self._learning_rate = gradnorm_lr
+      self.task_weights = tf.Variable(tf.ones([self.num_tasks]),
+                                      trainable=False, name="task_weights",
+                                      aggregation=first_replica)
+      self.initial_losses = tf.Variable(tf.zeros([self.num_tasks]),
+                                        trainable=False,
+                                        name="initial_losses",
+                                        aggregation=first_replica)
+      self.has_initial_losses = tf.Variable(False, trainable=False,
+                                            name="has_initial_losses",
+                                            aggregation=first_replica)
 
   @property
   def trainable(self) -> list[tf.Variable]:
@@ -86,6 +136,8 @@ class Weighting(tf.Module):
       dynamic = self.num_tasks * tf.nn.softmax(ratios / self._temperature)
       return tf.where(self.complete_windows >= 2, dynamic,
                       tf.ones([self.num_tasks]))
+    if self.method == "gradnorm":
+      return self.task_weights.read_value()
     return self._static
 
   def objective(self, per_task: tf.Tensor) -> tf.Tensor:
@@ -103,6 +155,42 @@ class Weighting(tf.Module):
       replicas = tf.distribute.get_replica_context().num_replicas_in_sync
       total += 0.5 * tf.reduce_sum(self.log_variances) / replicas
     return total
+
+  @property
+  def needs_task_gradients(self) -> bool:
+    """Whether `replica_update` needs each task's loss recorded on a tape."""
+    return self.method == "gradnorm"
+
+  def replica_update(self, tape: tf.GradientTape,
+                     task_terms: Sequence[tf.Tensor], per_task: tf.Tensor,
+                     shared_kernel: tf.Variable) -> None:
+    """GradNorm's weight update, inside a replica step (no-op otherwise).
+
+    Args:
+      tape: A persistent tape that recorded `task_terms`.
+      task_terms: Each task's unweighted loss share, formed inside the tape
+        (a slice taken after the tape would not be recorded).
+      per_task: [T] this replica's shares of the task losses.
+      shared_kernel: The last shared layer's weights W.
+    """
+    if self.method != "gradnorm":
+      return
+    num_tasks = self.num_tasks
+    local = [tf.reshape(tape.gradient(
+        term, shared_kernel,
+        unconnected_gradients=tf.UnconnectedGradients.ZERO), [-1])
+             for term in task_terms]
+    fused = tf.distribute.get_replica_context().all_reduce(
+        tf.distribute.ReduceOp.SUM, tf.concat(local + [per_task], axis=0))
+    size = int(local[0].shape[0])
+    gradients = tf.reshape(fused[:num_tasks * size], [num_tasks, size])
+    losses = fused[num_tasks * size:]
+    initial = tf.where(self.has_initial_losses, self.initial_losses, losses)
+    self.initial_losses.assign(initial)
+    self.has_initial_losses.assign(True)
+    self.task_weights.assign(gradnorm_step(
+        self.task_weights, tf.norm(gradients, axis=1), losses, initial,
+        self._alpha, self._learning_rate))
 
   def update(self, losses: tf.Tensor) -> None:
     """Records a step's global [T] losses (call in cross-replica context)."""

@@ -150,7 +150,7 @@ def test_sampled_schedule_resumes_with_the_same_choices(tmp_path, schedule):
   assert train[-1]["metrics"]["y/epochs"] == steps["y"] * 64 / 150
 
 
-@pytest.mark.parametrize("weighting", ["uncertainty", "dwa"])
+@pytest.mark.parametrize("weighting", ["uncertainty", "dwa", "gradnorm"])
 def test_joint_with_dynamic_weighting(tmp_path, weighting):
   model_dir = str(tmp_path / weighting)
   flags = [f"--weighting={weighting}"]
@@ -165,8 +165,8 @@ def test_joint_with_dynamic_weighting(tmp_path, weighting):
   last = train[-1]["metrics"]
   weights = [last[f"{t}/weight"] for t in ("shape", "x", "y")]
   assert all(w > 0 for w in weights) and len(set(weights)) > 1
-  if weighting == "dwa":
-    assert abs(sum(weights) - 3.0) < 1e-4  # DWA's weights sum to T.
+  if weighting in ("dwa", "gradnorm"):
+    assert abs(sum(weights) - 3.0) < 1e-4  # These weights sum to T.
   assert "x/weight" in event_tags(os.path.join(model_dir, "tensorboard",
                                                "train"))
   names = [n for n, _ in tf.train.list_variables(

@@ -50,7 +50,7 @@ def test_dwa_weights_follow_window_loss_ratios():
   np.testing.assert_allclose(weighting.weights(), expected, rtol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["uncertainty", "dwa"])
+@pytest.mark.parametrize("method", ["uncertainty", "dwa", "gradnorm"])
 @pytest.mark.parametrize("aggregator", ["sum", "pcgrad"])
 def test_weights_are_the_same_on_1_2_and_4_replicas(build_trainer, method,
                                                     aggregator):
@@ -77,8 +77,11 @@ def test_weights_are_the_same_on_1_2_and_4_replicas(build_trainer, method,
       np.testing.assert_allclose(got, expected, atol=1e-5)
   if method == "uncertainty":  # The log-variances were trained.
     assert np.abs(want[0]).max() > 0
-  else:  # Three complete windows of 2 steps: dynamic weights in use.
+  elif method == "dwa":  # Three complete windows of 2 steps: dynamic weights.
     assert int(single.weighting.complete_windows.numpy()) == 3
+  else:  # GradNorm moved the weights and kept their sum at T.
+    weights = single.weighting.task_weights.numpy()
+    assert not np.allclose(weights, 1.0) and abs(weights.sum() - 3) < 1e-4
 
 
 def test_weighting_state_is_checkpointed(build_trainer, tmp_path):
@@ -96,3 +99,38 @@ def test_weighting_state_is_checkpointed(build_trainer, tmp_path):
   for got, want in zip(restored.weighting.variables,
                        trainer.weighting.variables):
     np.testing.assert_array_equal(got.numpy(), want.numpy())
+
+
+def _numpy_gradnorm(weights, norms, losses, initial, alpha, rate):
+  big_g = weights * norms
+  ratios = losses / initial
+  relative = ratios / ratios.mean()
+  target = big_g.mean() * relative**alpha
+  updated = np.maximum(weights - rate * np.sign(big_g - target) * norms, 1e-3)
+  return updated * len(weights) / updated.sum()
+
+
+def test_gradnorm_step_matches_formula():
+  weights = np.array([1.0, 1.5, 0.5], np.float32)
+  norms = np.array([2.0, 0.5, 1.0], np.float32)
+  losses = np.array([0.5, 0.9, 0.2], np.float32)
+  initial = np.array([1.0, 1.0, 0.4], np.float32)
+  got = weighting_lib.gradnorm_step(*(tf.constant(v) for v in (
+      weights, norms, losses, initial)), alpha=1.5, learning_rate=0.1)
+  want = _numpy_gradnorm(weights, norms, losses, initial, 1.5, 0.1)
+  np.testing.assert_allclose(got.numpy(), want, rtol=1e-6)
+  assert abs(float(tf.reduce_sum(got)) - 3.0) < 1e-5
+  # G = (2, 0.75, 0.5) against targets (0.76, 1.84, 0.76): task 0's weight
+  # falls, the others rise; renormalised, w = (0.81, 1.58, 0.61).
+  assert got.numpy()[0] < 1.0 and got.numpy()[1] > 1.5
+
+
+def test_gradnorm_first_step_records_initial_losses(build_trainer):
+  trainer, iterators, _, _ = build_trainer(2, "joint", ("shape", "x", "y"),
+                                           weighting="gradnorm")
+  loss_sums, _ = trainer.train(iterators, 1)
+  np.testing.assert_allclose(trainer.weighting.initial_losses.numpy(),
+                             loss_sums, rtol=1e-5)
+  weights = trainer.weighting.task_weights.numpy()
+  assert abs(weights.sum() - 3.0) < 1e-5 and (weights > 0).all()
+  assert not np.allclose(weights, 1.0)  # One update happened.
