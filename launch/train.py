@@ -32,9 +32,10 @@ _MODE = flags.DEFINE_enum("mode", "joint", config_lib.MODES,
                           "update on the weighted loss sum. alternate: one "
                           "dataset per task, one task per step.")
 _DATASET = flags.DEFINE_string(
-    "dataset", "shapes", "Dataset: `shapes` (generated, no download) or "
-    "`tfds:NAME` (a prepared TFDS dataset; joint mode, --tasks name its label "
-    "features).")
+    "dataset", "shapes", "Dataset: `shapes` (generated, no download), "
+    "`toy_regression` (the GradNorm paper's 10 synthetic regressions; joint "
+    "mode) or `tfds:NAME` (a prepared TFDS dataset; joint mode, --tasks name "
+    "its label features).")
 _TASK_DATASETS = flags.DEFINE_string(
     "task_datasets", None, "Alternate mode: each task's own TFDS dataset and "
     "label feature, e.g. digits=tfds:mnist:label,fashion=tfds:fashion_mnist:"
@@ -110,16 +111,17 @@ _WEIGHTING = flags.DEFINE_enum(
 _GRADNORM_ALPHA = flags.DEFINE_float(
     "gradnorm_alpha", None, "--weighting=gradnorm: alpha (default 1.5).")
 _GRADNORM_LR = flags.DEFINE_float(
-    "gradnorm_lr", None, "--weighting=gradnorm: step size of the weight "
+    "gradnorm_lr", None, "--weighting=gradnorm: Adam step size of the weight "
     "update (default 0.025).")
 _DWA_WINDOW = flags.DEFINE_integer(
     "dwa_window", None, "--weighting=dwa: steps per loss-averaging window "
     "(the paper's epoch; default 100).")
 _TRAIN_EXAMPLES = flags.DEFINE_integer(
-    "train_examples", None, "Joint mode on shapes: training examples "
-    "(default 16384).")
+    "train_examples", None, "Joint mode on shapes or toy_regression: "
+    "training examples (default 16384).")
 _EVAL_EXAMPLES = flags.DEFINE_integer(
-    "eval_examples", None, "Shapes: held-out eval examples (default 2048).")
+    "eval_examples", None, "shapes, toy_regression: held-out eval examples "
+    "(default 2048).")
 _TRAIN_STEPS = flags.DEFINE_integer("train_steps", 1000,
                                     "Total training steps.")
 _GLOBAL_BATCH_SIZE = flags.DEFINE_integer(

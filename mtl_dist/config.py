@@ -296,9 +296,17 @@ class TrainConfig:
 
   def _validate_dataset_flags(self) -> None:
     """Refuses flags of one kind of dataset given with the other."""
-    if self.dataset != "shapes" and not self.dataset.startswith("tfds:"):
+    if (self.dataset not in ("shapes", "toy_regression") and
+        not self.dataset.startswith("tfds:")):
       raise ConfigError(f"--dataset={self.dataset}: unknown dataset (known: "
-                        "shapes, tfds:NAME)")
+                        "shapes, toy_regression, tfds:NAME)")
+    if self.dataset == "toy_regression":
+      if self.mode != "joint":
+        raise ConfigError("--dataset=toy_regression has one input for all "
+                          "tasks: use --mode=joint")
+      for name in ("task_sizes", "label_fraction"):
+        if getattr(self, name) is not None:
+          raise ConfigError(f"--{name} applies to --dataset=shapes only")
     if self.task_datasets is not None:
       if self.mode != "alternate":
         raise ConfigError("--task_datasets applies to --mode=alternate only "

@@ -19,6 +19,7 @@ import tensorflow as tf
 from mtl_dist import config as config_lib
 from mtl_dist import shapes
 from mtl_dist import tasks as tasks_lib
+from mtl_dist import toy_regression
 
 _MAX_SHUFFLE_BUFFER = 16384
 
@@ -114,10 +115,12 @@ def load(config: config_lib.TrainConfig) -> MultiTaskData:
     if config.mode == "joint":
       return tfds_data.load_joint(config)
     return tfds_data.load_alternate(config)
+  if config.dataset == "toy_regression":
+    return _load_toy_regression(config)
   if config.dataset != "shapes":
     raise config_lib.ConfigError(
         f"--dataset={config.dataset}: unknown dataset (known: shapes, "
-        "tfds:NAME)")
+        "toy_regression, tfds:NAME)")
   names = config.validate_tasks(shapes.TASK_NAMES)
   specs = {task.name: task for task in shapes.TASKS}
   tasks = tuple(specs[name].with_weight(config.weight_of(name))
@@ -152,6 +155,25 @@ def load(config: config_lib.TrainConfig) -> MultiTaskData:
   return MultiTaskData(tasks=tasks, input_shape=features.shape[1:],
                        train=train, eval=evaluation,
                        partial_labels=bool(config.label_fraction))
+
+
+def _load_toy_regression(config: config_lib.TrainConfig) -> MultiTaskData:
+  """The GradNorm paper's synthetic regression tasks (joint mode)."""
+  names = config.validate_tasks(toy_regression.TASK_NAMES)
+  specs = {task.name: task for task in toy_regression.TASKS}
+  tasks = tuple(specs[name].with_weight(config.weight_of(name))
+                for name in names)
+  num_train = config.resolved_train_examples
+  features, labels = toy_regression.generate(
+      num_train + config.resolved_eval_examples, config.seed)
+  train = source_from_arrays(features[:num_train],
+                             {k: v[:num_train] for k, v in labels.items()},
+                             names)
+  evaluation = source_from_arrays(features[num_train:],
+                                  {k: v[num_train:] for k, v in labels.items()},
+                                  names)
+  return MultiTaskData(tasks=tasks, input_shape=features.shape[1:],
+                       train=(train,), eval=(evaluation,))
 
 
 def input_options(

@@ -19,7 +19,7 @@ Formulas:
   gradnorm     Chen et al. 2018: G_i = |grad_W w_i L_i| at the last shared
                layer W, G = mean_i G_i, r_i = (L_i(t)/L_i(0)) / mean_j
                (L_j(t)/L_j(0)); L_grad = sum_i |G_i - sg(G r_i^alpha)|. The
-               weights take a gradient step on L_grad (d L_grad / d w_i =
+               weights take an Adam step on L_grad (d L_grad / d w_i =
                sign(G_i - target_i) |grad_W L_i|) and are renormalised to sum
                to T. Gradients and losses are global (all-reduced).
 """
@@ -36,10 +36,10 @@ METHODS = ("static", "uncertainty", "dwa", "gradnorm")
 _MIN_WEIGHT = 1e-3
 
 
-def gradnorm_step(weights: tf.Tensor, gradient_norms: tf.Tensor,
-                  losses: tf.Tensor, initial_losses: tf.Tensor, alpha: float,
-                  learning_rate: float) -> tf.Tensor:
-  """One GradNorm update of the task weights.
+def gradnorm_gradient(weights: tf.Tensor, gradient_norms: tf.Tensor,
+                      losses: tf.Tensor, initial_losses: tf.Tensor,
+                      alpha: float) -> tf.Tensor:
+  """d L_grad / d w_i = sign(G_i - target_i) |grad_W L_i|.
 
   Args:
     weights: [T] current weights w_i.
@@ -48,19 +48,40 @@ def gradnorm_step(weights: tf.Tensor, gradient_norms: tf.Tensor,
     losses: [T] current losses L_i(t).
     initial_losses: [T] losses at the first step, L_i(0).
     alpha: GradNorm's alpha.
-    learning_rate: Step size on the weights.
 
   Returns:
-    The new [T] weights, positive and summing to T.
+    The [T] gradient of L_grad = sum_i |G_i - sg(mean(G) r_i^alpha)|.
   """
-  num_tasks = tf.cast(tf.size(weights), tf.float32)
   norms = weights * gradient_norms  # G_i
   ratios = losses / tf.maximum(initial_losses, 1e-12)
   relative = ratios / tf.maximum(tf.reduce_mean(ratios), 1e-12)
   target = tf.stop_gradient(tf.reduce_mean(norms) * relative**alpha)
-  gradient = tf.sign(norms - target) * gradient_norms
-  updated = tf.maximum(weights - learning_rate * gradient, _MIN_WEIGHT)
-  return updated * num_tasks / tf.reduce_sum(updated)
+  return tf.sign(norms - target) * gradient_norms
+
+
+def adam_step(weights: tf.Tensor, gradient: tf.Tensor, first: tf.Tensor,
+              second: tf.Tensor, step: tf.Tensor, learning_rate: float,
+              beta_1: float = 0.9, beta_2: float = 0.999,
+              epsilon: float = 1e-7):
+  """One Adam update of the weights, then clipped > 0 and renormalised to T.
+
+  The gradient's scale follows each task's loss scale (orders of magnitude
+  apart); Adam's per-weight normalisation lets every weight move, as in the
+  paper, where the weights train with the network's optimizer.
+
+  Returns:
+    (new weights, new first moment, new second moment).
+  """
+  first = beta_1 * first + (1.0 - beta_1) * gradient
+  second = beta_2 * second + (1.0 - beta_2) * gradient * gradient
+  t = tf.cast(step, tf.float32)
+  corrected_first = first / (1.0 - beta_1**t)
+  corrected_second = second / (1.0 - beta_2**t)
+  updated = weights - learning_rate * corrected_first / (
+      tf.sqrt(corrected_second) + epsilon)
+  updated = tf.maximum(updated, _MIN_WEIGHT)
+  num_tasks = tf.cast(tf.size(weights), tf.float32)
+  return updated * num_tasks / tf.reduce_sum(updated), first, second
 
 
 class Weighting(tf.Module):
@@ -121,6 +142,11 @@ class Weighting(tf.Module):
       self.has_initial_losses = tf.Variable(False, trainable=False,
                                             name="has_initial_losses",
                                             aggregation=first_replica)
+      self.adam_moments = tf.Variable(tf.zeros([2, self.num_tasks]),
+                                      trainable=False, name="adam_moments",
+                                      aggregation=first_replica)
+      self.updates = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                 name="updates", aggregation=first_replica)
 
   @property
   def trainable(self) -> list[tf.Variable]:
@@ -188,9 +214,14 @@ class Weighting(tf.Module):
     initial = tf.where(self.has_initial_losses, self.initial_losses, losses)
     self.initial_losses.assign(initial)
     self.has_initial_losses.assign(True)
-    self.task_weights.assign(gradnorm_step(
-        self.task_weights, tf.norm(gradients, axis=1), losses, initial,
-        self._alpha, self._learning_rate))
+    gradient = gradnorm_gradient(self.task_weights, tf.norm(gradients, axis=1),
+                                 losses, initial, self._alpha)
+    weights, first, second = adam_step(
+        self.task_weights, gradient, self.adam_moments[0],
+        self.adam_moments[1], self.updates + 1, self._learning_rate)
+    self.task_weights.assign(weights)
+    self.adam_moments.assign(tf.stack([first, second]))
+    self.updates.assign_add(1)
 
   def update(self, losses: tf.Tensor) -> None:
     """Records a step's global [T] losses (call in cross-replica context)."""

@@ -48,6 +48,7 @@ def test_parse_key_values():
     ({"dataset": "imagenet"}, "--dataset=imagenet"),
     ({"aggregator": "median"}, "--aggregator=median"),
     ({"weighting": "magic"}, "--weighting=magic"),
+    ({"dataset": "toy_regression", "mode": "alternate"}, "--dataset"),
     ({"gradnorm_alpha": 1.0}, "--gradnorm_alpha"),
     ({"weighting": "gradnorm", "gradnorm_lr": 0.0}, "--gradnorm_lr=0.0"),
     ({"mode": "alternate", "gradnorm_alpha": 1.0}, "--weighting"),

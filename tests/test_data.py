@@ -123,3 +123,19 @@ def test_task_spec_validates_its_fields():
   loss = spec.per_example_loss(tf.constant([[1.0, 2.0]]),
                                tf.constant([[0.0, 4.0]]))
   np.testing.assert_allclose(loss.numpy(), [1.5])
+
+
+def test_toy_regression_follows_its_formula():
+  from mtl_dist import toy_regression  # pylint: disable=g-import-not-at-top
+  inputs, labels = toy_regression.generate(300, seed=4)
+  again, _ = toy_regression.generate(500, seed=4)
+  np.testing.assert_array_equal(inputs, again[:300])
+  assert inputs.shape == (300, 250) and set(labels) == set(
+      toy_regression.TASK_NAMES)
+  for name, sigma in zip(toy_regression.TASK_NAMES, toy_regression.SIGMAS):
+    assert labels[name].shape == (300, 100)
+    assert np.abs(labels[name]).max() <= sigma * (1 + 1e-6)
+  scales = [np.abs(labels[n]).mean() for n in toy_regression.TASK_NAMES]
+  np.testing.assert_allclose(np.array(scales) / scales[0],
+                             np.array(toy_regression.SIGMAS), rtol=0.1)
+  assert toy_regression.SIGMAS[-1] / toy_regression.SIGMAS[0] == 100.0

@@ -101,28 +101,36 @@ def test_weighting_state_is_checkpointed(build_trainer, tmp_path):
     np.testing.assert_array_equal(got.numpy(), want.numpy())
 
 
-def _numpy_gradnorm(weights, norms, losses, initial, alpha, rate):
+def _numpy_gradnorm_gradient(weights, norms, losses, initial, alpha):
   big_g = weights * norms
   ratios = losses / initial
   relative = ratios / ratios.mean()
   target = big_g.mean() * relative**alpha
-  updated = np.maximum(weights - rate * np.sign(big_g - target) * norms, 1e-3)
-  return updated * len(weights) / updated.sum()
+  return np.sign(big_g - target) * norms
 
 
-def test_gradnorm_step_matches_formula():
+def test_gradnorm_gradient_and_update_match_formula():
   weights = np.array([1.0, 1.5, 0.5], np.float32)
   norms = np.array([2.0, 0.5, 1.0], np.float32)
   losses = np.array([0.5, 0.9, 0.2], np.float32)
   initial = np.array([1.0, 1.0, 0.4], np.float32)
-  got = weighting_lib.gradnorm_step(*(tf.constant(v) for v in (
-      weights, norms, losses, initial)), alpha=1.5, learning_rate=0.1)
-  want = _numpy_gradnorm(weights, norms, losses, initial, 1.5, 0.1)
-  np.testing.assert_allclose(got.numpy(), want, rtol=1e-6)
-  assert abs(float(tf.reduce_sum(got)) - 3.0) < 1e-5
+  gradient = weighting_lib.gradnorm_gradient(*(tf.constant(v) for v in (
+      weights, norms, losses, initial)), alpha=1.5)
+  want = _numpy_gradnorm_gradient(weights, norms, losses, initial, 1.5)
+  np.testing.assert_allclose(gradient.numpy(), want, rtol=1e-6)
   # G = (2, 0.75, 0.5) against targets (0.76, 1.84, 0.76): task 0's weight
-  # falls, the others rise; renormalised, w = (0.81, 1.58, 0.61).
-  assert got.numpy()[0] < 1.0 and got.numpy()[1] > 1.5
+  # must fall, the others rise.
+  np.testing.assert_array_equal(np.sign(want), [1.0, -1.0, -1.0])
+
+  # First Adam step: the bias-corrected step is lr * sign(gradient).
+  new, first, second = weighting_lib.adam_step(
+      tf.constant(weights), gradient, tf.zeros(3), tf.zeros(3),
+      tf.constant(1, tf.int64), learning_rate=0.1)
+  moved = np.maximum(weights - 0.1 * np.sign(want), 1e-3)
+  np.testing.assert_allclose(new.numpy(), moved * 3 / moved.sum(), rtol=1e-5)
+  np.testing.assert_allclose(first.numpy(), 0.1 * want, rtol=1e-6)
+  np.testing.assert_allclose(second.numpy(), 0.001 * want**2, rtol=1e-5)
+  assert abs(float(tf.reduce_sum(new)) - 3.0) < 1e-5
 
 
 def test_gradnorm_first_step_records_initial_losses(build_trainer):

@@ -1,0 +1,1 @@
+"""Benchmarks and result tables for mtl_dist (run with `python -m`)."""
