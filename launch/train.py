@@ -95,6 +95,9 @@ _PARTIAL_LABELS = flags.DEFINE_bool(
     "partial_labels", False, "Joint mode: examples may lack some tasks' "
     "labels (class -1, NaN target, or a <task>_mask entry of 0); each task "
     "then averages over its labelled examples. On with --label_fraction.")
+_BASELINES = flags.DEFINE_string(
+    "baselines", None, "Single-task runs to compare with, task=MODEL_DIR,...: "
+    "adds LibMTL's Delta_m (mean relative improvement, %) to summary.json.")
 _AGGREGATOR = flags.DEFINE_enum(
     "aggregator", "sum", config_lib.AGGREGATORS,
     "Joint mode: how the tasks' gradients of the shared trunk combine: sum, "
@@ -165,6 +168,9 @@ def _given(flag_holder: flags.FlagHolder):
 
 def _config_from_flags() -> mtl_dist.TrainConfig:
   task_weights = task_sizes = label_fraction = task_datasets = None
+  baselines = None
+  if _BASELINES.value is not None:
+    baselines = mtl_dist.parse_key_values(_BASELINES.value, "baselines", str)
   image_size = None
   if _TASK_DATASETS.value is not None:
     task_datasets = mtl_dist.parse_key_values(_TASK_DATASETS.value,
@@ -194,7 +200,8 @@ def _config_from_flags() -> mtl_dist.TrainConfig:
       steps_per_epoch=_STEPS_PER_EPOCH.value,
       anneal_epochs=_ANNEAL_EPOCHS.value,
       label_fraction=label_fraction, partial_labels=_PARTIAL_LABELS.value,
-      aggregator=_AGGREGATOR.value, cagrad_c=_CAGRAD_C.value,
+      baselines=baselines, aggregator=_AGGREGATOR.value,
+      cagrad_c=_CAGRAD_C.value,
       weighting=_WEIGHTING.value, dwa_window=_DWA_WINDOW.value,
       gradnorm_alpha=_GRADNORM_ALPHA.value, gradnorm_lr=_GRADNORM_LR.value,
       train_examples=_TRAIN_EXAMPLES.value,

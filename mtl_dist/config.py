@@ -89,6 +89,8 @@ class TrainConfig:
   label_fraction: Optional[Mapping[str, float]] = None
   # Joint mode: examples may lack labels (on for --label_fraction).
   partial_labels: bool = False
+  # Task -> model_dir of its single-task run, for Delta_m in summary.json.
+  baselines: Optional[Mapping[str, str]] = None
   aggregator: str = "sum"  # joint mode: how task gradients combine.
   cagrad_c: Optional[float] = None  # aggregator=cagrad; default 0.5.
   weighting: str = "static"  # joint mode: how task losses are weighted.
@@ -346,7 +348,7 @@ class TrainConfig:
       ConfigError: For a task in --task_weights, --task_sizes or
         --label_fraction that is not trained.
     """
-    for flag in ("task_weights", "task_sizes", "label_fraction"):
+    for flag in ("task_weights", "task_sizes", "label_fraction", "baselines"):
       mapping = getattr(self, flag)
       for task in mapping or {}:
         if task not in tasks:

@@ -21,6 +21,7 @@ import tf_keras
 
 from mtl_dist import config as config_lib
 from mtl_dist import data as data_lib
+from mtl_dist import delta_m as delta_m_lib
 from mtl_dist import distribution
 from mtl_dist import model as model_lib
 from mtl_dist import outputs
@@ -44,6 +45,8 @@ class _Run:
           f"--global_batch_size={config.global_batch_size}: not divisible by "
           f"the {replicas} replicas")
     self.data = data_lib.load(config)
+    self.baselines = (delta_m_lib.read_baselines(config.baselines)
+                      if config.baselines else None)
     tf_keras.utils.set_random_seed(config.seed)
     with self.strategy.scope():
       self.model = model_lib.build_model(self.data.tasks, self.data.input_shape,
@@ -223,6 +226,10 @@ def train(config: config_lib.TrainConfig) -> dict[str, Any]:
                for name in task_names},
       "examples_per_second": examples_per_second,
   }
+  if run.baselines:
+    summary["delta_m"] = delta_m_lib.delta_m(summary["eval"], run.baselines)
+    logging.info("Delta_m against the single-task baselines: %+.2f%%",
+                 summary["delta_m"]["delta_m"])
   outputs.write_json_atomic(os.path.join(config.model_dir, "summary.json"),
                             summary)
   return summary
