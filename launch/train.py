@@ -106,6 +106,10 @@ _AGGREGATOR = flags.DEFINE_enum(
     "before aggregating.")
 _CAGRAD_C = flags.DEFINE_float("cagrad_c", None,
                                "--aggregator=cagrad: c (default 0.5).")
+_REP_GRAD = flags.DEFINE_bool(
+    "rep_grad", False, "--aggregator=mgda or cagrad: compute the task "
+    "gradients at the shared representation (the trunk's output) instead of "
+    "all trunk parameters, the cheaper MGDA-UB form.")
 _WEIGHTING = flags.DEFINE_enum(
     "weighting", "static", config_lib.WEIGHTINGS,
     "Joint mode: task loss weights: static (--task_weights), uncertainty "
@@ -201,7 +205,7 @@ def _config_from_flags() -> mtl_dist.TrainConfig:
       anneal_epochs=_ANNEAL_EPOCHS.value,
       label_fraction=label_fraction, partial_labels=_PARTIAL_LABELS.value,
       baselines=baselines, aggregator=_AGGREGATOR.value,
-      cagrad_c=_CAGRAD_C.value,
+      cagrad_c=_CAGRAD_C.value, rep_grad=_REP_GRAD.value,
       weighting=_WEIGHTING.value, dwa_window=_DWA_WINDOW.value,
       gradnorm_alpha=_GRADNORM_ALPHA.value, gradnorm_lr=_GRADNORM_LR.value,
       train_examples=_TRAIN_EXAMPLES.value,

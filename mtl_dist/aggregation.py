@@ -26,10 +26,15 @@ _EPSILON = 1e-12
 
 def conflict_share(grads: tf.Tensor) -> tf.Tensor:
   """The share of task pairs whose gradients conflict (negative cosine)."""
-  num_tasks = grads.shape[0]
+  return conflict_share_from_gram(
+      tf.linalg.matmul(grads, grads, transpose_b=True))
+
+
+def conflict_share_from_gram(gram: tf.Tensor) -> tf.Tensor:
+  """`conflict_share` from the [T, T] Gram matrix of the gradients."""
+  num_tasks = gram.shape[0]
   if num_tasks < 2:
     return tf.constant(0.0)
-  gram = tf.linalg.matmul(grads, grads, transpose_b=True)
   upper = tf.linalg.band_part(tf.ones_like(gram), 0, -1) - tf.eye(num_tasks)
   conflicts = tf.cast(gram < 0, tf.float32) * upper
   return tf.reduce_sum(conflicts) / (num_tasks * (num_tasks - 1) / 2)
@@ -135,6 +140,42 @@ def mgda(grads: tf.Tensor, iterations: int = 1000) -> tf.Tensor:
   gram = tf.linalg.matmul(grads, grads, transpose_b=True)
   weights = min_norm_weights(gram, iterations)
   return tf.linalg.matvec(grads, weights, transpose_a=True)
+
+
+GRAM_AGGREGATORS = ("mgda", "cagrad")
+
+
+def coefficients_from_gram(name: str, gram: tf.Tensor,
+                           cagrad_c: float = 0.5) -> tf.Tensor:
+  """The [T] coefficients a with update = sum_i a_i g_i, from G G^T alone.
+
+  MGDA's and CAGrad's updates are linear combinations of the task gradients
+  whose coefficients depend only on the Gram matrix, so they can be computed
+  from gradients at the shared representation instead (MGDA-UB, --rep_grad)
+  and the combination backpropagated through the trunk once. PCGrad's
+  sequential projections have no such form.
+
+  Args:
+    name: "mgda" or "cagrad".
+    gram: [T, T] Gram matrix of the task gradients.
+    cagrad_c: CAGrad's c.
+
+  Returns:
+    The coefficients.
+  """
+  if name == "mgda":
+    return min_norm_weights(gram)
+  if name == "cagrad":
+    num_tasks = gram.shape[0]
+    weights = cagrad_weights(gram, cagrad_c)
+    g0_norm = tf.sqrt(tf.maximum(tf.reduce_sum(gram), 0.0)) / num_tasks
+    g_w_norm = tf.sqrt(tf.maximum(
+        tf.reduce_sum(weights * tf.linalg.matvec(gram, weights)),
+        _EPSILON**2))
+    return (1.0 / num_tasks + cagrad_c * g0_norm / g_w_norm * weights) / (
+        1.0 + cagrad_c * cagrad_c)
+  raise ValueError(f"{name!r} has no Gram-matrix form (known: "
+                   f"{', '.join(GRAM_AGGREGATORS)})")
 
 
 def cagrad_weights(gram: tf.Tensor, c: float,

@@ -93,6 +93,7 @@ class TrainConfig:
   baselines: Optional[Mapping[str, str]] = None
   aggregator: str = "sum"  # joint mode: how task gradients combine.
   cagrad_c: Optional[float] = None  # aggregator=cagrad; default 0.5.
+  rep_grad: bool = False  # aggregator=mgda|cagrad: gradients at the trunk output.
   weighting: str = "static"  # joint mode: how task losses are weighted.
   dwa_window: Optional[int] = None  # weighting=dwa; default 100 steps.
   gradnorm_alpha: Optional[float] = None  # weighting=gradnorm; default 1.5.
@@ -199,6 +200,11 @@ class TrainConfig:
                           f"{', '.join(repeated)} given twice")
     self._validate_mode_flags()
     self._validate_dataset_flags()
+    if self.rep_grad and self.aggregator not in ("mgda", "cagrad"):
+      raise ConfigError(
+          "--rep_grad is valid for --aggregator=mgda or cagrad (their update "
+          "combines task gradients with coefficients that need only the Gram "
+          f"matrix), not --aggregator={self.aggregator}")
     if self.strategy == "one_device" and self.num_cpu_devices > 1:
       raise ConfigError(
           f"--num_cpu_devices={self.num_cpu_devices} makes replicas for a "

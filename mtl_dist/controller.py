@@ -63,7 +63,8 @@ class _Run:
         per_task_optimizer=config.resolved_per_task_optimizer,
         schedule=schedule,
         partial_labels=self.data.partial_labels or config.partial_labels,
-        aggregator=config.aggregator, weighting=config.weighting,
+        aggregator=config.aggregator, rep_grad=config.rep_grad,
+        weighting=config.weighting,
         dwa_window=config.dwa_window or 100,
         gradnorm_alpha=(1.5 if config.gradnorm_alpha is None
                         else config.gradnorm_alpha),

@@ -94,10 +94,16 @@ class JointStep:
                global_batch_size: int, partial_labels: bool = False,
                aggregator: str = "sum", cagrad_c: float = 0.5,
                seed: int = 0,
-               weighting: weighting_lib.Weighting | None = None):
+               weighting: weighting_lib.Weighting | None = None,
+               rep_grad: bool = False):
     if aggregator not in AGGREGATORS:
       raise ValueError(f"unknown aggregator {aggregator!r} (known: "
                        f"{', '.join(AGGREGATORS)})")
+    if rep_grad and aggregator not in aggregation.GRAM_AGGREGATORS:
+      raise ValueError(f"rep_grad needs an aggregator with a Gram-matrix form "
+                       f"({', '.join(aggregation.GRAM_AGGREGATORS)}), not "
+                       f"{aggregator!r}")
+    self._rep_grad = rep_grad
     self._model = model
     self._tasks = tuple(tasks)
     self._optimizer = optimizer
@@ -137,6 +143,59 @@ class JointStep:
     del tape
     self._optimizer.apply_gradients(zip(gradients, variables))
     return per_task
+
+  def rep_grad_replica_step(self, batch: Batch,
+                            step: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """MGDA-UB style: coefficients from gradients at the representation.
+
+    Each task's gradient with respect to the trunk's output z is taken on
+    this replica's examples; the global Gram matrix of these gradients is the
+    sum of the replicas' (one [T, T] all-reduce); every replica derives the
+    same coefficients a and backpropagates sum_i a_i dL_i/dz through the
+    trunk once. Heads get their own tasks' gradients.
+    """
+    del step
+    features, labels = batch
+    trunk = self._model.trunk.trainable_variables
+    heads = [v for task in self._tasks
+             for v in self._model.heads[task.name].trainable_variables]
+    heads += self._weighting.trainable
+    with tf.GradientTape(persistent=True) as tape:
+      representation = self._model.trunk(features, training=True)
+      outputs = {task.name: self._model.heads[task.name](representation,
+                                                         training=True)
+                 for task in self._tasks}
+      _, per_task = task_losses(self._tasks, labels, outputs,
+                                self._global_batch_size, self._partial_labels)
+      weighted = self._weighting.weights() * per_task
+      task_terms = [weighted[i] for i in range(len(self._tasks))]
+      unweighted_terms = [per_task[i] for i in range(len(self._tasks))]
+      regularization = _regularization([self._model])
+      objective = self._weighting.objective(per_task) + regularization
+    zero = tf.UnconnectedGradients.ZERO
+    rep_grads = [tape.gradient(term, representation,
+                               unconnected_gradients=zero)
+                 for term in task_terms]
+    flat = tf.stack([tf.reshape(g, [-1]) for g in rep_grads])
+    gram = tf.distribute.get_replica_context().all_reduce(
+        tf.distribute.ReduceOp.SUM,
+        tf.linalg.matmul(flat, flat, transpose_b=True))
+    coefficients = aggregation.coefficients_from_gram(
+        self._aggregator, gram, self._cagrad_c)
+    combined = tf.add_n([coefficients[i] * g for i, g in enumerate(rep_grads)])
+    trunk_grads = tape.gradient(representation, trunk,
+                                output_gradients=combined,
+                                unconnected_gradients=zero)
+    regularization_grads = tape.gradient(regularization, trunk,
+                                         unconnected_gradients=zero)
+    trunk_grads = [g + r for g, r in zip(trunk_grads, regularization_grads)]
+    head_grads = tape.gradient(objective, heads, unconnected_gradients=zero)
+    self._weighting.replica_update(tape, unweighted_terms, per_task,
+                                   _last_shared_kernel(self._model))
+    del tape
+    self._optimizer.apply_gradients(zip(trunk_grads + head_grads,
+                                        trunk + heads))
+    return per_task, aggregation.conflict_share_from_gram(gram)
 
   def aggregated_replica_step(self, batch: Batch,
                               step: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -201,7 +260,9 @@ class JointStep:
       per_replica = strategy.run(self.replica_step, args=(batch,))
       metrics = weights
     else:
-      per_replica, share = strategy.run(self.aggregated_replica_step,
+      replica_fn = (self.rep_grad_replica_step if self._rep_grad
+                    else self.aggregated_replica_step)
+      per_replica, share = strategy.run(replica_fn,
                                         args=(batch, step.read_value()))
       # Every replica computed the same share from the same global matrix.
       metrics = tf.concat([weights, tf.reshape(

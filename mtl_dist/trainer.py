@@ -53,7 +53,8 @@ class Trainer:
                partial_labels: bool = False, aggregator: str = "sum",
                cagrad_c: float = 0.5, seed: int = 0,
                weighting: str = "static", dwa_window: int = 100,
-               gradnorm_alpha: float = 1.5, gradnorm_lr: float = 0.025):
+               gradnorm_alpha: float = 1.5, gradnorm_lr: float = 0.025,
+               rep_grad: bool = False):
     """Creates the optimizers and counters inside the strategy's scope.
 
     Args:
@@ -79,6 +80,8 @@ class Trainer:
       dwa_window: DWA's loss-averaging window in steps.
       gradnorm_alpha: GradNorm's alpha.
       gradnorm_lr: GradNorm's step size on the weights.
+      rep_grad: Aggregate from gradients at the shared representation
+        (MGDA-UB form; mgda and cagrad only).
     """
     self._strategy = strategy
     self.model = model
@@ -115,7 +118,7 @@ class Trainer:
       self._step = steps_lib.JointStep(
           model, self.tasks, shared, global_batch_size, partial_labels,
           aggregator=aggregator, cagrad_c=cagrad_c, seed=seed,
-          weighting=self.weighting)
+          weighting=self.weighting, rep_grad=rep_grad)
     else:
       self._step = steps_lib.AlternateStep(
           model, self.tasks, [self.optimizers[t.name] for t in self.tasks],

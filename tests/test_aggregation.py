@@ -159,3 +159,54 @@ def test_aggregated_step_differs_from_sum_and_keeps_heads_separate(
   same_trunk = all(np.allclose(a, b, atol=1e-6) for a, b in zip(
       pcgrad.model.trunk.get_weights(), summed.model.trunk.get_weights()))
   assert same_trunk == (share == 0.0)
+
+
+@pytest.mark.parametrize("name", ["mgda", "cagrad"])
+def test_gram_coefficients_reproduce_the_full_update(name):
+  rng = np.random.default_rng(3)
+  grads = rng.normal(size=(3, 6)).astype(np.float32)
+  gram = tf.constant(grads @ grads.T)
+  coefficients = aggregation.coefficients_from_gram(name, gram, 0.5)
+  full = (aggregation.mgda(tf.constant(grads)) if name == "mgda"
+          else aggregation.cagrad(tf.constant(grads), 0.5))
+  np.testing.assert_allclose(coefficients.numpy() @ grads, full.numpy(),
+                             atol=1e-5)
+
+
+def test_pcgrad_has_no_gram_form():
+  with pytest.raises(ValueError, match="no Gram-matrix form"):
+    aggregation.coefficients_from_gram("pcgrad", tf.eye(2))
+
+
+@pytest.mark.parametrize("aggregator", ["mgda", "cagrad"])
+def test_rep_grad_training_is_the_same_on_1_2_and_4_replicas(
+    build_trainer, aggregator):
+  tasks = ("shape", "x", "y")
+  single, single_its, _, _ = build_trainer(1, "joint", tasks,
+                                           aggregator=aggregator,
+                                           rep_grad=True)
+  initial = single.model.get_weights()
+  single.train(single_its, 4)
+  for replicas in (2, 4):
+    multi, multi_its, _, _ = build_trainer(replicas, "joint", tasks,
+                                           aggregator=aggregator,
+                                           rep_grad=True,
+                                           initial_weights=initial)
+    multi.train(multi_its, 4)
+    for got, want in zip(multi.model.get_weights(),
+                         single.model.get_weights()):
+      np.testing.assert_allclose(got, want, atol=1e-5)
+  assert any(not np.allclose(w, i) for w, i in zip(
+      single.model.get_weights(), initial)), "training changed nothing"
+
+
+def test_rep_grad_with_one_task_is_plain_gradient_descent(build_trainer):
+  """One task: MGDA's coefficient is 1, so the update is the plain one."""
+  plain, plain_its, _, _ = build_trainer(2, "joint", ("x",))
+  rep, rep_its, _, _ = build_trainer(2, "joint", ("x",), aggregator="mgda",
+                                     rep_grad=True,
+                                     initial_weights=plain.model.get_weights())
+  plain.train(plain_its, 3)
+  rep.train(rep_its, 3)
+  for got, want in zip(rep.model.get_weights(), plain.model.get_weights()):
+    np.testing.assert_allclose(got, want, atol=1e-6)
