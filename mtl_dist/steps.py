@@ -9,7 +9,7 @@ with the same global batch.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import tensorflow as tf
 import tf_keras
@@ -75,6 +75,17 @@ def _regularization(layers: Sequence[tf_keras.layers.Layer]) -> tf.Tensor:
 
 
 AGGREGATORS = ("sum", "pcgrad", "cagrad", "mgda")
+
+
+class _Terms(NamedTuple):
+  """What a gradient-surgery step records on its tape."""
+
+  representation: tf.Tensor  # The trunk's output z.
+  per_task: tf.Tensor  # [T] unweighted loss shares.
+  weighted: list[tf.Tensor]  # Each task's weighted loss share.
+  unweighted: list[tf.Tensor]  # Each task's unweighted loss share.
+  regularization: tf.Tensor
+  objective: tf.Tensor  # Weighted losses plus regularization.
 
 
 class JointStep:
@@ -144,6 +155,34 @@ class JointStep:
     self._optimizer.apply_gradients(zip(gradients, variables))
     return per_task
 
+  def _unshared_variables(self) -> list[tf.Variable]:
+    """Heads and learned loss weights: trained without gradient surgery."""
+    heads = [v for task in self._tasks
+             for v in self._model.heads[task.name].trainable_variables]
+    return heads + self._weighting.trainable
+
+  def _record_terms(self, batch: Batch) -> _Terms:
+    """The forward pass and every term a surgery step differentiates.
+
+    Call inside a persistent tape: a term formed after the tape (even a
+    slice) would not be recorded and its gradient would be missing.
+    """
+    features, labels = batch
+    representation = self._model.trunk(features, training=True)
+    outputs = {task.name: self._model.heads[task.name](representation,
+                                                       training=True)
+               for task in self._tasks}
+    _, per_task = task_losses(self._tasks, labels, outputs,
+                              self._global_batch_size, self._partial_labels)
+    weighted = self._weighting.weights() * per_task
+    regularization = _regularization([self._model])
+    return _Terms(
+        representation=representation, per_task=per_task,
+        weighted=[weighted[i] for i in range(len(self._tasks))],
+        unweighted=[per_task[i] for i in range(len(self._tasks))],
+        regularization=regularization,
+        objective=self._weighting.objective(per_task) + regularization)
+
   def rep_grad_replica_step(self, batch: Batch,
                             step: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """MGDA-UB style: coefficients from gradients at the representation.
@@ -155,27 +194,14 @@ class JointStep:
     trunk once. Heads get their own tasks' gradients.
     """
     del step
-    features, labels = batch
     trunk = self._model.trunk.trainable_variables
-    heads = [v for task in self._tasks
-             for v in self._model.heads[task.name].trainable_variables]
-    heads += self._weighting.trainable
+    heads = self._unshared_variables()
     with tf.GradientTape(persistent=True) as tape:
-      representation = self._model.trunk(features, training=True)
-      outputs = {task.name: self._model.heads[task.name](representation,
-                                                         training=True)
-                 for task in self._tasks}
-      _, per_task = task_losses(self._tasks, labels, outputs,
-                                self._global_batch_size, self._partial_labels)
-      weighted = self._weighting.weights() * per_task
-      task_terms = [weighted[i] for i in range(len(self._tasks))]
-      unweighted_terms = [per_task[i] for i in range(len(self._tasks))]
-      regularization = _regularization([self._model])
-      objective = self._weighting.objective(per_task) + regularization
+      terms = self._record_terms(batch)
     zero = tf.UnconnectedGradients.ZERO
-    rep_grads = [tape.gradient(term, representation,
+    rep_grads = [tape.gradient(term, terms.representation,
                                unconnected_gradients=zero)
-                 for term in task_terms]
+                 for term in terms.weighted]
     flat = tf.stack([tf.reshape(g, [-1]) for g in rep_grads])
     gram = tf.distribute.get_replica_context().all_reduce(
         tf.distribute.ReduceOp.SUM,
@@ -183,45 +209,39 @@ class JointStep:
     coefficients = aggregation.coefficients_from_gram(
         self._aggregator, gram, self._cagrad_c)
     combined = tf.add_n([coefficients[i] * g for i, g in enumerate(rep_grads)])
-    trunk_grads = tape.gradient(representation, trunk,
+    trunk_grads = tape.gradient(terms.representation, trunk,
                                 output_gradients=combined,
                                 unconnected_gradients=zero)
-    regularization_grads = tape.gradient(regularization, trunk,
+    regularization_grads = tape.gradient(terms.regularization, trunk,
                                          unconnected_gradients=zero)
     trunk_grads = [g + r for g, r in zip(trunk_grads, regularization_grads)]
-    head_grads = tape.gradient(objective, heads, unconnected_gradients=zero)
-    self._weighting.replica_update(tape, unweighted_terms, per_task,
+    head_grads = tape.gradient(terms.objective, heads,
+                               unconnected_gradients=zero)
+    self._weighting.replica_update(tape, terms.unweighted, terms.per_task,
                                    _last_shared_kernel(self._model))
     del tape
     self._optimizer.apply_gradients(zip(trunk_grads + head_grads,
                                         trunk + heads))
-    return per_task, aggregation.conflict_share_from_gram(gram)
+    return terms.per_task, aggregation.conflict_share_from_gram(gram)
 
   def aggregated_replica_step(self, batch: Batch,
                               step: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """Trains with gradient aggregation; returns ([T] losses, conflict share)."""
     trunk = self._model.trunk.trainable_variables
-    heads = [v for task in self._tasks
-             for v in self._model.heads[task.name].trainable_variables]
-    heads += self._weighting.trainable  # Not shared: no surgery.
-    # Every term is formed inside the tape: ops outside it are not recorded.
+    heads = self._unshared_variables()
     with tf.GradientTape(persistent=True) as tape:
-      per_task = self._losses(batch)
-      weighted = self._weighting.weights() * per_task
-      task_terms = [weighted[i] for i in range(len(self._tasks))]
-      unweighted_terms = [per_task[i] for i in range(len(self._tasks))]
-      regularization = _regularization([self._model])
-      objective = self._weighting.objective(per_task) + regularization
+      terms = self._record_terms(batch)
     zero = tf.UnconnectedGradients.ZERO
     task_grads = [_flatten(tape.gradient(term, trunk,
                                          unconnected_gradients=zero))
-                  for term in task_terms]
-    rest = _flatten(tape.gradient(objective, heads,
+                  for term in terms.weighted]
+    rest = _flatten(tape.gradient(terms.objective, heads,
                                   unconnected_gradients=zero) +
-                    tape.gradient(regularization, trunk,
+                    tape.gradient(terms.regularization, trunk,
                                   unconnected_gradients=zero))
-    self._weighting.replica_update(tape, unweighted_terms, per_task,
+    self._weighting.replica_update(tape, terms.unweighted, terms.per_task,
                                    _last_shared_kernel(self._model))
+    per_task = terms.per_task
     del tape
     num_trunk = int(task_grads[0].shape[0])
     fused = tf.distribute.get_replica_context().all_reduce(
