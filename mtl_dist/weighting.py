@@ -38,7 +38,8 @@ _MIN_WEIGHT = 1e-3
 
 def gradnorm_gradient(weights: tf.Tensor, gradient_norms: tf.Tensor,
                       losses: tf.Tensor, initial_losses: tf.Tensor,
-                      alpha: float) -> tf.Tensor:
+                      alpha: float,
+                      active: tf.Tensor | None = None) -> tf.Tensor:
   """d L_grad / d w_i = sign(G_i - target_i) |grad_W L_i|.
 
   Args:
@@ -46,23 +47,31 @@ def gradnorm_gradient(weights: tf.Tensor, gradient_norms: tf.Tensor,
     gradient_norms: [T] |grad_W L_i| of the unweighted losses at the last
       shared layer.
     losses: [T] current losses L_i(t).
-    initial_losses: [T] losses at the first step, L_i(0).
+    initial_losses: [T] each task's first loss, L_i(0).
     alpha: GradNorm's alpha.
+    active: [T] bool, the tasks that take part this step (labelled in this
+      global batch, with a recorded L_i(0)); the means run over them and
+      the others get a zero gradient. Default: all.
 
   Returns:
     The [T] gradient of L_grad = sum_i |G_i - sg(mean(G) r_i^alpha)|.
   """
+  if active is None:
+    active = tf.ones_like(weights, tf.bool)
+  share = tf.cast(active, tf.float32)
+  count = tf.maximum(tf.reduce_sum(share), 1.0)
   norms = weights * gradient_norms  # G_i
-  ratios = losses / tf.maximum(initial_losses, 1e-12)
-  relative = ratios / tf.maximum(tf.reduce_mean(ratios), 1e-12)
-  target = tf.stop_gradient(tf.reduce_mean(norms) * relative**alpha)
-  return tf.sign(norms - target) * gradient_norms
+  ratios = share * losses / tf.maximum(initial_losses, 1e-12)
+  relative = ratios / tf.maximum(tf.reduce_sum(ratios) / count, 1e-12)
+  mean_norm = tf.reduce_sum(share * norms) / count
+  target = tf.stop_gradient(mean_norm * relative**alpha)
+  return share * tf.sign(norms - target) * gradient_norms
 
 
 def adam_step(weights: tf.Tensor, gradient: tf.Tensor, first: tf.Tensor,
               second: tf.Tensor, step: tf.Tensor, learning_rate: float,
               beta_1: float = 0.9, beta_2: float = 0.999,
-              epsilon: float = 1e-7):
+              epsilon: float = 1e-7, active: tf.Tensor | None = None):
   """One Adam update of the weights, then clipped > 0 and renormalised to T.
 
   The gradient's scale follows each task's loss scale (orders of magnitude
@@ -72,6 +81,7 @@ def adam_step(weights: tf.Tensor, gradient: tf.Tensor, first: tf.Tensor,
   Returns:
     (new weights, new first moment, new second moment).
   """
+  previous_first, previous_second = first, second
   first = beta_1 * first + (1.0 - beta_1) * gradient
   second = beta_2 * second + (1.0 - beta_2) * gradient * gradient
   t = tf.cast(step, tf.float32)
@@ -79,6 +89,10 @@ def adam_step(weights: tf.Tensor, gradient: tf.Tensor, first: tf.Tensor,
   corrected_second = second / (1.0 - beta_2**t)
   updated = weights - learning_rate * corrected_first / (
       tf.sqrt(corrected_second) + epsilon)
+  if active is not None:  # Tasks not taking part keep weight and moments.
+    updated = tf.where(active, updated, weights)
+    first = tf.where(active, first, previous_first)
+    second = tf.where(active, second, previous_second)
   updated = tf.maximum(updated, _MIN_WEIGHT)
   num_tasks = tf.cast(tf.size(weights), tf.float32)
   return updated * num_tasks / tf.reduce_sum(updated), first, second
@@ -139,9 +153,9 @@ class Weighting(tf.Module):
                                         trainable=False,
                                         name="initial_losses",
                                         aggregation=first_replica)
-      self.has_initial_losses = tf.Variable(False, trainable=False,
-                                            name="has_initial_losses",
-                                            aggregation=first_replica)
+      self.has_initial_losses = tf.Variable(
+          tf.zeros([self.num_tasks], tf.bool), trainable=False,
+          name="has_initial_losses", aggregation=first_replica)
       self.adam_moments = tf.Variable(tf.zeros([2, self.num_tasks]),
                                       trainable=False, name="adam_moments",
                                       aggregation=first_replica)
@@ -189,7 +203,7 @@ class Weighting(tf.Module):
 
   def replica_update(self, tape: tf.GradientTape,
                      task_terms: Sequence[tf.Tensor], per_task: tf.Tensor,
-                     shared_kernel: tf.Variable) -> None:
+                     labelled: tf.Tensor, shared_kernel: tf.Variable) -> None:
     """GradNorm's weight update, inside a replica step (no-op otherwise).
 
     Args:
@@ -197,6 +211,10 @@ class Weighting(tf.Module):
       task_terms: Each task's unweighted loss share, formed inside the tape
         (a slice taken after the tape would not be recorded).
       per_task: [T] this replica's shares of the task losses.
+      labelled: [T] this replica's count of examples labelled for each task
+        (partial labels); a task with none in the global batch takes no
+        part in this step's update, and its L_i(0) is its first labelled
+        loss.
       shared_kernel: The last shared layer's weights W.
     """
     if self.method != "gradnorm":
@@ -207,18 +225,24 @@ class Weighting(tf.Module):
         unconnected_gradients=tf.UnconnectedGradients.ZERO), [-1])
              for term in task_terms]
     fused = tf.distribute.get_replica_context().all_reduce(
-        tf.distribute.ReduceOp.SUM, tf.concat(local + [per_task], axis=0))
+        tf.distribute.ReduceOp.SUM,
+        tf.concat(local + [per_task, tf.cast(labelled, tf.float32)], axis=0))
     size = int(local[0].shape[0])
     gradients = tf.reshape(fused[:num_tasks * size], [num_tasks, size])
-    losses = fused[num_tasks * size:]
-    initial = tf.where(self.has_initial_losses, self.initial_losses, losses)
+    losses = fused[num_tasks * size:num_tasks * (size + 1)]
+    present = fused[num_tasks * (size + 1):] > 0
+    had_initial = self.has_initial_losses.read_value()
+    initial = tf.where(had_initial, self.initial_losses,
+                       tf.where(present, losses, 0.0))
     self.initial_losses.assign(initial)
-    self.has_initial_losses.assign(True)
+    self.has_initial_losses.assign(tf.logical_or(had_initial, present))
+    active = present  # A first labelled step records L_i(0): ratio 1.
     gradient = gradnorm_gradient(self.task_weights, tf.norm(gradients, axis=1),
-                                 losses, initial, self._alpha)
+                                 losses, initial, self._alpha, active)
     weights, first, second = adam_step(
         self.task_weights, gradient, self.adam_moments[0],
-        self.adam_moments[1], self.updates + 1, self._learning_rate)
+        self.adam_moments[1], self.updates + 1, self._learning_rate,
+        active=active)
     self.task_weights.assign(weights)
     self.adam_moments.assign(tf.stack([first, second]))
     self.updates.assign_add(1)

@@ -71,11 +71,12 @@ def test_mgda_returns_zero_when_a_convex_combination_vanishes():
                              [0.0, 0.0], atol=2e-3)
 
 
-def _numpy_cagrad(grads: np.ndarray, c: float, grid: int = 300) -> np.ndarray:
-  """Brute force over a grid of the 3-task simplex."""
+def _numpy_cagrad(grads: np.ndarray, c: float, grid: int = 300,
+                  weights=None) -> np.ndarray:
+  """CAGrad's update at `weights`, or at the best point of a 3-task grid."""
   g0 = grads.mean(axis=0)
-  best = None
-  for i in range(grid + 1):
+  best = None if weights is None else (None, weights @ grads)
+  for i in range(grid + 1 if weights is None else 0):
     for j in range(grid + 1 - i):
       w = np.array([i, j, grid - i - j]) / grid
       g_w = w @ grads
@@ -210,3 +211,70 @@ def test_rep_grad_with_one_task_is_plain_gradient_descent(build_trainer):
   rep.train(rep_its, 3)
   for got, want in zip(rep.model.get_weights(), plain.model.get_weights()):
     np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def _numpy_cagrad_weights(gram: np.ndarray, c: float,
+                          iterations: int = 20000) -> np.ndarray:
+  """Projected gradient with backtracking in float64, run to convergence."""
+  num_tasks = len(gram)
+  m = gram / np.abs(gram).max()
+  b, g0_norm = m.sum(axis=1) / num_tasks, np.sqrt(m.sum()) / num_tasks
+
+  def objective(w):
+    return w @ b + c * g0_norm * np.sqrt(max(w @ m @ w, 1e-30))
+
+  def project(v):
+    u = np.sort(v)[::-1]
+    excess = np.cumsum(u) - 1
+    last = np.nonzero(u - excess / np.arange(1, len(v) + 1) > 0)[0][-1]
+    return np.maximum(v - excess[last] / (last + 1), 0)
+
+  w, rate = np.full(num_tasks, 1 / num_tasks), 1.0
+  for _ in range(iterations):
+    grad = b + c * g0_norm * (m @ w) / np.sqrt(max(w @ m @ w, 1e-30))
+    while True:
+      candidate = project(w - rate * grad)
+      move = candidate - w
+      if objective(candidate) <= objective(w) + grad @ move + move @ move / (
+          2 * rate) or rate < 1e-14:
+        break
+      rate *= 0.5
+    w, rate = candidate, rate * 1.2
+  return w
+
+
+def test_cagrad_converges_with_ten_tasks_of_very_different_scales():
+  rng = np.random.default_rng(7)
+  grads = (rng.normal(size=(10, 40)) *
+           np.logspace(0, 2, 10)[:, None]).astype(np.float32)
+  grads[1] -= 0.5 * grads[0]  # Some conflicts.
+  matrix = grads.astype(np.float64)
+  gram = matrix @ matrix.T
+  g0 = matrix.mean(axis=0)
+
+  def objective(w):
+    g_w = w @ matrix
+    return g_w @ g0 + 0.5 * np.linalg.norm(g0) * np.linalg.norm(g_w)
+
+  want = _numpy_cagrad_weights(gram, 0.5)
+  got = aggregation.cagrad_weights(tf.constant(gram, tf.float32),
+                                   0.5).numpy().astype(np.float64)
+  # The weights of the smallest tasks barely change the objective; what
+  # counts is the objective and the update (float32 limits both).
+  assert abs(objective(got) - objective(want)) <= 1e-4 * abs(objective(want))
+  want_update = _numpy_cagrad(matrix, 0.5, weights=want)
+  got_update = aggregation.cagrad(tf.constant(grads), 0.5).numpy()
+  assert (np.linalg.norm(got_update - want_update) <=
+          1e-2 * np.linalg.norm(want_update))
+
+
+def test_project_to_simplex():
+  for v in ([0.2, 0.3, 0.5], [2.0, 0.0, -1.0], [0.4, 0.4, 0.4, -5.0]):
+    got = aggregation.project_to_simplex(tf.constant(v)).numpy()
+    assert abs(got.sum() - 1.0) < 1e-6 and (got >= 0).all()
+  np.testing.assert_allclose(
+      aggregation.project_to_simplex(tf.constant([2.0, 0.0, -1.0])),
+      [1.0, 0.0, 0.0])
+  np.testing.assert_allclose(
+      aggregation.project_to_simplex(tf.constant([0.4, 0.4, 0.4, -5.0])),
+      [1 / 3, 1 / 3, 1 / 3, 0.0], atol=1e-6)

@@ -53,6 +53,9 @@ def test_parse_key_values():
     ({"mode": "alternate", "rep_grad": True}, "--rep_grad"),
     ({"dataset": "toy_regression", "mode": "alternate"}, "--dataset"),
     ({"gradnorm_alpha": 1.0}, "--gradnorm_alpha"),
+    ({"weighting": "gradnorm", "gradnorm_alpha": -0.5},
+     "--gradnorm_alpha=-0.5"),
+    ({"mode": "alternate", "cagrad_c": 0.3}, "--cagrad_c"),
     ({"weighting": "gradnorm", "gradnorm_lr": 0.0}, "--gradnorm_lr=0.0"),
     ({"mode": "alternate", "gradnorm_alpha": 1.0}, "--weighting"),
     ({"mode": "alternate", "weighting": "dwa"}, "--weighting=dwa"),
@@ -114,6 +117,11 @@ def test_weights_schedule_accepts_task_weights_as_shares():
                                 task_weights={"shape": 3.0, "x": 1.0})
   config.validate()
   assert config.weight_of("shape") == 3.0 and config.weight_of("y") == 1.0
+
+
+def test_gradnorm_alpha_zero_is_valid():
+  mtl_dist.TrainConfig(model_dir="d", weighting="gradnorm",
+                       gradnorm_alpha=0.0).validate()
 
 
 def test_defaults_depend_on_mode():

@@ -32,6 +32,10 @@ def test_read_baselines_refuses_missing_results(tmp_path):
     delta_m.read_baselines({"x": str(run)})
   assert delta_m.read_baselines({"shape": str(run)}) == {
       "shape": {"accuracy": 0.9}}
+  (run / "summary.json").write_text(json.dumps(
+      {"eval": {"shape": {"accuracy": 0.0}}}))
+  with pytest.raises(mtl_dist.ConfigError, match="its accuracy is 0"):
+    delta_m.read_baselines({"shape": str(run)})
 
 
 def test_training_with_baselines_reports_delta_m(tmp_path):

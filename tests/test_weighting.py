@@ -142,3 +142,28 @@ def test_gradnorm_first_step_records_initial_losses(build_trainer):
   weights = trainer.weighting.task_weights.numpy()
   assert abs(weights.sum() - 3.0) < 1e-5 and (weights > 0).all()
   assert not np.allclose(weights, 1.0)  # One update happened.
+
+
+def test_gradnorm_ignores_tasks_without_labels_in_the_batch():
+  weighting = weighting_lib.Weighting(TASKS, "gradnorm")
+  kernel = tf.Variable([[1.0, 2.0], [3.0, 4.0]])
+
+  def update(labelled):
+    with tf.GradientTape(persistent=True) as tape:
+      per_task = tf.stack([tf.reduce_sum(kernel), 0.0 * tf.reduce_sum(kernel),
+                           tf.reduce_sum(kernel * kernel) / 10])
+      terms = [per_task[i] for i in range(3)]
+    weighting.replica_update(tape, terms, per_task,
+                             tf.constant(labelled, tf.float32), kernel)
+    return per_task.numpy()
+
+  update([4, 0, 4])  # Task 1 has no labelled example in this batch.
+  np.testing.assert_array_equal(weighting.has_initial_losses.numpy(),
+                                [True, False, True])
+  assert weighting.initial_losses.numpy()[1] == 0.0
+  np.testing.assert_array_equal(weighting.adam_moments.numpy()[:, 1], 0.0)
+  weights = weighting.task_weights.numpy()
+  assert abs(weights.sum() - 3) < 1e-5 and weights[0] != weights[2]
+  losses = update([4, 2, 4])  # Now it has: its first loss becomes L_1(0).
+  assert weighting.has_initial_losses.numpy().all()
+  assert weighting.initial_losses.numpy()[1] == losses[1]
