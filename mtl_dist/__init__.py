@@ -1,12 +1,14 @@
 """mtl_dist: shared-trunk multi-task training on many devices.
 
 Public API:
-  TrainConfig, ConfigError, train: configure and run a training job (what the
-    `mtl-train` launcher calls).
+  TrainConfig, ConfigError, train, parse_key_values: configure and run a
+    training job (what the `mtl-train` launcher calls).
   TaskSpec: one task (its head, loss and metrics).
   SharedTrunkModel, build_model, build_trunk: the model.
-  Trainer: a run's state and its compiled train/eval loops.
-  ExampleSource, MultiTaskData, distribute_train, distribute_eval: inputs.
+  Trainer, make_optimizer_factory: a run's state and its compiled train and
+    eval loops.
+  ExampleSource, MultiTaskData, source_from_arrays, distribute_train,
+    distribute_eval: inputs.
   create_strategy: a tf.distribute strategy over this host's devices.
   format_results: a text table of a run summary.
 """
@@ -28,5 +30,13 @@ from mtl_dist.outputs import format_results
 from mtl_dist.tasks import TaskSpec
 from mtl_dist.trainer import make_optimizer_factory
 from mtl_dist.trainer import Trainer
+
+__all__ = [
+    "ConfigError", "ExampleSource", "MultiTaskData", "SharedTrunkModel",
+    "TaskSpec", "TrainConfig", "Trainer", "build_model", "build_trunk",
+    "create_strategy", "distribute_eval", "distribute_train", "format_results",
+    "make_optimizer_factory", "parse_key_values", "source_from_arrays",
+    "train",
+]
 
 __version__ = "0.1.0"

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import mtl_dist
 from mtl_dist import shapes
 from mtl_dist import steps
 
