@@ -135,14 +135,38 @@ def min_norm_weights(gram: tf.Tensor, iterations: int = 1000) -> tf.Tensor:
   return weights
 
 
-def mgda(grads: tf.Tensor, iterations: int = 1000) -> tf.Tensor:
+def mgda(grads: tf.Tensor) -> tf.Tensor:
   """MGDA's update: the min-norm point of the convex hull of the gradients."""
-  gram = tf.linalg.matmul(grads, grads, transpose_b=True)
-  weights = min_norm_weights(gram, iterations)
-  return tf.linalg.matvec(grads, weights, transpose_a=True)
+  return _combine("mgda", grads)
 
 
+NAMES = ("sum", "pcgrad", "cagrad", "mgda")
 GRAM_AGGREGATORS = ("mgda", "cagrad")
+
+
+def aggregate(name: str, grads: tf.Tensor, seed: tf.Tensor,
+              cagrad_c: float = 0.5) -> tf.Tensor:
+  """The update of aggregator `name` (not "sum") from the [T, P] gradients.
+
+  Args:
+    name: "pcgrad", "cagrad" or "mgda".
+    grads: [T, P] per-task gradients, summed over replicas.
+    seed: int64 [2] seed of PCGrad's task orders.
+    cagrad_c: CAGrad's c.
+
+  Returns:
+    The [P] update.
+  """
+  if name == "pcgrad":
+    return pcgrad(grads, seed)
+  return _combine(name, grads, cagrad_c)
+
+
+def _combine(name: str, grads: tf.Tensor, cagrad_c: float = 0.5) -> tf.Tensor:
+  """sum_i a_i g_i with the coefficients of a Gram-matrix aggregator."""
+  gram = tf.linalg.matmul(grads, grads, transpose_b=True)
+  return tf.linalg.matvec(grads, coefficients_from_gram(name, gram, cagrad_c),
+                          transpose_a=True)
 
 
 def coefficients_from_gram(name: str, gram: tf.Tensor,
@@ -250,14 +274,6 @@ def cagrad_weights(gram: tf.Tensor, c: float, iterations: int = 1000,
   return weights
 
 
-def cagrad(grads: tf.Tensor, c: float = 0.5,
-           iterations: int = 1000) -> tf.Tensor:
+def cagrad(grads: tf.Tensor, c: float = 0.5) -> tf.Tensor:
   """CAGrad's update (g0 + c|g0|/|g_w| g_w) / (1 + c^2) at the dual optimum."""
-  num_tasks = grads.shape[0]
-  gram = tf.linalg.matmul(grads, grads, transpose_b=True)
-  weights = cagrad_weights(gram, c, iterations)
-  g0 = tf.reduce_sum(grads, axis=0) / num_tasks
-  g_w = tf.linalg.matvec(grads, weights, transpose_a=True)
-  g0_norm = tf.norm(g0)
-  g_w_norm = tf.maximum(tf.norm(g_w), _EPSILON)
-  return (g0 + c * g0_norm / g_w_norm * g_w) / (1.0 + c * c)
+  return _combine("cagrad", grads, c)

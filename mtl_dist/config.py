@@ -11,14 +11,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Mapping, Optional, Sequence, TypeVar
 
+from mtl_dist import aggregation
+from mtl_dist import schedules
+from mtl_dist import weighting
+
 MODES = ("joint", "alternate")
-SCHEDULES = ("round_robin", "proportional", "temperature", "annealed",
-             "weights")
+SCHEDULES = schedules.NAMES
 OPTIMIZERS = ("adam", "sgd")
 TRUNKS = ("mlp", "conv")
 STRATEGIES = ("auto", "mirrored", "one_device")
-AGGREGATORS = ("sum", "pcgrad", "cagrad", "mgda")
-WEIGHTINGS = ("static", "uncertainty", "dwa", "gradnorm")
+AGGREGATORS = aggregation.NAMES
+WEIGHTINGS = weighting.METHODS
 
 _V = TypeVar("_V")
 
@@ -200,7 +203,7 @@ class TrainConfig:
                           f"{', '.join(repeated)} given twice")
     self._validate_mode_flags()
     self._validate_dataset_flags()
-    if self.rep_grad and self.aggregator not in ("mgda", "cagrad"):
+    if self.rep_grad and self.aggregator not in aggregation.GRAM_AGGREGATORS:
       raise ConfigError(
           "--rep_grad is valid for --aggregator=mgda or cagrad (their update "
           "combines task gradients with coefficients that need only the Gram "

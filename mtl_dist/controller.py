@@ -48,11 +48,10 @@ class _Run:
     self.baselines = (delta_m_lib.read_baselines(config.baselines)
                       if config.baselines else None)
     tf_keras.utils.set_random_seed(config.seed)
-    with self.strategy.scope():
+    with self.strategy.scope():  # The model and schedules hold variables.
       self.model = model_lib.build_model(self.data.tasks, self.data.input_shape,
                                          config.trunk, config.trunk_width,
                                          config.trunk_depth)
-    with self.strategy.scope():  # Schedules may hold variables.
       schedule = (_make_schedule(config, self.data)
                   if config.mode == "alternate" else None)
     self.trainer = trainer_lib.Trainer(

@@ -74,7 +74,6 @@ def _regularization(layers: Sequence[tf_keras.layers.Layer]) -> tf.Tensor:
   return tf.nn.scale_regularization_loss(tf.add_n(losses))
 
 
-AGGREGATORS = ("sum", "pcgrad", "cagrad", "mgda")
 
 
 class _Terms(NamedTuple):
@@ -107,9 +106,9 @@ class JointStep:
                seed: int = 0,
                weighting: weighting_lib.Weighting | None = None,
                rep_grad: bool = False):
-    if aggregator not in AGGREGATORS:
+    if aggregator not in aggregation.NAMES:
       raise ValueError(f"unknown aggregator {aggregator!r} (known: "
-                       f"{', '.join(AGGREGATORS)})")
+                       f"{', '.join(aggregation.NAMES)})")
     if rep_grad and aggregator not in aggregation.GRAM_AGGREGATORS:
       raise ValueError(f"rep_grad needs an aggregator with a Gram-matrix form "
                        f"({', '.join(aggregation.GRAM_AGGREGATORS)}), not "
@@ -261,14 +260,10 @@ class JointStep:
     matrix = tf.reshape(fused[:num_trunk * len(self._tasks)],
                         [len(self._tasks), num_trunk])
     rest = fused[num_trunk * len(self._tasks):]
-    if self._aggregator == "pcgrad":
-      direction = aggregation.pcgrad(
-          matrix, tf.stack([tf.constant(self._seed, tf.int64),
-                            tf.cast(step, tf.int64)]))
-    elif self._aggregator == "cagrad":
-      direction = aggregation.cagrad(matrix, self._cagrad_c)
-    else:
-      direction = aggregation.mgda(matrix)
+    direction = aggregation.aggregate(
+        self._aggregator, matrix,
+        tf.stack([tf.constant(self._seed, tf.int64), tf.cast(step, tf.int64)]),
+        self._cagrad_c)
     head_grads = _unflatten(rest[:_size(heads)], heads)
     trunk_grads = _unflatten(direction + rest[_size(heads):], trunk)
     self._optimizer.apply_gradients(

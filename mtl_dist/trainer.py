@@ -72,7 +72,7 @@ class Trainer:
         each task's loss then averages over the examples that carry its
         label in the global batch (see `steps.task_losses`).
       aggregator: Joint mode: how task gradients combine, one of
-        `steps.AGGREGATORS` (see `steps.JointStep`).
+        `aggregation.NAMES` (see `steps.JointStep`).
       cagrad_c: CAGrad's c.
       seed: Seed of PCGrad's task orders (drawn per step).
       weighting: Joint mode: how task losses are weighted, one of

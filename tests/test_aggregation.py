@@ -168,10 +168,18 @@ def test_gram_coefficients_reproduce_the_full_update(name):
   grads = rng.normal(size=(3, 6)).astype(np.float32)
   gram = tf.constant(grads @ grads.T)
   coefficients = aggregation.coefficients_from_gram(name, gram, 0.5)
-  full = (aggregation.mgda(tf.constant(grads)) if name == "mgda"
-          else aggregation.cagrad(tf.constant(grads), 0.5))
-  np.testing.assert_allclose(coefficients.numpy() @ grads, full.numpy(),
-                             atol=1e-5)
+  matrix = grads.astype(np.float64)
+  if name == "mgda":  # The min-norm weights themselves.
+    weights = aggregation.min_norm_weights(gram).numpy()
+    full = weights @ matrix
+  else:  # (g0 + c|g0|/|g_w| g_w) / (1 + c^2), from the vectors in float64.
+    weights = aggregation.cagrad_weights(gram, 0.5).numpy().astype(np.float64)
+    g0, g_w = matrix.mean(axis=0), weights @ matrix
+    full = (g0 + 0.5 * np.linalg.norm(g0) / np.linalg.norm(g_w) * g_w) / 1.25
+  np.testing.assert_allclose(coefficients.numpy() @ grads, full, atol=1e-5)
+  got = (aggregation.mgda(tf.constant(grads)) if name == "mgda"
+         else aggregation.cagrad(tf.constant(grads), 0.5))
+  np.testing.assert_allclose(got.numpy(), full, atol=1e-5)
 
 
 def test_pcgrad_has_no_gram_form():
