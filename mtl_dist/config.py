@@ -158,6 +158,30 @@ class TrainConfig:
     return self.schedule or "round_robin"
 
   @property
+  def resolved_temperature(self) -> float:
+    return 2.0 if self.temperature is None else self.temperature
+
+  @property
+  def resolved_mixing_cap(self) -> int:
+    return 0 if self.mixing_cap is None else self.mixing_cap
+
+  @property
+  def resolved_cagrad_c(self) -> float:
+    return 0.5 if self.cagrad_c is None else self.cagrad_c
+
+  @property
+  def resolved_dwa_window(self) -> int:
+    return 100 if self.dwa_window is None else self.dwa_window
+
+  @property
+  def resolved_gradnorm_alpha(self) -> float:
+    return 1.5 if self.gradnorm_alpha is None else self.gradnorm_alpha
+
+  @property
+  def resolved_gradnorm_lr(self) -> float:
+    return 0.025 if self.gradnorm_lr is None else self.gradnorm_lr
+
+  @property
   def resolved_per_task_optimizer(self) -> bool:
     if self.mode == "joint":
       return False

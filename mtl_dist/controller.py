@@ -64,11 +64,10 @@ class _Run:
         partial_labels=self.data.partial_labels or config.partial_labels,
         aggregator=config.aggregator, rep_grad=config.rep_grad,
         weighting=config.weighting,
-        dwa_window=config.dwa_window or 100,
-        gradnorm_alpha=(1.5 if config.gradnorm_alpha is None
-                        else config.gradnorm_alpha),
-        gradnorm_lr=0.025 if config.gradnorm_lr is None else config.gradnorm_lr,
-        cagrad_c=0.5 if config.cagrad_c is None else config.cagrad_c,
+        dwa_window=config.resolved_dwa_window,
+        gradnorm_alpha=config.resolved_gradnorm_alpha,
+        gradnorm_lr=config.resolved_gradnorm_lr,
+        cagrad_c=config.resolved_cagrad_c,
         seed=config.seed)
     # The task order, saved with the run: counters, pipelines and seeds are
     # indexed by position, so a resume must train the same tasks in order.
@@ -252,8 +251,8 @@ def _make_schedule(config: config_lib.TrainConfig,
     num_epochs = config.anneal_epochs
   return schedules.create(
       config.resolved_schedule, sizes=sizes, seed=config.seed,
-      temperature=config.temperature if config.temperature else 2.0,
-      mixing_cap=config.mixing_cap or 0, weights=weights,
+      temperature=config.resolved_temperature,
+      mixing_cap=config.resolved_mixing_cap, weights=weights,
       steps_per_epoch=steps_per_epoch, num_epochs=num_epochs)
 
 

@@ -121,10 +121,7 @@ def load(config: config_lib.TrainConfig) -> MultiTaskData:
     raise config_lib.ConfigError(
         f"--dataset={config.dataset}: unknown dataset (known: shapes, "
         "toy_regression, tfds:NAME)")
-  names = config.validate_tasks(shapes.TASK_NAMES)
-  specs = {task.name: task for task in shapes.TASKS}
-  tasks = tuple(specs[name].with_weight(config.weight_of(name))
-                for name in names)
+  names, tasks = _chosen_tasks(config, shapes.TASKS)
   if config.mode == "joint":
     sizes = [config.resolved_train_examples]
   else:
@@ -157,12 +154,19 @@ def load(config: config_lib.TrainConfig) -> MultiTaskData:
                        partial_labels=bool(config.label_fraction))
 
 
+def _chosen_tasks(
+    config: config_lib.TrainConfig, known: Sequence[tasks_lib.TaskSpec]
+) -> tuple[list[str], tuple[tasks_lib.TaskSpec, ...]]:
+  """The configured tasks among a dataset's, with their --task_weights."""
+  names = config.validate_tasks([task.name for task in known])
+  specs = {task.name: task for task in known}
+  return names, tuple(specs[name].with_weight(config.weight_of(name))
+                      for name in names)
+
+
 def _load_toy_regression(config: config_lib.TrainConfig) -> MultiTaskData:
   """The GradNorm paper's synthetic regression tasks (joint mode)."""
-  names = config.validate_tasks(toy_regression.TASK_NAMES)
-  specs = {task.name: task for task in toy_regression.TASKS}
-  tasks = tuple(specs[name].with_weight(config.weight_of(name))
-                for name in names)
+  names, tasks = _chosen_tasks(config, toy_regression.TASKS)
   num_train = config.resolved_train_examples
   features, labels = toy_regression.generate(
       num_train + config.resolved_eval_examples, config.seed)

@@ -98,11 +98,11 @@ class Trainer:
       self.task_steps = tf.Variable(tf.zeros([num_tasks], tf.int64),
                                     trainable=False, name="task_steps",
                                     aggregation=first_replica)
-      # Optimizers are created and built (slots included) in the scope,
-      # before the first trace.
       self.weighting = weighting_lib.Weighting(
           self.tasks, weighting if mode == "joint" else "static", dwa_window,
           gradnorm_alpha=gradnorm_alpha, gradnorm_lr=gradnorm_lr)
+      # Optimizers are created and built (slots included) in the scope,
+      # before the first trace.
       if self._per_task_optimizer:
         self.optimizers = {}
         for task in self.tasks:

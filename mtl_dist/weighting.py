@@ -127,18 +127,20 @@ class Weighting(tf.Module):
     self._regression_half = tf.constant(
         [0.5 if task.kind == tasks_lib.REGRESSION else 1.0 for task in tasks],
         tf.float32)
-    first_replica = tf.VariableAggregation.ONLY_FIRST_REPLICA
+
+    def state(name, shape, dtype=tf.float32, initial=0):
+      """A zero-filled (or `initial`) state variable. Every replica assigns
+      the same global values to it, so the first replica's is kept."""
+      return tf.Variable(tf.fill(shape, tf.cast(initial, dtype)),
+                         trainable=False, name=name,
+                         aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+
     if method == "uncertainty":
       self.log_variances = tf.Variable(tf.zeros([self.num_tasks]),
                                        name="log_variances")
     elif method == "dwa":
       self._window = dwa_window
       self._temperature = dwa_temperature
-
-      def state(name, shape, dtype=tf.float32):
-        return tf.Variable(tf.zeros(shape, dtype), trainable=False, name=name,
-                           aggregation=first_replica)
-
       self.window_sum = state("window_sum", [self.num_tasks])
       self.window_steps = state("window_steps", [], tf.int64)
       self.last_means = state("last_means", [2, self.num_tasks])  # t-1, t-2
@@ -146,21 +148,12 @@ class Weighting(tf.Module):
     elif method == "gradnorm":
       self._alpha = gradnorm_alpha
       self._learning_rate = gradnorm_lr
-      self.task_weights = tf.Variable(tf.ones([self.num_tasks]),
-                                      trainable=False, name="task_weights",
-                                      aggregation=first_replica)
-      self.initial_losses = tf.Variable(tf.zeros([self.num_tasks]),
-                                        trainable=False,
-                                        name="initial_losses",
-                                        aggregation=first_replica)
-      self.has_initial_losses = tf.Variable(
-          tf.zeros([self.num_tasks], tf.bool), trainable=False,
-          name="has_initial_losses", aggregation=first_replica)
-      self.adam_moments = tf.Variable(tf.zeros([2, self.num_tasks]),
-                                      trainable=False, name="adam_moments",
-                                      aggregation=first_replica)
-      self.updates = tf.Variable(0, dtype=tf.int64, trainable=False,
-                                 name="updates", aggregation=first_replica)
+      self.task_weights = state("task_weights", [self.num_tasks], initial=1)
+      self.initial_losses = state("initial_losses", [self.num_tasks])
+      self.has_initial_losses = state("has_initial_losses", [self.num_tasks],
+                                      tf.bool)
+      self.adam_moments = state("adam_moments", [2, self.num_tasks])
+      self.updates = state("updates", [], tf.int64)
 
   @property
   def trainable(self) -> list[tf.Variable]:
