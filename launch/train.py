@@ -5,7 +5,8 @@ Examples:
   mtl-train --flagfile=launch/configs/alternate.flags --model_dir=/tmp/mtl_alt
 
 Exit status: 0 on success, 2 for bad flags or configuration (nothing is
-written to --model_dir), 1 for a failure while running.
+written to --model_dir), 1 for a failure while running (including another
+worker of a multi-worker run failing: rerun the same command to resume).
 """
 
 import os
@@ -18,6 +19,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from absl import logging
+
+import tensorflow as tf
 
 import mtl_dist
 from mtl_dist import config as config_lib
@@ -145,11 +148,30 @@ _TRUNK_WIDTH = flags.DEFINE_integer("trunk_width", 256,
 _TRUNK_DEPTH = flags.DEFINE_integer("trunk_depth", 2, "Trunk layers.")
 _STRATEGY = flags.DEFINE_enum(
     "strategy", "auto", config_lib.STRATEGIES,
-    "auto: MirroredStrategy over all GPUs, or over --num_cpu_devices CPU "
-    "devices when there is no GPU; one device when there is only one.")
+    "auto: MultiWorkerMirroredStrategy when TF_CONFIG or the SLURM step "
+    "names several workers (or --cluster is given); else MirroredStrategy "
+    "over all GPUs, or over --num_cpu_devices CPU devices when there is no "
+    "GPU; one device when there is only one. multi_worker: "
+    "MultiWorkerMirroredStrategy over the cluster --cluster names.")
 _NUM_CPU_DEVICES = flags.DEFINE_integer(
     "num_cpu_devices", 1, "Split the host CPU into this many logical devices "
-    "(replicas when there is no GPU).")
+    "(replicas when there is no GPU; one process only).")
+_CLUSTER = flags.DEFINE_enum(
+    "cluster", None, config_lib.CLUSTERS,
+    "Multi-worker: where the cluster is described: tf_config (the TF_CONFIG "
+    "variable, as set by TFJob or mtl-local-cluster) or slurm (SLURM_PROCID "
+    "and SLURM_STEP_*, in tasks started by srun). Default: whichever is set.")
+_COLLECTIVE = flags.DEFINE_enum(
+    "collective", None, config_lib.COLLECTIVES,
+    "Multi-worker: all-reduce implementation; auto (default) is NCCL on GPUs "
+    "and RING on CPUs.")
+_COLLECTIVE_TIMEOUT = flags.DEFINE_float(
+    "collective_timeout", None, "Multi-worker: seconds a collective waits "
+    "for all workers before the run fails (default 600), so a dead worker "
+    "stops the others instead of hanging them.")
+_PORT_BASE = flags.DEFINE_integer(
+    "port_base", None, "Multi-worker on SLURM: port of each node's first "
+    "task; the k-th task on a node uses port_base+k (default 8888).")
 _CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 500,
                                          "Steps between checkpoints.")
 _KEEP_CHECKPOINTS = flags.DEFINE_integer("keep_checkpoints", 3,
@@ -219,6 +241,9 @@ def _config_from_flags() -> mtl_dist.TrainConfig:
       learning_rate=_LEARNING_RATE.value, trunk=_TRUNK.value,
       trunk_width=_TRUNK_WIDTH.value, trunk_depth=_TRUNK_DEPTH.value,
       strategy=_STRATEGY.value, num_cpu_devices=_NUM_CPU_DEVICES.value,
+      cluster=_CLUSTER.value, collective=_COLLECTIVE.value,
+      collective_timeout=_COLLECTIVE_TIMEOUT.value,
+      port_base=_PORT_BASE.value,
       checkpoint_every=_CHECKPOINT_EVERY.value,
       keep_checkpoints=_KEEP_CHECKPOINTS.value,
       eval_every=_EVAL_EVERY.value, eval_steps=_EVAL_STEPS.value,
@@ -241,15 +266,21 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     _exit_with_usage_error(f"unexpected arguments: {' '.join(argv[1:])}")
+  if logging.get_verbosity() < logging.DEBUG:
+    # TensorFlow's own INFO lines (one per collective set-up under
+    # MultiWorkerMirroredStrategy) drown the progress lines; --v=1 shows them.
+    tf.get_logger().setLevel("WARNING")
   try:
     summary = mtl_dist.train(_config_from_flags())
   except mtl_dist.ConfigError as e:
     _exit_with_usage_error(str(e))
+  except mtl_dist.ClusterError as e:
+    sys.stderr.write(f"{_PROGRAM}: error: {e}\n")
+    sys.exit(1)
   print(mtl_dist.format_results(
       summary, title=f"{_PROGRAM}: {summary['mode']} mode, step "
       f"{summary['step']}, {summary['replicas']} replica(s), "
       f"{summary['examples_per_second']:.0f} examples/s; eval results:"))
-  logging.info("Wrote %s", os.path.join(_MODEL_DIR.value, "summary.json"))
 
 
 def run() -> None:

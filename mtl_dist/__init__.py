@@ -1,21 +1,23 @@
 """mtl_dist: shared-trunk multi-task training on many devices.
 
 Public API:
-  TrainConfig, ConfigError, train, parse_key_values: configure and run a
-    training job (what the `mtl-train` launcher calls).
+  TrainConfig, ConfigError, ClusterError, train, parse_key_values: configure
+    and run a training job (what the `mtl-train` launcher calls).
   TaskSpec: one task (its head, loss and metrics).
   SharedTrunkModel, build_model, build_trunk: the model.
   Trainer, make_optimizer_factory: a run's state and its compiled train and
     eval loops.
   ExampleSource, MultiTaskData, source_from_arrays, distribute_train,
     distribute_eval: inputs.
-  create_strategy: a tf.distribute strategy over this host's devices.
+  create_strategy: a tf.distribute strategy over this host's devices or a
+    cluster's (TF_CONFIG, SLURM).
   format_results: a text table of a run summary.
 """
 
 from mtl_dist.config import ConfigError
 from mtl_dist.config import parse_key_values
 from mtl_dist.config import TrainConfig
+from mtl_dist.controller import ClusterError
 from mtl_dist.controller import train
 from mtl_dist.data import distribute_eval
 from mtl_dist.data import distribute_train
@@ -32,7 +34,7 @@ from mtl_dist.trainer import make_optimizer_factory
 from mtl_dist.trainer import Trainer
 
 __all__ = [
-    "ConfigError", "ExampleSource", "MultiTaskData", "SharedTrunkModel",
+    "ClusterError", "ConfigError", "ExampleSource", "MultiTaskData", "SharedTrunkModel",
     "TaskSpec", "TrainConfig", "Trainer", "build_model", "build_trunk",
     "create_strategy", "distribute_eval", "distribute_train", "format_results",
     "make_optimizer_factory", "parse_key_values", "source_from_arrays",

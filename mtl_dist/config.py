@@ -19,7 +19,12 @@ MODES = ("joint", "alternate")
 SCHEDULES = schedules.NAMES
 OPTIMIZERS = ("adam", "sgd")
 TRUNKS = ("mlp", "conv")
-STRATEGIES = ("auto", "mirrored", "one_device")
+STRATEGIES = ("auto", "mirrored", "one_device", "multi_worker")
+CLUSTERS = ("tf_config", "slurm")
+COLLECTIVES = ("auto", "ring", "nccl")
+# Flags that configure MultiWorkerMirroredStrategy and mean nothing without it.
+MULTI_WORKER_FLAGS = ("cluster", "collective", "collective_timeout",
+                      "port_base")
 AGGREGATORS = aggregation.NAMES
 WEIGHTINGS = weighting.METHODS
 
@@ -122,6 +127,14 @@ class TrainConfig:
   trunk_depth: int = 2
   strategy: str = "auto"
   num_cpu_devices: int = 1
+  # Multi-worker: the cluster's source (default: whichever the environment
+  # sets), collective implementation (default auto: NCCL on GPUs, RING on
+  # CPUs), collective timeout in seconds (default 600), SLURM port base
+  # (default 8888).
+  cluster: Optional[str] = None
+  collective: Optional[str] = None
+  collective_timeout: Optional[float] = None
+  port_base: Optional[int] = None
   checkpoint_every: int = 500
   keep_checkpoints: int = 3
   eval_every: int = 500
@@ -182,6 +195,31 @@ class TrainConfig:
     return 0.025 if self.gradnorm_lr is None else self.gradnorm_lr
 
   @property
+  def resolved_collective(self) -> str:
+    return self.collective or "auto"
+
+  @property
+  def resolved_collective_timeout(self) -> float:
+    return 600.0 if self.collective_timeout is None else self.collective_timeout
+
+  @property
+  def resolved_port_base(self) -> int:
+    return 8888 if self.port_base is None else self.port_base
+
+  def check_single_process(self) -> None:
+    """Refuses multi-worker flags for a run that turned out single-process.
+
+    Raises:
+      ConfigError: Naming the first such flag.
+    """
+    for name in MULTI_WORKER_FLAGS:
+      if getattr(self, name) is not None:
+        raise ConfigError(
+            f"--{name} applies to multi-worker runs, but --strategy="
+            f"{self.strategy} runs in one process (no cluster in TF_CONFIG "
+            "or SLURM, or --strategy=mirrored/one_device)")
+
+  @property
   def resolved_per_task_optimizer(self) -> bool:
     if self.mode == "joint":
       return False
@@ -232,6 +270,7 @@ class TrainConfig:
           "--rep_grad is valid for --aggregator=mgda or cagrad (their update "
           "combines task gradients with coefficients that need only the Gram "
           f"matrix), not --aggregator={self.aggregator}")
+    self._validate_multi_worker_flags()
     if self.strategy == "one_device" and self.num_cpu_devices > 1:
       raise ConfigError(
           f"--num_cpu_devices={self.num_cpu_devices} makes replicas for a "
@@ -246,6 +285,26 @@ class TrainConfig:
         if size <= 0:
           raise ConfigError(f"--task_sizes: size {size} for {name!r} must be "
                             "positive")
+
+  def _validate_multi_worker_flags(self) -> None:
+    """Checks the multi-worker flags' values and that they can apply."""
+    if self.strategy in ("mirrored", "one_device"):
+      self.check_single_process()
+    if self.cluster is not None:
+      _check_choice("cluster", self.cluster, CLUSTERS)
+    if self.collective is not None:
+      _check_choice("collective", self.collective, COLLECTIVES)
+    if self.collective_timeout is not None and not self.collective_timeout > 0:
+      raise ConfigError(f"--collective_timeout={self.collective_timeout}: "
+                        "must be positive (seconds)")
+    if self.port_base is not None:
+      if not 1 <= self.port_base <= 65535 - 64:
+        raise ConfigError(f"--port_base={self.port_base}: must be a port "
+                          "number (1 to 65471)")
+      if self.cluster == "tf_config":
+        raise ConfigError("--port_base applies to --cluster=slurm (TF_CONFIG "
+                          "lists each worker's port), but --cluster=tf_config "
+                          "is set")
 
   def _validate_mode_flags(self) -> None:
     """Refuses flags that mean nothing in the chosen mode and schedule."""

@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
+from mtl_dist import checkpointing
 from mtl_dist import config as config_lib
 from mtl_dist import data as data_lib
 from mtl_dist import delta_m as delta_m_lib
@@ -37,8 +38,14 @@ class _Run:
   def __init__(self, config: config_lib.TrainConfig):
     config.validate()
     self.config = config
-    self.strategy = distribution.create_strategy(config.strategy,
-                                                 config.num_cpu_devices)
+    self.strategy = distribution.create_strategy(
+        config.strategy, config.num_cpu_devices, cluster=config.cluster,
+        collective=config.resolved_collective,
+        collective_timeout=config.resolved_collective_timeout,
+        port_base=config.resolved_port_base)
+    self.chief = distribution.is_chief(self.strategy)
+    if not distribution.is_multi_worker(self.strategy):
+      config.check_single_process()
     replicas = self.strategy.num_replicas_in_sync
     if config.global_batch_size % replicas:
       raise config_lib.ConfigError(
@@ -75,18 +82,21 @@ class _Run:
     with tf.device("/cpu:0"):
       self.task_order = tf.Variable(self.task_names, trainable=False,
                                     name="task_order")
-    self.checkpoint = tf.train.Checkpoint(task_order=self.task_order,
-                                          **self.trainer.checkpoint_items())
-    self.checkpoint_dir = os.path.join(config.model_dir, CHECKPOINT_SUBDIR)
+    checkpoint = tf.train.Checkpoint(task_order=self.task_order,
+                                     **self.trainer.checkpoint_items())
+    self.checkpointer = checkpointing.Checkpointer(
+        checkpoint, os.path.join(config.model_dir, CHECKPOINT_SUBDIR),
+        max_to_keep=config.keep_checkpoints,
+        step_counter=self.trainer.global_step, chief=self.chief)
     self.restored_from = self._restore()
 
   def _restore(self) -> Optional[str]:
     """Restores the newest checkpoint, if any; refuses one of another model."""
-    path = tf.train.latest_checkpoint(self.checkpoint_dir)
+    path = self.checkpointer.latest()
     if path is None:
       return None
     try:
-      self.checkpoint.restore(path).assert_consumed()
+      self.checkpointer.restore(path)
     except (AssertionError, ValueError) as e:
       first_line = str(e).strip().splitlines()[0][:300]
       raise config_lib.ConfigError(
@@ -115,20 +125,63 @@ def train(config: config_lib.TrainConfig) -> dict[str, Any]:
 
   Raises:
     ConfigError: For bad configuration, before anything is written.
+    ClusterError: When another worker of a multi-worker run fails or a
+      collective times out.
   """
   run = _Run(config)
+  if not distribution.is_multi_worker(run.strategy):
+    return _train(run)
+  try:
+    return _train(run)
+  except _CLUSTER_FAILURES as e:
+    latest = run.checkpointer.latest()
+    raise ClusterError(
+        f"worker {distribution.worker_index(run.strategy)}: the cluster "
+        f"failed near step {int(run.trainer.global_step.numpy())} "
+        f"({type(e).__name__}: {_reason(e)}). Newest checkpoint: "
+        f"{latest or 'none'}; run the same command on all workers to resume "
+        "from it.") from e
+
+
+class ClusterError(RuntimeError):
+  """Another worker failed or a collective timed out; the launcher exits 1."""
+
+
+# What a collective raises when a peer dies (Unavailable), when it is not
+# joined within --collective_timeout (DeadlineExceeded), or when the runtime
+# aborts the collectives after either (Aborted, Cancelled).
+_CLUSTER_FAILURES = (tf.errors.UnavailableError,
+                     tf.errors.DeadlineExceededError, tf.errors.AbortedError,
+                     tf.errors.CancelledError)
+
+
+def _reason(error: tf.errors.OpError) -> str:
+  """The line of a collective's error that says what happened."""
+  lines = [line.strip() for line in str(error.message).splitlines()]
+  for line in lines:
+    if "aborted by" in line or "unhealthy" in line or "timed out" in line:
+      return line[:300]
+  useful = [line for line in lines
+            if line and not line.startswith(("Graph execution error",
+                                             "Detected at node", "File ",
+                                             "[["))]
+  return (useful[0] if useful else "no detail")[:300]
+
+
+def _train(run: _Run) -> dict[str, Any]:
+  """Trains, evaluates and writes the outputs of a set-up run."""
+  config = run.config
   trainer, strategy = run.trainer, run.strategy
-  tf.io.gfile.makedirs(config.model_dir)
-  outputs.write_json_atomic(os.path.join(config.model_dir, "config.json"),
-                            dataclasses.asdict(config))
+  if run.chief:  # Other workers of a cluster write no files of the run.
+    tf.io.gfile.makedirs(config.model_dir)
+    outputs.write_json_atomic(os.path.join(config.model_dir, "config.json"),
+                              dataclasses.asdict(config))
   start_step = int(trainer.global_step.numpy())
   if run.restored_from:
     logging.info("Resuming from %s at step %d.", run.restored_from, start_step)
-  manager = tf.train.CheckpointManager(
-      run.checkpoint, run.checkpoint_dir, max_to_keep=config.keep_checkpoints,
-      step_counter=trainer.global_step)
+  checkpointer = run.checkpointer
   writer = outputs.MetricsWriter(config.model_dir, config.train_steps,
-                                 start_step)
+                                 start_step, active=run.chief)
   task_names = [task.name for task in trainer.tasks]
   # Each pipeline starts where the restored run left it: a joint pipeline
   # has served one batch per step, a task's pipeline one per step of its task.
@@ -144,9 +197,10 @@ def train(config: config_lib.TrainConfig) -> dict[str, Any]:
                                config.eval_steps)
       for source in run.data.eval]
   eval_groups = [source.task_names for source in run.data.eval]
-  logging.info("Training %s mode on %d replica(s): tasks %s, global batch %d.",
-               config.mode, strategy.num_replicas_in_sync,
-               ", ".join(task_names), config.global_batch_size)
+  logging.info("Training %s mode on %d replica(s)%s: tasks %s, global batch "
+               "%d.", config.mode, strategy.num_replicas_in_sync,
+               _workers_text(strategy), ", ".join(task_names),
+               config.global_batch_size)
 
   step = start_step
   interval_losses = np.zeros(len(task_names))
@@ -194,14 +248,14 @@ def train(config: config_lib.TrainConfig) -> dict[str, Any]:
       interval_seconds, interval_steps = 0.0, 0
       interval_step_metrics = {}
     if step % config.checkpoint_every == 0 and step < config.train_steps:
-      manager.save(checkpoint_number=step)
+      checkpointer.save(step)
     if step % config.eval_every == 0 and step < config.train_steps:
       last_eval = trainer.evaluate(eval_datasets, eval_groups)
       writer.write(step, "eval", last_eval)
 
-  if manager.latest_checkpoint is None or not manager.latest_checkpoint.endswith(
-      f"-{step}"):
-    manager.save(checkpoint_number=step)
+  if not checkpointer.saved(step):
+    checkpointer.save(step)
+  checkpointer.close()
   last_eval = trainer.evaluate(eval_datasets, eval_groups)
   writer.write(step, "eval", last_eval)
   writer.close()
@@ -229,9 +283,21 @@ def train(config: config_lib.TrainConfig) -> dict[str, Any]:
     summary["delta_m"] = delta_m_lib.delta_m(summary["eval"], run.baselines)
     logging.info("Delta_m against the single-task baselines: %+.2f%%",
                  summary["delta_m"]["delta_m"])
-  outputs.write_json_atomic(os.path.join(config.model_dir, "summary.json"),
-                            summary)
+  if run.chief:
+    path = os.path.join(config.model_dir, "summary.json")
+    outputs.write_json_atomic(path, summary)
+    logging.info("Wrote %s", path)
   return summary
+
+
+def _workers_text(strategy: tf.distribute.Strategy) -> str:
+  """" over N workers (this is worker I)" for multi-worker runs, else ""."""
+  if not distribution.is_multi_worker(strategy):
+    return ""
+  workers = (strategy.num_replicas_in_sync //
+             len(strategy.extended.worker_devices))
+  return (f" over {workers} workers (this is worker "
+          f"{distribution.worker_index(strategy)})")
 
 
 def _make_schedule(config: config_lib.TrainConfig,

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import tensorflow as tf
 
+from mtl_dist import cluster as cluster_lib
 from mtl_dist import config as config_lib
 
 _mirrored_strategies_made = 0
@@ -39,19 +42,43 @@ def configure_cpu_devices(num_devices: int) -> None:
       ) from None
 
 
-def create_strategy(name: str, num_cpu_devices: int) -> tf.distribute.Strategy:
-  """The strategy called `name` over this host's devices.
+def create_strategy(name: str, num_cpu_devices: int = 1, *,
+                    cluster: Optional[str] = None, collective: str = "auto",
+                    collective_timeout: Optional[float] = None,
+                    port_base: Optional[int] = None) -> tf.distribute.Strategy:
+  """The strategy called `name` over this host's or the cluster's devices.
 
   Args:
-    name: "auto" (MirroredStrategy over all GPUs, or over the logical CPUs
-      when there are no GPUs and more than one was asked for; otherwise one
-      device), "mirrored" (MirroredStrategy even on one device) or
-      "one_device".
+    name: "auto" (MultiWorkerMirroredStrategy when `cluster` is given or
+      TF_CONFIG or SLURM names several workers; else MirroredStrategy over all GPUs, or over the
+      logical CPUs when there are no GPUs and more than one was asked for;
+      else one device), "multi_worker", "mirrored" (MirroredStrategy even on
+      one device) or "one_device".
     num_cpu_devices: Logical CPU devices to use when there is no GPU.
+    cluster: Multi-worker: "tf_config" or "slurm"; None takes the one the
+      environment sets.
+    collective: Multi-worker: "ring", "nccl", or "auto" (NCCL on GPUs, RING
+      on CPUs).
+    collective_timeout: Multi-worker: seconds after which a collective that
+      some worker does not join fails; None waits forever.
+    port_base: Multi-worker on SLURM: port of each node's first task.
 
   Returns:
     The strategy.
+
+  Raises:
+    ConfigError: If the cluster or the devices cannot serve the request.
   """
+  if name == "auto" and (cluster is not None or
+                         cluster_lib.detect() is not None):
+    name = "multi_worker"
+  if name == "multi_worker":
+    if num_cpu_devices > 1:
+      raise config_lib.ConfigError(
+          f"--num_cpu_devices={num_cpu_devices}: MultiWorkerMirroredStrategy "
+          "runs one replica per worker on CPUs (start more workers instead)")
+    return _multi_worker_strategy(cluster, collective, collective_timeout,
+                                  port_base)
   configure_cpu_devices(num_cpu_devices)
   gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
   cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
@@ -59,6 +86,56 @@ def create_strategy(name: str, num_cpu_devices: int) -> tf.distribute.Strategy:
   if name == "one_device" or (name == "auto" and len(devices) == 1):
     return tf.distribute.OneDeviceStrategy(devices[0])
   return _new_mirrored_strategy(devices)
+
+
+def _multi_worker_strategy(
+    cluster: Optional[str], collective: str,
+    collective_timeout: Optional[float],
+    port_base: Optional[int]) -> tf.distribute.Strategy:
+  """MultiWorkerMirroredStrategy over the cluster the environment names."""
+  resolver = cluster_lib.resolve(cluster, port_base)
+  # After `resolve`, which may narrow CUDA_VISIBLE_DEVICES to this task's.
+  has_gpus = bool(tf.config.list_physical_devices("GPU"))
+  implementations = tf.distribute.experimental.CommunicationImplementation
+  if collective == "auto":
+    implementation = (implementations.NCCL if has_gpus
+                      else implementations.RING)
+  elif collective == "nccl":
+    if not has_gpus:
+      raise config_lib.ConfigError(
+          "--collective=nccl: NCCL needs GPUs, and this worker has none "
+          "(use --collective=ring)")
+    implementation = implementations.NCCL
+  else:
+    implementation = implementations.RING
+  options = tf.distribute.experimental.CommunicationOptions(
+      implementation=implementation, timeout_seconds=collective_timeout)
+  return tf.distribute.MultiWorkerMirroredStrategy(
+      cluster_resolver=resolver, communication_options=options)
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+  """Whether this process writes the run's files (the chief, or the only one).
+
+  Args:
+    strategy: The run's strategy.
+
+  Returns:
+    True on the chief worker and in single-process runs.
+  """
+  return strategy.extended.should_checkpoint
+
+
+def is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
+  """Whether the strategy spans several worker processes."""
+  return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def worker_index(strategy: tf.distribute.Strategy) -> int:
+  """This process's task index in the cluster (0 in single-process runs)."""
+  resolver = getattr(strategy, "cluster_resolver", None)
+  task_id = getattr(resolver, "task_id", None) if resolver else None
+  return int(task_id or 0)
 
 
 def _new_mirrored_strategy(devices: list[str]) -> tf.distribute.Strategy:

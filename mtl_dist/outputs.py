@@ -49,20 +49,25 @@ class MetricsWriter:
 
   Writes `model_dir/metrics.jsonl` (one `{"step", "split", "metrics"}` object
   per line) and event files under `model_dir/tensorboard/{train,eval}`.
+  An inactive writer (a non-chief worker's) writes and logs nothing.
   """
 
-  def __init__(self, model_dir: str, total_steps: int, start_step: int):
+  def __init__(self, model_dir: str, total_steps: int, start_step: int,
+               active: bool = True):
+    self._active = active
     self._jsonl_path = os.path.join(model_dir, "metrics.jsonl")
     self._writers = {
         split: tf.summary.create_file_writer(
             os.path.join(model_dir, "tensorboard", split))
-        for split in ("train", "eval")}
+        for split in ("train", "eval")} if active else {}
     self._total_steps = total_steps
     self._start_step = start_step
     self._start_time = time.perf_counter()
 
   def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
     """Records one event's metrics at `step` for `split` ("train"/"eval")."""
+    if not self._active:
+      return
     record = {"step": int(step), "split": split,
               "metrics": {k: float(v) for k, v in metrics.items()}}
     with open(self._jsonl_path, "a") as f:
@@ -77,6 +82,8 @@ class MetricsWriter:
   def progress(self, step: int, losses: Mapping[str, float],
                examples_per_second: float) -> None:
     """Logs `step/total | task losses | examples/s | ETA`."""
+    if not self._active:
+      return
     elapsed = time.perf_counter() - self._start_time
     done = step - self._start_step
     remaining = self._total_steps - step

@@ -233,14 +233,19 @@ class Trainer:
     def eval_group(iterator, tasks):
       keys = [f"{task.name}/{name}" for task in tasks
               for name in ("loss", "count") + task.metric_names]
-      totals = {key: tf.constant(0.0) for key in keys}
+
+      def add_batch(batch, totals):
+        sums = steps_lib.eval_sums(model, tasks, batch)
+        return totals + tf.stack([sums[key] for key in keys])
+
+      # Each replica keeps running totals; one all-reduce per group at the
+      # end (a reduce of a nested structure in a loop fails under
+      # MultiWorkerMirroredStrategy).
+      totals = strategy.run(lambda: tf.zeros([len(keys)]))
       for batch in iterator:
-        per_replica = strategy.run(steps_lib.eval_sums,
-                                   args=(model, tasks, batch))
-        sums = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica,
-                               axis=None)
-        totals = {key: totals[key] + sums[key] for key in keys}
-      return totals
+        totals = strategy.run(add_batch, args=(batch, totals))
+      totals = strategy.reduce(tf.distribute.ReduceOp.SUM, totals, axis=None)
+      return {key: totals[i] for i, key in enumerate(keys)}
 
     def eval_loop(iterators):
       return [eval_group(iterator, tasks)

@@ -1,0 +1,180 @@
+"""mtl-local-cluster: runs mtl-train as N workers of one cluster on this host.
+
+Each worker is a process with its own TF_CONFIG (free localhost ports), so
+MultiWorkerMirroredStrategy runs as it would across hosts. Worker output is
+prefixed with `[worker I]`. When a worker fails, the others are stopped at
+once (SIGTERM, then SIGKILL after --grace_seconds).
+
+Examples:
+  mtl-local-cluster --num_workers=2 -- --model_dir=/tmp/mtl_mw --train_steps=500
+  mtl-local-cluster --num_workers=2 -- --flagfile=launch/configs/alternate.flags \\
+      --num_cpu_devices=1 --model_dir=/tmp/mtl_mw_alt
+
+Exit status: 0 when every worker succeeded; otherwise the exit status of the
+first worker that failed (1 if it was killed by a signal), or 2 for bad flags.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import IO, Optional, Sequence
+
+from absl import app
+from absl import flags
+
+_PROGRAM = "mtl-local-cluster"
+
+_NUM_WORKERS = flags.DEFINE_integer(
+    "num_workers", 2, "Worker processes to start.", lower_bound=1)
+_GRACE_SECONDS = flags.DEFINE_float(
+    "grace_seconds", 30.0, "When stopping workers: seconds between SIGTERM "
+    "and SIGKILL.", lower_bound=0.0)
+
+
+def free_ports(count: int) -> list[int]:
+  """`count` distinct TCP ports that are free on localhost right now."""
+  sockets = []
+  try:
+    for _ in range(count):
+      s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+      s.bind(("localhost", 0))
+      sockets.append(s)
+    return [s.getsockname()[1] for s in sockets]
+  finally:
+    for s in sockets:
+      s.close()
+
+
+def tf_config(ports: Sequence[int], index: int) -> str:
+  """The TF_CONFIG of worker `index` of a localhost cluster on `ports`."""
+  return json.dumps({
+      "cluster": {"worker": [f"localhost:{port}" for port in ports]},
+      "task": {"type": "worker", "index": index},
+  })
+
+
+class LocalCluster:
+  """N worker processes of one command, each with its TF_CONFIG."""
+
+  def __init__(self, command: Sequence[str], num_workers: int,
+               grace_seconds: float, out: Optional[IO[str]] = None):
+    self._command = list(command)
+    self._num_workers = num_workers
+    self._grace_seconds = grace_seconds
+    self._out = out or sys.stdout
+    self._lock = threading.Lock()
+    self._processes: list[subprocess.Popen] = []
+    self._readers: list[threading.Thread] = []
+
+  def _say(self, line: str) -> None:
+    with self._lock:
+      self._out.write(line if line.endswith("\n") else line + "\n")
+      self._out.flush()
+
+  def _relay(self, index: int, stream: IO[str]) -> None:
+    for line in stream:
+      self._say(f"[worker {index}] {line}")
+
+  def start(self) -> None:
+    """Starts the workers."""
+    ports = free_ports(self._num_workers)
+    for index, port in enumerate(ports):
+      env = dict(os.environ, TF_CONFIG=tf_config(ports, index),
+                 PYTHONUNBUFFERED="1")
+      process = subprocess.Popen(
+          self._command, env=env, stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT, text=True, bufsize=1)
+      self._processes.append(process)
+      self._say(f"[{_PROGRAM}] worker {index}: pid {process.pid}, "
+                f"localhost:{port}")
+      reader = threading.Thread(target=self._relay,
+                                args=(index, process.stdout), daemon=True)
+      reader.start()
+      self._readers.append(reader)
+
+  def wait(self) -> int:
+    """Waits for all workers; stops the rest as soon as one fails.
+
+    Returns:
+      0 if all succeeded, else the first failed worker's exit status (1 if a
+      signal ended it).
+    """
+    failed: Optional[tuple[int, int]] = None
+    while failed is None:
+      statuses = [process.poll() for process in self._processes]
+      if all(status == 0 for status in statuses):
+        break
+      for index, status in enumerate(statuses):
+        if status is not None and status != 0:
+          failed = (index, status)
+          break
+      else:
+        time.sleep(0.2)
+    if failed is not None:
+      index, status = failed
+      self._say(f"[{_PROGRAM}] worker {index} failed with status {status}; "
+                "stopping the other workers.")
+      self.stop()
+    for reader in self._readers:
+      reader.join(timeout=5)
+    if failed is None:
+      return 0
+    return failed[1] if failed[1] > 0 else 1
+
+  def stop(self, sig: int = signal.SIGTERM) -> None:
+    """Sends `sig` to running workers, then SIGKILL after the grace period."""
+    running = [p for p in self._processes if p.poll() is None]
+    for process in running:
+      process.send_signal(sig)
+    deadline = time.monotonic() + self._grace_seconds
+    for process in running:
+      try:
+        process.wait(timeout=max(0.0, deadline - time.monotonic()))
+      except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def main(argv: list[str]) -> None:
+  train_flags = argv[1:]
+  if not train_flags:
+    sys.stderr.write(f"{_PROGRAM}: error: give mtl-train's flags after --, "
+                     f"e.g. {_PROGRAM} --num_workers=2 -- "
+                     "--model_dir=/tmp/mtl_mw\n")
+    sys.exit(2)
+  command = [sys.executable, "-m", "launch.train", *train_flags]
+  cluster = LocalCluster(command, _NUM_WORKERS.value, _GRACE_SECONDS.value)
+
+  def forward(signum, frame):  # Preemption of the whole job: pass it on.
+    del frame
+    cluster.stop(signum)
+
+  signal.signal(signal.SIGTERM, forward)
+  signal.signal(signal.SIGINT, forward)
+  cluster.start()
+  sys.exit(cluster.wait())
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """Parses flags; a bad flag exits 2 with one line (absl's default is 1)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.stderr.write(f"{_PROGRAM}: error: {e}\n")
+    sys.exit(2)
+
+
+def run() -> None:
+  """Console-script entry point."""
+  app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,187 @@
+"""Which cluster this process is a worker of: from TF_CONFIG or a SLURM step.
+
+MultiWorkerMirroredStrategy needs a cluster resolver: the addresses of all
+workers, and which of them this process is. Batch systems describe the
+cluster in the environment. Kubernetes operators (TFJob) and
+`mtl-local-cluster` set TF_CONFIG. SLURM sets SLURM_PROCID and the
+SLURM_STEP_* variables in every task that `srun` starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from typing import Optional
+
+from absl import logging
+import tensorflow as tf
+
+from mtl_dist import config as config_lib
+
+TF_CONFIG, SLURM = config_lib.CLUSTERS
+DEFAULT_PORT_BASE = 8888
+_SLURM_VARIABLES = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS",
+                    "SLURM_STEP_NODELIST", "SLURM_STEP_TASKS_PER_NODE")
+
+
+def detect() -> Optional[str]:
+  """The kind of cluster the environment names with more than one task.
+
+  Returns:
+    "tf_config" when TF_CONFIG lists more than one task, else "slurm" when
+    the SLURM job step has more than one task, else None (one process).
+
+  Raises:
+    ConfigError: If TF_CONFIG is set but is not a cluster description.
+  """
+  if os.environ.get("TF_CONFIG"):
+    cluster = _read_tf_config()["cluster"]
+    if sum(len(addresses) for addresses in cluster.values()) > 1:
+      return TF_CONFIG
+  tasks = os.environ.get("SLURM_STEP_NUM_TASKS", "1")
+  if tasks.isdigit() and int(tasks) > 1:
+    return SLURM
+  return None
+
+
+def resolve(
+    kind: Optional[str], port_base: Optional[int] = None
+) -> tf.distribute.cluster_resolver.ClusterResolver:
+  """The cluster resolver for this process.
+
+  Args:
+    kind: "tf_config", "slurm", or None for whichever `detect` finds.
+    port_base: SLURM: the port of each node's first task; the node's k-th
+      task listens on port_base + k (default 8888).
+
+  Returns:
+    A resolver with `task_type` and `task_id` set.
+
+  Raises:
+    ConfigError: If the environment does not describe the cluster.
+  """
+  if kind is None:
+    kind = detect()
+    if kind is None:
+      raise config_lib.ConfigError(
+          "--strategy=multi_worker: the environment names no cluster of "
+          "several workers (set TF_CONFIG, run each worker with srun, or "
+          "start them with mtl-local-cluster)")
+  if kind == TF_CONFIG:
+    spec = _read_tf_config()
+    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    task = spec.get("task", {})
+    if task.get("type") is None or task.get("index") is None:
+      raise config_lib.ConfigError(
+          "TF_CONFIG: 'task' must name this process's type and index, e.g. "
+          '{"type": "worker", "index": 0}')
+    addresses = spec["cluster"].get(task["type"], [])
+    if not 0 <= int(task["index"]) < len(addresses):
+      raise config_lib.ConfigError(
+          f"TF_CONFIG: task {task['type']}:{task['index']} is not in the "
+          f"cluster, which has {len(addresses)} {task['type']} task(s)")
+    return resolver
+  if kind == SLURM:
+    for name in _SLURM_VARIABLES:
+      if name not in os.environ:
+        raise config_lib.ConfigError(
+            f"--cluster=slurm: {name} is not set; start each worker with "
+            "srun inside the allocation")
+    try:
+      resolver = SlurmClusterResolver(
+          port_base=DEFAULT_PORT_BASE if port_base is None else port_base)
+      resolver.cluster_spec()  # Sets task_type and task_id.
+    except (RuntimeError, ValueError) as e:
+      raise config_lib.ConfigError(f"SLURM environment: {e}") from None
+    return resolver
+  raise config_lib.ConfigError(
+      f"--cluster={kind}: must be one of {', '.join(config_lib.CLUSTERS)}")
+
+
+def _read_tf_config() -> dict:
+  """TF_CONFIG parsed, with a one-line error for anything malformed."""
+  text = os.environ.get("TF_CONFIG", "")
+  try:
+    spec = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise config_lib.ConfigError(f"TF_CONFIG is not JSON ({e}): "
+                                 f"{text[:200]}") from None
+  if not (isinstance(spec, dict) and isinstance(spec.get("cluster"), dict) and
+          all(isinstance(v, list) for v in spec["cluster"].values())):
+    raise config_lib.ConfigError(
+        "TF_CONFIG: expected {\"cluster\": {\"worker\": [\"host:port\", "
+        f"...]}}, \"task\": {{...}}}}, got {text[:200]}")
+  return spec
+
+
+class SlurmClusterResolver(
+    tf.distribute.cluster_resolver.SlurmClusterResolver):
+  """TensorFlow's SLURM resolver, made to work on nodes with and without GPUs.
+
+  TensorFlow's resolver runs `nvidia-smi` when the GPUs per node are not
+  given (failing on CPU-only nodes), and with zero GPUs per node divides by
+  zero and lists no tasks at all. This one counts GPUs from
+  CUDA_VISIBLE_DEVICES or nvidia-smi and takes zero when neither exists;
+  gives each task a share of the node's visible GPUs by their ids (so an
+  allocation like CUDA_VISIBLE_DEVICES=2,3 is respected); and lists tasks in
+  SLURM's node order, matching the ranks of SLURM's default block
+  distribution (ranks 0..n-1 on the first node, and so on).
+  """
+
+  def __init__(self, port_base: int = DEFAULT_PORT_BASE,
+               gpus_per_node: Optional[int] = None):
+    visible = _visible_gpu_ids()
+    if gpus_per_node is None:
+      gpus_per_node = len(visible)
+    self._visible_gpus = visible or [str(i) for i in range(gpus_per_node)]
+    super().__init__(port_base=port_base, gpus_per_node=gpus_per_node,
+                     auto_set_gpu=False)
+
+  def cluster_spec(self) -> tf.train.ClusterSpec:
+    """The workers' addresses, host:port_base+k for a node's k-th task.
+
+    Also sets `task_type`/`task_id`, and on GPU nodes CUDA_VISIBLE_DEVICES to
+    this task's share of the node's GPUs.
+
+    Returns:
+      The cluster spec.
+    """
+    addresses, gpu_shares = [], []
+    for host, num_tasks in self._task_configuration.items():
+      for k in range(num_tasks):
+        addresses.append(f"{host}:{self._port_base + k}")
+        share = self._visible_gpus[k * self._gpus_per_task:
+                                   (k + 1) * self._gpus_per_task]
+        gpu_shares.append(",".join(share))
+    if not 0 <= self._rank < len(addresses):
+      raise RuntimeError(f"SLURM_PROCID={self._rank} is not among the "
+                         f"{len(addresses)} tasks of the step")
+    jobs, first = {}, 0
+    for task_type, num_tasks in sorted(self._jobs.items()):
+      jobs[task_type] = addresses[first:first + num_tasks]
+      if first <= self._rank < first + num_tasks:
+        self.task_type, self.task_id = task_type, self._rank - first
+      first += num_tasks
+    if self._gpus_per_task:
+      os.environ["CUDA_VISIBLE_DEVICES"] = gpu_shares[self._rank]
+    return tf.train.ClusterSpec(jobs)
+
+
+def _visible_gpu_ids() -> list[str]:
+  """This node's GPU ids: CUDA_VISIBLE_DEVICES, else nvidia-smi, else none."""
+  visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+  if visible is not None:
+    return [gpu for gpu in visible.split(",") if gpu.strip()]
+  if shutil.which("nvidia-smi") is None:
+    return []
+  try:
+    output = subprocess.run(["nvidia-smi", "--list-gpus"], check=True,
+                            capture_output=True, text=True,
+                            timeout=60).stdout
+  except (subprocess.SubprocessError, OSError) as e:
+    logging.warning("nvidia-smi failed (%s); using no GPUs.", e)
+    return []
+  count = sum(line.startswith("GPU ") for line in output.splitlines())
+  return [str(i) for i in range(count)]

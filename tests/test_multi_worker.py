@@ -1,0 +1,148 @@
+"""MultiWorkerMirroredStrategy: 2 worker processes on localhost (CPU, RING)."""
+
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from launch import local_cluster
+
+pytestmark = pytest.mark.slow
+
+_SMALL = ["--train_steps=60", "--steps_per_loop=20", "--log_every=20",
+          "--checkpoint_every=60", "--eval_every=60", "--global_batch_size=32",
+          "--trunk_width=32", "--eval_examples=256", "--seed=7"]
+
+
+def _env(tmp_path) -> dict:
+  # TMPDIR: where non-chief workers keep their throw-away checkpoints.
+  scratch = tmp_path / "tmp"
+  scratch.mkdir(exist_ok=True)
+  return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TMPDIR=str(scratch))
+
+
+def run_local_cluster(tmp_path, *flags, num_workers=2, timeout=300):
+  return subprocess.run(
+      [sys.executable, "-m", "launch.local_cluster",
+       f"--num_workers={num_workers}", "--", *flags],
+      capture_output=True, text=True, timeout=timeout, env=_env(tmp_path),
+      check=False)
+
+
+def run_single_process(tmp_path, *flags, timeout=300):
+  return subprocess.run(
+      [sys.executable, "-m", "launch.train", *flags],
+      capture_output=True, text=True, timeout=timeout, env=_env(tmp_path),
+      check=False)
+
+
+def checkpoint_values(model_dir: str) -> dict:
+  reader = tf.train.load_checkpoint(os.path.join(model_dir, "checkpoints"))
+  return {name: reader.get_tensor(name)
+          for name, _ in tf.train.list_variables(
+              os.path.join(model_dir, "checkpoints"))
+          if not name.startswith(("_CHECKPOINTABLE", "save_counter",
+                                  "task_order"))}
+
+
+@pytest.mark.parametrize("mode_flags", [
+    ["--mode=joint"],
+    ["--mode=alternate", "--tasks=shape,x,y", "--schedule=temperature"],
+], ids=["joint", "alternate"])
+def test_two_workers_equal_two_mirrored_devices(tmp_path, mode_flags):
+  cluster_dir = str(tmp_path / "cluster")
+  mirrored_dir = str(tmp_path / "mirrored")
+  cluster = run_local_cluster(tmp_path, f"--model_dir={cluster_dir}",
+                              *mode_flags, *_SMALL)
+  assert cluster.returncode == 0, cluster.stdout[-4000:]
+  assert "over 2 workers (this is worker 1)" in cluster.stdout
+  mirrored = run_single_process(tmp_path, f"--model_dir={mirrored_dir}",
+                                "--strategy=mirrored", "--num_cpu_devices=2",
+                                *mode_flags, *_SMALL)
+  assert mirrored.returncode == 0, mirrored.stderr[-4000:]
+
+  expected = checkpoint_values(mirrored_dir)
+  got = checkpoint_values(cluster_dir)
+  assert sorted(got) == sorted(expected)
+  assert any(name.startswith("model/heads/") for name in got)
+  for name, value in expected.items():
+    np.testing.assert_allclose(got[name], value, atol=1e-5, err_msg=name)
+
+  # Only the chief wrote the run's files: one line per event, one event
+  # file per split, and the other worker's scratch checkpoints are gone.
+  records = [json.loads(line)
+             for line in open(os.path.join(cluster_dir, "metrics.jsonl"))]
+  assert [(r["step"], r["split"]) for r in records] == [
+      (20, "train"), (40, "train"), (60, "train"), (60, "eval")]
+  for split in ("train", "eval"):
+    assert len(os.listdir(os.path.join(cluster_dir, "tensorboard",
+                                       split))) == 1
+  assert os.listdir(tmp_path / "tmp") == []
+  summary = json.load(open(os.path.join(cluster_dir, "summary.json")))
+  single = json.load(open(os.path.join(mirrored_dir, "summary.json")))
+  assert summary["replicas"] == 2 and summary["step"] == 60
+  assert summary["task_steps"] == single["task_steps"]
+  for task, metrics in single["eval"].items():
+    for name, value in metrics.items():
+      assert summary["eval"][task][name] == pytest.approx(value, abs=1e-5)
+
+
+def _latest_step(model_dir: str) -> int:
+  path = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+  return int(path.rsplit("-", 1)[1]) if path else 0
+
+
+def test_dead_worker_fails_the_other_and_a_restart_resumes(tmp_path):
+  model_dir = str(tmp_path / "run")
+  flags = [f"--model_dir={model_dir}", "--train_steps=2000",
+           "--checkpoint_every=100", "--steps_per_loop=50", "--log_every=100",
+           "--eval_every=2000", "--eval_examples=256", "--trunk_width=32",
+           "--collective_timeout=30"]
+  ports = local_cluster.free_ports(2)
+  workers = [
+      subprocess.Popen([sys.executable, "-m", "launch.train", *flags],
+                       env=dict(_env(tmp_path),
+                                TF_CONFIG=local_cluster.tf_config(ports, i)),
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True)
+      for i in range(2)]
+  try:
+    deadline = time.monotonic() + 120
+    while not glob.glob(os.path.join(model_dir, "checkpoints", "*.index")):
+      assert time.monotonic() < deadline, "no checkpoint within 120 s"
+      assert workers[0].poll() is None, workers[0].communicate()[1][-3000:]
+      time.sleep(0.1)
+    workers[1].kill()
+    killed_at = time.monotonic()
+    _, stderr = workers[0].communicate(timeout=60)  # The timeout is 30 s.
+    assert time.monotonic() - killed_at < 45
+  finally:
+    for worker in workers:
+      worker.kill()
+      worker.communicate()
+  assert workers[0].returncode == 1, stderr[-3000:]
+  assert re.search(r"mtl-train: error: worker 0: the cluster failed near "
+                   r"step \d+ \(UnavailableError", stderr), stderr[-3000:]
+  assert "run the same command on all workers to resume" in stderr
+  saved_step = _latest_step(model_dir)
+  assert 0 < saved_step < 2000
+  assert "ckpt-" in stderr
+
+  # The same command again, through mtl-local-cluster, resumes from it.
+  restart = run_local_cluster(tmp_path, *flags)
+  assert restart.returncode == 0, restart.stdout[-4000:]
+  assert f"Resuming from {model_dir}/checkpoints/ckpt-{saved_step} at step " \
+         f"{saved_step}" in restart.stdout
+  summary = json.load(open(os.path.join(model_dir, "summary.json")))
+  assert summary["step"] == 2000
+  steps = [json.loads(line)["step"]
+           for line in open(os.path.join(model_dir, "metrics.jsonl"))
+           if json.loads(line)["split"] == "train"]
+  assert steps[-1] == 2000
