@@ -32,3 +32,15 @@ def test_readme_shows_two_fresh_machine_commands_and_ci_runs_the_tests():
               if line.strip() and not line.lstrip().startswith("#")]
   assert test_command in ci_lines
   assert 'pip install -e ".[test]"' in ci_lines
+
+
+def test_every_launcher_flag_is_in_the_readme_table():
+  launchers = os.path.join(os.path.dirname(__file__), "..", "launch")
+  source = open(os.path.join(launchers, "train.py")).read()
+  names = re.findall(r'flags\.DEFINE_\w+\(\s*"(\w+)"', source)
+  assert len(names) > 40
+  table = "".join(line.split("|")[1] for line in open(README)
+                  if line.startswith("| `--"))
+  missing = [name for name in names
+             if not re.search(rf"`--(\[no\])?{name}`", table)]
+  assert not missing
