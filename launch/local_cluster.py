@@ -10,6 +10,9 @@ Examples:
   mtl-local-cluster --num_workers=2 -- --flagfile=launch/configs/alternate.flags \\
       --num_cpu_devices=1 --model_dir=/tmp/mtl_mw_alt
 
+SIGTERM or SIGINT to this launcher is passed on to every worker (a worker
+saves a checkpoint on SIGTERM and exits 143).
+
 Exit status: 0 when every worker succeeded; otherwise the exit status of the
 first worker that failed (1 if it was killed by a signal), or 2 for bad flags.
 """
@@ -72,6 +75,7 @@ class LocalCluster:
     self._lock = threading.Lock()
     self._processes: list[subprocess.Popen] = []
     self._readers: list[threading.Thread] = []
+    self._stopping = False
 
   def _say(self, line: str) -> None:
     with self._lock:
@@ -103,33 +107,30 @@ class LocalCluster:
     """Waits for all workers; stops the rest as soon as one fails.
 
     Returns:
-      0 if all succeeded, else the first failed worker's exit status (1 if a
-      signal ended it).
+      0 if all succeeded, else the exit status of the first worker seen to
+      fail (1 if a signal ended it). After a forwarded SIGTERM, workers that
+      saved a checkpoint exit 143, and so does this.
     """
-    failed: Optional[tuple[int, int]] = None
-    while failed is None:
+    first_failure: Optional[int] = None
+    while True:
       statuses = [process.poll() for process in self._processes]
-      if all(status == 0 for status in statuses):
-        break
       for index, status in enumerate(statuses):
-        if status is not None and status != 0:
-          failed = (index, status)
-          break
-      else:
-        time.sleep(0.2)
-    if failed is not None:
-      index, status = failed
-      self._say(f"[{_PROGRAM}] worker {index} failed with status {status}; "
-                "stopping the other workers.")
-      self.stop()
+        if status not in (None, 0) and first_failure is None:
+          first_failure = status if status > 0 else 1
+          if not self._stopping and None in statuses:
+            self._say(f"[{_PROGRAM}] worker {index} failed with status "
+                      f"{status}; stopping the other workers.")
+            self.stop()
+      if None not in statuses:
+        break
+      time.sleep(0.2)
     for reader in self._readers:
       reader.join(timeout=5)
-    if failed is None:
-      return 0
-    return failed[1] if failed[1] > 0 else 1
+    return first_failure or 0
 
   def stop(self, sig: int = signal.SIGTERM) -> None:
     """Sends `sig` to running workers, then SIGKILL after the grace period."""
+    self._stopping = True
     running = [p for p in self._processes if p.poll() is None]
     for process in running:
       process.send_signal(sig)

@@ -6,7 +6,9 @@ Examples:
 
 Exit status: 0 on success, 2 for bad flags or configuration (nothing is
 written to --model_dir), 1 for a failure while running (including another
-worker of a multi-worker run failing: rerun the same command to resume).
+worker of a multi-worker run failing: rerun the same command to resume),
+143 when SIGTERM stopped the run after it saved a checkpoint (rerun to
+resume).
 """
 
 import os
@@ -24,6 +26,7 @@ import tensorflow as tf
 
 import mtl_dist
 from mtl_dist import config as config_lib
+from mtl_dist import preemption
 
 _PROGRAM = "mtl-train"
 
@@ -167,8 +170,10 @@ _COLLECTIVE = flags.DEFINE_enum(
     "and RING on CPUs.")
 _COLLECTIVE_TIMEOUT = flags.DEFINE_float(
     "collective_timeout", None, "Multi-worker: seconds a collective waits "
-    "for all workers before the run fails (default 600), so a dead worker "
-    "stops the others instead of hanging them.")
+    "for all workers before the run fails, for workers that hang while "
+    "alive (dead ones are found by heartbeats within seconds anyway). Off by "
+    "default: TensorFlow 2.21 keeps one sleeping thread per collective for "
+    "this long, so use it with slow steps only (see docs/cluster.md).")
 _PORT_BASE = flags.DEFINE_integer(
     "port_base", None, "Multi-worker on SLURM: port of each node's first "
     "task; the k-th task on a node uses port_base+k (default 8888).")
@@ -183,6 +188,11 @@ _EVAL_STEPS = flags.DEFINE_integer(
 _LOG_EVERY = flags.DEFINE_integer("log_every", 100,
                                   "Steps between progress lines and metrics.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for data, weights and order.")
+_DETERMINISTIC = flags.DEFINE_bool(
+    "deterministic", False, "Enable TensorFlow's op determinism, and resume "
+    "file-backed (TFDS) pipelines exactly, by re-reading the examples they "
+    "had served (in-memory data always resumes exactly). A run killed and "
+    "restarted then ends with the weights of an uninterrupted run.")
 
 flags.mark_flag_as_required("model_dir")
 
@@ -247,7 +257,8 @@ def _config_from_flags() -> mtl_dist.TrainConfig:
       checkpoint_every=_CHECKPOINT_EVERY.value,
       keep_checkpoints=_KEEP_CHECKPOINTS.value,
       eval_every=_EVAL_EVERY.value, eval_steps=_EVAL_STEPS.value,
-      log_every=_LOG_EVERY.value, seed=_SEED.value)
+      log_every=_LOG_EVERY.value, seed=_SEED.value,
+      deterministic=_DETERMINISTIC.value)
 
 
 def _exit_with_usage_error(message: str) -> None:
@@ -277,6 +288,9 @@ def main(argv: list[str]) -> None:
   except mtl_dist.ClusterError as e:
     sys.stderr.write(f"{_PROGRAM}: error: {e}\n")
     sys.exit(1)
+  except mtl_dist.Preempted as e:
+    sys.stderr.write(f"{_PROGRAM}: {e}\n")
+    sys.exit(preemption.PREEMPTED_EXIT_STATUS)
   print(mtl_dist.format_results(
       summary, title=f"{_PROGRAM}: {summary['mode']} mode, step "
       f"{summary['step']}, {summary['replicas']} replica(s), "

@@ -1,8 +1,9 @@
 """mtl_dist: shared-trunk multi-task training on many devices.
 
 Public API:
-  TrainConfig, ConfigError, ClusterError, train, parse_key_values: configure
-    and run a training job (what the `mtl-train` launcher calls).
+  TrainConfig, ConfigError, ClusterError, Preempted, train,
+    parse_key_values: configure and run a training job (what the `mtl-train`
+    launcher calls).
   TaskSpec: one task (its head, loss and metrics).
   SharedTrunkModel, build_model, build_trunk: the model.
   Trainer, make_optimizer_factory: a run's state and its compiled train and
@@ -29,6 +30,7 @@ from mtl_dist.model import build_model
 from mtl_dist.model import build_trunk
 from mtl_dist.model import SharedTrunkModel
 from mtl_dist.outputs import format_results
+from mtl_dist.preemption import Preempted
 from mtl_dist.tasks import TaskSpec
 from mtl_dist.trainer import make_optimizer_factory
 from mtl_dist.trainer import Trainer
@@ -37,7 +39,8 @@ __all__ = [
     "ClusterError", "ConfigError", "ExampleSource", "MultiTaskData", "SharedTrunkModel",
     "TaskSpec", "TrainConfig", "Trainer", "build_model", "build_trunk",
     "create_strategy", "distribute_eval", "distribute_train", "format_results",
-    "make_optimizer_factory", "parse_key_values", "source_from_arrays",
+    "Preempted", "make_optimizer_factory", "parse_key_values",
+    "source_from_arrays",
     "train",
 ]
 

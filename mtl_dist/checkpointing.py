@@ -3,10 +3,17 @@
 Under MultiWorkerMirroredStrategy every worker must take part in a save (it
 may run collectives), but only the chief's files are the run's: the other
 workers save into a temporary directory of their own and delete it at once.
+
+Checkpoints are found from their `ckpt-<step>.index` files rather than the
+`checkpoint` state file, so a damaged state file hides none of them, and a
+damaged newest checkpoint (a full disk, a partial copy) is skipped for the
+one before it.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import tempfile
 from typing import Optional
@@ -37,14 +44,67 @@ class Checkpointer:
     self.directory = directory
     self._checkpoint = checkpoint
     self._scratch = None if chief else tempfile.mkdtemp(prefix="mtl_dist_")
+    if chief:
+      self._repair_state()
     self._manager = tf.train.CheckpointManager(
         checkpoint, self._scratch or directory,
         max_to_keep=max_to_keep if chief else 1, step_counter=step_counter)
     self._last_saved_step: Optional[int] = None
 
+  def checkpoints(self) -> list[str]:
+    """The run's checkpoint prefixes, newest (highest step) first."""
+    steps = []
+    for index in tf.io.gfile.glob(os.path.join(self.directory,
+                                               "ckpt-*.index")):
+      match = re.fullmatch(r"ckpt-(\d+)\.index", os.path.basename(index))
+      if match:
+        steps.append(int(match.group(1)))
+    return [os.path.join(self.directory, f"ckpt-{step}")
+            for step in sorted(steps, reverse=True)]
+
   def latest(self) -> Optional[str]:
     """The newest checkpoint of the run, or None."""
-    return tf.train.latest_checkpoint(self.directory)
+    found = self.checkpoints()
+    return found[0] if found else None
+
+  def newest_readable(self) -> tuple[Optional[str], list[tuple[str, str]]]:
+    """The newest checkpoint whose every tensor reads back.
+
+    Returns:
+      (its prefix or None, [(newer unreadable prefix, what is wrong)]).
+    """
+    skipped = []
+    for path in self.checkpoints():
+      problem = unreadable(path)
+      if problem is None:
+        return path, skipped
+      skipped.append((path, problem))
+    return None, skipped
+
+  def _repair_state(self) -> None:
+    """Rewrites a `checkpoint` state file that lost track of checkpoints.
+
+    CheckpointManager deletes old checkpoints (--keep_checkpoints) by the
+    list in that file; a damaged one would leave old checkpoints forever.
+    """
+    found = self.checkpoints()
+    if not found:
+      return
+    state = tf.train.get_checkpoint_state(self.directory)
+    listed = list(state.all_model_checkpoint_paths) if state else []
+    if {os.path.basename(p) for p in listed} >= {os.path.basename(p)
+                                                 for p in found}:
+      return
+    logging.warning("Rewriting the checkpoint list in %s from its files.",
+                    self.directory)
+    # CheckpointManager only deletes checkpoints newer than the preserved
+    # timestamp, so each one gets its file's time.
+    times = [tf.io.gfile.stat(path + ".index").mtime_nsec / 1e9
+             for path in found[::-1]]
+    tf.compat.v1.train.update_checkpoint_state(
+        self.directory, found[0], all_model_checkpoint_paths=found[::-1],
+        all_model_checkpoint_timestamps=times,
+        last_preserved_timestamp=min(times) - 1)
 
   def restore(self, path: str) -> None:
     """Restores `path`; every saved object must match one of this run's.
@@ -75,6 +135,18 @@ class Checkpointer:
     """Deletes a non-chief worker's temporary directory."""
     if self._scratch is not None:
       shutil.rmtree(self._scratch, ignore_errors=True)
+
+
+def unreadable(path: str) -> Optional[str]:
+  """What is wrong with checkpoint `path`, or None if all its tensors read."""
+  try:
+    reader = tf.train.load_checkpoint(path)
+    for name in reader.get_variable_to_shape_map():
+      reader.get_tensor(name)
+  except (tf.errors.OpError, IndexError, ValueError, OSError) as e:
+    message = str(getattr(e, "message", e)).strip().splitlines()
+    return f"{type(e).__name__}: {message[0][:200] if message else ''}"
+  return None
 
 
 def _step_of(path: str) -> Optional[int]:

@@ -129,8 +129,8 @@ class TrainConfig:
   num_cpu_devices: int = 1
   # Multi-worker: the cluster's source (default: whichever the environment
   # sets), collective implementation (default auto: NCCL on GPUs, RING on
-  # CPUs), collective timeout in seconds (default 600), SLURM port base
-  # (default 8888).
+  # CPUs), collective timeout in seconds (default none: dead workers are
+  # found by heartbeats), SLURM port base (default 8888).
   cluster: Optional[str] = None
   collective: Optional[str] = None
   collective_timeout: Optional[float] = None
@@ -141,6 +141,9 @@ class TrainConfig:
   eval_steps: int = 0  # 0: the whole eval split.
   log_every: int = 100
   seed: int = 0
+  # Deterministic ops, and streamed pipelines that resume exactly (by
+  # re-reading what they had served) instead of in a new order.
+  deterministic: bool = False
 
   @property
   def resolved_train_examples(self) -> int:
@@ -197,10 +200,6 @@ class TrainConfig:
   @property
   def resolved_collective(self) -> str:
     return self.collective or "auto"
-
-  @property
-  def resolved_collective_timeout(self) -> float:
-    return 600.0 if self.collective_timeout is None else self.collective_timeout
 
   @property
   def resolved_port_base(self) -> int:

@@ -26,6 +26,7 @@ from mtl_dist import delta_m as delta_m_lib
 from mtl_dist import distribution
 from mtl_dist import model as model_lib
 from mtl_dist import outputs
+from mtl_dist import preemption
 from mtl_dist import schedules
 from mtl_dist import trainer as trainer_lib
 
@@ -41,7 +42,7 @@ class _Run:
     self.strategy = distribution.create_strategy(
         config.strategy, config.num_cpu_devices, cluster=config.cluster,
         collective=config.resolved_collective,
-        collective_timeout=config.resolved_collective_timeout,
+        collective_timeout=config.collective_timeout,
         port_base=config.resolved_port_base)
     self.chief = distribution.is_chief(self.strategy)
     if not distribution.is_multi_worker(self.strategy):
@@ -55,6 +56,8 @@ class _Run:
     self.baselines = (delta_m_lib.read_baselines(config.baselines)
                       if config.baselines else None)
     tf_keras.utils.set_random_seed(config.seed)
+    if config.deterministic:
+      tf.config.experimental.enable_op_determinism()
     with self.strategy.scope():  # The model and schedules hold variables.
       self.model = model_lib.build_model(self.data.tasks, self.data.input_shape,
                                          config.trunk, config.trunk_width,
@@ -91,24 +94,37 @@ class _Run:
     self.restored_from = self._restore()
 
   def _restore(self) -> Optional[str]:
-    """Restores the newest checkpoint, if any; refuses one of another model."""
-    path = self.checkpointer.latest()
+    """Restores the newest readable checkpoint, if any.
+
+    Raises:
+      ConfigError: If the checkpoints belong to another model or task
+        order, or none of them can be read.
+    """
+    path, skipped = self.checkpointer.newest_readable()
+    where = f"--model_dir={self.config.model_dir}"
     if path is None:
+      if skipped:
+        raise config_lib.ConfigError(
+            f"{where}: no checkpoint can be read (newest: {skipped[0][0]}: "
+            f"{skipped[0][1]}); move them away to start from scratch")
       return None
+    for bad, problem in skipped:
+      logging.warning("Checkpoint %s cannot be read (%s); resuming from the "
+                      "previous one, %s.", bad, problem, path)
     try:
       self.checkpointer.restore(path)
     except (AssertionError, ValueError) as e:
       first_line = str(e).strip().splitlines()[0][:300]
       raise config_lib.ConfigError(
-          f"--model_dir={self.config.model_dir}: checkpoint {path} was "
+          f"{where}: checkpoint {path} was "
           "written by a different model or optimizer set-up (check --mode, "
           f"--tasks, --trunk*, --optimizer, --per_task_optimizer): "
           f"{first_line}") from None
     saved = self.task_order.numpy().decode()
     if saved != self.task_names:
       raise config_lib.ConfigError(
-          f"--tasks={self.task_names}: checkpoint {path} in --model_dir="
-          f"{self.config.model_dir} trained the tasks {saved}, in that order")
+          f"--tasks={self.task_names}: checkpoint {path} in {where} trained "
+          f"the tasks {saved}, in that order")
     return path
 
 
@@ -190,7 +206,8 @@ def _train(run: _Run) -> dict[str, Any]:
   train_iterators = [
       iter(data_lib.distribute_train(strategy, source,
                                      config.global_batch_size,
-                                     config.seed + i, consumed[i]))
+                                     config.seed + i, consumed[i],
+                                     exact_resume=config.deterministic))
       for i, source in enumerate(run.data.train)]
   eval_datasets = [
       data_lib.distribute_eval(strategy, source, config.global_batch_size,
@@ -202,70 +219,43 @@ def _train(run: _Run) -> dict[str, Any]:
                _workers_text(strategy), ", ".join(task_names),
                config.global_batch_size)
 
-  step = start_step
-  interval_losses = np.zeros(len(task_names))
-  interval_counts = np.zeros(len(task_names))
-  interval_seconds, interval_steps = 0.0, 0
-  interval_step_metrics: dict[str, float] = {}
-  steady_seconds, steady_steps, loop_calls = 0.0, 0, 0
-  first_seconds, first_steps = 0.0, 0
-  last_eval: dict[str, float] = {}
-  while step < config.train_steps:
-    num_steps = _steps_until_next_event(step, config)
-    started = time.perf_counter()
-    loss_sums, counts = trainer.train(train_iterators, num_steps)
-    seconds = time.perf_counter() - started
-    step += num_steps
-    loop_calls += 1
-    if loop_calls > 1:  # The first call includes tracing.
-      steady_seconds += seconds
-      steady_steps += num_steps
-    else:
-      first_seconds, first_steps = seconds, num_steps
-    interval_losses += loss_sums
-    interval_counts += counts
-    interval_seconds += seconds
-    interval_steps += num_steps
-    for name, mean in trainer.last_step_metrics.items():
-      interval_step_metrics[name] = (interval_step_metrics.get(name, 0.0) +
-                                     mean * num_steps)
-    if step % config.log_every == 0 or step == config.train_steps:
-      losses = {name: interval_losses[i] / interval_counts[i]
-                for i, name in enumerate(task_names) if interval_counts[i]}
-      speed = interval_steps * config.global_batch_size / interval_seconds
-      metrics = {f"{name}/loss": value for name, value in losses.items()}
-      metrics.update(_task_step_metrics(trainer, run.data,
-                                        config.global_batch_size))
-      metrics.update({f"{name}/share": interval_counts[i] / interval_steps
-                      for i, name in enumerate(task_names)})
-      metrics.update({name: total / interval_steps
-                      for name, total in interval_step_metrics.items()})
-      metrics["examples_per_second"] = speed
-      writer.write(step, "train", metrics)
-      writer.progress(step, losses, speed)
-      interval_losses[:] = 0
-      interval_counts[:] = 0
-      interval_seconds, interval_steps = 0.0, 0
-      interval_step_metrics = {}
-    if step % config.checkpoint_every == 0 and step < config.train_steps:
-      checkpointer.save(step)
-    if step % config.eval_every == 0 and step < config.train_steps:
-      last_eval = trainer.evaluate(eval_datasets, eval_groups)
-      writer.write(step, "eval", last_eval)
+  def save_once(at: int) -> None:
+    if not checkpointer.saved(at):
+      checkpointer.save(at)
 
-  if not checkpointer.saved(step):
-    checkpointer.save(step)
-  checkpointer.close()
-  last_eval = trainer.evaluate(eval_datasets, eval_groups)
-  writer.write(step, "eval", last_eval)
-  writer.close()
-  if steady_steps:
-    examples_per_second = steady_steps * config.global_batch_size / steady_seconds
-  elif loop_calls:  # One call only: its time includes tracing.
-    examples_per_second = first_steps * config.global_batch_size / max(
-        first_seconds, 1e-9)
-  else:
-    examples_per_second = 0.0
+  interval = _Interval(task_names)
+  speed = _Speed()
+  last_eval: dict[str, float] = {}
+  step = start_step
+  watcher = preemption.create(strategy, distribution.is_multi_worker(strategy))
+  try:
+    while step < config.train_steps:
+      num_steps = _steps_until_next_event(step, config)
+      started = time.perf_counter()
+      loss_sums, counts = trainer.train(train_iterators, num_steps)
+      seconds = time.perf_counter() - started
+      step += num_steps
+      speed.add(seconds, num_steps)
+      interval.add(loss_sums, counts, seconds, num_steps,
+                   trainer.last_step_metrics)
+      if step % config.log_every == 0 or step == config.train_steps:
+        _log_interval(interval, step, writer, trainer, run.data, config)
+      if step % config.checkpoint_every == 0 and step < config.train_steps:
+        checkpointer.save(step)
+      if step % config.eval_every == 0 and step < config.train_steps:
+        last_eval = trainer.evaluate(eval_datasets, eval_groups)
+        writer.write(step, "eval", last_eval)
+      if step < config.train_steps and watcher.should_stop(step, save_once):
+        if interval.steps:  # The steps since the last record, not lost.
+          _log_interval(interval, step, writer, trainer, run.data, config)
+        raise preemption.Preempted(step, checkpointer.latest())
+    save_once(step)
+    last_eval = trainer.evaluate(eval_datasets, eval_groups)
+    writer.write(step, "eval", last_eval)
+  finally:
+    watcher.close()
+    checkpointer.close()
+    writer.close()
   summary = {
       "step": step,
       "mode": config.mode,
@@ -277,7 +267,7 @@ def _train(run: _Run) -> dict[str, Any]:
                       for key, value in last_eval.items()
                       if key.startswith(name + "/")}
                for name in task_names},
-      "examples_per_second": examples_per_second,
+      "examples_per_second": speed.steps_per_second() * config.global_batch_size,
   }
   if run.baselines:
     summary["delta_m"] = delta_m_lib.delta_m(summary["eval"], run.baselines)
@@ -288,6 +278,75 @@ def _train(run: _Run) -> dict[str, Any]:
     outputs.write_json_atomic(path, summary)
     logging.info("Wrote %s", path)
   return summary
+
+
+class _Interval:
+  """What the steps since the last train record add up to."""
+
+  def __init__(self, task_names: list[str]):
+    self.task_names = task_names
+    self.reset()
+
+  def reset(self) -> None:
+    self.loss_sums = np.zeros(len(self.task_names))
+    self.counts = np.zeros(len(self.task_names))
+    self.seconds, self.steps = 0.0, 0
+    self.step_metric_sums: dict[str, float] = {}
+
+  def add(self, loss_sums: np.ndarray, counts: np.ndarray, seconds: float,
+          num_steps: int, step_metrics: dict[str, float]) -> None:
+    self.loss_sums += loss_sums
+    self.counts += counts
+    self.seconds += seconds
+    self.steps += num_steps
+    for name, mean in step_metrics.items():
+      self.step_metric_sums[name] = (self.step_metric_sums.get(name, 0.0) +
+                                     mean * num_steps)
+
+  def losses(self) -> dict[str, float]:
+    """Each trained task's mean loss over its labelled examples."""
+    return {name: self.loss_sums[i] / self.counts[i]
+            for i, name in enumerate(self.task_names) if self.counts[i]}
+
+
+class _Speed:
+  """Steps per second, excluding the first (tracing) loop call if possible."""
+
+  def __init__(self):
+    self._calls = 0
+    self._first = (0.0, 0)
+    self._steady = (0.0, 0)
+
+  def add(self, seconds: float, num_steps: int) -> None:
+    self._calls += 1
+    if self._calls == 1:
+      self._first = (seconds, num_steps)
+    else:
+      self._steady = (self._steady[0] + seconds, self._steady[1] + num_steps)
+
+  def steps_per_second(self) -> float:
+    seconds, steps = self._steady if self._steady[1] else self._first
+    return steps / seconds if steps else 0.0
+
+
+def _log_interval(interval: _Interval, step: int,
+                  writer: outputs.MetricsWriter, trainer: trainer_lib.Trainer,
+                  data: data_lib.MultiTaskData,
+                  config: config_lib.TrainConfig) -> None:
+  """Writes and prints the interval's train record at `step`, then resets it."""
+  losses = interval.losses()
+  speed = interval.steps * config.global_batch_size / max(interval.seconds,
+                                                          1e-9)
+  metrics = {f"{name}/loss": value for name, value in losses.items()}
+  metrics.update(_task_step_metrics(trainer, data, config.global_batch_size))
+  metrics.update({f"{name}/share": interval.counts[i] / interval.steps
+                  for i, name in enumerate(interval.task_names)})
+  metrics.update({name: total / interval.steps
+                  for name, total in interval.step_metric_sums.items()})
+  metrics["examples_per_second"] = speed
+  writer.write(step, "train", metrics)
+  writer.progress(step, losses, speed)
+  interval.reset()
 
 
 def _workers_text(strategy: tf.distribute.Strategy) -> str:

@@ -252,8 +252,9 @@ def _global_index_stream(num_examples: int, seed: int,
 
 
 def distribute_train(strategy: tf.distribute.Strategy, source: ExampleSource,
-                     global_batch_size: int, seed: int,
-                     start_step: int = 0) -> tf.distribute.DistributedDataset:
+                     global_batch_size: int, seed: int, start_step: int = 0,
+                     exact_resume: bool = False
+                    ) -> tf.distribute.DistributedDataset:
   """An endless, shuffled training pipeline for one source.
 
   In-memory sources (with `arrays`) use an index-based pipeline: step k's
@@ -270,8 +271,11 @@ def distribute_train(strategy: tf.distribute.Strategy, source: ExampleSource,
     global_batch_size: Examples per step over all replicas.
     seed: The shuffle seed.
     start_step: The step the pipeline starts at. The index-based pipeline
-      continues exactly; a streamed one starts a new order seeded by
-      (seed, start_step), not the continuation of the interrupted one.
+      continues exactly. A streamed one starts a new order seeded by
+      (seed, start_step), not the continuation of the interrupted one,
+      unless `exact_resume` is set.
+    exact_resume: Streamed sources: rebuild the interrupted pipeline and skip
+      the batches it had served (exact, at the cost of reading them again).
 
   Returns:
     A distributed dataset of per-replica batches.
@@ -297,9 +301,10 @@ def distribute_train(strategy: tf.distribute.Strategy, source: ExampleSource,
     dataset = dataset.map(gather, num_parallel_calls=2, deterministic=True)
     return dataset.prefetch(2).with_options(_options())
 
-  # A resumed streamed pipeline cannot seek; a seed that depends on the start
-  # step at least keeps it from replaying the examples it began with.
-  streamed_seed = seed + 1_000_003 * start_step
+  # A streamed pipeline cannot seek. It is rebuilt and fast-forwarded
+  # (exact_resume), or started in an order seeded by the start step, which at
+  # least keeps it from replaying the examples it began with.
+  streamed_seed = seed if exact_resume else seed + 1_000_003 * start_step
 
   def streamed_dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
     if source.read is not None:
@@ -311,8 +316,10 @@ def distribute_train(strategy: tf.distribute.Strategy, source: ExampleSource,
                                           _MAX_SHUFFLE_BUFFER)
     dataset = dataset.shuffle(buffer, seed=streamed_seed,
                               reshuffle_each_iteration=True).repeat()
-    dataset = dataset.batch(ctx.get_per_replica_batch_size(global_batch_size),
-                            drop_remainder=True)
+    per_replica, batches = _replica_batches_per_step(ctx, global_batch_size)
+    dataset = dataset.batch(per_replica, drop_remainder=True)
+    if exact_resume and start_step:
+      dataset = dataset.skip(start_step * batches)
     return dataset.prefetch(2).with_options(_options())
 
   dataset_fn = (indexed_dataset_fn if source.arrays is not None

@@ -49,13 +49,18 @@ class MetricsWriter:
 
   Writes `model_dir/metrics.jsonl` (one `{"step", "split", "metrics"}` object
   per line) and event files under `model_dir/tensorboard/{train,eval}`.
-  An inactive writer (a non-chief worker's) writes and logs nothing.
+  A run resumed at `start_step` first drops the records of later steps,
+  which the interrupted run wrote after its last checkpoint and the resumed
+  run trains again, so that every step is recorded once. An inactive writer
+  (a non-chief worker's) writes and logs nothing.
   """
 
   def __init__(self, model_dir: str, total_steps: int, start_step: int,
                active: bool = True):
     self._active = active
     self._jsonl_path = os.path.join(model_dir, "metrics.jsonl")
+    if active and os.path.exists(self._jsonl_path):
+      _drop_records_after(self._jsonl_path, start_step)
     self._writers = {
         split: tf.summary.create_file_writer(
             os.path.join(model_dir, "tensorboard", split))
@@ -96,6 +101,31 @@ class MetricsWriter:
   def close(self) -> None:
     for writer in self._writers.values():
       writer.close()
+
+
+def _drop_records_after(path: str, step: int) -> None:
+  """Rewrites metrics.jsonl without records past `step` (atomically)."""
+  kept, dropped = [], 0
+  with open(path) as f:
+    for line in f:
+      try:
+        if json.loads(line)["step"] <= step:
+          kept.append(line if line.endswith("\n") else line + "\n")
+          continue
+      except (ValueError, KeyError, TypeError):
+        pass  # A line cut short by a crash.
+      dropped += 1
+  if not dropped:
+    return
+  logging.info("Dropping %d record(s) after step %d from %s: the resumed run "
+               "trains those steps again.", dropped, step, path)
+  fd, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
+                                   prefix=".tmp-", suffix=".jsonl")
+  with os.fdopen(fd, "w") as f:
+    f.writelines(kept)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(temporary, path)
 
 
 def _format_seconds(seconds: float) -> str:

@@ -103,8 +103,7 @@ def test_dead_worker_fails_the_other_and_a_restart_resumes(tmp_path):
   model_dir = str(tmp_path / "run")
   flags = [f"--model_dir={model_dir}", "--train_steps=2000",
            "--checkpoint_every=100", "--steps_per_loop=50", "--log_every=100",
-           "--eval_every=2000", "--eval_examples=256", "--trunk_width=32",
-           "--collective_timeout=30"]
+           "--eval_every=2000", "--eval_examples=256", "--trunk_width=32"]
   ports = local_cluster.free_ports(2)
   workers = [
       subprocess.Popen([sys.executable, "-m", "launch.train", *flags],
@@ -121,7 +120,9 @@ def test_dead_worker_fails_the_other_and_a_restart_resumes(tmp_path):
       time.sleep(0.1)
     workers[1].kill()
     killed_at = time.monotonic()
-    _, stderr = workers[0].communicate(timeout=60)  # The timeout is 30 s.
+    # Found by the coordination service's heartbeats, with no
+    # --collective_timeout.
+    _, stderr = workers[0].communicate(timeout=60)
     assert time.monotonic() - killed_at < 45
   finally:
     for worker in workers:
@@ -146,3 +147,39 @@ def test_dead_worker_fails_the_other_and_a_restart_resumes(tmp_path):
            for line in open(os.path.join(model_dir, "metrics.jsonl"))
            if json.loads(line)["split"] == "train"]
   assert steps[-1] == 2000
+
+
+_STALLING_WORKER = """
+import os, sys, time
+import tensorflow as tf
+import mtl_dist
+strategy = mtl_dist.create_strategy("multi_worker", collective_timeout=3)
+if strategy.cluster_resolver.task_id == 1:
+  time.sleep(60)  # Alive (sending heartbeats) but never joins.
+  sys.exit(0)
+started = time.monotonic()
+try:
+  strategy.reduce("SUM", strategy.run(lambda: tf.constant(1.0)), axis=None)
+except tf.errors.DeadlineExceededError:
+  print(f"timed out after {time.monotonic() - started:.0f} s")
+"""
+
+
+def test_collective_timeout_bounds_a_collective_a_live_worker_skips(tmp_path):
+  ports = local_cluster.free_ports(2)
+  workers = [
+      subprocess.Popen([sys.executable, "-c", _STALLING_WORKER],
+                       env=dict(_env(tmp_path),
+                                TF_CONFIG=local_cluster.tf_config(ports, i)),
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       text=True)
+      for i in range(2)]
+  try:
+    output, _ = workers[0].communicate(timeout=50)
+  finally:
+    for worker in workers:
+      worker.kill()
+      worker.communicate()
+  match = re.search(r"timed out after (\d+) s", output)
+  assert match, output[-3000:]
+  assert 3 <= int(match.group(1)) <= 20
