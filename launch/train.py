@@ -188,6 +188,12 @@ _EVAL_STEPS = flags.DEFINE_integer(
 _LOG_EVERY = flags.DEFINE_integer("log_every", 100,
                                   "Steps between progress lines and metrics.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for data, weights and order.")
+_ON_NONFINITE = flags.DEFINE_enum(
+    "on_nonfinite", "stop", config_lib.ON_NONFINITE,
+    "A step whose loss or gradient is NaN or Inf on any replica changes "
+    "nothing; then stop: end the run with exit status 1 naming the step and "
+    "tasks (the last checkpoint stays as it was), or skip: go on, counting "
+    "skipped steps in metrics (nonfinite_skipped).")
 _DETERMINISTIC = flags.DEFINE_bool(
     "deterministic", False, "Enable TensorFlow's op determinism, and resume "
     "file-backed (TFDS) pipelines exactly, by re-reading the examples they "
@@ -258,7 +264,7 @@ def _config_from_flags() -> mtl_dist.TrainConfig:
       keep_checkpoints=_KEEP_CHECKPOINTS.value,
       eval_every=_EVAL_EVERY.value, eval_steps=_EVAL_STEPS.value,
       log_every=_LOG_EVERY.value, seed=_SEED.value,
-      deterministic=_DETERMINISTIC.value)
+      deterministic=_DETERMINISTIC.value, on_nonfinite=_ON_NONFINITE.value)
 
 
 def _exit_with_usage_error(message: str) -> None:
@@ -285,7 +291,7 @@ def main(argv: list[str]) -> None:
     summary = mtl_dist.train(_config_from_flags())
   except mtl_dist.ConfigError as e:
     _exit_with_usage_error(str(e))
-  except mtl_dist.ClusterError as e:
+  except (mtl_dist.ClusterError, mtl_dist.NonFiniteError) as e:
     sys.stderr.write(f"{_PROGRAM}: error: {e}\n")
     sys.exit(1)
   except mtl_dist.Preempted as e:

@@ -1,7 +1,7 @@
 """mtl_dist: shared-trunk multi-task training on many devices.
 
 Public API:
-  TrainConfig, ConfigError, ClusterError, Preempted, train,
+  TrainConfig, ConfigError, ClusterError, NonFiniteError, Preempted, train,
     parse_key_values: configure and run a training job (what the `mtl-train`
     launcher calls).
   TaskSpec: one task (its head, loss and metrics).
@@ -19,6 +19,7 @@ from mtl_dist.config import ConfigError
 from mtl_dist.config import parse_key_values
 from mtl_dist.config import TrainConfig
 from mtl_dist.controller import ClusterError
+from mtl_dist.controller import NonFiniteError
 from mtl_dist.controller import train
 from mtl_dist.data import distribute_eval
 from mtl_dist.data import distribute_train
@@ -36,11 +37,11 @@ from mtl_dist.trainer import make_optimizer_factory
 from mtl_dist.trainer import Trainer
 
 __all__ = [
-    "ClusterError", "ConfigError", "ExampleSource", "MultiTaskData", "SharedTrunkModel",
-    "TaskSpec", "TrainConfig", "Trainer", "build_model", "build_trunk",
-    "create_strategy", "distribute_eval", "distribute_train", "format_results",
-    "Preempted", "make_optimizer_factory", "parse_key_values",
-    "source_from_arrays",
+    "ClusterError", "ConfigError", "ExampleSource", "MultiTaskData",
+    "NonFiniteError", "Preempted", "SharedTrunkModel", "TaskSpec",
+    "TrainConfig", "Trainer", "build_model", "build_trunk", "create_strategy",
+    "distribute_eval", "distribute_train", "format_results",
+    "make_optimizer_factory", "parse_key_values", "source_from_arrays",
     "train",
 ]
 

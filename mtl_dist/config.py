@@ -22,6 +22,7 @@ TRUNKS = ("mlp", "conv")
 STRATEGIES = ("auto", "mirrored", "one_device", "multi_worker")
 CLUSTERS = ("tf_config", "slurm")
 COLLECTIVES = ("auto", "ring", "nccl")
+ON_NONFINITE = ("stop", "skip")
 # Flags that configure MultiWorkerMirroredStrategy and mean nothing without it.
 MULTI_WORKER_FLAGS = ("cluster", "collective", "collective_timeout",
                       "port_base")
@@ -144,6 +145,9 @@ class TrainConfig:
   # Deterministic ops, and streamed pipelines that resume exactly (by
   # re-reading what they had served) instead of in a new order.
   deterministic: bool = False
+  # A step with a NaN or Inf loss or gradient: "stop" the run (exit 1, no
+  # checkpoint of it) or "skip" the update on all replicas and count it.
+  on_nonfinite: str = "stop"
 
   @property
   def resolved_train_examples(self) -> int:
@@ -238,6 +242,7 @@ class TrainConfig:
     _check_choice("strategy", self.strategy, STRATEGIES)
     _check_choice("aggregator", self.aggregator, AGGREGATORS)
     _check_choice("weighting", self.weighting, WEIGHTINGS)
+    _check_choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE)
     if self.schedule is not None:
       _check_choice("schedule", self.schedule, SCHEDULES)
     for name in ("train_steps", "global_batch_size", "steps_per_loop",

@@ -92,6 +92,18 @@ class _Run:
         max_to_keep=config.keep_checkpoints,
         step_counter=self.trainer.global_step, chief=self.chief)
     self.restored_from = self._restore()
+    if self.restored_from:
+      self._apply_learning_rate()
+
+  def _apply_learning_rate(self) -> None:
+    """Makes --learning_rate win over the one restored with the optimizers."""
+    for optimizer in {id(o): o for o in self.trainer.optimizers.values()
+                      }.values():
+      restored = float(optimizer.learning_rate.numpy())
+      if not np.isclose(restored, self.config.learning_rate, rtol=1e-6):
+        logging.info("--learning_rate=%g replaces the checkpoint's %g.",
+                     self.config.learning_rate, restored)
+        optimizer.learning_rate.assign(self.config.learning_rate)
 
   def _restore(self) -> Optional[str]:
     """Restores the newest readable checkpoint, if any.
@@ -163,6 +175,10 @@ class ClusterError(RuntimeError):
   """Another worker failed or a collective timed out; the launcher exits 1."""
 
 
+class NonFiniteError(RuntimeError):
+  """A loss or gradient was NaN or Inf (--on_nonfinite=stop); exit 1."""
+
+
 # What a collective raises when a peer dies (Unavailable), when it is not
 # joined within --collective_timeout (DeadlineExceeded), or when the runtime
 # aborts the collectives after either (Aborted, Cancelled).
@@ -225,6 +241,7 @@ def _train(run: _Run) -> dict[str, Any]:
 
   interval = _Interval(task_names)
   speed = _Speed()
+  skipped_total = 0
   last_eval: dict[str, float] = {}
   step = start_step
   watcher = preemption.create(strategy, distribution.is_multi_worker(strategy))
@@ -234,10 +251,12 @@ def _train(run: _Run) -> dict[str, Any]:
       started = time.perf_counter()
       loss_sums, counts = trainer.train(train_iterators, num_steps)
       seconds = time.perf_counter() - started
+      _check_skipped(trainer.last_skipped, config, checkpointer.latest())
+      skipped_total += trainer.last_skipped.count
       step += num_steps
       speed.add(seconds, num_steps)
       interval.add(loss_sums, counts, seconds, num_steps,
-                   trainer.last_step_metrics)
+                   trainer.last_step_metrics, trainer.last_skipped.count)
       if step % config.log_every == 0 or step == config.train_steps:
         _log_interval(interval, step, writer, trainer, run.data, config)
       if step % config.checkpoint_every == 0 and step < config.train_steps:
@@ -267,7 +286,9 @@ def _train(run: _Run) -> dict[str, Any]:
                       for key, value in last_eval.items()
                       if key.startswith(name + "/")}
                for name in task_names},
-      "examples_per_second": speed.steps_per_second() * config.global_batch_size,
+      "examples_per_second": (speed.steps_per_second() *
+                              config.global_batch_size),
+      "nonfinite_skipped": skipped_total,
   }
   if run.baselines:
     summary["delta_m"] = delta_m_lib.delta_m(summary["eval"], run.baselines)
@@ -290,23 +311,51 @@ class _Interval:
   def reset(self) -> None:
     self.loss_sums = np.zeros(len(self.task_names))
     self.counts = np.zeros(len(self.task_names))
-    self.seconds, self.steps = 0.0, 0
+    self.seconds, self.steps, self.skipped = 0.0, 0, 0
     self.step_metric_sums: dict[str, float] = {}
 
   def add(self, loss_sums: np.ndarray, counts: np.ndarray, seconds: float,
-          num_steps: int, step_metrics: dict[str, float]) -> None:
+          num_steps: int, step_metrics: dict[str, float],
+          skipped: int) -> None:
     self.loss_sums += loss_sums
     self.counts += counts
     self.seconds += seconds
     self.steps += num_steps
-    for name, mean in step_metrics.items():
+    self.skipped += skipped
+    for name, mean in step_metrics.items():  # Means over applied steps.
       self.step_metric_sums[name] = (self.step_metric_sums.get(name, 0.0) +
-                                     mean * num_steps)
+                                     mean * (num_steps - skipped))
 
   def losses(self) -> dict[str, float]:
     """Each trained task's mean loss over its labelled examples."""
     return {name: self.loss_sums[i] / self.counts[i]
             for i, name in enumerate(self.task_names) if self.counts[i]}
+
+
+def _check_skipped(skipped: trainer_lib.SkippedSteps,
+                   config: config_lib.TrainConfig,
+                   latest_checkpoint: Optional[str]) -> None:
+  """Stops on a skipped (non-finite) step, or warns about it.
+
+  Raises:
+    NonFiniteError: With --on_nonfinite=stop, naming the step and tasks.
+  """
+  if not skipped.count:
+    return
+  if skipped.nonfinite_losses:
+    what = f"loss of task(s) {', '.join(skipped.nonfinite_losses)}"
+  else:
+    what = ("gradient (the losses were finite) while training task(s) "
+            f"{', '.join(skipped.trained)}")
+  if config.on_nonfinite == "stop":
+    raise NonFiniteError(
+        f"NaN or Inf {what} at step {skipped.first_step}; stopped without "
+        f"saving, the newest checkpoint ({latest_checkpoint or 'none'}) is "
+        "from before it. Check the data and --learning_rate, or pass "
+        "--on_nonfinite=skip to skip such steps.")
+  logging.warning("Skipped %d step(s) with a NaN or Inf loss or gradient; "
+                  "the first, step %d: %s.", skipped.count,
+                  skipped.first_step, what)
 
 
 class _Speed:
@@ -341,8 +390,10 @@ def _log_interval(interval: _Interval, step: int,
   metrics.update(_task_step_metrics(trainer, data, config.global_batch_size))
   metrics.update({f"{name}/share": interval.counts[i] / interval.steps
                   for i, name in enumerate(interval.task_names)})
-  metrics.update({name: total / interval.steps
+  applied = max(interval.steps - interval.skipped, 1)
+  metrics.update({name: total / applied
                   for name, total in interval.step_metric_sums.items()})
+  metrics["nonfinite_skipped"] = interval.skipped
   metrics["examples_per_second"] = speed
   writer.write(step, "train", metrics)
   writer.progress(step, losses, speed)

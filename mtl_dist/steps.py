@@ -74,6 +74,58 @@ def _regularization(layers: Sequence[tf_keras.layers.Layer]) -> tf.Tensor:
   return tf.nn.scale_regularization_loss(tf.add_n(losses))
 
 
+def _all_finite(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
+  """Whether every value of every tensor is finite (a scalar bool)."""
+  return tf.reduce_all([tf.reduce_all(tf.math.is_finite(
+      t.values if isinstance(t, tf.IndexedSlices) else t)) for t in tensors])
+
+
+def _reduce_and_check(
+    gradients: Sequence[tf.Tensor], losses: tf.Tensor
+) -> tuple[list[tf.Tensor], tf.Tensor, tf.Tensor]:
+  """Sums gradients and [T] loss shares over replicas in one all-reduce.
+
+  Returns:
+    (gradients, losses, finite): the global sums, and whether all of them are
+    finite. Computed from all-reduced values, `finite` is the same on every
+    replica and worker, so all of them skip a step together.
+  """
+  gradients = list(gradients)
+  reduced_gradients, reduced_losses = (
+      tf.distribute.get_replica_context().all_reduce(
+          tf.distribute.ReduceOp.SUM, [gradients, losses]))
+  finite = _all_finite(list(reduced_gradients) + [reduced_losses])
+  return list(reduced_gradients), reduced_losses, finite
+
+
+def _apply_if(optimizer: tf_keras.optimizers.Optimizer,
+              gradients: Sequence[tf.Tensor],
+              variables: Sequence[tf.Variable], apply: tf.Tensor) -> None:
+  """Applies all-reduced `gradients` if `apply`, else changes nothing.
+
+  A skipped step leaves the variables and the optimizer's slots and
+  iteration count as they were. `apply` must be equal on every replica. A
+  `tf.cond` in replica context cannot hold the optimizer's `merge_call`, so
+  the condition is evaluated in cross-replica context, as tf_keras's
+  LossScaleOptimizer does.
+  """
+  variables = list(variables)
+
+  def apply_on_replica(replica_gradients):
+    optimizer.apply_gradients(zip(replica_gradients, variables),
+                              skip_gradients_aggregation=True)
+
+  def cross_replica(strategy, replica_gradients, replica_apply):
+    def update():
+      strategy.extended.call_for_each_replica(apply_on_replica,
+                                              args=(replica_gradients,))
+      return tf.constant(True)
+
+    return tf.cond(strategy.experimental_local_results(replica_apply)[0],
+                   update, lambda: tf.constant(False))
+
+  tf.distribute.get_replica_context().merge_call(
+      cross_replica, args=(list(gradients), apply))
 
 
 class _Terms(NamedTuple):
@@ -146,8 +198,13 @@ class JointStep:
                               self._global_batch_size, self._partial_labels)
     return per_task
 
-  def replica_step(self, batch: Batch) -> tf.Tensor:
-    """Trains on one replica's batch; returns its [T] per-task losses."""
+  def replica_step(self, batch: Batch) -> tuple[tf.Tensor, tf.Tensor]:
+    """Trains on one replica's batch.
+
+    Returns:
+      ([T] global-batch losses, whether the step was applied: all losses
+      and gradients finite).
+    """
     variables = self._model.trainable_variables + self._weighting.trainable
     needs_terms = self._weighting.needs_task_gradients
     with tf.GradientTape(persistent=needs_terms) as tape:
@@ -156,13 +213,15 @@ class JointStep:
                if needs_terms else [])
       total = self._weighting.objective(per_task)
       total += _regularization([self._model])
-    gradients = tape.gradient(total, variables)
+    gradients = tape.gradient(total, variables,
+                              unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    gradients, losses, finite = _reduce_and_check(gradients, per_task)
     self._weighting.replica_update(tape, terms, per_task,
                                    self._labelled_counts(batch),
-                                   _last_shared_kernel(self._model))
+                                   _last_shared_kernel(self._model), finite)
     del tape
-    self._optimizer.apply_gradients(zip(gradients, variables))
-    return per_task
+    _apply_if(self._optimizer, gradients, variables, finite)
+    return losses, finite
 
   def _unshared_variables(self) -> list[tf.Variable]:
     """Heads and learned loss weights: trained without gradient surgery."""
@@ -226,13 +285,14 @@ class JointStep:
     trunk_grads = [g + r for g, r in zip(trunk_grads, regularization_grads)]
     head_grads = tape.gradient(terms.objective, heads,
                                unconnected_gradients=zero)
+    gradients, losses, finite = _reduce_and_check(trunk_grads + head_grads,
+                                                  terms.per_task)
     self._weighting.replica_update(tape, terms.unweighted, terms.per_task,
                                    self._labelled_counts(batch),
-                                   _last_shared_kernel(self._model))
+                                   _last_shared_kernel(self._model), finite)
     del tape
-    self._optimizer.apply_gradients(zip(trunk_grads + head_grads,
-                                        trunk + heads))
-    return terms.per_task, aggregation.conflict_share_from_gram(gram)
+    _apply_if(self._optimizer, gradients, trunk + heads, finite)
+    return losses, aggregation.conflict_share_from_gram(gram), finite
 
   def aggregated_replica_step(self, batch: Batch,
                               step: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -249,27 +309,29 @@ class JointStep:
                                   unconnected_gradients=zero) +
                     tape.gradient(terms.regularization, trunk,
                                   unconnected_gradients=zero))
-    self._weighting.replica_update(tape, terms.unweighted, terms.per_task,
-                                   self._labelled_counts(batch),
-                                   _last_shared_kernel(self._model))
-    per_task = terms.per_task
-    del tape
+    num_tasks = len(self._tasks)
     num_trunk = int(task_grads[0].shape[0])
+    # One all-reduce for the task gradients, the rest and the loss shares.
     fused = tf.distribute.get_replica_context().all_reduce(
-        tf.distribute.ReduceOp.SUM, tf.concat(task_grads + [rest], axis=0))
-    matrix = tf.reshape(fused[:num_trunk * len(self._tasks)],
-                        [len(self._tasks), num_trunk])
-    rest = fused[num_trunk * len(self._tasks):]
+        tf.distribute.ReduceOp.SUM,
+        tf.concat(task_grads + [rest, terms.per_task], axis=0))
+    matrix = tf.reshape(fused[:num_trunk * num_tasks], [num_tasks, num_trunk])
+    rest = fused[num_trunk * num_tasks:-num_tasks]
+    losses = fused[-num_tasks:]
     direction = aggregation.aggregate(
         self._aggregator, matrix,
         tf.stack([tf.constant(self._seed, tf.int64), tf.cast(step, tf.int64)]),
         self._cagrad_c)
+    finite = _all_finite([fused, direction])
+    self._weighting.replica_update(tape, terms.unweighted, terms.per_task,
+                                   self._labelled_counts(batch),
+                                   _last_shared_kernel(self._model), finite)
+    del tape
     head_grads = _unflatten(rest[:_size(heads)], heads)
     trunk_grads = _unflatten(direction + rest[_size(heads):], trunk)
-    self._optimizer.apply_gradients(
-        zip(trunk_grads + head_grads, trunk + heads),
-        skip_gradients_aggregation=True)
-    return per_task, aggregation.conflict_share(matrix)
+    _apply_if(self._optimizer, trunk_grads + head_grads, trunk + heads,
+              finite)
+    return losses, aggregation.conflict_share(matrix), finite
 
   def __call__(self, strategy: tf.distribute.Strategy,
                iterators: Sequence[tf.distribute.DistributedIterator],
@@ -277,27 +339,33 @@ class JointStep:
     """Runs one step on every replica (cross-replica context).
 
     Returns:
-      (losses, trained, metrics): [T] global-batch losses, a [T] 0/1 mask of
-      the tasks this step trained (all of them), and a [len(metric_names)]
-      vector of step metrics.
+      (losses, trained, metrics, applied): [T] global-batch losses, a [T]
+      0/1 mask of the tasks this step trained (all of them), a
+      [len(metric_names)] vector of step metrics, and whether the update was
+      applied (False: a loss or gradient was not finite, nothing changed).
     """
     batch = next(iterators[0])
     weights = self._weighting.weights()  # The weights this step uses.
     if self._aggregator == "sum":
-      per_replica = strategy.run(self.replica_step, args=(batch,))
+      losses, applied = strategy.run(self.replica_step, args=(batch,))
       metrics = weights
     else:
       replica_fn = (self.rep_grad_replica_step if self._rep_grad
                     else self.aggregated_replica_step)
-      per_replica, share = strategy.run(replica_fn,
-                                        args=(batch, step.read_value()))
-      # Every replica computed the same share from the same global matrix.
+      losses, share, applied = strategy.run(replica_fn,
+                                            args=(batch, step.read_value()))
       metrics = tf.concat([weights, tf.reshape(
-          strategy.experimental_local_results(share)[0], [1])], axis=0)
-    losses = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica,
-                             axis=None)
-    self._weighting.update(losses)
-    return losses, tf.ones([len(self._tasks)]), metrics
+          _first_local(strategy, share), [1])], axis=0)
+    # Every replica holds the same all-reduced values.
+    losses = _first_local(strategy, losses)
+    applied = _first_local(strategy, applied)
+    self._weighting.update(losses, applied)
+    return losses, tf.ones([len(self._tasks)]), metrics, applied
+
+
+def _first_local(strategy: tf.distribute.Strategy, value) -> tf.Tensor:
+  """This worker's first replica's copy of a value equal on all replicas."""
+  return strategy.experimental_local_results(value)[0]
 
 
 def _last_shared_kernel(model: model_lib.SharedTrunkModel) -> tf.Variable:
@@ -358,8 +426,13 @@ class AlternateStep:
 
   metric_names = ()
 
-  def replica_step(self, task_index: int, batch: Batch) -> tf.Tensor:
-    """Trains task `task_index` on one replica's batch; returns its loss."""
+  def replica_step(self, task_index: int,
+                   batch: Batch) -> tuple[tf.Tensor, tf.Tensor]:
+    """Trains task `task_index` on one replica's batch.
+
+    Returns:
+      (the global-batch loss, whether the step was applied).
+    """
     task = self._tasks[task_index]
     features, labels = batch
     variables = self._model.trunk_and_head_variables(task.name)
@@ -370,9 +443,11 @@ class AlternateStep:
           global_batch_size=self._global_batch_size)
       total = loss + _regularization(
           [self._model.trunk, self._model.heads[task.name]])
-    gradients = tape.gradient(total, variables)
-    self._optimizers[task_index].apply_gradients(zip(gradients, variables))
-    return loss
+    gradients = tape.gradient(total, variables,
+                              unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    gradients, loss, finite = _reduce_and_check(gradients, loss)
+    _apply_if(self._optimizers[task_index], gradients, variables, finite)
+    return loss, finite
 
   def __call__(self, strategy: tf.distribute.Strategy,
                iterators: Sequence[tf.distribute.DistributedIterator],
@@ -380,23 +455,25 @@ class AlternateStep:
     """Runs one step of the scheduled task on every replica.
 
     Returns:
-      (losses, trained, metrics): [T] vectors, zero except at the trained
-      task, and an empty metrics vector.
+      (losses, trained, metrics, applied): [T] vectors, zero except at the
+      trained task, an empty metrics vector, and whether the update was
+      applied (False: the loss or a gradient was not finite).
     """
     task_index = self._schedule.task_index(step)
 
     def branch(index: int):
-      def run_task() -> tf.Tensor:
-        per_replica = strategy.run(self.replica_step,
-                                   args=(index, next(iterators[index])))
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica,
-                               axis=None)
+      def run_task() -> tuple[tf.Tensor, tf.Tensor]:
+        loss, applied = strategy.run(self.replica_step,
+                                     args=(index, next(iterators[index])))
+        return _first_local(strategy, loss), _first_local(strategy, applied)
       return run_task
 
-    loss = tf.switch_case(task_index,
-                          [branch(i) for i in range(len(self._tasks))])
+    loss, applied = tf.switch_case(
+        task_index, [branch(i) for i in range(len(self._tasks))])
     trained = tf.one_hot(task_index, len(self._tasks))
-    return trained * loss, trained, tf.zeros([0])
+    # 0 * NaN is NaN: keep a non-finite loss at its task only.
+    losses = tf.where(trained > 0, loss, 0.0)
+    return losses, trained, tf.zeros([0]), applied
 
 
 def eval_sums(model: model_lib.SharedTrunkModel,

@@ -8,7 +8,7 @@ differ only in the step object (see steps.py).
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -30,6 +30,22 @@ def make_optimizer_factory(name: str, learning_rate: float) -> OptimizerFactory:
   if name not in optimizers:
     raise ValueError(f"unknown optimizer {name!r} (known: adam, sgd)")
   return lambda: optimizers[name](learning_rate=learning_rate)
+
+
+class SkippedSteps(NamedTuple):
+  """Steps of one `Trainer.train` call skipped for non-finite values.
+
+  Attributes:
+    count: How many steps were skipped.
+    first_step: The first skipped step's number (1-based, as logged), or -1.
+    nonfinite_losses: The tasks whose loss was not finite at that step.
+    trained: The tasks that step trained (all of them in joint mode).
+  """
+
+  count: int
+  first_step: int
+  nonfinite_losses: list[str]
+  trained: list[str]
 
 
 class Trainer:
@@ -125,6 +141,7 @@ class Trainer:
           global_batch_size, schedule or schedules.RoundRobin(num_tasks))
     self._train_loop = tf.function(self._train_loop_fn)
     self.last_step_metrics: dict[str, float] = {}
+    self.last_skipped = SkippedSteps(0, -1, [], [])
     self._eval_loop = None
     self._eval_groups = None
 
@@ -159,19 +176,35 @@ class Trainer:
     loss_sums = tf.zeros([num_tasks])
     trained_counts = tf.zeros([num_tasks])
     metric_sums = tf.zeros([len(self._step.metric_names)])
+    skipped = tf.constant(0, tf.int64)
+    first_skipped = tf.constant(-1, tf.int64)
+    first_skipped_losses = tf.zeros([num_tasks])
+    first_skipped_trained = tf.zeros([num_tasks])
     for _ in tf.range(num_steps):
-      losses, trained, metrics = self._step(self._strategy, iterators,
-                                            self.global_step)
-      loss_sums += losses
-      trained_counts += trained
-      metric_sums += metrics
+      losses, trained, metrics, applied = self._step(self._strategy, iterators,
+                                                     self.global_step)
+      # Counters count steps run (batches read), applied or not.
       self.task_steps.assign_add(tf.cast(trained, tf.int64))
       self.global_step.assign_add(1)
-    return loss_sums, trained_counts, metric_sums
+      loss_sums += tf.where(applied, losses, 0.0)
+      trained_counts += tf.where(applied, trained, 0.0)
+      metric_sums += tf.where(applied, metrics, 0.0)
+      first = tf.logical_and(tf.logical_not(applied), first_skipped < 0)
+      first_skipped = tf.where(first, self.global_step.read_value(),
+                               first_skipped)
+      first_skipped_losses = tf.where(first, losses, first_skipped_losses)
+      first_skipped_trained = tf.where(first, trained, first_skipped_trained)
+      skipped += tf.cast(tf.logical_not(applied), tf.int64)
+    return (loss_sums, trained_counts, metric_sums,
+            (skipped, first_skipped, first_skipped_losses,
+             first_skipped_trained))
 
   def train(self, iterators: Sequence[tf.distribute.DistributedIterator],
             num_steps: int) -> tuple[np.ndarray, np.ndarray]:
     """Runs `num_steps` steps in one tf.function call.
+
+    A step whose loss or gradient is not finite (on any replica) changes
+    nothing; such steps are reported in `last_skipped`.
 
     Args:
       iterators: Joint mode: one iterator over examples labelled for every
@@ -180,15 +213,22 @@ class Trainer:
 
     Returns:
       (loss_sums, counts): [T] arrays; loss_sums[i] / counts[i] is task i's
-      mean training loss over the counts[i] steps that trained it. The
-      step's own metrics (e.g. the aggregator's conflict share), averaged
-      over these steps, are left in `last_step_metrics`.
+      mean training loss over the counts[i] applied steps that trained it.
+      The step's own metrics (e.g. the aggregator's conflict share),
+      averaged over the applied steps, are left in `last_step_metrics`.
     """
-    loss_sums, counts, metric_sums = self._train_loop(
+    loss_sums, counts, metric_sums, skipped = self._train_loop(
         tuple(iterators), tf.constant(num_steps, tf.int64))
+    count, first_step, losses, trained = (v.numpy() for v in skipped)
+    applied_steps = max(num_steps - int(count), 1)
     self.last_step_metrics = {
-        name: float(value) / num_steps
+        name: float(value) / applied_steps
         for name, value in zip(self._step.metric_names, metric_sums.numpy())}
+    self.last_skipped = SkippedSteps(
+        count=int(count), first_step=int(first_step),
+        nonfinite_losses=[t.name for t, v in zip(self.tasks, losses)
+                          if not np.isfinite(v)],
+        trained=[t.name for t, v in zip(self.tasks, trained) if v])
     return loss_sums.numpy(), counts.numpy()
 
   def evaluate(self, datasets: Sequence[tf.distribute.DistributedDataset],

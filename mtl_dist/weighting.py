@@ -196,7 +196,8 @@ class Weighting(tf.Module):
 
   def replica_update(self, tape: tf.GradientTape,
                      task_terms: Sequence[tf.Tensor], per_task: tf.Tensor,
-                     labelled: tf.Tensor, shared_kernel: tf.Variable) -> None:
+                     labelled: tf.Tensor, shared_kernel: tf.Variable,
+                     applied: tf.Tensor = True) -> None:
     """GradNorm's weight update, inside a replica step (no-op otherwise).
 
     Args:
@@ -209,6 +210,8 @@ class Weighting(tf.Module):
         part in this step's update, and its L_i(0) is its first labelled
         loss.
       shared_kernel: The last shared layer's weights W.
+      applied: Whether the model update of this step is applied; a skipped
+        step (a non-finite loss or gradient) changes no weighting state.
     """
     if self.method != "gradnorm":
       return
@@ -224,6 +227,8 @@ class Weighting(tf.Module):
     gradients = tf.reshape(fused[:num_tasks * size], [num_tasks, size])
     losses = fused[num_tasks * size:num_tasks * (size + 1)]
     present = fused[num_tasks * (size + 1):] > 0
+    applied = tf.logical_and(applied, tf.reduce_all(tf.math.is_finite(fused)))
+    present = tf.logical_and(present, applied)  # Skipped: nothing changes.
     had_initial = self.has_initial_losses.read_value()
     initial = tf.where(had_initial, self.initial_losses,
                        tf.where(present, losses, 0.0))
@@ -236,16 +241,24 @@ class Weighting(tf.Module):
         self.task_weights, gradient, self.adam_moments[0],
         self.adam_moments[1], self.updates + 1, self._learning_rate,
         active=active)
-    self.task_weights.assign(weights)
-    self.adam_moments.assign(tf.stack([first, second]))
-    self.updates.assign_add(1)
+    self.task_weights.assign(tf.where(applied, weights, self.task_weights))
+    self.adam_moments.assign(tf.where(applied, tf.stack([first, second]),
+                                      self.adam_moments))
+    self.updates.assign_add(tf.cast(applied, self.updates.dtype))
 
-  def update(self, losses: tf.Tensor) -> None:
-    """Records a step's global [T] losses (call in cross-replica context)."""
+  def update(self, losses: tf.Tensor, applied: tf.Tensor = True) -> None:
+    """Records a step's global [T] losses (call in cross-replica context).
+
+    Args:
+      losses: The step's global-batch task losses.
+      applied: Whether the step's update was applied; the losses of a
+        skipped step (not finite) are not recorded.
+    """
     if self.method != "dwa":
       return
-    window_sum = self.window_sum + losses
-    steps = self.window_steps + 1
+    applied = tf.convert_to_tensor(applied)
+    window_sum = self.window_sum + tf.where(applied, losses, 0.0)
+    steps = self.window_steps + tf.cast(applied, self.window_steps.dtype)
     complete = steps >= self._window
     mean = window_sum / tf.cast(steps, tf.float32)
     self.last_means.assign(tf.where(

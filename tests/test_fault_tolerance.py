@@ -11,6 +11,7 @@ import pytest
 import mtl_dist
 from mtl_dist import data as data_lib
 from conftest import make_strategy
+from conftest import snapshot
 
 
 def _config(model_dir, **changes):
@@ -116,3 +117,44 @@ def test_streamed_pipeline_resumes_exactly_when_asked(shapes_arrays,
   resumed = batches(20, 3)
   for step, batch in enumerate(resumed, start=20):
     np.testing.assert_array_equal(batch, uninterrupted[step])
+
+
+def _with_nan_label(shapes_arrays, index: int):
+  features, labels = shapes_arrays
+  labels = {name: values.copy() for name, values in labels.items()}
+  labels["x"][index] = np.nan
+  return features, labels
+
+
+@pytest.mark.parametrize("mode", ["joint", "alternate"])
+def test_a_nan_on_one_replica_skips_the_step_on_every_replica(
+    build_trainer, shapes_arrays, mode):
+  # Example 300's x label is NaN (in alternate mode, x's dataset is examples
+  # 256-511); with 2 replicas it lands on one of them.
+  arrays = _with_nan_label(shapes_arrays, 300)
+  results, initial = {}, None
+  for replicas in (1, 2):
+    trainer, iterators, _, _ = build_trainer(
+        replicas=replicas, mode=mode, task_names=("shape", "x"),
+        optimizer="adam", learning_rate=0.01, arrays=arrays,
+        initial_weights=initial)
+    initial = trainer.model.get_weights()
+    variables = trainer.model.variables + [
+        v for o in {id(o): o for o in trainer.optimizers.values()}.values()
+        for v in o.variables]
+    skipped_at = []
+    for step in range(1, 41):
+      before = snapshot(variables)
+      trainer.train(iterators, 1)
+      if trainer.last_skipped.count:
+        skipped_at.append(step)
+        assert trainer.last_skipped.first_step == step
+        assert trainer.last_skipped.nonfinite_losses == ["x"]
+        for old, new in zip(before, snapshot(variables)):
+          np.testing.assert_array_equal(old, new)  # Nothing moved.
+    results[replicas] = skipped_at, snapshot(trainer.model.variables)
+  skipped_at, weights = results[1]
+  assert skipped_at, "the NaN example was never drawn"
+  assert results[2][0] == skipped_at
+  for one, two in zip(weights, results[2][1]):
+    np.testing.assert_allclose(one, two, atol=1e-5)

@@ -1,6 +1,7 @@
 """The mtl-train launcher end to end, in subprocesses."""
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -235,3 +236,31 @@ def test_missing_model_dir_exits_2():
   result = run_launcher("--train_steps=10", timeout=120)
   assert result.returncode == 2
   assert "--model_dir" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_nonfinite_loss_stops_with_status_1_or_is_skipped(tmp_path):
+  model_dir = str(tmp_path / "diverge")
+  flags = [f"--model_dir={model_dir}", "--optimizer=sgd",
+           "--learning_rate=1e12", "--log_every=20", "--steps_per_loop=10",
+           "--checkpoint_every=10", "--trunk_width=32", "--eval_examples=256"]
+  # A sane first run leaves a checkpoint; the diverging resume must not
+  # replace it.
+  sane = run_launcher(*flags[:1], "--optimizer=sgd", "--train_steps=10",
+                      *flags[3:])
+  assert sane.returncode == 0, sane.stderr[-3000:]
+  stopped = run_launcher(*flags, "--train_steps=200")
+  assert stopped.returncode == 1, stopped.stderr[-3000:]
+  assert re.search(r"mtl-train: error: NaN or Inf loss of task\(s\) [a-z, ]+ "
+                   r"at step \d+; stopped without saving, the newest "
+                   r"checkpoint \(.*ckpt-10\)", stopped.stderr), stopped.stderr
+  assert sorted(os.listdir(os.path.join(model_dir, "checkpoints"))) == [
+      "checkpoint", "ckpt-10.data-00000-of-00001", "ckpt-10.index"]
+
+  skipped = run_launcher(*flags, "--train_steps=60", "--on_nonfinite=skip")
+  assert skipped.returncode == 0, skipped.stderr[-3000:]
+  summary = json.load(open(os.path.join(model_dir, "summary.json")))
+  assert summary["step"] == 60 and summary["nonfinite_skipped"] > 0
+  records = [r for r in read_jsonl(os.path.join(model_dir, "metrics.jsonl"))
+             if r["split"] == "train" and r["step"] > 10]
+  assert sum(r["metrics"]["nonfinite_skipped"] for r in records) == summary[
+      "nonfinite_skipped"]
