@@ -19,6 +19,7 @@ first worker that failed (1 if it was killed by a signal), or 2 for bad flags.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -31,6 +32,8 @@ from typing import IO, Optional, Sequence
 
 from absl import app
 from absl import flags
+
+from mtl_dist import cluster as cluster_lib
 
 _PROGRAM = "mtl-local-cluster"
 
@@ -63,8 +66,43 @@ def tf_config(ports: Sequence[int], index: int) -> str:
   })
 
 
+def _die_with_parent() -> None:
+  """In a worker, before exec: receive SIGKILL when the launcher dies (Linux)."""
+  try:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+  except OSError:
+    pass  # Not Linux: orphans are possible if the launcher is killed.
+
+
+def gpu_shares(num_workers: int) -> Optional[list[str]]:
+  """CUDA_VISIBLE_DEVICES for each worker: the host's GPUs split evenly.
+
+  Returns:
+    None when the host has no GPU (workers train on the CPU).
+
+  Raises:
+    ValueError: With fewer GPUs than workers, or a count that does not split
+      evenly.
+  """
+  gpus = cluster_lib.visible_gpu_ids()
+  if not gpus:
+    return None
+  if len(gpus) % num_workers:
+    raise ValueError(f"--num_workers={num_workers}: the {len(gpus)} visible "
+                     "GPU(s) do not split evenly over the workers")
+  per_worker = len(gpus) // num_workers
+  return [",".join(gpus[i * per_worker:(i + 1) * per_worker])
+          for i in range(num_workers)]
+
+
 class LocalCluster:
-  """N worker processes of one command, each with its TF_CONFIG."""
+  """N worker processes of one command, each with its TF_CONFIG.
+
+  Workers run in their own session (a terminal's Ctrl-C reaches them only
+  through this launcher) and die with it. On a GPU host each worker gets
+  its share of the visible GPUs.
+  """
 
   def __init__(self, command: Sequence[str], num_workers: int,
                grace_seconds: float, out: Optional[IO[str]] = None):
@@ -75,7 +113,7 @@ class LocalCluster:
     self._lock = threading.Lock()
     self._processes: list[subprocess.Popen] = []
     self._readers: list[threading.Thread] = []
-    self._stopping = False
+    self._signal: Optional[int] = None  # Set by `request_stop`.
 
   def _say(self, line: str) -> None:
     with self._lock:
@@ -86,18 +124,29 @@ class LocalCluster:
     for line in stream:
       self._say(f"[worker {index}] {line}")
 
+  def request_stop(self, signum: int) -> None:
+    """Asks `wait` to pass `signum` on to the workers (signal-handler safe)."""
+    self._signal = signum
+
   def start(self) -> None:
-    """Starts the workers."""
+    """Starts the workers (fewer if a stop is requested meanwhile)."""
     ports = free_ports(self._num_workers)
+    shares = gpu_shares(self._num_workers)
     for index, port in enumerate(ports):
+      if self._signal is not None:
+        break
       env = dict(os.environ, TF_CONFIG=tf_config(ports, index),
                  PYTHONUNBUFFERED="1")
+      if shares is not None:
+        env["CUDA_VISIBLE_DEVICES"] = shares[index]
       process = subprocess.Popen(
           self._command, env=env, stdout=subprocess.PIPE,
-          stderr=subprocess.STDOUT, text=True, bufsize=1)
+          stderr=subprocess.STDOUT, text=True, bufsize=1,
+          start_new_session=True, preexec_fn=_die_with_parent)
       self._processes.append(process)
+      gpus = f", GPUs {shares[index]}" if shares else ""
       self._say(f"[{_PROGRAM}] worker {index}: pid {process.pid}, "
-                f"localhost:{port}")
+                f"localhost:{port}{gpus}")
       reader = threading.Thread(target=self._relay,
                                 args=(index, process.stdout), daemon=True)
       reader.start()
@@ -112,12 +161,19 @@ class LocalCluster:
       saved a checkpoint exit 143, and so does this.
     """
     first_failure: Optional[int] = None
+    stopping = False
     while True:
+      if self._signal is not None and not stopping:
+        stopping = True
+        self._say(f"[{_PROGRAM}] passing signal {self._signal} on to the "
+                  "workers.")
+        self.stop(self._signal)
       statuses = [process.poll() for process in self._processes]
       for index, status in enumerate(statuses):
         if status not in (None, 0) and first_failure is None:
           first_failure = status if status > 0 else 1
-          if not self._stopping and None in statuses:
+          if not stopping and None in statuses:
+            stopping = True
             self._say(f"[{_PROGRAM}] worker {index} failed with status "
                       f"{status}; stopping the other workers.")
             self.stop()
@@ -130,7 +186,6 @@ class LocalCluster:
 
   def stop(self, sig: int = signal.SIGTERM) -> None:
     """Sends `sig` to running workers, then SIGKILL after the grace period."""
-    self._stopping = True
     running = [p for p in self._processes if p.poll() is None]
     for process in running:
       process.send_signal(sig)
@@ -144,6 +199,7 @@ class LocalCluster:
 
 
 def main(argv: list[str]) -> None:
+  """Starts the workers with mtl-train's flags (after `--`) and waits."""
   train_flags = argv[1:]
   if not train_flags:
     sys.stderr.write(f"{_PROGRAM}: error: give mtl-train's flags after --, "
@@ -152,14 +208,14 @@ def main(argv: list[str]) -> None:
     sys.exit(2)
   command = [sys.executable, "-m", "launch.train", *train_flags]
   cluster = LocalCluster(command, _NUM_WORKERS.value, _GRACE_SECONDS.value)
-
-  def forward(signum, frame):  # Preemption of the whole job: pass it on.
-    del frame
-    cluster.stop(signum)
-
-  signal.signal(signal.SIGTERM, forward)
-  signal.signal(signal.SIGINT, forward)
-  cluster.start()
+  # Preemption of the whole job (SIGTERM) or Ctrl-C: pass it on to workers.
+  signal.signal(signal.SIGTERM, lambda signum, _: cluster.request_stop(signum))
+  signal.signal(signal.SIGINT, lambda signum, _: cluster.request_stop(signum))
+  try:
+    cluster.start()
+  except ValueError as e:
+    sys.stderr.write(f"{_PROGRAM}: error: {e}\n")
+    sys.exit(2)
   sys.exit(cluster.wait())
 
 

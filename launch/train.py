@@ -174,6 +174,10 @@ _COLLECTIVE_TIMEOUT = flags.DEFINE_float(
     "alive (dead ones are found by heartbeats within seconds anyway). Off by "
     "default: TensorFlow 2.21 keeps one sleeping thread per collective for "
     "this long, so use it with slow steps only (see docs/cluster.md).")
+_CLUSTER_START_TIMEOUT = flags.DEFINE_float(
+    "cluster_start_timeout", None, "Multi-worker: seconds to wait at start "
+    "for every worker to join before failing with exit status 1 (default "
+    "900), e.g. when a pod stays pending or a task fails to launch.")
 _PORT_BASE = flags.DEFINE_integer(
     "port_base", None, "Multi-worker on SLURM: port of each node's first "
     "task; the k-th task on a node uses port_base+k (default 8888).")
@@ -259,6 +263,7 @@ def _config_from_flags() -> mtl_dist.TrainConfig:
       strategy=_STRATEGY.value, num_cpu_devices=_NUM_CPU_DEVICES.value,
       cluster=_CLUSTER.value, collective=_COLLECTIVE.value,
       collective_timeout=_COLLECTIVE_TIMEOUT.value,
+      cluster_start_timeout=_CLUSTER_START_TIMEOUT.value,
       port_base=_PORT_BASE.value,
       checkpoint_every=_CHECKPOINT_EVERY.value,
       keep_checkpoints=_KEEP_CHECKPOINTS.value,

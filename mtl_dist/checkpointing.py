@@ -25,6 +25,9 @@ import tensorflow as tf
 class Checkpointer:
   """Saves `checkpoint` as `directory/ckpt-<step>`, keeping the newest few.
 
+  A non-chief worker saves into a fresh temporary directory that is deleted
+  right after.
+
   Attributes:
     directory: Where the run's checkpoints live (written by the chief only).
   """
@@ -38,17 +41,17 @@ class Checkpointer:
       directory: The run's checkpoint directory.
       max_to_keep: How many of the newest checkpoints the chief keeps.
       step_counter: The global step variable, recorded with each save.
-      chief: Whether this process writes the run's files. Other workers
-        write to a private temporary directory, deleted after each save.
+      chief: Whether this process writes the run's files.
     """
     self.directory = directory
     self._checkpoint = checkpoint
-    self._scratch = None if chief else tempfile.mkdtemp(prefix="mtl_dist_")
+    self._step_counter = step_counter
+    self._manager = None
     if chief:
       self._repair_state()
-    self._manager = tf.train.CheckpointManager(
-        checkpoint, self._scratch or directory,
-        max_to_keep=max_to_keep if chief else 1, step_counter=step_counter)
+      self._manager = tf.train.CheckpointManager(
+          checkpoint, directory, max_to_keep=max_to_keep,
+          step_counter=step_counter)
     self._last_saved_step: Optional[int] = None
 
   def checkpoints(self) -> list[str]:
@@ -120,21 +123,23 @@ class Checkpointer:
 
   def save(self, step: int) -> None:
     """Saves the state at `step` (on every worker, together)."""
-    path = self._manager.save(checkpoint_number=step)
-    self._last_saved_step = step
-    if self._scratch is not None:
-      shutil.rmtree(self._scratch, ignore_errors=True)
-    else:
+    if self._manager is not None:
+      path = self._manager.save(checkpoint_number=step)
       logging.info("Saved checkpoint %s.", path)
+    else:  # A fresh scratch directory, gone whatever happens.
+      scratch = tempfile.mkdtemp(prefix="mtl_dist_")
+      try:
+        tf.train.CheckpointManager(
+            self._checkpoint, scratch, max_to_keep=1,
+            step_counter=self._step_counter).save(checkpoint_number=step)
+      finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    self._last_saved_step = step
 
   def saved(self, step: int) -> bool:
     """Whether the newest save or restore was at `step`."""
     return self._last_saved_step == step
 
-  def close(self) -> None:
-    """Deletes a non-chief worker's temporary directory."""
-    if self._scratch is not None:
-      shutil.rmtree(self._scratch, ignore_errors=True)
 
 
 def unreadable(path: str) -> Optional[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from typing import Optional
@@ -22,6 +23,10 @@ from mtl_dist import config as config_lib
 
 TF_CONFIG, SLURM = config_lib.CLUSTERS
 DEFAULT_PORT_BASE = 8888
+# The GPU ids this host showed before a resolver narrowed
+# CUDA_VISIBLE_DEVICES to one task's share (resolving again must not split
+# the share again).
+_node_gpus: Optional[list[str]] = None
 _SLURM_VARIABLES = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS",
                     "SLURM_STEP_NODELIST", "SLURM_STEP_TASKS_PER_NODE")
 
@@ -70,19 +75,23 @@ def resolve(
           "several workers (set TF_CONFIG, run each worker with srun, or "
           "start them with mtl-local-cluster)")
   if kind == TF_CONFIG:
+    if port_base is not None:
+      raise config_lib.ConfigError(
+          "--port_base applies to SLURM clusters, but the cluster comes from "
+          "TF_CONFIG, which lists each worker's port")
     spec = _read_tf_config()
-    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
-    task = spec.get("task", {})
-    if task.get("type") is None or task.get("index") is None:
+    task = spec.get("task")
+    if (not isinstance(task, dict) or not isinstance(task.get("type"), str)
+        or not isinstance(task.get("index"), int)):
       raise config_lib.ConfigError(
           "TF_CONFIG: 'task' must name this process's type and index, e.g. "
-          '{"type": "worker", "index": 0}')
+          f'{{"type": "worker", "index": 0}}, got {json.dumps(task)}')
     addresses = spec["cluster"].get(task["type"], [])
-    if not 0 <= int(task["index"]) < len(addresses):
+    if not 0 <= task["index"] < len(addresses):
       raise config_lib.ConfigError(
           f"TF_CONFIG: task {task['type']}:{task['index']} is not in the "
           f"cluster, which has {len(addresses)} {task['type']} task(s)")
-    return resolver
+    return tf.distribute.cluster_resolver.TFConfigClusterResolver()
   if kind == SLURM:
     for name in _SLURM_VARIABLES:
       if name not in os.environ:
@@ -103,6 +112,10 @@ def resolve(
 def _read_tf_config() -> dict:
   """TF_CONFIG parsed, with a one-line error for anything malformed."""
   text = os.environ.get("TF_CONFIG", "")
+  if not text:
+    raise config_lib.ConfigError(
+        "--cluster=tf_config: TF_CONFIG is not set (it must describe the "
+        "cluster and this process's task)")
   try:
     spec = json.loads(text)
   except json.JSONDecodeError as e:
@@ -120,24 +133,39 @@ class SlurmClusterResolver(
     tf.distribute.cluster_resolver.SlurmClusterResolver):
   """TensorFlow's SLURM resolver, made to work on nodes with and without GPUs.
 
-  TensorFlow's resolver runs `nvidia-smi` when the GPUs per node are not
-  given (failing on CPU-only nodes), and with zero GPUs per node divides by
-  zero and lists no tasks at all. This one counts GPUs from
-  CUDA_VISIBLE_DEVICES or nvidia-smi and takes zero when neither exists;
-  gives each task a share of the node's visible GPUs by their ids (so an
-  allocation like CUDA_VISIBLE_DEVICES=2,3 is respected); and lists tasks in
-  SLURM's node order, matching the ranks of SLURM's default block
-  distribution (ranks 0..n-1 on the first node, and so on).
+  When CUDA_VISIBLE_DEVICES is unset, TensorFlow's resolver runs
+  `nvidia-smi` (FileNotFoundError on nodes without it); with zero GPUs per
+  node its cluster_spec() fails with "range() arg 3 must not be zero".
+  This one counts GPUs from CUDA_VISIBLE_DEVICES or nvidia-smi and takes
+  zero when neither exists; gives each task a share of the node's visible
+  GPUs by their ids (so an allocation like CUDA_VISIBLE_DEVICES=2,3 is
+  respected), or leaves each task its own GPUs when SLURM bound them
+  (--gpus-per-task); and lists tasks in SLURM's node order, matching the
+  ranks of SLURM's default block distribution (ranks 0..n-1 on the first
+  node, and so on).
   """
 
   def __init__(self, port_base: int = DEFAULT_PORT_BASE,
                gpus_per_node: Optional[int] = None):
-    visible = _visible_gpu_ids()
+    global _node_gpus
+    if _node_gpus is None:  # Before any resolver narrowed the variable.
+      _node_gpus = visible_gpu_ids()
+    visible = _node_gpus
+    # --gpus-per-task (or --gpu-bind): SLURM already gave each task its own
+    # GPUs in CUDA_VISIBLE_DEVICES; they are all this task's.
+    self._bound = "SLURM_GPUS_PER_TASK" in os.environ
     if gpus_per_node is None:
-      gpus_per_node = len(visible)
+      gpus_per_node = 0 if self._bound else len(visible)
     self._visible_gpus = visible or [str(i) for i in range(gpus_per_node)]
     super().__init__(port_base=port_base, gpus_per_node=gpus_per_node,
                      auto_set_gpu=False)
+    if self._bound:
+      self._gpus_per_task = len(visible)
+    elif self._gpus_per_node and not self._gpus_per_task:
+      raise RuntimeError(
+          f"{self._gpus_per_node} GPU(s) per node cannot be shared by "
+          f"{max(self._task_configuration.values())} tasks per node; start "
+          "fewer tasks per node or give each its GPUs with --gpus-per-task")
 
   def cluster_spec(self) -> tf.train.ClusterSpec:
     """The workers' addresses, host:port_base+k for a node's k-th task.
@@ -164,16 +192,20 @@ class SlurmClusterResolver(
       if first <= self._rank < first + num_tasks:
         self.task_type, self.task_id = task_type, self._rank - first
       first += num_tasks
-    if self._gpus_per_task:
+    if self._gpus_per_task and not self._bound:
       os.environ["CUDA_VISIBLE_DEVICES"] = gpu_shares[self._rank]
     return tf.train.ClusterSpec(jobs)
 
 
-def _visible_gpu_ids() -> list[str]:
-  """This node's GPU ids: CUDA_VISIBLE_DEVICES, else nvidia-smi, else none."""
+def visible_gpu_ids() -> list[str]:
+  """This host's GPU ids: CUDA_VISIBLE_DEVICES, else nvidia-smi, else none.
+
+  Entries that name no GPU (SLURM's `NoDevFiles`, `-1`) are dropped.
+  """
   visible = os.environ.get("CUDA_VISIBLE_DEVICES")
   if visible is not None:
-    return [gpu for gpu in visible.split(",") if gpu.strip()]
+    return [gpu.strip() for gpu in visible.split(",")
+            if re.fullmatch(r"\d+|(GPU|MIG)-[\w/-]+", gpu.strip())]
   if shutil.which("nvidia-smi") is None:
     return []
   try:

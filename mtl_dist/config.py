@@ -25,7 +25,7 @@ COLLECTIVES = ("auto", "ring", "nccl")
 ON_NONFINITE = ("stop", "skip")
 # Flags that configure MultiWorkerMirroredStrategy and mean nothing without it.
 MULTI_WORKER_FLAGS = ("cluster", "collective", "collective_timeout",
-                      "port_base")
+                      "cluster_start_timeout", "port_base")
 AGGREGATORS = aggregation.NAMES
 WEIGHTINGS = weighting.METHODS
 
@@ -131,10 +131,11 @@ class TrainConfig:
   # Multi-worker: the cluster's source (default: whichever the environment
   # sets), collective implementation (default auto: NCCL on GPUs, RING on
   # CPUs), collective timeout in seconds (default none: dead workers are
-  # found by heartbeats), SLURM port base (default 8888).
+  # found by heartbeats), SLURM port base (default 8888, in cluster.py).
   cluster: Optional[str] = None
   collective: Optional[str] = None
   collective_timeout: Optional[float] = None
+  cluster_start_timeout: Optional[float] = None  # default 900 s
   port_base: Optional[int] = None
   checkpoint_every: int = 500
   keep_checkpoints: int = 3
@@ -206,8 +207,9 @@ class TrainConfig:
     return self.collective or "auto"
 
   @property
-  def resolved_port_base(self) -> int:
-    return 8888 if self.port_base is None else self.port_base
+  def resolved_cluster_start_timeout(self) -> float:
+    return (900.0 if self.cluster_start_timeout is None
+            else self.cluster_start_timeout)
 
   def check_single_process(self) -> None:
     """Refuses multi-worker flags for a run that turned out single-process.
@@ -298,9 +300,10 @@ class TrainConfig:
       _check_choice("cluster", self.cluster, CLUSTERS)
     if self.collective is not None:
       _check_choice("collective", self.collective, COLLECTIVES)
-    if self.collective_timeout is not None and not self.collective_timeout > 0:
-      raise ConfigError(f"--collective_timeout={self.collective_timeout}: "
-                        "must be positive (seconds)")
+    for name in ("collective_timeout", "cluster_start_timeout"):
+      value = getattr(self, name)
+      if value is not None and not value > 0:
+        raise ConfigError(f"--{name}={value}: must be positive (seconds)")
     if self.port_base is not None:
       if not 1 <= self.port_base <= 65535 - 64:
         raise ConfigError(f"--port_base={self.port_base}: must be a port "

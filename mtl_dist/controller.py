@@ -10,6 +10,7 @@ intervals.
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import os
 import time
 from typing import Any, Optional
@@ -33,6 +34,22 @@ from mtl_dist import trainer as trainer_lib
 CHECKPOINT_SUBDIR = "checkpoints"
 
 
+class ClusterError(RuntimeError):
+  """Another worker failed or a collective timed out; the launcher exits 1."""
+
+
+class NonFiniteError(RuntimeError):
+  """A loss or gradient was NaN or Inf (--on_nonfinite=stop); exit 1."""
+
+
+# What a collective raises when a peer dies (Unavailable), when it is not
+# joined within --collective_timeout (DeadlineExceeded), or when the runtime
+# aborts the collectives after either (Aborted, Cancelled).
+_CLUSTER_FAILURES = (tf.errors.UnavailableError,
+                     tf.errors.DeadlineExceededError, tf.errors.AbortedError,
+                     tf.errors.CancelledError)
+
+
 class _Run:
   """One training run's objects, built and checked before anything is written."""
 
@@ -43,7 +60,7 @@ class _Run:
         config.strategy, config.num_cpu_devices, cluster=config.cluster,
         collective=config.resolved_collective,
         collective_timeout=config.collective_timeout,
-        port_base=config.resolved_port_base)
+        port_base=config.port_base)
     self.chief = distribution.is_chief(self.strategy)
     if not distribution.is_multi_worker(self.strategy):
       config.check_single_process()
@@ -94,6 +111,24 @@ class _Run:
     self.restored_from = self._restore()
     if self.restored_from:
       self._apply_learning_rate()
+    if distribution.is_multi_worker(self.strategy):
+      self._check_workers_agree()
+
+  def _check_workers_agree(self) -> None:
+    """Fails unless every worker restored the same step.
+
+    Each worker picks the newest readable checkpoint itself; storage that
+    shows workers different files (a client cache, a copy per host) would
+    otherwise start them from different states.
+    """
+    step = self.trainer.global_step
+    steps = self.strategy.gather(self.strategy.run(
+        lambda: tf.reshape(step.read_value(), [1])), axis=0).numpy()
+    if len(set(steps.tolist())) > 1:
+      raise ClusterError(
+          f"the workers restored different steps {sorted(set(steps))} from "
+          f"{self.checkpointer.directory}: --model_dir must show every "
+          "worker the same files")
 
   def _apply_learning_rate(self) -> None:
     """Makes --learning_rate win over the one restored with the optimizers."""
@@ -156,7 +191,27 @@ def train(config: config_lib.TrainConfig) -> dict[str, Any]:
     ClusterError: When another worker of a multi-worker run fails or a
       collective times out.
   """
-  run = _Run(config)
+  config.validate()
+  if distribution.uses_multi_worker(config.strategy, config.cluster):
+    # Until every worker has joined (the model's variables are broadcast
+    # from the chief), a worker that never starts would hang the others.
+    # TensorFlow waits holding the GIL, so no Python thread or signal
+    # handler could end the wait: faulthandler's C thread does.
+    timeout = config.resolved_cluster_start_timeout
+    logging.info("Waiting up to %.0f s for every worker to join "
+                 "(--cluster_start_timeout); after that this process prints "
+                 "its threads' stacks and exits with status 1.", timeout)
+    faulthandler.dump_traceback_later(timeout, exit=True)
+    try:
+      run = _Run(config)
+    except _CLUSTER_FAILURES as e:
+      raise ClusterError(f"the cluster failed while starting "
+                         f"({type(e).__name__}: {_reason(e)}); run the same "
+                         "command on all workers again.") from e
+    finally:
+      faulthandler.cancel_dump_traceback_later()
+  else:
+    run = _Run(config)
   if not distribution.is_multi_worker(run.strategy):
     return _train(run)
   try:
@@ -169,22 +224,6 @@ def train(config: config_lib.TrainConfig) -> dict[str, Any]:
         f"({type(e).__name__}: {_reason(e)}). Newest checkpoint: "
         f"{latest or 'none'}; run the same command on all workers to resume "
         "from it.") from e
-
-
-class ClusterError(RuntimeError):
-  """Another worker failed or a collective timed out; the launcher exits 1."""
-
-
-class NonFiniteError(RuntimeError):
-  """A loss or gradient was NaN or Inf (--on_nonfinite=stop); exit 1."""
-
-
-# What a collective raises when a peer dies (Unavailable), when it is not
-# joined within --collective_timeout (DeadlineExceeded), or when the runtime
-# aborts the collectives after either (Aborted, Cancelled).
-_CLUSTER_FAILURES = (tf.errors.UnavailableError,
-                     tf.errors.DeadlineExceededError, tf.errors.AbortedError,
-                     tf.errors.CancelledError)
 
 
 def _reason(error: tf.errors.OpError) -> str:
@@ -273,7 +312,6 @@ def _train(run: _Run) -> dict[str, Any]:
     writer.write(step, "eval", last_eval)
   finally:
     watcher.close()
-    checkpointer.close()
     writer.close()
   summary = {
       "step": step,
@@ -401,7 +439,7 @@ def _log_interval(interval: _Interval, step: int,
 
 
 def _workers_text(strategy: tf.distribute.Strategy) -> str:
-  """" over N workers (this is worker I)" for multi-worker runs, else ""."""
+  """' over N workers (this is worker I)' for multi-worker runs, else ''."""
   if not distribution.is_multi_worker(strategy):
     return ""
   workers = (strategy.num_replicas_in_sync //

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from absl import logging
 import tensorflow as tf
 
 from mtl_dist import cluster as cluster_lib
@@ -69,16 +70,9 @@ def create_strategy(name: str, num_cpu_devices: int = 1, *,
   Raises:
     ConfigError: If the cluster or the devices cannot serve the request.
   """
-  if name == "auto" and (cluster is not None or
-                         cluster_lib.detect() is not None):
-    name = "multi_worker"
-  if name == "multi_worker":
-    if num_cpu_devices > 1:
-      raise config_lib.ConfigError(
-          f"--num_cpu_devices={num_cpu_devices}: MultiWorkerMirroredStrategy "
-          "runs one replica per worker on CPUs (start more workers instead)")
+  if uses_multi_worker(name, cluster):
     return _multi_worker_strategy(cluster, collective, collective_timeout,
-                                  port_base)
+                                  port_base, num_cpu_devices)
   configure_cpu_devices(num_cpu_devices)
   gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
   cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
@@ -90,24 +84,36 @@ def create_strategy(name: str, num_cpu_devices: int = 1, *,
 
 def _multi_worker_strategy(
     cluster: Optional[str], collective: str,
-    collective_timeout: Optional[float],
-    port_base: Optional[int]) -> tf.distribute.Strategy:
+    collective_timeout: Optional[float], port_base: Optional[int],
+    num_cpu_devices: int) -> tf.distribute.Strategy:
   """MultiWorkerMirroredStrategy over the cluster the environment names."""
   resolver = cluster_lib.resolve(cluster, port_base)
-  # After `resolve`, which may narrow CUDA_VISIBLE_DEVICES to this task's.
-  has_gpus = bool(tf.config.list_physical_devices("GPU"))
+  if isinstance(resolver, cluster_lib.SlurmClusterResolver):
+    # MWMS places replicas by the resolver's count, which may be 0 on a
+    # node with fewer GPUs than tasks.
+    num_gpus = resolver.num_accelerators().get("GPU", 0)
+  else:
+    num_gpus = len(tf.config.list_physical_devices("GPU"))
+  if num_cpu_devices > 1 and not num_gpus:
+    raise config_lib.ConfigError(
+        f"--num_cpu_devices={num_cpu_devices}: MultiWorkerMirroredStrategy "
+        "runs one replica per worker on CPUs (start more workers instead)")
   implementations = tf.distribute.experimental.CommunicationImplementation
   if collective == "auto":
-    implementation = (implementations.NCCL if has_gpus
+    implementation = (implementations.NCCL if num_gpus
                       else implementations.RING)
   elif collective == "nccl":
-    if not has_gpus:
+    if not num_gpus:
       raise config_lib.ConfigError(
           "--collective=nccl: NCCL needs GPUs, and this worker has none "
           "(use --collective=ring)")
     implementation = implementations.NCCL
   else:
     implementation = implementations.RING
+  spec = resolver.cluster_spec()
+  logging.info("Worker %s:%d of %d: waiting for all workers to join.",
+               resolver.task_type, resolver.task_id,
+               sum(spec.num_tasks(job) for job in spec.jobs))
   options = tf.distribute.experimental.CommunicationOptions(
       implementation=implementation, timeout_seconds=collective_timeout)
   return tf.distribute.MultiWorkerMirroredStrategy(
@@ -124,6 +130,13 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     True on the chief worker and in single-process runs.
   """
   return strategy.extended.should_checkpoint
+
+
+def uses_multi_worker(name: str, cluster: Optional[str]) -> bool:
+  """Whether `create_strategy(name, cluster=cluster)` spans several workers."""
+  return name == "multi_worker" or (
+      name == "auto" and (cluster is not None or
+                          cluster_lib.detect() is not None))
 
 
 def is_multi_worker(strategy: tf.distribute.Strategy) -> bool:

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
+from launch import local_cluster
 import mtl_dist
 from mtl_dist import cluster as cluster_lib
-from launch import local_cluster
 
 _SLURM_AND_TF = ("TF_CONFIG", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS",
                  "SLURM_STEP_NODELIST", "SLURM_STEP_TASKS_PER_NODE",
@@ -19,9 +19,10 @@ _SLURM_AND_TF = ("TF_CONFIG", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS",
 @pytest.fixture
 def clean_env(monkeypatch):
   """No cluster variables, and no nvidia-smi on PATH."""
-  for name in _SLURM_AND_TF:
+  for name in _SLURM_AND_TF + ("SLURM_GPUS_PER_TASK",):
     monkeypatch.delenv(name, raising=False)
   monkeypatch.setenv("PATH", "/nonexistent")
+  monkeypatch.setattr(cluster_lib, "_node_gpus", None)
   return monkeypatch
 
 
@@ -68,6 +69,42 @@ def test_slurm_gpu_nodes_share_the_visible_gpus(clean_env):
   assert os.environ["CUDA_VISIBLE_DEVICES"] == "6,7"
 
 
+def test_slurm_gpus_bound_per_task_are_kept(clean_env):
+  clean_env.setenv("CUDA_VISIBLE_DEVICES", "5")
+  clean_env.setenv("SLURM_GPUS_PER_TASK", "1")
+  slurm(clean_env, 1, "gpu[1-2]", "2(x2)", 4)
+  resolver = cluster_lib.resolve("slurm")
+  resolver.cluster_spec()
+  assert resolver.num_accelerators() == {"GPU": 1}
+  assert os.environ["CUDA_VISIBLE_DEVICES"] == "5"
+
+
+def test_slurm_resolving_twice_keeps_the_share(clean_env):
+  clean_env.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+  slurm(clean_env, 1, "gpu1", "2", 2)
+  for _ in range(2):
+    cluster_lib.resolve("slurm").cluster_spec()
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "2,3"
+
+
+@pytest.mark.parametrize("visible, message", [
+    ("0", "1 GPU\\(s\\) per node cannot be shared by 2 tasks"),
+])
+def test_slurm_too_few_gpus_is_refused(clean_env, visible, message):
+  clean_env.setenv("CUDA_VISIBLE_DEVICES", visible)
+  slurm(clean_env, 0, "gpu1", "2", 2)
+  with pytest.raises(mtl_dist.ConfigError, match=message):
+    cluster_lib.resolve("slurm")
+
+
+def test_no_gpu_markers_count_as_no_gpu(clean_env):
+  for marker in ("NoDevFiles", "-1", ""):
+    clean_env.setenv("CUDA_VISIBLE_DEVICES", marker)
+    assert cluster_lib.visible_gpu_ids() == []
+  clean_env.setenv("CUDA_VISIBLE_DEVICES", "0,GPU-3f2a-11")
+  assert cluster_lib.visible_gpu_ids() == ["0", "GPU-3f2a-11"]
+
+
 def test_slurm_errors_name_the_variable(clean_env):
   slurm(clean_env, 0, "node[01-02]", "2(x2)", 4)
   clean_env.delenv("SLURM_STEP_NODELIST")
@@ -105,6 +142,12 @@ def test_tf_config(clean_env):
     ("{not json", "TF_CONFIG is not JSON"),
     (json.dumps({"task": {"type": "worker", "index": 0}}), "expected"),
     (json.dumps({"cluster": {"worker": ["a:1", "b:1"]}}), "'task' must name"),
+    (json.dumps({"cluster": {"worker": ["a:1", "b:1"]}, "task": "worker"}),
+     "'task' must name"),
+    (json.dumps({"cluster": {"worker": ["a:1", "b:1"]},
+                 "task": {"type": "worker", "index": "x"}}),
+     "'task' must name"),
+    ("", "TF_CONFIG is not set"),
     (json.dumps({"cluster": {"worker": ["a:1", "b:1"]},
                  "task": {"type": "worker", "index": 2}}),
      "task worker:2 is not in the cluster"),
@@ -142,6 +185,10 @@ def test_multi_worker_flags_refused_when_no_cluster(clean_env):
   config.validate()  # --strategy=auto might find a cluster ...
   with pytest.raises(mtl_dist.ConfigError, match="--collective applies"):
     config.check_single_process()  # ... and refuses once it has not.
+
+
+def test_several_cpu_devices_per_cpu_worker_are_refused(clean_env):
+  clean_env.setenv("TF_CONFIG", local_cluster.tf_config([1111, 2222], 0))
   with pytest.raises(mtl_dist.ConfigError, match="one replica per worker"):
     mtl_dist.create_strategy("multi_worker", 2)
 
@@ -178,3 +225,12 @@ def test_local_cluster_gives_each_worker_its_tf_config(capsys):
   ports = [a.split(":")[1] for a in addresses.pop().split()]
   assert len(set(ports)) == 3  # ... of three distinct ports,
   assert [line.split()[2] for line in lines] == ["0", "1", "2"]  # own index.
+
+
+def test_local_cluster_splits_the_hosts_gpus(clean_env):
+  clean_env.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+  assert local_cluster.gpu_shares(2) == ["0,1", "2,3"]
+  with pytest.raises(ValueError, match="do not split evenly"):
+    local_cluster.gpu_shares(3)
+  clean_env.setenv("CUDA_VISIBLE_DEVICES", "")
+  assert local_cluster.gpu_shares(2) is None

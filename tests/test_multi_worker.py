@@ -99,7 +99,9 @@ def _latest_step(model_dir: str) -> int:
   return int(path.rsplit("-", 1)[1]) if path else 0
 
 
-def test_dead_worker_fails_the_other_and_a_restart_resumes(tmp_path):
+@pytest.mark.parametrize("victim", [1, 0], ids=["worker", "chief"])
+def test_dead_worker_fails_the_other_and_a_restart_resumes(tmp_path, victim):
+  survivor = 1 - victim
   model_dir = str(tmp_path / "run")
   flags = [f"--model_dir={model_dir}", "--train_steps=2000",
            "--checkpoint_every=100", "--steps_per_loop=50", "--log_every=100",
@@ -118,19 +120,20 @@ def test_dead_worker_fails_the_other_and_a_restart_resumes(tmp_path):
       assert time.monotonic() < deadline, "no checkpoint within 120 s"
       assert workers[0].poll() is None, workers[0].communicate()[1][-3000:]
       time.sleep(0.1)
-    workers[1].kill()
+    workers[victim].kill()
     killed_at = time.monotonic()
-    # Found by the coordination service's heartbeats, with no
-    # --collective_timeout.
-    _, stderr = workers[0].communicate(timeout=60)
+    # Found by broken connections or the coordination service's heartbeats,
+    # with no --collective_timeout.
+    _, stderr = workers[survivor].communicate(timeout=60)
     assert time.monotonic() - killed_at < 45
   finally:
     for worker in workers:
       worker.kill()
       worker.communicate()
-  assert workers[0].returncode == 1, stderr[-3000:]
-  assert re.search(r"mtl-train: error: worker 0: the cluster failed near "
-                   r"step \d+ \(UnavailableError", stderr), stderr[-3000:]
+  assert workers[survivor].returncode == 1, stderr[-3000:]
+  assert re.search(rf"mtl-train: error: worker {survivor}: the cluster "
+                   r"failed near step \d+ \(UnavailableError", stderr), (
+                       stderr[-3000:])
   assert "run the same command on all workers to resume" in stderr
   saved_step = _latest_step(model_dir)
   assert 0 < saved_step < 2000
@@ -183,3 +186,17 @@ def test_collective_timeout_bounds_a_collective_a_live_worker_skips(tmp_path):
   match = re.search(r"timed out after (\d+) s", output)
   assert match, output[-3000:]
   assert 3 <= int(match.group(1)) <= 20
+
+
+def test_a_worker_that_never_starts_fails_the_others_in_time(tmp_path):
+  ports = local_cluster.free_ports(2)
+  started = time.monotonic()
+  alone = subprocess.run(
+      [sys.executable, "-m", "launch.train",
+       f"--model_dir={tmp_path / 'run'}", "--cluster_start_timeout=5"],
+      env=dict(_env(tmp_path), TF_CONFIG=local_cluster.tf_config(ports, 0)),
+      capture_output=True, text=True, timeout=120, check=False)
+  assert alone.returncode == 1, alone.stderr[-3000:]
+  assert time.monotonic() - started < 60
+  assert "Waiting up to 5 s for every worker to join" in alone.stderr
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")
