@@ -296,7 +296,8 @@ def main(argv: list[str]) -> None:
     summary = mtl_dist.train(_config_from_flags())
   except mtl_dist.ConfigError as e:
     _exit_with_usage_error(str(e))
-  except (mtl_dist.ClusterError, mtl_dist.NonFiniteError) as e:
+  except (mtl_dist.ClusterError, mtl_dist.DataError,
+          mtl_dist.NonFiniteError) as e:
     sys.stderr.write(f"{_PROGRAM}: error: {e}\n")
     sys.exit(1)
   except mtl_dist.Preempted as e:

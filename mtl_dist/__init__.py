@@ -1,9 +1,10 @@
 """mtl_dist: shared-trunk multi-task training on many devices.
 
 Public API:
-  TrainConfig, ConfigError, ClusterError, NonFiniteError, Preempted, train,
-    parse_key_values: configure and run a training job (what the `mtl-train`
-    launcher calls).
+  TrainConfig, train, parse_key_values: configure and run a training job
+    (what the `mtl-train` launcher calls).
+  ConfigError (exit 2), ClusterError, DataError, NonFiniteError (exit 1),
+    Preempted (exit 143): how a run ends early.
   TaskSpec: one task (its head, loss and metrics).
   SharedTrunkModel, build_model, build_trunk: the model.
   Trainer, make_optimizer_factory: a run's state and its compiled train and
@@ -19,6 +20,7 @@ from mtl_dist.config import ConfigError
 from mtl_dist.config import parse_key_values
 from mtl_dist.config import TrainConfig
 from mtl_dist.controller import ClusterError
+from mtl_dist.controller import DataError
 from mtl_dist.controller import NonFiniteError
 from mtl_dist.controller import train
 from mtl_dist.data import distribute_eval
@@ -37,7 +39,8 @@ from mtl_dist.trainer import make_optimizer_factory
 from mtl_dist.trainer import Trainer
 
 __all__ = [
-    "ClusterError", "ConfigError", "ExampleSource", "MultiTaskData",
+    "ClusterError", "ConfigError", "DataError", "ExampleSource",
+    "MultiTaskData",
     "NonFiniteError", "Preempted", "SharedTrunkModel", "TaskSpec",
     "TrainConfig", "Trainer", "build_model", "build_trunk", "create_strategy",
     "distribute_eval", "distribute_train", "format_results",

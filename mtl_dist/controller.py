@@ -29,6 +29,7 @@ from mtl_dist import model as model_lib
 from mtl_dist import outputs
 from mtl_dist import preemption
 from mtl_dist import schedules
+from mtl_dist import tasks as tasks_lib
 from mtl_dist import trainer as trainer_lib
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -40,6 +41,10 @@ class ClusterError(RuntimeError):
 
 class NonFiniteError(RuntimeError):
   """A loss or gradient was NaN or Inf (--on_nonfinite=stop); exit 1."""
+
+
+class DataError(RuntimeError):
+  """Bad data found while training (an in-graph check failed); exit 1."""
 
 
 # What a collective raises when a peer dies (Unavailable), when it is not
@@ -70,6 +75,7 @@ class _Run:
           f"--global_batch_size={config.global_batch_size}: not divisible by "
           f"the {replicas} replicas")
     self.data = data_lib.load(config)
+    data_lib.check(self.data, self.data.partial_labels or config.partial_labels)
     self.baselines = (delta_m_lib.read_baselines(config.baselines)
                       if config.baselines else None)
     tf_keras.utils.set_random_seed(config.seed)
@@ -230,6 +236,11 @@ def _reason(error: tf.errors.OpError) -> str:
   """The line of a collective's error that says what happened."""
   lines = [line.strip() for line in str(error.message).splitlines()]
   for line in lines:
+    if tasks_lib.DATA_ERROR_MARK in line:  # "...[<mark> message] [data]..."
+      message = line[line.index(tasks_lib.DATA_ERROR_MARK) +
+                     len(tasks_lib.DATA_ERROR_MARK):].split("]")[0]
+      return message.replace("\\'", "'").strip()[:300]
+  for line in lines:
     if "aborted by" in line or "unhealthy" in line or "timed out" in line:
       return line[:300]
   useful = [line for line in lines
@@ -310,6 +321,11 @@ def _train(run: _Run) -> dict[str, Any]:
     save_once(step)
     last_eval = trainer.evaluate(eval_datasets, eval_groups)
     writer.write(step, "eval", last_eval)
+  except tf.errors.InvalidArgumentError as e:
+    raise DataError(
+        f"bad data near step {int(trainer.global_step.numpy())}: "
+        f"{_reason(e)}. Nothing was saved after the newest checkpoint, "
+        f"{checkpointer.latest() or 'none'}.") from e
   finally:
     watcher.close()
     writer.close()

@@ -362,3 +362,93 @@ def distribute_eval(strategy: tf.distribute.Strategy, source: ExampleSource,
 
   return strategy.distribute_datasets_from_function(dataset_fn,
                                                     input_options(strategy))
+
+
+_FIRST_BATCH = 256  # Examples of a streamed source checked before training.
+
+
+def check(data: MultiTaskData, partial_labels: bool) -> None:
+  """Checks every source before training: sizes, shapes, labels, values.
+
+  In-memory sources are checked whole; streamed ones on their first
+  examples (the in-graph label checks of `TaskSpec.per_example_loss` watch
+  the rest while training).
+
+  Args:
+    data: The run's data.
+    partial_labels: Whether examples may lack labels (-1 class, NaN target).
+
+  Raises:
+    ConfigError: Naming the task, the split and what is wrong.
+  """
+  specs = {task.name: task for task in data.tasks}
+  for split, sources in (("training", data.train), ("eval", data.eval)):
+    for source in sources:
+      names = ", ".join(source.task_names)
+      where = f"{split} data of task(s) {names}"
+      if source.num_examples <= 0:
+        raise config_lib.ConfigError(f"{where}: no examples (an empty "
+                                     "dataset or split)")
+      if source.arrays is not None:
+        features, labels = source.arrays
+      else:
+        features, labels = _first_examples(source, where)
+      if tuple(features.shape[1:]) != tuple(data.input_shape):
+        raise config_lib.ConfigError(
+            f"{where}: inputs have shape {tuple(features.shape[1:])}, the "
+            f"model's input is {tuple(data.input_shape)}")
+      if (np.issubdtype(features.dtype, np.floating) and
+          not np.all(np.isfinite(features))):
+        bad = int(np.sum(~np.isfinite(features).reshape(len(features), -1)
+                         .all(axis=1)))
+        raise config_lib.ConfigError(f"{where}: {bad} example(s) have NaN or "
+                                     "Inf inputs")
+      for name in source.task_names:
+        _check_labels(specs[name], labels, where, partial_labels,
+                      whole=source.arrays is not None)
+
+
+def _first_examples(source: ExampleSource, where: str):
+  """The first examples of a streamed source, as NumPy arrays."""
+  try:
+    batch = next(iter(source.make_dataset().batch(_FIRST_BATCH).take(1)))
+  except StopIteration:
+    raise config_lib.ConfigError(f"{where}: no examples (an empty dataset or "
+                                 "split)") from None
+  except tf.errors.OpError as e:
+    raise config_lib.ConfigError(
+        f"{where}: cannot read a first batch ({type(e).__name__}: "
+        f"{str(e.message).strip().splitlines()[0][:200]})") from None
+  features, labels = batch
+  return features.numpy(), {k: v.numpy() for k, v in labels.items()}
+
+
+def _check_labels(task: tasks_lib.TaskSpec, labels: dict[str, np.ndarray],
+                  where: str, partial_labels: bool, whole: bool) -> None:
+  """One task's labels: classes in range, targets finite, some labelled."""
+  values = labels[task.name]
+  if task.kind == tasks_lib.CLASSIFICATION:
+    values = values.reshape(len(values))
+    too_large = values[values >= task.output_size]
+    if too_large.size:
+      raise config_lib.ConfigError(
+          f"{where}: task {task.name!r} has class label {int(too_large[0])} "
+          f"in {too_large.size} example(s); its head has "
+          f"{task.output_size} classes (0 to {task.output_size - 1})")
+    missing = values < 0
+    what = "negative class labels"
+  else:
+    matrix = values.reshape(len(values), -1)
+    missing = ~np.all(np.isfinite(matrix), axis=1)
+    what = "NaN or Inf targets"
+  if task.mask_key in labels:
+    missing = missing | ~labels[task.mask_key].reshape(len(values)).astype(
+        bool)
+    what += f" or {task.mask_key} entries of 0"
+  if missing.any() and not partial_labels:
+    raise config_lib.ConfigError(
+        f"{where}: task {task.name!r} has {what} in {int(missing.sum())} "
+        "example(s); if they mark missing labels, pass --partial_labels")
+  if missing.all() and whole:  # A first batch alone may just be unlucky.
+    raise config_lib.ConfigError(
+        f"{where}: no example carries a label of task {task.name!r}")

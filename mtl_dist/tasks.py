@@ -7,6 +7,9 @@ from typing import Optional, Tuple
 
 import tensorflow as tf
 
+# Starts the message of every in-graph data check, so that the driver can
+# tell bad data from other errors.
+DATA_ERROR_MARK = "mtl_dist data check:"
 CLASSIFICATION = "classification"
 REGRESSION = "regression"
 
@@ -124,10 +127,24 @@ class TaskSpec:
 
   def per_example_loss(self, labels: tf.Tensor,
                        outputs: tf.Tensor) -> tf.Tensor:
-    """Loss of each example, shape [batch]; no reduction over the batch."""
+    """Loss of each example, shape [batch]; no reduction over the batch.
+
+    Classification labels outside [0, output_size) fail an in-graph check
+    (an InvalidArgumentError naming the task) instead of turning into NaN
+    (GPU) or an unnamed error (CPU).
+    """
     if self.kind == CLASSIFICATION:
+      labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
+      message = (f"{DATA_ERROR_MARK} task {self.name!r}: class labels must be "
+                 f"in [0, {self.output_size}) (missing labels, -1, need "
+                 "partial labels)")
+      with tf.control_dependencies([
+          tf.debugging.assert_non_negative(labels, message=message),
+          tf.debugging.assert_less(labels, self.output_size, message=message)
+      ]):
+        labels = tf.identity(labels)
       return tf.nn.sparse_softmax_cross_entropy_with_logits(
-          labels=tf.reshape(tf.cast(labels, tf.int32), [-1]), logits=outputs)
+          labels=labels, logits=outputs)
     return _regression_error(self.loss_name, self._as_matrix(labels), outputs)
 
   def per_example_metrics(self, labels: tf.Tensor,

@@ -1,0 +1,130 @@
+"""Bad data: refused before training (exit 2) or caught while training (1)."""
+
+import dataclasses
+import os
+
+import numpy as np
+import pytest
+
+import mtl_dist
+from mtl_dist import data as data_lib
+from mtl_dist import shapes
+
+_SPECS = {task.name: task for task in shapes.TASKS}
+
+
+def _data(features, labels, task_names=("shape", "x"), streamed=False,
+          eval_size=64):
+  """Joint-mode data: training on all examples, eval on the first few."""
+  train = data_lib.source_from_arrays(features, labels, task_names)
+  evaluation = data_lib.source_from_arrays(
+      features[:eval_size], {k: v[:eval_size] for k, v in labels.items()},
+      task_names)
+  if streamed:  # No arrays: read as a stream, like TFDS data.
+    train = dataclasses.replace(train, arrays=None)
+  return mtl_dist.MultiTaskData(
+      tasks=tuple(_SPECS[name] for name in task_names),
+      input_shape=features.shape[1:], train=(train,), eval=(evaluation,))
+
+
+@pytest.fixture
+def arrays(shapes_arrays):
+  features, labels = shapes_arrays
+  return features.copy(), {k: v.copy() for k, v in labels.items()}
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f, l: l["shape"].__setitem__(7, 5),
+     "task 'shape' has class label 5 in 1 example.*head has 3 classes"),
+    (lambda f, l: l["shape"].__setitem__(7, -1),
+     "task 'shape' has negative class labels in 1 example.*--partial_labels"),
+    (lambda f, l: l["x"].__setitem__(3, np.nan),
+     "task 'x' has NaN or Inf targets in 1 example"),
+    (lambda f, l: f.__setitem__(9, np.inf), "1 example\\(s\\) have NaN or Inf "
+     "inputs"),
+])
+def test_bad_in_memory_data_is_refused_before_training(arrays, damage,
+                                                       message):
+  features, labels = arrays
+  damage(features, labels)
+  with pytest.raises(mtl_dist.ConfigError,
+                     match="training data of task\\(s\\) shape, x: " +
+                     message):
+    data_lib.check(_data(features, labels), partial_labels=False)
+
+
+def test_partial_labels_allow_missing_ones_but_not_none_at_all(arrays):
+  features, labels = arrays
+  labels["x"][100:200] = np.nan
+  data_lib.check(_data(features, labels), partial_labels=True)
+  labels["x"][:] = np.nan
+  with pytest.raises(mtl_dist.ConfigError,
+                     match="no example carries a label of task 'x'"):
+    data_lib.check(_data(features, labels), partial_labels=True)
+
+
+def test_empty_data_and_other_input_shapes_are_refused(arrays):
+  features, labels = arrays
+  empty = _data(features[:0], {k: v[:0] for k, v in labels.items()},
+                eval_size=0)
+  with pytest.raises(mtl_dist.ConfigError, match="no examples"):
+    data_lib.check(empty, partial_labels=False)
+  other = dataclasses.replace(_data(features, labels), input_shape=(16, 16, 1))
+  with pytest.raises(mtl_dist.ConfigError,
+                     match=r"inputs have shape \(32, 32, 1\), the model's "
+                     r"input is \(16, 16, 1\)"):
+    data_lib.check(other, partial_labels=False)
+
+
+def test_streamed_data_is_checked_on_its_first_batch(arrays):
+  features, labels = arrays
+  labels["shape"][3] = 9
+  with pytest.raises(mtl_dist.ConfigError, match="class label 9"):
+    data_lib.check(_data(features, labels, streamed=True),
+                   partial_labels=False)
+
+
+def _config(model_dir):
+  return mtl_dist.TrainConfig(
+      model_dir=str(model_dir), tasks=["shape", "x"], train_steps=40,
+      steps_per_loop=10, log_every=10, eval_every=40, checkpoint_every=10,
+      trunk_width=16, global_batch_size=32)
+
+
+def test_train_refuses_bad_data_before_writing_anything(tmp_path, arrays,
+                                                        monkeypatch):
+  features, labels = arrays
+  labels["shape"][0] = 3
+  monkeypatch.setattr(data_lib, "load",
+                      lambda config: _data(features, labels))
+  with pytest.raises(mtl_dist.ConfigError, match="class label 3"):
+    mtl_dist.train(_config(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_bad_label_past_the_first_batch_stops_training(tmp_path, arrays,
+                                                         monkeypatch):
+  features, labels = arrays
+  labels["shape"][400] = 7  # Past the first batch the up-front check reads.
+  monkeypatch.setattr(data_lib, "load",
+                      lambda config: _data(features, labels, streamed=True))
+  with pytest.raises(mtl_dist.DataError,
+                     match=r"bad data near step \d+: task 'shape': class "
+                     r"labels must be in \[0, 3\)"):
+    mtl_dist.train(_config(tmp_path / "run"))
+
+
+def test_the_launcher_exits_1_on_bad_data(monkeypatch, capsys):
+  from launch import train as launcher  # pylint: disable=g-import-not-at-top
+
+  def fail(config):
+    del config
+    raise mtl_dist.DataError("bad data near step 12: task 'shape': ...")
+
+  monkeypatch.setattr(mtl_dist, "train", fail)
+  monkeypatch.setattr(launcher, "_config_from_flags", lambda: None)
+  with pytest.raises(SystemExit) as exit_info:
+    launcher.main(["mtl-train"])
+  assert exit_info.value.code == 1
+  assert capsys.readouterr().err == (
+      "mtl-train: error: bad data near step 12: task 'shape': ...\n")
