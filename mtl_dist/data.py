@@ -382,6 +382,7 @@ def check(data: MultiTaskData, partial_labels: bool) -> None:
     ConfigError: Naming the task, the split and what is wrong.
   """
   specs = {task.name: task for task in data.tasks}
+  first_dtype = None  # Every source must feed the model the same dtype.
   for split, sources in (("training", data.train), ("eval", data.eval)):
     for source in sources:
       names = ", ".join(source.task_names)
@@ -397,6 +398,12 @@ def check(data: MultiTaskData, partial_labels: bool) -> None:
         raise config_lib.ConfigError(
             f"{where}: inputs have shape {tuple(features.shape[1:])}, the "
             f"model's input is {tuple(data.input_shape)}")
+      if first_dtype is None:
+        first_dtype = (features.dtype, where)
+      elif features.dtype != first_dtype[0]:
+        raise config_lib.ConfigError(
+            f"{where}: inputs are {features.dtype}, those of the "
+            f"{first_dtype[1]} are {first_dtype[0]}")
       if (np.issubdtype(features.dtype, np.floating) and
           not np.all(np.isfinite(features))):
         bad = int(np.sum(~np.isfinite(features).reshape(len(features), -1)

@@ -76,6 +76,19 @@ def test_empty_data_and_other_input_shapes_are_refused(arrays):
     data_lib.check(other, partial_labels=False)
 
 
+def test_inputs_of_another_dtype_are_refused(arrays):
+  features, labels = arrays
+  data = _data(features, labels)
+  other = data_lib.source_from_arrays(
+      features[:64].astype(np.float64),
+      {k: v[:64] for k, v in labels.items()}, ["shape", "x"])
+  with pytest.raises(mtl_dist.ConfigError,
+                     match="eval data of task\\(s\\) shape, x: inputs are "
+                     "float64, those of the training data .* are float32"):
+    data_lib.check(dataclasses.replace(data, eval=(other,)),
+                   partial_labels=False)
+
+
 def test_streamed_data_is_checked_on_its_first_batch(arrays):
   features, labels = arrays
   labels["shape"][3] = 9
