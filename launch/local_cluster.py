@@ -7,10 +7,11 @@ once (SIGTERM, then SIGKILL after --grace_seconds).
 
 Examples:
   mtl-local-cluster --num_workers=2 -- --model_dir=/tmp/mtl_mw --train_steps=500
-  mtl-local-cluster --num_workers=2 -- --flagfile=launch/configs/alternate.flags \\
-      --num_cpu_devices=1 --model_dir=/tmp/mtl_mw_alt
+  mtl-local-cluster --num_workers=2 -- \\
+      --flagfile=launch/configs/alternate.flags --num_cpu_devices=1 \\
+      --model_dir=/tmp/mtl_mw_alt
 
-SIGTERM or SIGINT to this launcher is passed on to every worker (a worker
+SIGTERM or SIGINT to this launcher reaches every worker as SIGTERM (a worker
 saves a checkpoint on SIGTERM and exits 143).
 
 Exit status: 0 when every worker succeeded; otherwise the exit status of the
@@ -67,7 +68,7 @@ def tf_config(ports: Sequence[int], index: int) -> str:
 
 
 def _die_with_parent() -> None:
-  """In a worker, before exec: receive SIGKILL when the launcher dies (Linux)."""
+  """In a worker, before exec: get SIGKILL when the launcher dies (Linux)."""
   try:
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -208,9 +209,10 @@ def main(argv: list[str]) -> None:
     sys.exit(2)
   command = [sys.executable, "-m", "launch.train", *train_flags]
   cluster = LocalCluster(command, _NUM_WORKERS.value, _GRACE_SECONDS.value)
-  # Preemption of the whole job (SIGTERM) or Ctrl-C: pass it on to workers.
-  signal.signal(signal.SIGTERM, lambda signum, _: cluster.request_stop(signum))
-  signal.signal(signal.SIGINT, lambda signum, _: cluster.request_stop(signum))
+  # Preemption of the whole job (SIGTERM) or Ctrl-C: workers get SIGTERM,
+  # on which they save a checkpoint.
+  for signum in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(signum, lambda *_: cluster.request_stop(signal.SIGTERM))
   try:
     cluster.start()
   except ValueError as e:

@@ -46,13 +46,11 @@ class Checkpointer:
     self.directory = directory
     self._checkpoint = checkpoint
     self._step_counter = step_counter
+    self._chief = chief
+    self._max_to_keep = max_to_keep
     self._manager = None
-    if chief:
-      self._repair_state()
-      self._manager = tf.train.CheckpointManager(
-          checkpoint, directory, max_to_keep=max_to_keep,
-          step_counter=step_counter)
     self._last_saved_step: Optional[int] = None
+    self.last_path: Optional[str] = None  # Restored or saved last.
 
   def checkpoints(self) -> list[str]:
     """The run's checkpoint prefixes, newest (highest step) first."""
@@ -120,10 +118,16 @@ class Checkpointer:
     """
     self._checkpoint.restore(path).assert_consumed()
     self._last_saved_step = _step_of(path)
+    self.last_path = path
 
   def save(self, step: int) -> None:
     """Saves the state at `step` (on every worker, together)."""
-    if self._manager is not None:
+    if self._chief:
+      if self._manager is None:  # Only now: a refused run changes nothing.
+        self._repair_state()
+        self._manager = tf.train.CheckpointManager(
+            self._checkpoint, self.directory, max_to_keep=self._max_to_keep,
+            step_counter=self._step_counter)
       path = self._manager.save(checkpoint_number=step)
       logging.info("Saved checkpoint %s.", path)
     else:  # A fresh scratch directory, gone whatever happens.
@@ -134,7 +138,9 @@ class Checkpointer:
             step_counter=self._step_counter).save(checkpoint_number=step)
       finally:
         shutil.rmtree(scratch, ignore_errors=True)
+      path = os.path.join(self.directory, f"ckpt-{step}")  # The chief's.
     self._last_saved_step = step
+    self.last_path = path
 
   def saved(self, step: int) -> bool:
     """Whether the newest save or restore was at `step`."""

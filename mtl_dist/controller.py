@@ -56,16 +56,29 @@ _CLUSTER_FAILURES = (tf.errors.UnavailableError,
 
 
 class _Run:
-  """One training run's objects, built and checked before anything is written."""
+  """One run's objects, built and checked before anything is written."""
 
   def __init__(self, config: config_lib.TrainConfig):
     config.validate()
     self.config = config
-    self.strategy = distribution.create_strategy(
-        config.strategy, config.num_cpu_devices, cluster=config.cluster,
-        collective=config.resolved_collective,
-        collective_timeout=config.collective_timeout,
-        port_base=config.port_base)
+    config.validate()
+    if distribution.uses_multi_worker(config.strategy, config.cluster):
+      # Creating the strategy waits for every worker to join; one that never
+      # starts would hang the others. TensorFlow waits holding the GIL, so
+      # no Python thread or signal handler could end the wait:
+      # faulthandler's C thread does (it prints the stacks, then exits 1).
+      timeout = config.resolved_cluster_start_timeout
+      logging.info("Waiting up to %.0f s for every worker to join "
+                   "(--cluster_start_timeout).", timeout)
+      faulthandler.dump_traceback_later(timeout, exit=True)
+    try:
+      self.strategy = distribution.create_strategy(
+          config.strategy, config.num_cpu_devices, cluster=config.cluster,
+          collective=config.resolved_collective,
+          collective_timeout=config.collective_timeout,
+          port_base=config.port_base)
+    finally:
+      faulthandler.cancel_dump_traceback_later()
     self.chief = distribution.is_chief(self.strategy)
     if not distribution.is_multi_worker(self.strategy):
       config.check_single_process()
@@ -193,29 +206,20 @@ def train(config: config_lib.TrainConfig) -> dict[str, Any]:
     `examples_per_second`.
 
   Raises:
-    ConfigError: For bad configuration, before anything is written.
+    ConfigError: For bad configuration or data, before anything is written.
     ClusterError: When another worker of a multi-worker run fails or a
       collective times out.
+    NonFiniteError: On a NaN or Inf loss or gradient (--on_nonfinite=stop).
+    DataError: When an in-graph data check fails while training.
+    Preempted: When SIGTERM stopped the run after it saved a checkpoint.
   """
-  config.validate()
   if distribution.uses_multi_worker(config.strategy, config.cluster):
-    # Until every worker has joined (the model's variables are broadcast
-    # from the chief), a worker that never starts would hang the others.
-    # TensorFlow waits holding the GIL, so no Python thread or signal
-    # handler could end the wait: faulthandler's C thread does.
-    timeout = config.resolved_cluster_start_timeout
-    logging.info("Waiting up to %.0f s for every worker to join "
-                 "(--cluster_start_timeout); after that this process prints "
-                 "its threads' stacks and exits with status 1.", timeout)
-    faulthandler.dump_traceback_later(timeout, exit=True)
     try:
       run = _Run(config)
     except _CLUSTER_FAILURES as e:
       raise ClusterError(f"the cluster failed while starting "
                          f"({type(e).__name__}: {_reason(e)}); run the same "
                          "command on all workers again.") from e
-    finally:
-      faulthandler.cancel_dump_traceback_later()
   else:
     run = _Run(config)
   if not distribution.is_multi_worker(run.strategy):
@@ -223,7 +227,7 @@ def train(config: config_lib.TrainConfig) -> dict[str, Any]:
   try:
     return _train(run)
   except _CLUSTER_FAILURES as e:
-    latest = run.checkpointer.latest()
+    latest = run.checkpointer.last_path
     raise ClusterError(
         f"worker {distribution.worker_index(run.strategy)}: the cluster "
         f"failed near step {int(run.trainer.global_step.numpy())} "
@@ -285,13 +289,14 @@ def _train(run: _Run) -> dict[str, Any]:
                _workers_text(strategy), ", ".join(task_names),
                config.global_batch_size)
 
-  def save_once(at: int) -> None:
+  def save(at: int) -> None:
+    if interval.steps:  # Record the steps a restart would not train again.
+      _log_interval(interval, at, writer, trainer, run.data, config)
     if not checkpointer.saved(at):
       checkpointer.save(at)
 
   interval = _Interval(task_names)
   speed = _Speed()
-  skipped_total = 0
   last_eval: dict[str, float] = {}
   step = start_step
   watcher = preemption.create(strategy, distribution.is_multi_worker(strategy))
@@ -301,8 +306,7 @@ def _train(run: _Run) -> dict[str, Any]:
       started = time.perf_counter()
       loss_sums, counts = trainer.train(train_iterators, num_steps)
       seconds = time.perf_counter() - started
-      _check_skipped(trainer.last_skipped, config, checkpointer.latest())
-      skipped_total += trainer.last_skipped.count
+      _check_skipped(trainer.last_skipped, config, checkpointer.last_path)
       step += num_steps
       speed.add(seconds, num_steps)
       interval.add(loss_sums, counts, seconds, num_steps,
@@ -310,22 +314,23 @@ def _train(run: _Run) -> dict[str, Any]:
       if step % config.log_every == 0 or step == config.train_steps:
         _log_interval(interval, step, writer, trainer, run.data, config)
       if step % config.checkpoint_every == 0 and step < config.train_steps:
-        checkpointer.save(step)
+        save(step)
+      # Before a (possibly long) eval: the grace period is running.
+      if step < config.train_steps and watcher.should_stop(step, save):
+        raise preemption.Preempted(step, checkpointer.last_path)
       if step % config.eval_every == 0 and step < config.train_steps:
         last_eval = trainer.evaluate(eval_datasets, eval_groups)
         writer.write(step, "eval", last_eval)
-      if step < config.train_steps and watcher.should_stop(step, save_once):
-        if interval.steps:  # The steps since the last record, not lost.
-          _log_interval(interval, step, writer, trainer, run.data, config)
-        raise preemption.Preempted(step, checkpointer.latest())
-    save_once(step)
+    save(step)
     last_eval = trainer.evaluate(eval_datasets, eval_groups)
     writer.write(step, "eval", last_eval)
   except tf.errors.InvalidArgumentError as e:
+    if tasks_lib.DATA_ERROR_MARK not in str(e.message):
+      raise
     raise DataError(
         f"bad data near step {int(trainer.global_step.numpy())}: "
-        f"{_reason(e)}. Nothing was saved after the newest checkpoint, "
-        f"{checkpointer.latest() or 'none'}.") from e
+        f"{_reason(e)}. Nothing was saved after "
+        f"{checkpointer.last_path or 'the start'}.") from e
   finally:
     watcher.close()
     writer.close()
@@ -342,7 +347,7 @@ def _train(run: _Run) -> dict[str, Any]:
                for name in task_names},
       "examples_per_second": (speed.steps_per_second() *
                               config.global_batch_size),
-      "nonfinite_skipped": skipped_total,
+      "nonfinite_skipped": int(trainer.nonfinite_skipped.numpy()),
   }
   if run.baselines:
     summary["delta_m"] = delta_m_lib.delta_m(summary["eval"], run.baselines)

@@ -433,24 +433,28 @@ def _first_examples(source: ExampleSource, where: str):
 def _check_labels(task: tasks_lib.TaskSpec, labels: dict[str, np.ndarray],
                   where: str, partial_labels: bool, whole: bool) -> None:
   """One task's labels: classes in range, targets finite, some labelled."""
+  if task.name not in labels:
+    raise config_lib.ConfigError(f"{where}: the examples carry no labels of "
+                                 f"task {task.name!r}")
   values = labels[task.name]
+  masked = np.zeros(len(values), bool)
+  if task.mask_key in labels:
+    masked = ~labels[task.mask_key].reshape(len(values)).astype(bool)
   if task.kind == tasks_lib.CLASSIFICATION:
-    values = values.reshape(len(values))
-    too_large = values[values >= task.output_size]
+    values = values.reshape(len(values)).astype(np.float64)
+    missing = masked | ~(values >= 0)  # NaN classes count as missing too.
+    too_large = values[~missing & (values >= task.output_size)]
     if too_large.size:
       raise config_lib.ConfigError(
-          f"{where}: task {task.name!r} has class label {int(too_large[0])} "
+          f"{where}: task {task.name!r} has class label {too_large[0]:g} "
           f"in {too_large.size} example(s); its head has "
           f"{task.output_size} classes (0 to {task.output_size - 1})")
-    missing = values < 0
-    what = "negative class labels"
+    what = "negative or NaN class labels"
   else:
     matrix = values.reshape(len(values), -1)
-    missing = ~np.all(np.isfinite(matrix), axis=1)
+    missing = masked | ~np.all(np.isfinite(matrix), axis=1)
     what = "NaN or Inf targets"
-  if task.mask_key in labels:
-    missing = missing | ~labels[task.mask_key].reshape(len(values)).astype(
-        bool)
+  if masked.any():
     what += f" or {task.mask_key} entries of 0"
   if missing.any() and not partial_labels:
     raise config_lib.ConfigError(

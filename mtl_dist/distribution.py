@@ -51,9 +51,9 @@ def create_strategy(name: str, num_cpu_devices: int = 1, *,
 
   Args:
     name: "auto" (MultiWorkerMirroredStrategy when `cluster` is given or
-      TF_CONFIG or SLURM names several workers; else MirroredStrategy over all GPUs, or over the
-      logical CPUs when there are no GPUs and more than one was asked for;
-      else one device), "multi_worker", "mirrored" (MirroredStrategy even on
+      TF_CONFIG or SLURM names several workers; else MirroredStrategy over
+      all GPUs, or over the logical CPUs when there are no GPUs and more
+      than one was asked for; else one device), "multi_worker", "mirrored" (MirroredStrategy even on
       one device) or "one_device".
     num_cpu_devices: Logical CPU devices to use when there is no GPU.
     cluster: Multi-worker: "tf_config" or "slurm"; None takes the one the

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from typing import Any, Mapping, Optional
@@ -37,6 +38,7 @@ def write_json_atomic(path: str, value: Any) -> None:
       f.write("\n")
       f.flush()
       os.fsync(f.fileno())
+    _copy_mode(path, temporary)
     os.replace(temporary, path)
   except BaseException:
     if os.path.exists(temporary):
@@ -103,6 +105,16 @@ class MetricsWriter:
       writer.close()
 
 
+def _copy_mode(path: str, temporary: str) -> None:
+  """Gives a temporary file (owner-only from mkstemp) `path`'s permissions."""
+  if os.path.exists(path):
+    shutil.copymode(path, temporary)
+  else:  # What open() would have made: 0666 less the umask.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)
+
+
 def _drop_records_after(path: str, step: int) -> None:
   """Rewrites metrics.jsonl without records past `step` (atomically)."""
   kept, dropped = [], 0
@@ -125,6 +137,7 @@ def _drop_records_after(path: str, step: int) -> None:
     f.writelines(kept)
     f.flush()
     os.fsync(f.fileno())
+  _copy_mode(path, temporary)
   os.replace(temporary, path)
 
 

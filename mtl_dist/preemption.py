@@ -9,7 +9,9 @@ step boundary and a clean stop.
   the loop call (at most --steps_per_loop steps) that is running.
 - Several workers: TensorFlow's `PreemptionCheckpointHandler` agrees on the
   step through the coordination service, so every worker saves at the same
-  step (the save runs collectives), whichever of them got the signal.
+  step (the save runs collectives), whichever of them got the signal. The
+  agreed step is the end of the loop call after the one running when the
+  signal arrived (at most 2 x --steps_per_loop steps later).
 """
 
 from __future__ import annotations
@@ -84,6 +86,10 @@ class _ProcessWatcher(Watcher):
     del signum, frame
     self._signalled.set()
 
+  def signalled(self) -> bool:
+    """Whether SIGTERM has arrived."""
+    return self._signalled.is_set()
+
   def should_stop(self, step: int, save: SaveFn) -> bool:
     if not self._signalled.is_set():
       return False
@@ -109,24 +115,37 @@ class _ClusterWatcher(Watcher):
   scratch directory, so that it neither restores nor adds variables to the
   run's checkpoint (mtl_dist restores and checks that itself); its save
   function saves the run's checkpoint at the agreed step instead, and its
-  exit function returns control to the host loop.
+  exit function returns control to the host loop. SIGTERM reaches it through
+  our own handler and `termination_watcher_fn`, with no grace period: left
+  to itself, the handler polls GCE's maintenance events instead of SIGTERM
+  on Google Cloud GPU machines (so a Kubernetes eviction would save
+  nothing) and keeps training for an hour after a save there.
   """
 
   def __init__(self, strategy: tf.distribute.Strategy):
+    self._strategy = strategy
     self._step: Optional[int] = None
     self._save: Optional[SaveFn] = None
+    self._signals = _ProcessWatcher()
     self._scratch = tempfile.mkdtemp(prefix="mtl_dist_preemption_")
     manager = tf.train.CheckpointManager(tf.train.Checkpoint(), self._scratch,
                                          max_to_keep=1)
     self._handler = tf.distribute.experimental.PreemptionCheckpointHandler(
         strategy.cluster_resolver, manager,
         termination_config=tf.distribute.experimental.TerminationConfig(
-            exit_fn=self._exit, save_fn=self._save_at_agreed_step))
+            termination_watcher_fn=self._signals.signalled,
+            exit_fn=self._exit, save_fn=self._save_at_agreed_step,
+            grace_period=0))
 
   def _save_at_agreed_step(self) -> None:
     logging.warning("Preemption: saving a checkpoint at step %d, agreed by "
                     "all workers, and stopping.", self._step)
     self._save(self._step)
+    # No worker leaves before all have saved: a non-chief finishing first
+    # must not get the chief stopped (srun --kill-on-bad-exit) mid-write.
+    self._strategy.reduce(
+        tf.distribute.ReduceOp.SUM,
+        self._strategy.run(lambda: tf.constant(1.0)), axis=None)
 
   def _exit(self) -> None:
     raise _Stop()
@@ -140,6 +159,7 @@ class _ClusterWatcher(Watcher):
     return False
 
   def close(self) -> None:
+    self._signals.close()
     shutil.rmtree(self._scratch, ignore_errors=True)
 
 

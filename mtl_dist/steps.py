@@ -213,8 +213,8 @@ class JointStep:
                if needs_terms else [])
       total = self._weighting.objective(per_task)
       total += _regularization([self._model])
-    gradients = tape.gradient(total, variables,
-                              unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    gradients = tape.gradient(
+        total, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
     gradients, losses, finite = _reduce_and_check(gradients, per_task)
     self._weighting.replica_update(tape, terms, per_task,
                                    self._labelled_counts(batch),
@@ -443,8 +443,8 @@ class AlternateStep:
           global_batch_size=self._global_batch_size)
       total = loss + _regularization(
           [self._model.trunk, self._model.heads[task.name]])
-    gradients = tape.gradient(total, variables,
-                              unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    gradients = tape.gradient(
+        total, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
     gradients, loss, finite = _reduce_and_check(gradients, loss)
     _apply_if(self._optimizers[task_index], gradients, variables, finite)
     return loss, finite

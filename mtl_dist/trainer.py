@@ -114,6 +114,10 @@ class Trainer:
       self.task_steps = tf.Variable(tf.zeros([num_tasks], tf.int64),
                                     trainable=False, name="task_steps",
                                     aggregation=first_replica)
+      # Steps skipped for a NaN or Inf loss or gradient, over the whole run.
+      self.nonfinite_skipped = tf.Variable(
+          0, dtype=tf.int64, trainable=False, name="nonfinite_skipped",
+          aggregation=first_replica)
       self.weighting = weighting_lib.Weighting(
           self.tasks, weighting if mode == "joint" else "static", dwa_window,
           gradnorm_alpha=gradnorm_alpha, gradnorm_lr=gradnorm_lr)
@@ -148,7 +152,8 @@ class Trainer:
   def checkpoint_items(self) -> dict[str, tf.Module]:
     """The objects a `tf.train.Checkpoint` of this run holds, by name."""
     items = {"model": self.model, "global_step": self.global_step,
-             "task_steps": self.task_steps}
+             "task_steps": self.task_steps,
+             "nonfinite_skipped": self.nonfinite_skipped}
     if self._per_task_optimizer:
       items["optimizers"] = dict(self.optimizers)
     else:
@@ -195,6 +200,7 @@ class Trainer:
       first_skipped_losses = tf.where(first, losses, first_skipped_losses)
       first_skipped_trained = tf.where(first, trained, first_skipped_trained)
       skipped += tf.cast(tf.logical_not(applied), tf.int64)
+    self.nonfinite_skipped.assign_add(skipped)
     return (loss_sums, trained_counts, metric_sums,
             (skipped, first_skipped, first_skipped_losses,
              first_skipped_trained))

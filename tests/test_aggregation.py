@@ -134,9 +134,14 @@ def test_aggregated_training_is_the_same_on_1_2_and_4_replicas(
     multi.train(multi_its, 4)
     np.testing.assert_allclose(multi.last_step_metrics["conflict_share"],
                                single.last_step_metrics["conflict_share"])
+    # CAGrad's dual solver stops at a tolerance and backtracks: round-off
+    # between replica counts can change its path slightly, which moved one
+    # hidden unit's weights by 1.3e-4 in one CI run on a loaded machine.
+    # Using this replica's matrix instead of the global one is off by 8e-2.
+    atol = 1e-3 if aggregator == "cagrad" else 1e-5
     for got, want in zip(multi.model.get_weights(),
                          single.model.get_weights()):
-      np.testing.assert_allclose(got, want, atol=1e-5)
+      np.testing.assert_allclose(got, want, atol=atol)
   assert any(not np.allclose(w, i) for w, i in zip(
       single.model.get_weights(), initial)), "training changed nothing"
 

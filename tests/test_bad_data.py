@@ -37,7 +37,8 @@ def arrays(shapes_arrays):
     (lambda f, l: l["shape"].__setitem__(7, 5),
      "task 'shape' has class label 5 in 1 example.*head has 3 classes"),
     (lambda f, l: l["shape"].__setitem__(7, -1),
-     "task 'shape' has negative class labels in 1 example.*--partial_labels"),
+     "task 'shape' has negative or NaN class labels in 1 example.*"
+     "--partial_labels"),
     (lambda f, l: l["x"].__setitem__(3, np.nan),
      "task 'x' has NaN or Inf targets in 1 example"),
     (lambda f, l: f.__setitem__(9, np.inf), "1 example\\(s\\) have NaN or Inf "
@@ -60,6 +61,17 @@ def test_partial_labels_allow_missing_ones_but_not_none_at_all(arrays):
   labels["x"][:] = np.nan
   with pytest.raises(mtl_dist.ConfigError,
                      match="no example carries a label of task 'x'"):
+    data_lib.check(_data(features, labels), partial_labels=True)
+
+
+def test_masked_labels_are_not_checked_and_absent_labels_are_named(arrays):
+  features, labels = arrays
+  labels["shape_mask"] = np.ones(len(features), np.float32)
+  labels["shape"][5], labels["shape_mask"][5] = 99, 0  # Never read.
+  data_lib.check(_data(features, labels), partial_labels=True)
+  del labels["x"]
+  with pytest.raises(mtl_dist.ConfigError,
+                     match="the examples carry no labels of task 'x'"):
     data_lib.check(_data(features, labels), partial_labels=True)
 
 

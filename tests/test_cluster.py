@@ -213,7 +213,8 @@ def test_local_cluster_stops_the_others_when_one_fails(capsys):
 def test_local_cluster_gives_each_worker_its_tf_config(capsys):
   program = ("import json, os\n"
              "spec = json.loads(os.environ['TF_CONFIG'])\n"
-             "print(spec['task']['index'], ' '.join(spec['cluster']['worker']))")
+             "print(spec['task']['index'],\n"
+             "      ' '.join(spec['cluster']['worker']))")
   cluster = local_cluster.LocalCluster([sys.executable, "-c", program],
                                        num_workers=3, grace_seconds=5)
   cluster.start()

@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -110,7 +111,9 @@ def test_sigterm_saves_then_the_same_command_resumes(tmp_path):
       "step"] == 3000
 
 
-def test_sigterm_to_a_cluster_saves_one_agreed_step_and_resumes(tmp_path):
+@pytest.mark.parametrize("target", ["launcher", "worker 1"])
+def test_sigterm_to_a_cluster_saves_one_agreed_step_and_resumes(tmp_path,
+                                                                 target):
   model_dir = str(tmp_path / "run")
   train_flags = [f"--model_dir={model_dir}", "--train_steps=3000",
                  "--steps_per_loop=50", "--log_every=100",
@@ -118,9 +121,16 @@ def test_sigterm_to_a_cluster_saves_one_agreed_step_and_resumes(tmp_path):
                  "--trunk_width=32", "--eval_examples=256"]
   cluster = _start("launch.local_cluster", "--num_workers=2", "--",
                    *train_flags)
+  head = []
+  while not re.search(r"worker 1: pid (\d+)", "".join(head)):
+    head.append(cluster.stdout.readline())
+  pid = int(re.search(r"worker 1: pid (\d+)", "".join(head)).group(1))
   _wait_for(os.path.join(model_dir, "metrics.jsonl"), cluster)
-  cluster.send_signal(signal.SIGTERM)  # Passed on to both workers.
-  output, _ = cluster.communicate(timeout=120)
+  if target == "launcher":
+    cluster.send_signal(signal.SIGTERM)  # Passed on to both workers.
+  else:
+    os.kill(pid, signal.SIGTERM)  # Only one worker is preempted.
+  output = "".join(head) + cluster.communicate(timeout=120)[0]
   assert cluster.returncode == 143, output[-3000:]
   (index,) = glob.glob(os.path.join(model_dir, "checkpoints", "*.index"))
   step = int(index.rsplit("-", 1)[1].split(".")[0])
