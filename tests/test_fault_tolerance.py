@@ -158,3 +158,12 @@ def test_a_nan_on_one_replica_skips_the_step_on_every_replica(
   assert results[2][0] == skipped_at
   for one, two in zip(weights, results[2][1]):
     np.testing.assert_allclose(one, two, atol=1e-5)
+
+
+def test_each_checkpoint_save_records_the_steps_before_it(tmp_path):
+  # Checkpoints at 30 and 60, logs every 20: a restart from step 30 must
+  # find steps 21-30 recorded.
+  mtl_dist.train(_config(tmp_path, log_every=20, checkpoint_every=30,
+                         train_steps=60))
+  assert _records(tmp_path) == [(20, "train"), (30, "train"), (40, "train"),
+                                (60, "train"), (60, "eval")]
