@@ -58,7 +58,9 @@ def test_joint_end_to_end_then_resume(tmp_path):
   records = read_jsonl(os.path.join(model_dir, "metrics.jsonl"))
   train = [r for r in records if r["split"] == "train"]
   evals = [r for r in records if r["split"] == "eval"]
-  assert [r["step"] for r in train] == [100, 200, 300]
+  # Every 100 steps, and at the checkpoint at 150 (the steps a restart from
+  # there would not train again).
+  assert [r["step"] for r in train] == [100, 150, 200, 300]
   assert [r["step"] for r in evals] == [150, 300]
   assert {"shape/loss", "x/loss", "examples_per_second"} <= set(
       train[0]["metrics"])
@@ -85,7 +87,7 @@ def test_joint_end_to_end_then_resume(tmp_path):
   assert summary["step"] == 400 and summary["task_steps"]["shape"] == 400
   train_steps = [r["step"] for r in read_jsonl(
       os.path.join(model_dir, "metrics.jsonl")) if r["split"] == "train"]
-  assert train_steps == [100, 200, 300, 400]
+  assert train_steps == [100, 150, 200, 300, 400]
 
   # A different model on the same directory is refused; nothing is written.
   config_before = open(os.path.join(model_dir, "config.json")).read()
