@@ -194,10 +194,10 @@ _LOG_EVERY = flags.DEFINE_integer("log_every", 100,
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for data, weights and order.")
 _ON_NONFINITE = flags.DEFINE_enum(
     "on_nonfinite", "stop", config_lib.ON_NONFINITE,
-    "A step whose loss or gradient is NaN or Inf on any replica changes "
-    "nothing; then stop: end the run with exit status 1 naming the step and "
-    "tasks (the last checkpoint stays as it was), or skip: go on, counting "
-    "skipped steps in metrics (nonfinite_skipped).")
+    "A step whose loss or gradient is NaN or Inf on any replica: stop: end "
+    "the run with exit status 1 naming the step and tasks, saving nothing "
+    "after it; skip: leave everything unchanged in that step and go on, "
+    "counting skipped steps in metrics (nonfinite_skipped).")
 _DETERMINISTIC = flags.DEFINE_bool(
     "deterministic", False, "Enable TensorFlow's op determinism, and resume "
     "file-backed (TFDS) pipelines exactly, by re-reading the examples they "

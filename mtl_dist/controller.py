@@ -114,7 +114,9 @@ class _Run:
         gradnorm_alpha=config.resolved_gradnorm_alpha,
         gradnorm_lr=config.resolved_gradnorm_lr,
         cagrad_c=config.resolved_cagrad_c,
-        seed=config.seed)
+        seed=config.seed,
+        # --on_nonfinite=stop discards the state after a bad step anyway.
+        skip_nonfinite=config.on_nonfinite == "skip")
     # The task order, saved with the run: counters, pipelines and seeds are
     # indexed by position, so a resume must train the same tasks in order.
     self.task_names = ",".join(task.name for task in self.data.tasks)

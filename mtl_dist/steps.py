@@ -9,7 +9,7 @@ with the same global batch.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import tensorflow as tf
 import tf_keras
@@ -100,8 +100,9 @@ def _reduce_and_check(
 
 def _apply_if(optimizer: tf_keras.optimizers.Optimizer,
               gradients: Sequence[tf.Tensor],
-              variables: Sequence[tf.Variable], apply: tf.Tensor) -> None:
-  """Applies all-reduced `gradients` if `apply`, else changes nothing.
+              variables: Sequence[tf.Variable],
+              apply: Optional[tf.Tensor]) -> None:
+  """Applies all-reduced `gradients` if `apply` (None: always), else nothing.
 
   A skipped step leaves the variables and the optimizer's slots and
   iteration count as they were. `apply` must be equal on every replica. A
@@ -110,6 +111,10 @@ def _apply_if(optimizer: tf_keras.optimizers.Optimizer,
   LossScaleOptimizer does.
   """
   variables = list(variables)
+  if apply is None:  # Unconditional: no cond, no extra merge_call.
+    optimizer.apply_gradients(zip(gradients, variables),
+                              skip_gradients_aggregation=True)
+    return
 
   def apply_on_replica(replica_gradients):
     optimizer.apply_gradients(zip(replica_gradients, variables),
@@ -157,7 +162,7 @@ class JointStep:
                aggregator: str = "sum", cagrad_c: float = 0.5,
                seed: int = 0,
                weighting: weighting_lib.Weighting | None = None,
-               rep_grad: bool = False):
+               rep_grad: bool = False, skip_nonfinite: bool = True):
     if aggregator not in aggregation.NAMES:
       raise ValueError(f"unknown aggregator {aggregator!r} (known: "
                        f"{', '.join(aggregation.NAMES)})")
@@ -166,6 +171,7 @@ class JointStep:
                        f"({', '.join(aggregation.GRAM_AGGREGATORS)}), not "
                        f"{aggregator!r}")
     self._rep_grad = rep_grad
+    self._skip_nonfinite = skip_nonfinite
     self._model = model
     self._tasks = tuple(tasks)
     self._optimizer = optimizer
@@ -220,7 +226,8 @@ class JointStep:
                                    self._labelled_counts(batch),
                                    _last_shared_kernel(self._model), finite)
     del tape
-    _apply_if(self._optimizer, gradients, variables, finite)
+    _apply_if(self._optimizer, gradients, variables,
+              finite if self._skip_nonfinite else None)
     return losses, finite
 
   def _unshared_variables(self) -> list[tf.Variable]:
@@ -291,7 +298,8 @@ class JointStep:
                                    self._labelled_counts(batch),
                                    _last_shared_kernel(self._model), finite)
     del tape
-    _apply_if(self._optimizer, gradients, trunk + heads, finite)
+    _apply_if(self._optimizer, gradients, trunk + heads,
+              finite if self._skip_nonfinite else None)
     return losses, aggregation.conflict_share_from_gram(gram), finite
 
   def aggregated_replica_step(self, batch: Batch,
@@ -330,7 +338,7 @@ class JointStep:
     head_grads = _unflatten(rest[:_size(heads)], heads)
     trunk_grads = _unflatten(direction + rest[_size(heads):], trunk)
     _apply_if(self._optimizer, trunk_grads + head_grads, trunk + heads,
-              finite)
+              finite if self._skip_nonfinite else None)
     return losses, aggregation.conflict_share(matrix), finite
 
   def __call__(self, strategy: tf.distribute.Strategy,
@@ -407,7 +415,8 @@ class AlternateStep:
   def __init__(self, model: model_lib.SharedTrunkModel,
                tasks: Sequence[tasks_lib.TaskSpec],
                optimizers: Sequence[tf_keras.optimizers.Optimizer],
-               global_batch_size: int, schedule: schedules.Schedule):
+               global_batch_size: int, schedule: schedules.Schedule,
+               skip_nonfinite: bool = True):
     """Initialises the step.
 
     Args:
@@ -423,6 +432,7 @@ class AlternateStep:
     self._optimizers = tuple(optimizers)
     self._global_batch_size = global_batch_size
     self._schedule = schedule
+    self._skip_nonfinite = skip_nonfinite
 
   metric_names = ()
 
@@ -446,7 +456,8 @@ class AlternateStep:
     gradients = tape.gradient(
         total, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
     gradients, loss, finite = _reduce_and_check(gradients, loss)
-    _apply_if(self._optimizers[task_index], gradients, variables, finite)
+    _apply_if(self._optimizers[task_index], gradients, variables,
+              finite if self._skip_nonfinite else None)
     return loss, finite
 
   def __call__(self, strategy: tf.distribute.Strategy,

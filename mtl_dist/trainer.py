@@ -70,7 +70,7 @@ class Trainer:
                cagrad_c: float = 0.5, seed: int = 0,
                weighting: str = "static", dwa_window: int = 100,
                gradnorm_alpha: float = 1.5, gradnorm_lr: float = 0.025,
-               rep_grad: bool = False):
+               rep_grad: bool = False, skip_nonfinite: bool = True):
     """Creates the optimizers and counters inside the strategy's scope.
 
     Args:
@@ -98,6 +98,10 @@ class Trainer:
       gradnorm_lr: GradNorm's step size on the weights.
       rep_grad: Aggregate from gradients at the shared representation
         (MGDA-UB form; mgda and cagrad only).
+      skip_nonfinite: Leave everything unchanged in a step whose losses or
+        gradients are not finite. False applies such a step anyway (it is
+        still reported in `last_skipped`), for callers that stop and discard
+        the state then, and saves the conditional update's cost.
     """
     self._strategy = strategy
     self.model = model
@@ -138,11 +142,13 @@ class Trainer:
       self._step = steps_lib.JointStep(
           model, self.tasks, shared, global_batch_size, partial_labels,
           aggregator=aggregator, cagrad_c=cagrad_c, seed=seed,
-          weighting=self.weighting, rep_grad=rep_grad)
+          weighting=self.weighting, rep_grad=rep_grad,
+          skip_nonfinite=skip_nonfinite)
     else:
       self._step = steps_lib.AlternateStep(
           model, self.tasks, [self.optimizers[t.name] for t in self.tasks],
-          global_batch_size, schedule or schedules.RoundRobin(num_tasks))
+          global_batch_size, schedule or schedules.RoundRobin(num_tasks),
+          skip_nonfinite=skip_nonfinite)
     self._train_loop = tf.function(self._train_loop_fn)
     self.last_step_metrics: dict[str, float] = {}
     self.last_skipped = SkippedSteps(0, -1, [], [])
