@@ -49,7 +49,6 @@ class Checkpointer:
     self._chief = chief
     self._max_to_keep = max_to_keep
     self._manager = None
-    self._last_saved_step: Optional[int] = None
     self.last_path: Optional[str] = None  # Restored or saved last.
 
   def checkpoints(self) -> list[str]:
@@ -62,11 +61,6 @@ class Checkpointer:
         steps.append(int(match.group(1)))
     return [os.path.join(self.directory, f"ckpt-{step}")
             for step in sorted(steps, reverse=True)]
-
-  def latest(self) -> Optional[str]:
-    """The newest checkpoint of the run, or None."""
-    found = self.checkpoints()
-    return found[0] if found else None
 
   def newest_readable(self) -> tuple[Optional[str], list[tuple[str, str]]]:
     """The newest checkpoint whose every tensor reads back.
@@ -117,7 +111,6 @@ class Checkpointer:
       AssertionError, ValueError: If the checkpoint does not match.
     """
     self._checkpoint.restore(path).assert_consumed()
-    self._last_saved_step = _step_of(path)
     self.last_path = path
 
   def save(self, step: int) -> None:
@@ -139,12 +132,11 @@ class Checkpointer:
       finally:
         shutil.rmtree(scratch, ignore_errors=True)
       path = os.path.join(self.directory, f"ckpt-{step}")  # The chief's.
-    self._last_saved_step = step
     self.last_path = path
 
   def saved(self, step: int) -> bool:
     """Whether the newest save or restore was at `step`."""
-    return self._last_saved_step == step
+    return self.last_path is not None and _step_of(self.last_path) == step
 
 
 

@@ -29,13 +29,16 @@ def write_json_atomic(path: str, value: Any) -> None:
   A reader never sees a half-written file, and a crash mid-write leaves the
   previous version in place.
   """
+  _write_text_atomic(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+  """Replaces `path` by `text` through a temporary file and a rename."""
   directory = os.path.dirname(os.path.abspath(path))
-  fd, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-",
-                                   suffix=".json")
+  fd, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-")
   try:
     with os.fdopen(fd, "w") as f:
-      json.dump(value, f, indent=2, sort_keys=True)
-      f.write("\n")
+      f.write(text)
       f.flush()
       os.fsync(f.fileno())
     _copy_mode(path, temporary)
@@ -131,14 +134,7 @@ def _drop_records_after(path: str, step: int) -> None:
     return
   logging.info("Dropping %d record(s) after step %d from %s: the resumed run "
                "trains those steps again.", dropped, step, path)
-  fd, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
-                                   prefix=".tmp-", suffix=".jsonl")
-  with os.fdopen(fd, "w") as f:
-    f.writelines(kept)
-    f.flush()
-    os.fsync(f.fileno())
-  _copy_mode(path, temporary)
-  os.replace(temporary, path)
+  _write_text_atomic(path, "".join(kept))
 
 
 def _format_seconds(seconds: float) -> str:
