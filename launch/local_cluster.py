@@ -34,6 +34,7 @@ from typing import IO, Optional, Sequence
 from absl import app
 from absl import flags
 
+from launch import cli
 from mtl_dist import cluster as cluster_lib
 
 _PROGRAM = "mtl-local-cluster"
@@ -203,10 +204,8 @@ def main(argv: list[str]) -> None:
   """Starts the workers with mtl-train's flags (after `--`) and waits."""
   train_flags = argv[1:]
   if not train_flags:
-    sys.stderr.write(f"{_PROGRAM}: error: give mtl-train's flags after --, "
-                     f"e.g. {_PROGRAM} --num_workers=2 -- "
-                     "--model_dir=/tmp/mtl_mw\n")
-    sys.exit(2)
+    cli.fail(_PROGRAM, "give mtl-train's flags after --, e.g. "
+             f"{_PROGRAM} --num_workers=2 -- --model_dir=/tmp/mtl_mw")
   command = [sys.executable, "-m", "launch.train", *train_flags]
   cluster = LocalCluster(command, _NUM_WORKERS.value, _GRACE_SECONDS.value)
   # Preemption of the whole job (SIGTERM) or Ctrl-C: workers get SIGTERM,
@@ -216,23 +215,13 @@ def main(argv: list[str]) -> None:
   try:
     cluster.start()
   except ValueError as e:
-    sys.stderr.write(f"{_PROGRAM}: error: {e}\n")
-    sys.exit(2)
+    cli.fail(_PROGRAM, str(e))
   sys.exit(cluster.wait())
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-  """Parses flags; a bad flag exits 2 with one line (absl's default is 1)."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    sys.stderr.write(f"{_PROGRAM}: error: {e}\n")
-    sys.exit(2)
 
 
 def run() -> None:
   """Console-script entry point."""
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.flags_parser(_PROGRAM))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from absl import logging
 
 import tensorflow as tf
 
+from launch import cli
 import mtl_dist
 from mtl_dist import config as config_lib
 from mtl_dist import preemption
@@ -272,22 +273,9 @@ def _config_from_flags() -> mtl_dist.TrainConfig:
       deterministic=_DETERMINISTIC.value, on_nonfinite=_ON_NONFINITE.value)
 
 
-def _exit_with_usage_error(message: str) -> None:
-  sys.stderr.write(f"{_PROGRAM}: error: {message}\n")
-  sys.exit(2)
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-  """Parses flags; a bad flag exits 2 with one line (absl's default is 1)."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    _exit_with_usage_error(str(e))
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    _exit_with_usage_error(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.fail(_PROGRAM, f"unexpected arguments: {' '.join(argv[1:])}")
   if logging.get_verbosity() < logging.DEBUG:
     # TensorFlow's own INFO lines (one per collective set-up under
     # MultiWorkerMirroredStrategy) drown the progress lines; --v=1 shows them.
@@ -295,11 +283,10 @@ def main(argv: list[str]) -> None:
   try:
     summary = mtl_dist.train(_config_from_flags())
   except mtl_dist.ConfigError as e:
-    _exit_with_usage_error(str(e))
+    cli.fail(_PROGRAM, str(e))
   except (mtl_dist.ClusterError, mtl_dist.DataError,
           mtl_dist.NonFiniteError) as e:
-    sys.stderr.write(f"{_PROGRAM}: error: {e}\n")
-    sys.exit(1)
+    cli.fail(_PROGRAM, str(e), status=1)
   except mtl_dist.Preempted as e:
     sys.stderr.write(f"{_PROGRAM}: {e}\n")
     sys.exit(preemption.PREEMPTED_EXIT_STATUS)
@@ -311,7 +298,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """Console-script entry point."""
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.flags_parser(_PROGRAM))
 
 
 if __name__ == "__main__":
