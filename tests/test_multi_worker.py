@@ -43,6 +43,17 @@ def run_single_process(tmp_path, *flags, timeout=300):
       check=False)
 
 
+def start_workers(tmp_path, args, stderr=subprocess.PIPE):
+  """Two processes of `python *args`, each with its TF_CONFIG."""
+  ports = local_cluster.free_ports(2)
+  return [subprocess.Popen([sys.executable, *args],
+                           env=dict(_env(tmp_path),
+                                    TF_CONFIG=local_cluster.tf_config(ports,
+                                                                      i)),
+                           stdout=subprocess.PIPE, stderr=stderr, text=True)
+          for i in range(2)]
+
+
 def checkpoint_values(model_dir: str) -> dict:
   reader = tf.train.load_checkpoint(os.path.join(model_dir, "checkpoints"))
   return {name: reader.get_tensor(name)
@@ -106,14 +117,7 @@ def test_dead_worker_fails_the_other_and_a_restart_resumes(tmp_path, victim):
   flags = [f"--model_dir={model_dir}", "--train_steps=2000",
            "--checkpoint_every=100", "--steps_per_loop=50", "--log_every=100",
            "--eval_every=2000", "--eval_examples=256", "--trunk_width=32"]
-  ports = local_cluster.free_ports(2)
-  workers = [
-      subprocess.Popen([sys.executable, "-m", "launch.train", *flags],
-                       env=dict(_env(tmp_path),
-                                TF_CONFIG=local_cluster.tf_config(ports, i)),
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                       text=True)
-      for i in range(2)]
+  workers = start_workers(tmp_path, ["-m", "launch.train", *flags])
   try:
     deadline = time.monotonic() + 120
     while not glob.glob(os.path.join(model_dir, "checkpoints", "*.index")):
@@ -169,14 +173,8 @@ except tf.errors.DeadlineExceededError:
 
 
 def test_collective_timeout_bounds_a_collective_a_live_worker_skips(tmp_path):
-  ports = local_cluster.free_ports(2)
-  workers = [
-      subprocess.Popen([sys.executable, "-c", _STALLING_WORKER],
-                       env=dict(_env(tmp_path),
-                                TF_CONFIG=local_cluster.tf_config(ports, i)),
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                       text=True)
-      for i in range(2)]
+  workers = start_workers(tmp_path, ["-c", _STALLING_WORKER],
+                          stderr=subprocess.STDOUT)
   try:
     output, _ = workers[0].communicate(timeout=50)
   finally:
