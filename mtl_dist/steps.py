@@ -25,8 +25,9 @@ Batch = tuple[tf.Tensor, dict[str, tf.Tensor]]
 
 def task_losses(tasks: Sequence[tasks_lib.TaskSpec],
                 labels: dict[str, tf.Tensor], outputs: dict[str, tf.Tensor],
-                global_batch_size: int,
-                partial_labels: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
+                global_batch_size: int, partial_labels: bool = False,
+                global_counts: Optional[tf.Tensor] = None,
+                check_labels: bool = True) -> tuple[tf.Tensor, tf.Tensor]:
   """This replica's share of each task's loss and of the weighted total.
 
   Args:
@@ -40,6 +41,11 @@ def task_losses(tasks: Sequence[tasks_lib.TaskSpec],
       labelled examples in the whole global batch, counted with one
       all-reduce over replicas; a task with no labelled example gets 0.
       Otherwise every example counts and the divisor is the global batch.
+    global_counts: Partial labels: the [T] labelled examples of each task in
+      the global batch (`global_label_counts`), for callers that cannot
+      all-reduce here (compiled code); None counts them here.
+    check_labels: Check class labels in-graph (see
+      `TaskSpec.checked_labels`); False for labels checked already.
 
   Returns:
     (total, per_task): total = sum_i weight_i * per_task[i]; per_task is a
@@ -48,23 +54,53 @@ def task_losses(tasks: Sequence[tasks_lib.TaskSpec],
   """
   if partial_labels:
     masks = [task.label_mask(labels) for task in tasks]
-    local_counts = tf.stack([tf.reduce_sum(mask) for mask in masks])
-    global_counts = tf.distribute.get_replica_context().all_reduce(
-        tf.distribute.ReduceOp.SUM, local_counts)
+    if global_counts is None:
+      global_counts = global_label_counts(tasks, labels)
     per_task = tf.stack([
         tf.reduce_sum(mask * task.per_example_loss(
-            task.fill_missing(labels, mask), outputs[task.name])) /
-        tf.maximum(global_counts[i], 1.0)
+            task.fill_missing(labels, mask), outputs[task.name],
+            check=check_labels)) / tf.maximum(global_counts[i], 1.0)
         for i, (task, mask) in enumerate(zip(tasks, masks))
     ])
   else:
     per_task = tf.stack([
         tf.nn.compute_average_loss(
-            task.per_example_loss(labels[task.name], outputs[task.name]),
+            task.per_example_loss(labels[task.name], outputs[task.name],
+                                  check=check_labels),
             global_batch_size=global_batch_size) for task in tasks
     ])
   weights = tf.constant([task.weight for task in tasks], tf.float32)
   return tf.reduce_sum(weights * per_task), per_task
+
+
+def global_label_counts(tasks: Sequence[tasks_lib.TaskSpec],
+                        labels: dict[str, tf.Tensor]) -> tf.Tensor:
+  """[T] examples labelled for each task in the global batch (all-reduced)."""
+  local_counts = tf.stack([tf.reduce_sum(task.label_mask(labels))
+                           for task in tasks])
+  return tf.distribute.get_replica_context().all_reduce(
+      tf.distribute.ReduceOp.SUM, local_counts)
+
+
+def checked_labels(tasks: Sequence[tasks_lib.TaskSpec],
+                   labels: dict[str, tf.Tensor],
+                   partial_labels: bool) -> dict[str, tf.Tensor]:
+  """`labels`, whose class labels are readable only after their range check.
+
+  Train steps check here, before their backward pass, because XLA compiles
+  the assertions inside `TaskSpec.per_example_loss` to nothing (see
+  `TaskSpec.checked_labels`). With partial labels the check sees what the
+  loss would: missing labels replaced by 0.
+  """
+  checked = dict(labels)
+  for task in tasks:
+    if task.kind != tasks_lib.CLASSIFICATION:
+      continue
+    seen = (task.fill_missing(labels, task.label_mask(labels))
+            if partial_labels else labels[task.name])
+    with tf.control_dependencies([task.checked_labels(seen)]):
+      checked[task.name] = tf.identity(labels[task.name])
+  return checked
 
 
 def _regularization(layers: Sequence[tf_keras.layers.Layer]) -> tf.Tensor:
@@ -153,6 +189,11 @@ class JointStep:
   sums them (and the heads' gradients) over all replicas, every replica
   aggregates the same global [T, P] matrix, and the result is applied with
   `skip_gradients_aggregation=True`.
+
+  Each replica step first checks the labels and counts labelled examples
+  (both may need to run outside compiled code), then runs its forward and
+  backward pass (`_sum_backward` or `_task_backward`: this replica's data
+  only, no collective), then all-reduces, checks and applies.
   """
 
   def __init__(self, model: model_lib.SharedTrunkModel,
@@ -197,12 +238,57 @@ class JointStep:
     count = tf.cast(tf.shape(features)[0], tf.float32)
     return tf.fill([len(self._tasks)], count)
 
-  def _losses(self, batch: Batch) -> tf.Tensor:
+  def _prepare(self, batch: Batch) -> tuple[Batch, Optional[tf.Tensor]]:
+    """The batch with checked labels, and the global label counts.
+
+    Returns:
+      (batch, counts): counts are the [T] labelled examples of each task in
+      the global batch with partial labels (one all-reduce), else None.
+    """
+    features, labels = batch
+    labels = checked_labels(self._tasks, labels, self._partial_labels)
+    counts = (global_label_counts(self._tasks, labels)
+              if self._partial_labels else None)
+    return (features, labels), counts
+
+  def _losses(self, batch: Batch,
+              global_counts: Optional[tf.Tensor]) -> tf.Tensor:
     features, labels = batch
     outputs = self._model(features, training=True)
     _, per_task = task_losses(self._tasks, labels, outputs,
-                              self._global_batch_size, self._partial_labels)
+                              self._global_batch_size, self._partial_labels,
+                              global_counts, check_labels=False)
     return per_task
+
+  def _weighting_gradients(self, tape: tf.GradientTape,
+                           task_terms: Sequence[tf.Tensor]
+                           ) -> Optional[tf.Tensor]:
+    """GradNorm's [T, |W|] local task gradients at W, else None."""
+    if not self._weighting.needs_task_gradients:
+      return None
+    return self._weighting.task_gradients(tape, task_terms,
+                                          _last_shared_kernel(self._model))
+
+  def _sum_backward(self, batch: Batch, global_counts: Optional[tf.Tensor]
+                    ) -> tuple[list[tf.Tensor], tf.Tensor,
+                               Optional[tf.Tensor]]:
+    """This replica's forward and backward pass for the `sum` aggregator.
+
+    Returns:
+      (gradients of the objective, [T] loss shares, GradNorm's task
+      gradients or None).
+    """
+    variables = self._model.trainable_variables + self._weighting.trainable
+    needs_terms = self._weighting.needs_task_gradients
+    with tf.GradientTape(persistent=needs_terms) as tape:
+      per_task = self._losses(batch, global_counts)
+      terms = ([per_task[i] for i in range(len(self._tasks))]
+               if needs_terms else [])
+      total = self._weighting.objective(per_task)
+      total += _regularization([self._model])
+    gradients = tape.gradient(
+        total, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return gradients, per_task, self._weighting_gradients(tape, terms)
 
   def replica_step(self, batch: Batch) -> tuple[tf.Tensor, tf.Tensor]:
     """Trains on one replica's batch.
@@ -211,22 +297,14 @@ class JointStep:
       ([T] global-batch losses, whether the step was applied: all losses
       and gradients finite).
     """
-    variables = self._model.trainable_variables + self._weighting.trainable
-    needs_terms = self._weighting.needs_task_gradients
-    with tf.GradientTape(persistent=needs_terms) as tape:
-      per_task = self._losses(batch)
-      terms = ([per_task[i] for i in range(len(self._tasks))]
-               if needs_terms else [])
-      total = self._weighting.objective(per_task)
-      total += _regularization([self._model])
-    gradients = tape.gradient(
-        total, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    batch, counts = self._prepare(batch)
+    gradients, per_task, weighting_gradients = self._sum_backward(batch,
+                                                                  counts)
     gradients, losses, finite = _reduce_and_check(gradients, per_task)
-    self._weighting.replica_update(tape, terms, per_task,
-                                   self._labelled_counts(batch),
-                                   _last_shared_kernel(self._model), finite)
-    del tape
-    _apply_if(self._optimizer, gradients, variables,
+    self._weighting.replica_update(weighting_gradients, per_task,
+                                   self._labelled_counts(batch), finite)
+    _apply_if(self._optimizer, gradients,
+              self._model.trainable_variables + self._weighting.trainable,
               finite if self._skip_nonfinite else None)
     return losses, finite
 
@@ -236,7 +314,8 @@ class JointStep:
              for v in self._model.heads[task.name].trainable_variables]
     return heads + self._weighting.trainable
 
-  def _record_terms(self, batch: Batch) -> _Terms:
+  def _record_terms(self, batch: Batch,
+                    global_counts: Optional[tf.Tensor]) -> _Terms:
     """The forward pass and every term a surgery step differentiates.
 
     Call inside a persistent tape: a term formed after the tape (even a
@@ -248,7 +327,8 @@ class JointStep:
                                                        training=True)
                for task in self._tasks}
     _, per_task = task_losses(self._tasks, labels, outputs,
-                              self._global_batch_size, self._partial_labels)
+                              self._global_batch_size, self._partial_labels,
+                              global_counts, check_labels=False)
     weighted = self._weighting.weights() * per_task
     regularization = _regularization([self._model])
     return _Terms(
@@ -269,10 +349,11 @@ class JointStep:
     trunk once. Heads get their own tasks' gradients.
     """
     del step
+    batch, counts = self._prepare(batch)
     trunk = self._model.trunk.trainable_variables
     heads = self._unshared_variables()
     with tf.GradientTape(persistent=True) as tape:
-      terms = self._record_terms(batch)
+      terms = self._record_terms(batch, counts)
     zero = tf.UnconnectedGradients.ZERO
     rep_grads = [tape.gradient(term, terms.representation,
                                unconnected_gradients=zero)
@@ -292,23 +373,31 @@ class JointStep:
     trunk_grads = [g + r for g, r in zip(trunk_grads, regularization_grads)]
     head_grads = tape.gradient(terms.objective, heads,
                                unconnected_gradients=zero)
+    weighting_gradients = self._weighting_gradients(tape, terms.unweighted)
+    del tape
     gradients, losses, finite = _reduce_and_check(trunk_grads + head_grads,
                                                   terms.per_task)
-    self._weighting.replica_update(tape, terms.unweighted, terms.per_task,
-                                   self._labelled_counts(batch),
-                                   _last_shared_kernel(self._model), finite)
-    del tape
+    self._weighting.replica_update(weighting_gradients, terms.per_task,
+                                   self._labelled_counts(batch), finite)
     _apply_if(self._optimizer, gradients, trunk + heads,
               finite if self._skip_nonfinite else None)
     return losses, aggregation.conflict_share_from_gram(gram), finite
 
-  def aggregated_replica_step(self, batch: Batch,
-                              step: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """Trains with gradient aggregation; returns ([T] losses, conflict share)."""
+  def _task_backward(self, batch: Batch, global_counts: Optional[tf.Tensor]
+                     ) -> tuple[tf.Tensor, tf.Tensor, Optional[tf.Tensor]]:
+    """This replica's forward and backward pass for gradient aggregation.
+
+    Returns:
+      (local, per_task, weighting gradients): local concatenates each
+      task's flattened trunk gradient, then the flattened gradient of
+      everything else (heads, learned loss weights, the trunk's
+      regularization); per_task holds the [T] loss shares; GradNorm's task
+      gradients or None.
+    """
     trunk = self._model.trunk.trainable_variables
     heads = self._unshared_variables()
     with tf.GradientTape(persistent=True) as tape:
-      terms = self._record_terms(batch)
+      terms = self._record_terms(batch, global_counts)
     zero = tf.UnconnectedGradients.ZERO
     task_grads = [_flatten(tape.gradient(term, trunk,
                                          unconnected_gradients=zero))
@@ -317,12 +406,21 @@ class JointStep:
                                   unconnected_gradients=zero) +
                     tape.gradient(terms.regularization, trunk,
                                   unconnected_gradients=zero))
+    return (tf.concat(task_grads + [rest], axis=0), terms.per_task,
+            self._weighting_gradients(tape, terms.unweighted))
+
+  def aggregated_replica_step(self, batch: Batch,
+                              step: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Trains with gradient aggregation; returns ([T] losses, conflict share)."""
+    batch, counts = self._prepare(batch)
+    trunk = self._model.trunk.trainable_variables
+    heads = self._unshared_variables()
+    local, per_task, weighting_gradients = self._task_backward(batch, counts)
     num_tasks = len(self._tasks)
-    num_trunk = int(task_grads[0].shape[0])
+    num_trunk = _size(trunk)
     # One all-reduce for the task gradients, the rest and the loss shares.
     fused = tf.distribute.get_replica_context().all_reduce(
-        tf.distribute.ReduceOp.SUM,
-        tf.concat(task_grads + [rest, terms.per_task], axis=0))
+        tf.distribute.ReduceOp.SUM, tf.concat([local, per_task], axis=0))
     matrix = tf.reshape(fused[:num_trunk * num_tasks], [num_tasks, num_trunk])
     rest = fused[num_trunk * num_tasks:-num_tasks]
     losses = fused[-num_tasks:]
@@ -331,10 +429,8 @@ class JointStep:
         tf.stack([tf.constant(self._seed, tf.int64), tf.cast(step, tf.int64)]),
         self._cagrad_c)
     finite = _all_finite([fused, direction])
-    self._weighting.replica_update(tape, terms.unweighted, terms.per_task,
-                                   self._labelled_counts(batch),
-                                   _last_shared_kernel(self._model), finite)
-    del tape
+    self._weighting.replica_update(weighting_gradients, per_task,
+                                   self._labelled_counts(batch), finite)
     head_grads = _unflatten(rest[:_size(heads)], heads)
     trunk_grads = _unflatten(direction + rest[_size(heads):], trunk)
     _apply_if(self._optimizer, trunk_grads + head_grads, trunk + heads,
@@ -436,6 +532,26 @@ class AlternateStep:
 
   metric_names = ()
 
+  def _backward(self, task_index: int, features: tf.Tensor,
+                labels: tf.Tensor) -> tuple[list[tf.Tensor], tf.Tensor]:
+    """This replica's forward and backward pass for task `task_index`.
+
+    Returns:
+      (gradients of the trunk and the task's head, the loss share).
+    """
+    task = self._tasks[task_index]
+    variables = self._model.trunk_and_head_variables(task.name)
+    with tf.GradientTape() as tape:
+      outputs = self._model.call_task(features, task.name, training=True)
+      loss = tf.nn.compute_average_loss(
+          task.per_example_loss(labels, outputs, check=False),
+          global_batch_size=self._global_batch_size)
+      total = loss + _regularization(
+          [self._model.trunk, self._model.heads[task.name]])
+    gradients = tape.gradient(
+        total, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return gradients, loss
+
   def replica_step(self, task_index: int,
                    batch: Batch) -> tuple[tf.Tensor, tf.Tensor]:
     """Trains task `task_index` on one replica's batch.
@@ -445,18 +561,11 @@ class AlternateStep:
     """
     task = self._tasks[task_index]
     features, labels = batch
-    variables = self._model.trunk_and_head_variables(task.name)
-    with tf.GradientTape() as tape:
-      outputs = self._model.call_task(features, task.name, training=True)
-      loss = tf.nn.compute_average_loss(
-          task.per_example_loss(labels[task.name], outputs),
-          global_batch_size=self._global_batch_size)
-      total = loss + _regularization(
-          [self._model.trunk, self._model.heads[task.name]])
-    gradients = tape.gradient(
-        total, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    labels = checked_labels([task], labels, partial_labels=False)
+    gradients, loss = self._backward(task_index, features, labels[task.name])
     gradients, loss, finite = _reduce_and_check(gradients, loss)
-    _apply_if(self._optimizers[task_index], gradients, variables,
+    _apply_if(self._optimizers[task_index], gradients,
+              self._model.trunk_and_head_variables(task.name),
               finite if self._skip_nonfinite else None)
     return loss, finite
 

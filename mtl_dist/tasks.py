@@ -125,24 +125,44 @@ class TaskSpec:
     """
     return tf.reshape(tf.cast(label, tf.float32), [-1, self.size])
 
-  def per_example_loss(self, labels: tf.Tensor,
-                       outputs: tf.Tensor) -> tf.Tensor:
+  def checked_labels(self, labels: tf.Tensor) -> tf.Tensor:
+    """Classification labels as int32 [batch], after an in-graph range check.
+
+    Labels outside [0, output_size) fail the check with an
+    InvalidArgumentError naming the task (its message starts with
+    `DATA_ERROR_MARK`) instead of turning into NaN (GPU) or an unnamed error
+    (CPU). XLA compiles assertions to nothing, so compiled code must check
+    its labels before it is called.
+
+    Args:
+      labels: This task's class labels, of any shape holding one per example.
+
+    Returns:
+      The labels, flattened, available only once the check has passed.
+    """
+    labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
+    message = (f"{DATA_ERROR_MARK} task {self.name!r}: class labels must be "
+               f"in [0, {self.output_size}) (missing labels, -1, need "
+               "partial labels)")
+    with tf.control_dependencies([
+        tf.debugging.assert_non_negative(labels, message=message),
+        tf.debugging.assert_less(labels, self.output_size, message=message)
+    ]):
+      return tf.identity(labels)
+
+  def per_example_loss(self, labels: tf.Tensor, outputs: tf.Tensor,
+                       check: bool = True) -> tf.Tensor:
     """Loss of each example, shape [batch]; no reduction over the batch.
 
-    Classification labels outside [0, output_size) fail an in-graph check
-    (an InvalidArgumentError naming the task) instead of turning into NaN
-    (GPU) or an unnamed error (CPU).
+    Args:
+      labels: This task's labels.
+      outputs: This task's head outputs (logits for classification).
+      check: Classification: check the labels' range in-graph (see
+        `checked_labels`); False for callers that checked them already.
     """
     if self.kind == CLASSIFICATION:
-      labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
-      message = (f"{DATA_ERROR_MARK} task {self.name!r}: class labels must be "
-                 f"in [0, {self.output_size}) (missing labels, -1, need "
-                 "partial labels)")
-      with tf.control_dependencies([
-          tf.debugging.assert_non_negative(labels, message=message),
-          tf.debugging.assert_less(labels, self.output_size, message=message)
-      ]):
-        labels = tf.identity(labels)
+      labels = (self.checked_labels(labels) if check else
+                tf.reshape(tf.cast(labels, tf.int32), [-1]))
       return tf.nn.sparse_softmax_cross_entropy_with_logits(
           labels=labels, logits=outputs)
     return _regression_error(self.loss_name, self._as_matrix(labels), outputs)

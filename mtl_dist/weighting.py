@@ -191,39 +191,55 @@ class Weighting(tf.Module):
 
   @property
   def needs_task_gradients(self) -> bool:
-    """Whether `replica_update` needs each task's loss recorded on a tape."""
+    """Whether `replica_update` needs `task_gradients` (else it is a no-op)."""
     return self.method == "gradnorm"
 
-  def replica_update(self, tape: tf.GradientTape,
-                     task_terms: Sequence[tf.Tensor], per_task: tf.Tensor,
-                     labelled: tf.Tensor, shared_kernel: tf.Variable,
-                     applied: tf.Tensor = True) -> None:
-    """GradNorm's weight update, inside a replica step (no-op otherwise).
+  def task_gradients(self, tape: tf.GradientTape,
+                     task_terms: Sequence[tf.Tensor],
+                     shared_kernel: tf.Variable) -> tf.Tensor:
+    """This replica's gradient of each task's loss at W, for GradNorm.
+
+    It needs nothing from other replicas, so it can be taken with the rest
+    of a replica's backward pass (compiled with it, too).
 
     Args:
       tape: A persistent tape that recorded `task_terms`.
       task_terms: Each task's unweighted loss share, formed inside the tape
         (a slice taken after the tape would not be recorded).
+      shared_kernel: The last shared layer's weights W.
+
+    Returns:
+      [T, size of W] local gradients.
+    """
+    return tf.stack([tf.reshape(tape.gradient(
+        term, shared_kernel,
+        unconnected_gradients=tf.UnconnectedGradients.ZERO), [-1])
+                     for term in task_terms])
+
+  def replica_update(self, task_gradients: tf.Tensor | None,
+                     per_task: tf.Tensor, labelled: tf.Tensor,
+                     applied: tf.Tensor = True) -> None:
+    """GradNorm's weight update, inside a replica step (no-op otherwise).
+
+    Args:
+      task_gradients: [T, size of W] this replica's `task_gradients` (None
+        unless `needs_task_gradients`).
       per_task: [T] this replica's shares of the task losses.
       labelled: [T] this replica's count of examples labelled for each task
         (partial labels); a task with none in the global batch takes no
         part in this step's update, and its L_i(0) is its first labelled
         loss.
-      shared_kernel: The last shared layer's weights W.
       applied: Whether the model update of this step is applied; a skipped
         step (a non-finite loss or gradient) changes no weighting state.
     """
     if self.method != "gradnorm":
       return
     num_tasks = self.num_tasks
-    local = [tf.reshape(tape.gradient(
-        term, shared_kernel,
-        unconnected_gradients=tf.UnconnectedGradients.ZERO), [-1])
-             for term in task_terms]
     fused = tf.distribute.get_replica_context().all_reduce(
         tf.distribute.ReduceOp.SUM,
-        tf.concat(local + [per_task, tf.cast(labelled, tf.float32)], axis=0))
-    size = int(local[0].shape[0])
+        tf.concat([tf.reshape(task_gradients, [-1]), per_task,
+                   tf.cast(labelled, tf.float32)], axis=0))
+    size = int(task_gradients.shape[1])
     gradients = tf.reshape(fused[:num_tasks * size], [num_tasks, size])
     losses = fused[num_tasks * size:num_tasks * (size + 1)]
     present = fused[num_tasks * (size + 1):] > 0

@@ -153,8 +153,8 @@ def test_gradnorm_ignores_tasks_without_labels_in_the_batch():
       per_task = tf.stack([tf.reduce_sum(kernel), 0.0 * tf.reduce_sum(kernel),
                            tf.reduce_sum(kernel * kernel) / 10])
       terms = [per_task[i] for i in range(3)]
-    weighting.replica_update(tape, terms, per_task,
-                             tf.constant(labelled, tf.float32), kernel)
+    weighting.replica_update(weighting.task_gradients(tape, terms, kernel),
+                             per_task, tf.constant(labelled, tf.float32))
     return per_task.numpy()
 
   update([4, 0, 4])  # Task 1 has no labelled example in this batch.
