@@ -204,6 +204,10 @@ _DETERMINISTIC = flags.DEFINE_bool(
     "file-backed (TFDS) pipelines exactly, by re-reading the examples they "
     "had served (in-memory data always resumes exactly). A run killed and "
     "restarted then ends with the weights of an uninterrupted run.")
+_JIT_COMPILE = flags.DEFINE_bool(
+    "jit_compile", False, "XLA-compile each replica's forward and backward "
+    "pass (losses and gradients); the all-reduce, the NaN/Inf check and the "
+    "update run outside it. Not with --rep_grad.")
 
 flags.mark_flag_as_required("model_dir")
 
@@ -270,7 +274,8 @@ def _config_from_flags() -> mtl_dist.TrainConfig:
       keep_checkpoints=_KEEP_CHECKPOINTS.value,
       eval_every=_EVAL_EVERY.value, eval_steps=_EVAL_STEPS.value,
       log_every=_LOG_EVERY.value, seed=_SEED.value,
-      deterministic=_DETERMINISTIC.value, on_nonfinite=_ON_NONFINITE.value)
+      deterministic=_DETERMINISTIC.value, on_nonfinite=_ON_NONFINITE.value,
+      jit_compile=_JIT_COMPILE.value)
 
 
 def main(argv: list[str]) -> None:

@@ -149,6 +149,8 @@ class TrainConfig:
   # A step with a NaN or Inf loss or gradient: "stop" the run (exit 1, no
   # checkpoint of it) or "skip" the update on all replicas and count it.
   on_nonfinite: str = "stop"
+  # XLA-compile each replica's forward and backward pass (not --rep_grad).
+  jit_compile: bool = False
 
   @property
   def resolved_train_examples(self) -> int:
@@ -276,6 +278,11 @@ class TrainConfig:
           "--rep_grad is valid for --aggregator=mgda or cagrad (their update "
           "combines task gradients with coefficients that need only the Gram "
           f"matrix), not --aggregator={self.aggregator}")
+    if self.jit_compile and self.rep_grad:
+      raise ConfigError(
+          "--jit_compile cannot be combined with --rep_grad: its step "
+          "all-reduces the Gram matrix between two backward passes, which "
+          "one compiled function cannot hold")
     self._validate_multi_worker_flags()
     if self.strategy == "one_device" and self.num_cpu_devices > 1:
       raise ConfigError(

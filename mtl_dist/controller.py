@@ -116,7 +116,8 @@ class _Run:
         cagrad_c=config.resolved_cagrad_c,
         seed=config.seed,
         # --on_nonfinite=stop discards the state after a bad step anyway.
-        skip_nonfinite=config.on_nonfinite == "skip")
+        skip_nonfinite=config.on_nonfinite == "skip",
+        jit_compile=config.jit_compile)
     # The task order, saved with the run: counters, pipelines and seeds are
     # indexed by position, so a resume must train the same tasks in order.
     self.task_names = ",".join(task.name for task in self.data.tasks)

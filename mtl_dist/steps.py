@@ -9,7 +9,7 @@ with the same global batch.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import tensorflow as tf
 import tf_keras
@@ -191,9 +191,11 @@ class JointStep:
   `skip_gradients_aggregation=True`.
 
   Each replica step first checks the labels and counts labelled examples
-  (both may need to run outside compiled code), then runs its forward and
-  backward pass (`_sum_backward` or `_task_backward`: this replica's data
-  only, no collective), then all-reduces, checks and applies.
+  (both must run outside compiled code), then runs its forward and backward
+  pass (`_sum_backward` or `_task_backward`: this replica's data only, no
+  collective; XLA-compiled with `jit_compile`), then all-reduces, checks
+  and applies. `rep_grad`'s step all-reduces between two backward passes
+  and cannot be compiled.
   """
 
   def __init__(self, model: model_lib.SharedTrunkModel,
@@ -203,7 +205,8 @@ class JointStep:
                aggregator: str = "sum", cagrad_c: float = 0.5,
                seed: int = 0,
                weighting: weighting_lib.Weighting | None = None,
-               rep_grad: bool = False, skip_nonfinite: bool = True):
+               rep_grad: bool = False, skip_nonfinite: bool = True,
+               jit_compile: bool = False):
     if aggregator not in aggregation.NAMES:
       raise ValueError(f"unknown aggregator {aggregator!r} (known: "
                        f"{', '.join(aggregation.NAMES)})")
@@ -211,6 +214,10 @@ class JointStep:
       raise ValueError(f"rep_grad needs an aggregator with a Gram-matrix form "
                        f"({', '.join(aggregation.GRAM_AGGREGATORS)}), not "
                        f"{aggregator!r}")
+    if rep_grad and jit_compile:
+      raise ValueError("jit_compile cannot compile rep_grad's step: it "
+                       "all-reduces the Gram matrix between its two backward "
+                       "passes")
     self._rep_grad = rep_grad
     self._skip_nonfinite = skip_nonfinite
     self._model = model
@@ -222,6 +229,8 @@ class JointStep:
     self._cagrad_c = cagrad_c
     self._seed = seed
     self._weighting = weighting or weighting_lib.Weighting(tasks)
+    self._sum_pass = _compiled(self._sum_backward, jit_compile)
+    self._task_pass = _compiled(self._task_backward, jit_compile)
 
   @property
   def metric_names(self) -> tuple[str, ...]:
@@ -298,8 +307,7 @@ class JointStep:
       and gradients finite).
     """
     batch, counts = self._prepare(batch)
-    gradients, per_task, weighting_gradients = self._sum_backward(batch,
-                                                                  counts)
+    gradients, per_task, weighting_gradients = self._sum_pass(batch, counts)
     gradients, losses, finite = _reduce_and_check(gradients, per_task)
     self._weighting.replica_update(weighting_gradients, per_task,
                                    self._labelled_counts(batch), finite)
@@ -415,7 +423,7 @@ class JointStep:
     batch, counts = self._prepare(batch)
     trunk = self._model.trunk.trainable_variables
     heads = self._unshared_variables()
-    local, per_task, weighting_gradients = self._task_backward(batch, counts)
+    local, per_task, weighting_gradients = self._task_pass(batch, counts)
     num_tasks = len(self._tasks)
     num_trunk = _size(trunk)
     # One all-reduce for the task gradients, the rest and the loss shares.
@@ -467,6 +475,16 @@ class JointStep:
     return losses, tf.ones([len(self._tasks)]), metrics, applied
 
 
+def _compiled(function: Callable, jit_compile: bool) -> Callable:
+  """`function` XLA-compiled (traced once per replica device), or as is.
+
+  Only a replica's collective-free forward and backward pass is compiled:
+  a jit around `strategy.run` fails under MirroredStrategy, and the
+  all-reduce, the finite check and `apply_gradients` stay outside.
+  """
+  return tf.function(function, jit_compile=True) if jit_compile else function
+
+
 def _first_local(strategy: tf.distribute.Strategy, value) -> tf.Tensor:
   """This worker's first replica's copy of a value equal on all replicas."""
   return strategy.experimental_local_results(value)[0]
@@ -512,7 +530,7 @@ class AlternateStep:
                tasks: Sequence[tasks_lib.TaskSpec],
                optimizers: Sequence[tf_keras.optimizers.Optimizer],
                global_batch_size: int, schedule: schedules.Schedule,
-               skip_nonfinite: bool = True):
+               skip_nonfinite: bool = True, jit_compile: bool = False):
     """Initialises the step.
 
     Args:
@@ -522,6 +540,9 @@ class AlternateStep:
         tasks share one).
       global_batch_size: Examples per step over all replicas.
       schedule: Maps the step counter to a task index.
+      skip_nonfinite: Leave everything unchanged in a step whose loss or
+        gradients are not finite (else apply it anyway).
+      jit_compile: XLA-compile each task's forward and backward pass.
     """
     self._model = model
     self._tasks = tuple(tasks)
@@ -529,6 +550,7 @@ class AlternateStep:
     self._global_batch_size = global_batch_size
     self._schedule = schedule
     self._skip_nonfinite = skip_nonfinite
+    self._pass = _compiled(self._backward, jit_compile)
 
   metric_names = ()
 
@@ -562,7 +584,7 @@ class AlternateStep:
     task = self._tasks[task_index]
     features, labels = batch
     labels = checked_labels([task], labels, partial_labels=False)
-    gradients, loss = self._backward(task_index, features, labels[task.name])
+    gradients, loss = self._pass(task_index, features, labels[task.name])
     gradients, loss, finite = _reduce_and_check(gradients, loss)
     _apply_if(self._optimizers[task_index], gradients,
               self._model.trunk_and_head_variables(task.name),

@@ -70,7 +70,8 @@ class Trainer:
                cagrad_c: float = 0.5, seed: int = 0,
                weighting: str = "static", dwa_window: int = 100,
                gradnorm_alpha: float = 1.5, gradnorm_lr: float = 0.025,
-               rep_grad: bool = False, skip_nonfinite: bool = True):
+               rep_grad: bool = False, skip_nonfinite: bool = True,
+               jit_compile: bool = False):
     """Creates the optimizers and counters inside the strategy's scope.
 
     Args:
@@ -102,6 +103,13 @@ class Trainer:
         gradients are not finite. False applies such a step anyway (it is
         still reported in `last_skipped`), for callers that stop and discard
         the state then, and saves the conditional update's cost.
+      jit_compile: XLA-compile each replica's forward and backward pass
+        (losses and gradients); the all-reduce, the finite check and the
+        update stay outside. Not with `rep_grad`.
+
+    Raises:
+      ValueError: For `jit_compile` with `rep_grad`, or an unknown
+        aggregator.
     """
     self._strategy = strategy
     self.model = model
@@ -143,12 +151,12 @@ class Trainer:
           model, self.tasks, shared, global_batch_size, partial_labels,
           aggregator=aggregator, cagrad_c=cagrad_c, seed=seed,
           weighting=self.weighting, rep_grad=rep_grad,
-          skip_nonfinite=skip_nonfinite)
+          skip_nonfinite=skip_nonfinite, jit_compile=jit_compile)
     else:
       self._step = steps_lib.AlternateStep(
           model, self.tasks, [self.optimizers[t.name] for t in self.tasks],
           global_batch_size, schedule or schedules.RoundRobin(num_tasks),
-          skip_nonfinite=skip_nonfinite)
+          skip_nonfinite=skip_nonfinite, jit_compile=jit_compile)
     self._train_loop = tf.function(self._train_loop_fn)
     self.last_step_metrics: dict[str, float] = {}
     self.last_skipped = SkippedSteps(0, -1, [], [])

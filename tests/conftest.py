@@ -45,7 +45,8 @@ def build_trainer(shapes_arrays):
             weights=None, initial_weights=None, schedule=None,
             arrays=None, partial_labels: bool = False,
             aggregator: str = "sum", weighting: str = "static",
-            dwa_window: int = 100, rep_grad: bool = False):
+            dwa_window: int = 100, rep_grad: bool = False,
+            jit_compile: bool = False):
     strategy = make_strategy(replicas)
     specs = {task.name: task for task in shapes.TASKS}
     tasks = [specs[name].with_weight((weights or {}).get(name, 1.0))
@@ -62,7 +63,8 @@ def build_trainer(shapes_arrays):
                                                           learning_rate),
         per_task_optimizer=per_task_optimizer, schedule=schedule,
         partial_labels=partial_labels, aggregator=aggregator,
-        weighting=weighting, dwa_window=dwa_window, rep_grad=rep_grad)
+        weighting=weighting, dwa_window=dwa_window, rep_grad=rep_grad,
+        jit_compile=jit_compile)
     if mode == "joint":
       sources = [data_lib.source_from_arrays(features, labels, task_names)]
     else:  # Disjoint slices, one per task.
