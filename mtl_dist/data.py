@@ -11,7 +11,7 @@ shard and batches with the per-replica share of the global batch.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -22,6 +22,8 @@ from mtl_dist import tasks as tasks_lib
 from mtl_dist import toy_regression
 
 _MAX_SHUFFLE_BUFFER = 16384
+# Batches parsed and decoded at once (autotuning is off, see `_options`).
+_DECODE_CALLS = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,9 +39,14 @@ class ExampleSource:
       whose batches are a function of (seed, step) alone.
     read: For file-backed sources, `read(input_context, seed, shuffle)`
       returns the input pipeline's own share of the examples (sharded by
-      file where the files allow it), decoded and preprocessed.
+      file where the files allow it), decoded and preprocessed, or, with
+      `decode_batch`, still serialized.
     shuffle_buffer: Shuffle buffer of streamed training pipelines (default:
       all examples, at most 16384).
+    decode_batch: If set, `read` yields undecoded records (e.g. serialized
+      tf.train.Examples) and `decode_batch` maps a batch of them to
+      `(features, {task: labels})`. Pipelines then shuffle the small records
+      and parse and decode once per batch instead of once per example.
   """
 
   task_names: tuple[str, ...]
@@ -49,6 +56,16 @@ class ExampleSource:
   read: Optional[Callable[[Optional[tf.distribute.InputContext], int, bool],
                           tf.data.Dataset]] = None
   shuffle_buffer: Optional[int] = None
+  decode_batch: Optional[Callable[[Any], tuple[tf.Tensor,
+                                               dict[str, tf.Tensor]]]] = None
+
+  def decoded(self, dataset: tf.data.Dataset,
+              batch_size: int) -> tf.data.Dataset:
+    """`dataset` (of `read`'s elements) decoded, in batches of `batch_size`."""
+    if self.decode_batch is None:
+      return dataset.batch(batch_size)
+    return dataset.batch(batch_size).map(self.decode_batch,
+                                         num_parallel_calls=_DECODE_CALLS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,8 +335,11 @@ def distribute_train(strategy: tf.distribute.Strategy, source: ExampleSource,
                               reshuffle_each_iteration=True).repeat()
     per_replica, batches = _replica_batches_per_step(ctx, global_batch_size)
     dataset = dataset.batch(per_replica, drop_remainder=True)
-    if exact_resume and start_step:
+    if exact_resume and start_step:  # Before decoding: skipping is cheap.
       dataset = dataset.skip(start_step * batches)
+    if source.decode_batch is not None:
+      dataset = dataset.map(source.decode_batch,
+                            num_parallel_calls=_DECODE_CALLS)
     return dataset.prefetch(2).with_options(_options())
 
   dataset_fn = (indexed_dataset_fn if source.arrays is not None
@@ -352,12 +372,15 @@ def distribute_eval(strategy: tf.distribute.Strategy, source: ExampleSource,
       if max_batches:
         dataset = dataset.take(max_batches * global_batch_size //
                                ctx.num_input_pipelines)
+      dataset = source.decoded(
+          dataset, ctx.get_per_replica_batch_size(global_batch_size))
     else:
       dataset = source.make_dataset()
       if max_batches:
         dataset = dataset.take(max_batches * global_batch_size)
       dataset = dataset.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
-    dataset = dataset.batch(ctx.get_per_replica_batch_size(global_batch_size))
+      dataset = dataset.batch(
+          ctx.get_per_replica_batch_size(global_batch_size))
     return dataset.prefetch(2).with_options(_options())
 
   return strategy.distribute_datasets_from_function(dataset_fn,

@@ -183,11 +183,13 @@ def test_file_sharding_falls_back_to_example_sharding(stored_data_dir):
                                 data_dir=stored_data_dir, tasks=["label"])
   (source,) = data_lib.load(config).train
   assert source.num_examples == 240
+  # TFRecord files of fixed-shape features: records are parsed per batch.
+  assert source.decode_batch is not None
   shards = [source.read(tf.distribute.InputContext(2, i, 2), 0, False)
             for i in range(2)]
   counts = [sum(1 for _ in shard) for shard in shards]
   assert counts == [120, 120]
-  image, labels = next(iter(shards[0]))
+  image, labels = next(iter(source.decoded(shards[0], 8).unbatch()))
   assert image.dtype == tf.float32 and float(tf.reduce_max(image)) <= 1.0
   assert labels["label"].dtype == tf.int32
 
@@ -233,3 +235,27 @@ def test_readme_tfds_commands_run_on_mock_data(tmp_path):
     assert summary["step"] == 4
     assert set(summary["eval"]) == {t.rsplit("/", 1)[-1] for t in (
         config.tasks or config.task_datasets)}
+
+
+def test_batched_parsing_matches_tfds_per_example_decoding(stored_data_dir):
+  config = mtl_dist.TrainConfig(model_dir="unused", dataset="tfds:mtl_toy_rgb",
+                                data_dir=stored_data_dir,
+                                tasks=["label", "value", "flag"],
+                                partial_labels=True)
+  (source,) = data_lib.load(config).train
+  assert source.decode_batch is not None
+  batches = list(source.decoded(source.read(None, 0, False), 32))
+  images = np.concatenate([b[0].numpy() for b in batches])
+  labels = {k: np.concatenate([b[1][k].numpy() for b in batches])
+            for k in ("label", "value", "flag")}
+  reference = list(tfds.as_numpy(tfds.load(
+      "mtl_toy_rgb", split="train", data_dir=stored_data_dir, download=False,
+      shuffle_files=False)))
+  assert len(images) == len(reference) == 240
+  np.testing.assert_array_equal(
+      images, np.stack([r["image"] for r in reference]) / np.float32(255))
+  np.testing.assert_array_equal(labels["label"],
+                                [r["label"] for r in reference])
+  np.testing.assert_array_equal(labels["value"][:, 0],
+                                [r["value"] for r in reference])
+  np.testing.assert_array_equal(labels["flag"], [r["flag"] for r in reference])
