@@ -208,6 +208,12 @@ _JIT_COMPILE = flags.DEFINE_bool(
     "jit_compile", False, "XLA-compile each replica's forward and backward "
     "pass (losses and gradients); the all-reduce, the NaN/Inf check and the "
     "update run outside it. Not with --rep_grad.")
+_MIXED_PRECISION = flags.DEFINE_enum(
+    "mixed_precision", "none", config_lib.MIXED_PRECISION,
+    "none: float32. bfloat16 / float16: the trunk computes in that dtype with "
+    "float32 variables, the heads in float32. float16 adds dynamic loss "
+    "scaling; a step whose gradients overflow is skipped by the optimizer "
+    "(which lowers the scale) and not counted as non-finite.")
 
 flags.mark_flag_as_required("model_dir")
 
@@ -275,7 +281,8 @@ def _config_from_flags() -> mtl_dist.TrainConfig:
       eval_every=_EVAL_EVERY.value, eval_steps=_EVAL_STEPS.value,
       log_every=_LOG_EVERY.value, seed=_SEED.value,
       deterministic=_DETERMINISTIC.value, on_nonfinite=_ON_NONFINITE.value,
-      jit_compile=_JIT_COMPILE.value)
+      jit_compile=_JIT_COMPILE.value,
+      mixed_precision=_MIXED_PRECISION.value)
 
 
 def main(argv: list[str]) -> None:

@@ -12,6 +12,7 @@ import dataclasses
 from typing import Callable, Mapping, Optional, Sequence, TypeVar
 
 from mtl_dist import aggregation
+from mtl_dist import precision
 from mtl_dist import schedules
 from mtl_dist import weighting
 
@@ -28,6 +29,7 @@ MULTI_WORKER_FLAGS = ("cluster", "collective", "collective_timeout",
                       "cluster_start_timeout", "port_base")
 AGGREGATORS = aggregation.NAMES
 WEIGHTINGS = weighting.METHODS
+MIXED_PRECISION = precision.MODES
 
 _V = TypeVar("_V")
 
@@ -151,6 +153,8 @@ class TrainConfig:
   on_nonfinite: str = "stop"
   # XLA-compile each replica's forward and backward pass (not --rep_grad).
   jit_compile: bool = False
+  # The trunk computes in bfloat16 or float16 (float32 variables and heads).
+  mixed_precision: str = "none"
 
   @property
   def resolved_train_examples(self) -> int:
@@ -247,6 +251,7 @@ class TrainConfig:
     _check_choice("aggregator", self.aggregator, AGGREGATORS)
     _check_choice("weighting", self.weighting, WEIGHTINGS)
     _check_choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE)
+    _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
     if self.schedule is not None:
       _check_choice("schedule", self.schedule, SCHEDULES)
     for name in ("train_steps", "global_batch_size", "steps_per_loop",

@@ -97,7 +97,8 @@ class _Run:
     with self.strategy.scope():  # The model and schedules hold variables.
       self.model = model_lib.build_model(self.data.tasks, self.data.input_shape,
                                          config.trunk, config.trunk_width,
-                                         config.trunk_depth)
+                                         config.trunk_depth,
+                                         config.mixed_precision)
       schedule = (_make_schedule(config, self.data)
                   if config.mode == "alternate" else None)
     self.trainer = trainer_lib.Trainer(
@@ -187,7 +188,8 @@ class _Run:
       raise config_lib.ConfigError(
           f"{where}: checkpoint {path} was "
           "written by a different model or optimizer set-up (check --mode, "
-          f"--tasks, --trunk*, --optimizer, --per_task_optimizer): "
+          "--tasks, --trunk*, --optimizer, --per_task_optimizer, "
+          f"--mixed_precision): "
           f"{first_line}") from None
     saved = self.task_order.numpy().decode()
     if saved != self.task_names:
@@ -456,6 +458,7 @@ def _log_interval(interval: _Interval, step: int,
   metrics.update({name: total / applied
                   for name, total in interval.step_metric_sums.items()})
   metrics["nonfinite_skipped"] = interval.skipped
+  metrics.update(trainer.loss_scales())
   metrics["examples_per_second"] = speed
   writer.write(step, "train", metrics)
   writer.progress(step, losses, speed)

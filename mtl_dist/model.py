@@ -12,6 +12,7 @@ from typing import Mapping, Optional, Sequence
 import tensorflow as tf
 import tf_keras
 
+from mtl_dist import precision
 from mtl_dist import tasks as tasks_lib
 
 
@@ -59,7 +60,9 @@ class SharedTrunkModel(tf_keras.Model):
             list(self.heads[task].trainable_variables))
 
 
-def build_trunk(kind: str, width: int, depth: int) -> tf_keras.layers.Layer:
+def build_trunk(kind: str, width: int, depth: int,
+                dtype: Optional[tf_keras.mixed_precision.Policy] = None
+                ) -> tf_keras.layers.Layer:
   """A built-in trunk.
 
   Args:
@@ -68,21 +71,22 @@ def build_trunk(kind: str, width: int, depth: int) -> tf_keras.layers.Layer:
       2x2 max pooling, then global average pooling).
     width: Units or filters per layer.
     depth: Number of layers or blocks.
+    dtype: Every layer's dtype policy (None: the global policy).
 
   Returns:
     The (unbuilt) trunk.
   """
   if kind == "mlp":
-    layers = [tf_keras.layers.Flatten()]
-    layers += [tf_keras.layers.Dense(width, activation="relu")
+    layers = [tf_keras.layers.Flatten(dtype=dtype)]
+    layers += [tf_keras.layers.Dense(width, activation="relu", dtype=dtype)
                for _ in range(depth)]
   elif kind == "conv":
     layers = []
     for _ in range(depth):
       layers += [tf_keras.layers.Conv2D(width, 3, padding="same",
-                                        activation="relu"),
-                 tf_keras.layers.MaxPooling2D(2, padding="same")]
-    layers.append(tf_keras.layers.GlobalAveragePooling2D())
+                                        activation="relu", dtype=dtype),
+                 tf_keras.layers.MaxPooling2D(2, padding="same", dtype=dtype)]
+    layers.append(tf_keras.layers.GlobalAveragePooling2D(dtype=dtype))
   else:
     raise ValueError(f"unknown trunk {kind!r} (known: mlp, conv)")
   return tf_keras.Sequential(layers, name="trunk")
@@ -90,7 +94,8 @@ def build_trunk(kind: str, width: int, depth: int) -> tf_keras.layers.Layer:
 
 def build_model(tasks: Sequence[tasks_lib.TaskSpec], input_shape: Sequence[int],
                 trunk: str = "mlp", trunk_width: int = 256,
-                trunk_depth: int = 2) -> SharedTrunkModel:
+                trunk_depth: int = 2,
+                mixed_precision: str = "none") -> SharedTrunkModel:
   """A built shared-trunk model with a linear head per task.
 
   Call inside `strategy.scope()` so that the variables are distributed.
@@ -101,14 +106,23 @@ def build_model(tasks: Sequence[tasks_lib.TaskSpec], input_shape: Sequence[int],
     trunk: The built-in trunk's kind, see `build_trunk`.
     trunk_width: Units or filters per trunk layer.
     trunk_depth: Number of trunk layers.
+    mixed_precision: "none", or "bfloat16" / "float16": the trunk computes
+      in that dtype with float32 variables, the heads in float32 (so
+      outputs and losses are float32). The global Keras policy is left
+      alone. A `Trainer` of a float16 model scales its losses (see
+      precision.py).
 
   Returns:
     The model, with all variables created.
   """
+  policy = precision.layer_policy(mixed_precision)
+  head_dtype = None if policy is None else "float32"
   heads = {task.name: tf_keras.layers.Dense(task.output_size,
-                                            name=f"head_{task.name}")
+                                            name=f"head_{task.name}",
+                                            dtype=head_dtype)
            for task in tasks}
-  model = SharedTrunkModel(build_trunk(trunk, trunk_width, trunk_depth), heads,
-                           name="shared_trunk_model")
+  model = SharedTrunkModel(
+      build_trunk(trunk, trunk_width, trunk_depth, dtype=policy), heads,
+      name="shared_trunk_model")
   model(tf.zeros((1, *input_shape)))  # Creates every variable.
   return model

@@ -16,6 +16,7 @@ import tf_keras
 
 from mtl_dist import aggregation
 from mtl_dist import model as model_lib
+from mtl_dist import precision
 from mtl_dist import schedules
 from mtl_dist import tasks as tasks_lib
 from mtl_dist import weighting as weighting_lib
@@ -117,9 +118,17 @@ def _all_finite(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
 
 
 def _reduce_and_check(
-    gradients: Sequence[tf.Tensor], losses: tf.Tensor
+    gradients: Sequence[tf.Tensor], losses: tf.Tensor,
+    check_gradients: bool = True
 ) -> tuple[list[tf.Tensor], tf.Tensor, tf.Tensor]:
   """Sums gradients and [T] loss shares over replicas in one all-reduce.
+
+  Args:
+    gradients: This replica's gradients.
+    losses: This replica's loss shares.
+    check_gradients: Whether `finite` covers the gradients too. With loss
+      scaling it covers the losses only: overflowing gradients are normal
+      there, and the LossScaleOptimizer skips their step itself.
 
   Returns:
     (gradients, losses, finite): the global sums, and whether all of them are
@@ -130,8 +139,10 @@ def _reduce_and_check(
   reduced_gradients, reduced_losses = (
       tf.distribute.get_replica_context().all_reduce(
           tf.distribute.ReduceOp.SUM, [gradients, losses]))
-  finite = _all_finite(list(reduced_gradients) + [reduced_losses])
-  return list(reduced_gradients), reduced_losses, finite
+  checked = [reduced_losses]
+  if check_gradients:
+    checked += list(reduced_gradients)
+  return list(reduced_gradients), reduced_losses, _all_finite(checked)
 
 
 def _apply_if(optimizer: tf_keras.optimizers.Optimizer,
@@ -170,10 +181,14 @@ def _apply_if(optimizer: tf_keras.optimizers.Optimizer,
 
 
 class _Terms(NamedTuple):
-  """What a gradient-surgery step records on its tape."""
+  """What a gradient-surgery step records on its tape.
+
+  With loss scaling (float16) every term but `per_task` is multiplied by the
+  optimizer's loss scale, so gradients of them must be unscaled.
+  """
 
   representation: tf.Tensor  # The trunk's output z.
-  per_task: tf.Tensor  # [T] unweighted loss shares.
+  per_task: tf.Tensor  # [T] unweighted loss shares (never scaled).
   weighted: list[tf.Tensor]  # Each task's weighted loss share.
   unweighted: list[tf.Tensor]  # Each task's unweighted loss share.
   regularization: tf.Tensor
@@ -196,6 +211,11 @@ class JointStep:
   collective; XLA-compiled with `jit_compile`), then all-reduces, checks
   and applies. `rep_grad`'s step all-reduces between two backward passes
   and cannot be compiled.
+
+  With a LossScaleOptimizer (float16), each backward pass differentiates
+  the scaled objective and returns unscaled gradients, and the step's
+  finite verdict covers the all-reduced losses only (see
+  `_reduce_and_check`).
   """
 
   def __init__(self, model: model_lib.SharedTrunkModel,
@@ -229,6 +249,7 @@ class JointStep:
     self._cagrad_c = cagrad_c
     self._seed = seed
     self._weighting = weighting or weighting_lib.Weighting(tasks)
+    self._scales_losses = precision.scales_losses(optimizer)
     self._sum_pass = _compiled(self._sum_backward, jit_compile)
     self._task_pass = _compiled(self._task_backward, jit_compile)
 
@@ -269,14 +290,40 @@ class JointStep:
                               global_counts, check_labels=False)
     return per_task
 
+  def _scaled(self, loss: tf.Tensor) -> tf.Tensor:
+    return precision.scaled(self._optimizer, loss)
+
+  def _unscaled(self, gradients: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+    return precision.unscaled(self._optimizer, gradients)
+
   def _weighting_gradients(self, tape: tf.GradientTape,
                            task_terms: Sequence[tf.Tensor]
                            ) -> Optional[tf.Tensor]:
-    """GradNorm's [T, |W|] local task gradients at W, else None."""
+    """GradNorm's [T, |W|] local task gradients at W (unscaled), else None.
+
+    Args:
+      tape: The persistent tape that recorded `task_terms`.
+      task_terms: Each task's unweighted loss share, scaled like the
+        objective.
+    """
     if not self._weighting.needs_task_gradients:
       return None
-    return self._weighting.task_gradients(tape, task_terms,
-                                          _last_shared_kernel(self._model))
+    return self._unscaled([self._weighting.task_gradients(
+        tape, task_terms, _last_shared_kernel(self._model))])[0]
+
+  def _update_weighting(self, weighting_gradients: Optional[tf.Tensor],
+                        per_task: tf.Tensor, batch: Batch, finite: tf.Tensor,
+                        gradients: Sequence[tf.Tensor]) -> None:
+    """GradNorm's weight update, skipped whenever the model's update is.
+
+    With loss scaling, `finite` covers the losses only, and the optimizer
+    skips a step whose all-reduced `gradients` overflowed; the weights skip
+    it too.
+    """
+    if self._scales_losses and self._weighting.needs_task_gradients:
+      finite = tf.logical_and(finite, _all_finite(gradients))
+    self._weighting.replica_update(weighting_gradients, per_task,
+                                   self._labelled_counts(batch), finite)
 
   def _sum_backward(self, batch: Batch, global_counts: Optional[tf.Tensor]
                     ) -> tuple[list[tf.Tensor], tf.Tensor,
@@ -291,13 +338,15 @@ class JointStep:
     needs_terms = self._weighting.needs_task_gradients
     with tf.GradientTape(persistent=needs_terms) as tape:
       per_task = self._losses(batch, global_counts)
-      terms = ([per_task[i] for i in range(len(self._tasks))]
+      terms = ([self._scaled(per_task[i]) for i in range(len(self._tasks))]
                if needs_terms else [])
       total = self._weighting.objective(per_task)
       total += _regularization([self._model])
+      total = self._scaled(total)
     gradients = tape.gradient(
         total, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    return gradients, per_task, self._weighting_gradients(tape, terms)
+    return (self._unscaled(gradients), per_task,
+            self._weighting_gradients(tape, terms))
 
   def replica_step(self, batch: Batch) -> tuple[tf.Tensor, tf.Tensor]:
     """Trains on one replica's batch.
@@ -308,9 +357,10 @@ class JointStep:
     """
     batch, counts = self._prepare(batch)
     gradients, per_task, weighting_gradients = self._sum_pass(batch, counts)
-    gradients, losses, finite = _reduce_and_check(gradients, per_task)
-    self._weighting.replica_update(weighting_gradients, per_task,
-                                   self._labelled_counts(batch), finite)
+    gradients, losses, finite = _reduce_and_check(
+        gradients, per_task, check_gradients=not self._scales_losses)
+    self._update_weighting(weighting_gradients, per_task, batch, finite,
+                           gradients)
     _apply_if(self._optimizer, gradients,
               self._model.trainable_variables + self._weighting.trainable,
               finite if self._skip_nonfinite else None)
@@ -339,12 +389,15 @@ class JointStep:
                               global_counts, check_labels=False)
     weighted = self._weighting.weights() * per_task
     regularization = _regularization([self._model])
+    objective = self._weighting.objective(per_task) + regularization
     return _Terms(
         representation=representation, per_task=per_task,
-        weighted=[weighted[i] for i in range(len(self._tasks))],
-        unweighted=[per_task[i] for i in range(len(self._tasks))],
-        regularization=regularization,
-        objective=self._weighting.objective(per_task) + regularization)
+        weighted=[self._scaled(weighted[i])
+                  for i in range(len(self._tasks))],
+        unweighted=[self._scaled(per_task[i])
+                    for i in range(len(self._tasks))],
+        regularization=self._scaled(regularization),
+        objective=self._scaled(objective))
 
   def rep_grad_replica_step(self, batch: Batch,
                             step: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -363,9 +416,11 @@ class JointStep:
     with tf.GradientTape(persistent=True) as tape:
       terms = self._record_terms(batch, counts)
     zero = tf.UnconnectedGradients.ZERO
-    rep_grads = [tape.gradient(term, terms.representation,
-                               unconnected_gradients=zero)
-                 for term in terms.weighted]
+    # In float32 and unscaled: the representation may be bfloat16 or float16.
+    rep_grads = self._unscaled([
+        tf.cast(tape.gradient(term, terms.representation,
+                              unconnected_gradients=zero), tf.float32)
+        for term in terms.weighted])
     flat = tf.stack([tf.reshape(g, [-1]) for g in rep_grads])
     gram = tf.distribute.get_replica_context().all_reduce(
         tf.distribute.ReduceOp.SUM,
@@ -373,9 +428,11 @@ class JointStep:
     coefficients = aggregation.coefficients_from_gram(
         self._aggregator, gram, self._cagrad_c)
     combined = tf.add_n([coefficients[i] * g for i, g in enumerate(rep_grads)])
-    trunk_grads = tape.gradient(terms.representation, trunk,
-                                output_gradients=combined,
-                                unconnected_gradients=zero)
+    trunk_grads = tape.gradient(
+        terms.representation, trunk,
+        output_gradients=tf.cast(self._scaled(combined),
+                                 terms.representation.dtype),
+        unconnected_gradients=zero)
     regularization_grads = tape.gradient(terms.regularization, trunk,
                                          unconnected_gradients=zero)
     trunk_grads = [g + r for g, r in zip(trunk_grads, regularization_grads)]
@@ -383,10 +440,11 @@ class JointStep:
                                unconnected_gradients=zero)
     weighting_gradients = self._weighting_gradients(tape, terms.unweighted)
     del tape
-    gradients, losses, finite = _reduce_and_check(trunk_grads + head_grads,
-                                                  terms.per_task)
-    self._weighting.replica_update(weighting_gradients, terms.per_task,
-                                   self._labelled_counts(batch), finite)
+    gradients, losses, finite = _reduce_and_check(
+        self._unscaled(trunk_grads + head_grads), terms.per_task,
+        check_gradients=not self._scales_losses)
+    self._update_weighting(weighting_gradients, terms.per_task, batch, finite,
+                           gradients)
     _apply_if(self._optimizer, gradients, trunk + heads,
               finite if self._skip_nonfinite else None)
     return losses, aggregation.conflict_share_from_gram(gram), finite
@@ -414,7 +472,8 @@ class JointStep:
                                   unconnected_gradients=zero) +
                     tape.gradient(terms.regularization, trunk,
                                   unconnected_gradients=zero))
-    return (tf.concat(task_grads + [rest], axis=0), terms.per_task,
+    local = self._unscaled([tf.concat(task_grads + [rest], axis=0)])[0]
+    return (local, terms.per_task,
             self._weighting_gradients(tape, terms.unweighted))
 
   def aggregated_replica_step(self, batch: Batch,
@@ -436,9 +495,11 @@ class JointStep:
         self._aggregator, matrix,
         tf.stack([tf.constant(self._seed, tf.int64), tf.cast(step, tf.int64)]),
         self._cagrad_c)
-    finite = _all_finite([fused, direction])
-    self._weighting.replica_update(weighting_gradients, per_task,
-                                   self._labelled_counts(batch), finite)
+    # With loss scaling, overflowing gradients are the optimizer's to skip.
+    finite = _all_finite([losses] if self._scales_losses
+                         else [fused, direction])
+    self._update_weighting(weighting_gradients, per_task, batch, finite,
+                           [fused, direction])
     head_grads = _unflatten(rest[:_size(heads)], heads)
     trunk_grads = _unflatten(direction + rest[_size(heads):], trunk)
     _apply_if(self._optimizer, trunk_grads + head_grads, trunk + heads,
@@ -570,9 +631,10 @@ class AlternateStep:
           global_batch_size=self._global_batch_size)
       total = loss + _regularization(
           [self._model.trunk, self._model.heads[task.name]])
+      total = precision.scaled(self._optimizers[task_index], total)
     gradients = tape.gradient(
         total, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    return gradients, loss
+    return precision.unscaled(self._optimizers[task_index], gradients), loss
 
   def replica_step(self, task_index: int,
                    batch: Batch) -> tuple[tf.Tensor, tf.Tensor]:
@@ -585,8 +647,10 @@ class AlternateStep:
     features, labels = batch
     labels = checked_labels([task], labels, partial_labels=False)
     gradients, loss = self._pass(task_index, features, labels[task.name])
-    gradients, loss, finite = _reduce_and_check(gradients, loss)
-    _apply_if(self._optimizers[task_index], gradients,
+    optimizer = self._optimizers[task_index]
+    gradients, loss, finite = _reduce_and_check(
+        gradients, loss, check_gradients=not precision.scales_losses(optimizer))
+    _apply_if(optimizer, gradients,
               self._model.trunk_and_head_variables(task.name),
               finite if self._skip_nonfinite else None)
     return loss, finite

@@ -15,6 +15,7 @@ import tensorflow as tf
 import tf_keras
 
 from mtl_dist import model as model_lib
+from mtl_dist import precision
 from mtl_dist import schedules
 from mtl_dist import steps as steps_lib
 from mtl_dist import tasks as tasks_lib
@@ -58,6 +59,8 @@ class Trainer:
     task_steps: [T] update steps each task has received (checkpointed).
     optimizers: Task name to its optimizer; in joint mode and with a shared
       optimizer every task maps to the same object.
+    loss_scaling: Whether the optimizers scale losses (LossScaleOptimizer):
+      a model that computes in float16 gets them wrapped.
   """
 
   def __init__(self, strategy: tf.distribute.Strategy,
@@ -80,7 +83,13 @@ class Trainer:
       tasks: The trained tasks, in order.
       mode: "joint" or "alternate".
       global_batch_size: Examples per step over all replicas.
-      optimizer_factory: Makes one optimizer.
+      optimizer_factory: Makes one optimizer. For a model that computes in
+        float16 (`build_model(..., mixed_precision="float16")`) each one is
+        wrapped in a dynamic `tf_keras.mixed_precision.LossScaleOptimizer`,
+        unless the factory returns one already (e.g. with another initial
+        scale). Then the finite check of `skip_nonfinite` and
+        `last_skipped` covers the losses only: a step with overflowing
+        gradients is skipped by the optimizer, which lowers its scale.
       per_task_optimizer: Alternate mode: one optimizer per task (else one
         shared). Ignored in joint mode, which has one optimizer.
       schedule: Alternate mode: picks each step's task (default round
@@ -118,6 +127,12 @@ class Trainer:
     self.global_batch_size = global_batch_size
     num_tasks = len(self.tasks)
     self._per_task_optimizer = mode == "alternate" and per_task_optimizer
+    scale_losses = precision.computes_in_float16(model)
+
+    def make_optimizer() -> tf_keras.optimizers.Optimizer:
+      optimizer = optimizer_factory()
+      return (precision.with_loss_scaling(optimizer) if scale_losses
+              else optimizer)
     with strategy.scope():
       first_replica = tf.VariableAggregation.ONLY_FIRST_REPLICA
       self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False,
@@ -138,13 +153,15 @@ class Trainer:
       if self._per_task_optimizer:
         self.optimizers = {}
         for task in self.tasks:
-          optimizer = optimizer_factory()
+          optimizer = make_optimizer()
           optimizer.build(model.trunk_and_head_variables(task.name))
           self.optimizers[task.name] = optimizer
       else:
-        shared = optimizer_factory()
+        shared = make_optimizer()
         shared.build(model.trainable_variables + self.weighting.trainable)
         self.optimizers = {task.name: shared for task in self.tasks}
+    self.loss_scaling = any(precision.scales_losses(optimizer)
+                            for optimizer in self.optimizers.values())
     self.schedule = schedule
     if mode == "joint":
       self._step = steps_lib.JointStep(
@@ -177,6 +194,21 @@ class Trainer:
     if self.weighting.variables:
       items["weighting"] = self.weighting
     return items
+
+  def loss_scales(self) -> dict[str, float]:
+    """The current loss scale(s) with loss scaling, else {}.
+
+    Returns:
+      `{"loss_scale": s}` for one optimizer, `{"<task>/loss_scale": s}` per
+      task with per-task optimizers.
+    """
+    if not self.loss_scaling:
+      return {}
+    if not self._per_task_optimizer:
+      return {"loss_scale": precision.loss_scale(
+          self.optimizers[self.tasks[0].name])}
+    return {f"{name}/loss_scale": precision.loss_scale(optimizer)
+            for name, optimizer in self.optimizers.items()}
 
   @property
   def train_trace_count(self) -> int:
@@ -224,7 +256,9 @@ class Trainer:
     """Runs `num_steps` steps in one tf.function call.
 
     A step whose loss or gradient is not finite (on any replica) changes
-    nothing; such steps are reported in `last_skipped`.
+    nothing; such steps are reported in `last_skipped`. With loss scaling
+    only the losses count here: the LossScaleOptimizer skips a step whose
+    gradients overflowed by itself, unreported.
 
     Args:
       iterators: Joint mode: one iterator over examples labelled for every

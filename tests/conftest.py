@@ -46,25 +46,27 @@ def build_trainer(shapes_arrays):
             arrays=None, partial_labels: bool = False,
             aggregator: str = "sum", weighting: str = "static",
             dwa_window: int = 100, rep_grad: bool = False,
-            jit_compile: bool = False):
+            jit_compile: bool = False, mixed_precision: str = "none",
+            optimizer_factory=None, skip_nonfinite: bool = True):
     strategy = make_strategy(replicas)
     specs = {task.name: task for task in shapes.TASKS}
     tasks = [specs[name].with_weight((weights or {}).get(name, 1.0))
              for name in task_names]
     features, labels = arrays if arrays is not None else shapes_arrays
     with strategy.scope():
-      model = mtl_dist.build_model(tasks, features.shape[1:], "mlp", 16, 2)
+      model = mtl_dist.build_model(tasks, features.shape[1:], "mlp", 16, 2,
+                                   mixed_precision=mixed_precision)
     if initial_weights is not None:
       model.set_weights(initial_weights)
     trainer = mtl_dist.Trainer(
         strategy, model, tasks, mode=mode,
         global_batch_size=global_batch_size,
-        optimizer_factory=mtl_dist.make_optimizer_factory(optimizer,
-                                                          learning_rate),
+        optimizer_factory=optimizer_factory or mtl_dist.make_optimizer_factory(
+            optimizer, learning_rate),
         per_task_optimizer=per_task_optimizer, schedule=schedule,
         partial_labels=partial_labels, aggregator=aggregator,
         weighting=weighting, dwa_window=dwa_window, rep_grad=rep_grad,
-        jit_compile=jit_compile)
+        jit_compile=jit_compile, skip_nonfinite=skip_nonfinite)
     if mode == "joint":
       sources = [data_lib.source_from_arrays(features, labels, task_names)]
     else:  # Disjoint slices, one per task.
