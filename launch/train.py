@@ -214,6 +214,10 @@ _MIXED_PRECISION = flags.DEFINE_enum(
     "float32 variables, the heads in float32. float16 adds dynamic loss "
     "scaling; a step whose gradients overflow is skipped by the optimizer "
     "(which lowers the scale) and not counted as non-finite.")
+_PROFILE_STEPS = flags.DEFINE_list(
+    "profile_steps", None, "A,B: write a TensorBoard profile of training "
+    "steps A to B (1-based, inclusive) to <model_dir>/tensorboard/train/"
+    "plugins/profile/ (the chief only in a multi-worker run).")
 
 flags.mark_flag_as_required("model_dir")
 
@@ -228,7 +232,14 @@ def _config_from_flags() -> mtl_dist.TrainConfig:
   baselines = None
   if _BASELINES.value is not None:
     baselines = mtl_dist.parse_key_values(_BASELINES.value, "baselines", str)
-  image_size = None
+  image_size = profile_steps = None
+  if _PROFILE_STEPS.value is not None:
+    try:
+      profile_steps = [int(v) for v in _PROFILE_STEPS.value]
+    except ValueError:
+      raise mtl_dist.ConfigError(
+          f"--profile_steps={','.join(_PROFILE_STEPS.value)}: must be A,B "
+          "step numbers") from None
   if _TASK_DATASETS.value is not None:
     task_datasets = mtl_dist.parse_key_values(_TASK_DATASETS.value,
                                               "task_datasets", str)
@@ -282,7 +293,7 @@ def _config_from_flags() -> mtl_dist.TrainConfig:
       log_every=_LOG_EVERY.value, seed=_SEED.value,
       deterministic=_DETERMINISTIC.value, on_nonfinite=_ON_NONFINITE.value,
       jit_compile=_JIT_COMPILE.value,
-      mixed_precision=_MIXED_PRECISION.value)
+      mixed_precision=_MIXED_PRECISION.value, profile_steps=profile_steps)
 
 
 def main(argv: list[str]) -> None:

@@ -155,6 +155,8 @@ class TrainConfig:
   jit_compile: bool = False
   # The trunk computes in bfloat16 or float16 (float32 variables and heads).
   mixed_precision: str = "none"
+  # (A, B): a TensorBoard profile of steps A..B (1-based, inclusive).
+  profile_steps: Optional[Sequence[int]] = None
 
   @property
   def resolved_train_examples(self) -> int:
@@ -283,6 +285,8 @@ class TrainConfig:
           "--rep_grad is valid for --aggregator=mgda or cagrad (their update "
           "combines task gradients with coefficients that need only the Gram "
           f"matrix), not --aggregator={self.aggregator}")
+    if self.profile_steps is not None:
+      self._validate_profile_steps()
     if self.jit_compile and self.rep_grad:
       raise ConfigError(
           "--jit_compile cannot be combined with --rep_grad: its step "
@@ -303,6 +307,20 @@ class TrainConfig:
         if size <= 0:
           raise ConfigError(f"--task_sizes: size {size} for {name!r} must be "
                             "positive")
+
+  def _validate_profile_steps(self) -> None:
+    """Checks that --profile_steps is A,B with 1 <= A <= B <= --train_steps."""
+    steps = list(self.profile_steps)
+    text = ",".join(str(step) for step in steps)
+    if len(steps) != 2 or not all(
+        isinstance(step, int) and not isinstance(step, bool)
+        for step in steps):
+      raise ConfigError(f"--profile_steps={text}: expected two step numbers "
+                        "A,B")
+    first, last = steps
+    if not 1 <= first <= last <= self.train_steps:
+      raise ConfigError(f"--profile_steps={text}: need 1 <= A <= B <= "
+                        f"--train_steps={self.train_steps}")
 
   def _validate_multi_worker_flags(self) -> None:
     """Checks the multi-worker flags' values and that they can apply."""

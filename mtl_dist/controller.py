@@ -28,6 +28,7 @@ from mtl_dist import distribution
 from mtl_dist import model as model_lib
 from mtl_dist import outputs
 from mtl_dist import preemption
+from mtl_dist import profiling
 from mtl_dist import schedules
 from mtl_dist import tasks as tasks_lib
 from mtl_dist import trainer as trainer_lib
@@ -305,12 +306,17 @@ def _train(run: _Run) -> dict[str, Any]:
   last_eval: dict[str, float] = {}
   step = start_step
   watcher = preemption.create(strategy, distribution.is_multi_worker(strategy))
+  profiler = profiling.StepProfiler(
+      outputs.tensorboard_dir(config.model_dir, "train"),
+      config.profile_steps, active=run.chief)
   try:
     while step < config.train_steps:
       num_steps = _steps_until_next_event(step, config)
+      profiler.before_loop(step)
       started = time.perf_counter()
       loss_sums, counts = trainer.train(train_iterators, num_steps)
       seconds = time.perf_counter() - started
+      profiler.after_loop(step + num_steps)
       _check_skipped(trainer.last_skipped, config, checkpointer.last_path)
       step += num_steps
       speed.add(seconds, num_steps)
@@ -337,6 +343,7 @@ def _train(run: _Run) -> dict[str, Any]:
         f"{_reason(e)}. Nothing was saved after "
         f"{checkpointer.last_path or 'the start'}.") from e
   finally:
+    profiler.close()
     watcher.close()
     writer.close()
   summary = {
@@ -498,10 +505,17 @@ def _make_schedule(config: config_lib.TrainConfig,
 
 
 def _steps_until_next_event(step: int, config: config_lib.TrainConfig) -> int:
-  """Steps to the next log, checkpoint, eval or the end, at most a loop's."""
+  """Steps to the next log, checkpoint, eval, profile boundary or the end.
+
+  At most a loop's (--steps_per_loop). A profile of steps A..B starts after
+  step A-1 and stops after step B, so loop calls end there.
+  """
   candidates = [config.steps_per_loop, config.train_steps - step]
   for every in (config.log_every, config.checkpoint_every, config.eval_every):
     candidates.append(every - step % every)
+  candidates += [boundary - step
+                 for boundary in profiling.boundaries(config.profile_steps)
+                 if boundary > step]
   return min(candidates)
 
 

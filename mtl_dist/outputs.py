@@ -49,6 +49,15 @@ def _write_text_atomic(path: str, text: str) -> None:
     raise
 
 
+def tensorboard_dir(model_dir: str, split: str) -> str:
+  """The TensorBoard run directory of `split` ("train" or "eval").
+
+  The train run also holds the profile of --profile_steps, under
+  `plugins/profile/`, where TensorBoard's Profile tab finds it.
+  """
+  return os.path.join(model_dir, "tensorboard", split)
+
+
 class MetricsWriter:
   """Appends metrics to metrics.jsonl and TensorBoard, and logs progress.
 
@@ -68,7 +77,7 @@ class MetricsWriter:
       _drop_records_after(self._jsonl_path, start_step)
     self._writers = {
         split: tf.summary.create_file_writer(
-            os.path.join(model_dir, "tensorboard", split))
+            tensorboard_dir(model_dir, split))
         for split in ("train", "eval")} if active else {}
     self._total_steps = total_steps
     self._start_step = start_step

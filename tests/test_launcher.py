@@ -222,6 +222,11 @@ def test_flagfiles_parse(tmp_path):
     (["--mode=alternate", "--task_weights=shape=2"], "--task_weights"),
     (["--mode=sideways"], "--mode"),
     (["--no-such-flag=1"], "no-such-flag"),
+    (["--profile_steps=5,2"], "--profile_steps=5,2"),
+    (["--profile_steps=1,x"], "--profile_steps=1,x"),
+    (["--train_steps=10", "--profile_steps=5,20"], "--profile_steps=5,20"),
+    (["--mixed_precision=float8"], "--mixed_precision"),
+    (["--aggregator=mgda", "--rep_grad", "--jit_compile"], "--rep_grad"),
 ])
 def test_bad_input_exits_2_naming_the_flag(tmp_path, flags, named):
   model_dir = tmp_path / "run"
