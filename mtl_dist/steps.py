@@ -585,6 +585,8 @@ class AlternateStep:
   Only the trunk and the chosen head are handed to the chosen task's
   optimizer: other heads and other optimizers' slots stay bit-for-bit
   unchanged (with Adam even a zero gradient would move a variable).
+  Compilation and loss scaling work as in `JointStep`, with the chosen
+  task's optimizer.
   """
 
   def __init__(self, model: model_lib.SharedTrunkModel,

@@ -127,8 +127,8 @@ def test_float16_nonfinite_loss_is_still_reported(build_trainer,
                                                   shapes_arrays):
   features, labels = shapes_arrays
   labels = dict(labels, x=np.full_like(labels["x"], np.nan))
-  trainer, iterators, _, _ = build_trainer(2, "joint", arrays=(features, labels),
-                                           mixed_precision="float16")
+  trainer, iterators, _, _ = build_trainer(
+      2, "joint", arrays=(features, labels), mixed_precision="float16")
   before = trainer.model.get_weights()
   trainer.train(iterators, 2)
   assert trainer.last_skipped.count == 2

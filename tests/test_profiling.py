@@ -34,14 +34,15 @@ def profiler_calls(monkeypatch):
 
 
 def test_loop_calls_end_at_the_profile_boundaries():
+  steps_until_next_event = controller._steps_until_next_event  # pylint: disable=protected-access
   config = _config("unused")
   step, calls = 0, []
   while step < config.train_steps:
-    calls.append(controller._steps_until_next_event(step, config))  # pylint: disable=protected-access
+    calls.append(steps_until_next_event(step, config))
     step += calls[-1]
   assert calls == [2, 3, 15]
   config.profile_steps = [1, 20]
-  assert controller._steps_until_next_event(0, config) == 20  # pylint: disable=protected-access
+  assert steps_until_next_event(0, config) == 20
 
 
 def test_the_profile_covers_exactly_steps_a_to_b(tmp_path, monkeypatch,
