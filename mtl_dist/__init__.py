@@ -7,8 +7,9 @@ Public API:
     Preempted (exit 143): how a run ends early.
   TaskSpec: one task (its head, loss and metrics).
   SharedTrunkModel, build_model, build_trunk: the model.
-  Trainer, make_optimizer_factory: a run's state and its compiled train and
-    eval loops.
+  Trainer: a run's state and its compiled train and eval loops.
+  make_optimizer_factory, FusedAdam: optimizers (tf_keras's Adam with a fused
+    update kernel, SGD).
   ExampleSource, MultiTaskData, source_from_arrays, distribute_train,
     distribute_eval: inputs.
   create_strategy: a tf.distribute strategy over this host's devices or a
@@ -34,12 +35,13 @@ from mtl_dist.model import build_trunk
 from mtl_dist.model import SharedTrunkModel
 from mtl_dist.outputs import format_results
 from mtl_dist.preemption import Preempted
+from mtl_dist.optimizers import FusedAdam
+from mtl_dist.optimizers import make_optimizer_factory
 from mtl_dist.tasks import TaskSpec
-from mtl_dist.trainer import make_optimizer_factory
 from mtl_dist.trainer import Trainer
 
 __all__ = [
-    "ClusterError", "ConfigError", "DataError", "ExampleSource",
+    "ClusterError", "ConfigError", "DataError", "ExampleSource", "FusedAdam",
     "MultiTaskData",
     "NonFiniteError", "Preempted", "SharedTrunkModel", "TaskSpec",
     "TrainConfig", "Trainer", "build_model", "build_trunk", "create_strategy",

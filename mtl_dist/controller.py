@@ -26,6 +26,7 @@ from mtl_dist import data as data_lib
 from mtl_dist import delta_m as delta_m_lib
 from mtl_dist import distribution
 from mtl_dist import model as model_lib
+from mtl_dist import optimizers as optimizers_lib
 from mtl_dist import outputs
 from mtl_dist import preemption
 from mtl_dist import profiling
@@ -105,7 +106,7 @@ class _Run:
     self.trainer = trainer_lib.Trainer(
         self.strategy, self.model, self.data.tasks, mode=config.mode,
         global_batch_size=config.global_batch_size,
-        optimizer_factory=trainer_lib.make_optimizer_factory(
+        optimizer_factory=optimizers_lib.make_optimizer_factory(
             config.optimizer, config.learning_rate),
         per_task_optimizer=config.resolved_per_task_optimizer,
         schedule=schedule,

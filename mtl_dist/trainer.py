@@ -8,29 +8,21 @@ differ only in the step object (see steps.py).
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 import tf_keras
 
 from mtl_dist import model as model_lib
+from mtl_dist import optimizers as optimizers_lib
 from mtl_dist import precision
 from mtl_dist import schedules
 from mtl_dist import steps as steps_lib
 from mtl_dist import tasks as tasks_lib
 from mtl_dist import weighting as weighting_lib
 
-OptimizerFactory = Callable[[], tf_keras.optimizers.Optimizer]
-
-
-def make_optimizer_factory(name: str, learning_rate: float) -> OptimizerFactory:
-  """A function that makes a fresh tf_keras optimizer called `name`."""
-  optimizers = {"adam": tf_keras.optimizers.Adam,
-                "sgd": tf_keras.optimizers.SGD}
-  if name not in optimizers:
-    raise ValueError(f"unknown optimizer {name!r} (known: adam, sgd)")
-  return lambda: optimizers[name](learning_rate=learning_rate)
+OptimizerFactory = optimizers_lib.OptimizerFactory
 
 
 class SkippedSteps(NamedTuple):

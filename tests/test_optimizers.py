@@ -1,0 +1,69 @@
+"""FusedAdam: tf_keras's Adam in one kernel, the same numbers and checkpoints."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras
+
+import mtl_dist
+from conftest import make_strategy
+
+
+def _train(optimizer_class, replicas, steps=5):
+  """Applies the same gradient sequence; returns variables and slots."""
+  strategy = make_strategy(replicas)
+  rng = np.random.default_rng(0)
+  initial = [rng.normal(size=(4, 3)).astype(np.float32),
+             rng.normal(size=(3,)).astype(np.float32)]
+  gradients = [[rng.normal(size=v.shape).astype(np.float32) for v in initial]
+               for _ in range(steps)]
+  with strategy.scope():
+    variables = [tf.Variable(v) for v in initial]
+    optimizer = optimizer_class(learning_rate=0.1)
+    optimizer.build(variables)
+
+  @tf.function
+  def apply(step_gradients):
+    def replica():
+      # Every replica applies the same (already reduced) gradients.
+      optimizer.apply_gradients(
+          zip(step_gradients, variables),
+          skip_gradients_aggregation=True)
+    strategy.run(replica)
+
+  for step_gradients in gradients:
+    apply(step_gradients)
+  return ([v.numpy() for v in variables],
+          [s.numpy() for s in optimizer.variables], optimizer, variables)
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_fused_adam_matches_tf_keras_adam(replicas):
+  fused, fused_slots, optimizer, _ = _train(mtl_dist.FusedAdam, replicas)
+  reference, reference_slots, _, _ = _train(tf_keras.optimizers.Adam, replicas)
+  for got, want in zip(fused + fused_slots, reference + reference_slots):
+    # Float32 round-off of a different operation order (values ~1).
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert int(optimizer.iterations.numpy()) == 5
+
+
+def test_fused_adam_reads_a_tf_keras_adam_checkpoint(tmp_path):
+  _, reference_slots, reference, variables = _train(tf_keras.optimizers.Adam,
+                                                    1)
+  path = tf.train.Checkpoint(optimizer=reference,
+                             variables=variables).save(str(tmp_path / "ckpt"))
+  restored_variables = [tf.Variable(tf.zeros_like(v)) for v in variables]
+  fused = mtl_dist.FusedAdam(learning_rate=0.1)
+  fused.build(restored_variables)
+  tf.train.Checkpoint(optimizer=fused, variables=restored_variables).restore(
+      path).assert_consumed()
+  for got, want in zip(fused.variables, reference_slots):
+    np.testing.assert_array_equal(got.numpy(), want)
+
+
+def test_the_launcher_optimizer_adam_is_fused():
+  optimizer = mtl_dist.make_optimizer_factory("adam", 0.01)()
+  assert isinstance(optimizer, mtl_dist.FusedAdam)
+  assert isinstance(optimizer, tf_keras.optimizers.Adam)
+  with pytest.raises(ValueError, match="unknown optimizer 'lamb'"):
+    mtl_dist.make_optimizer_factory("lamb", 0.01)
