@@ -104,3 +104,14 @@ def test_rank_one_regression_labels_match_column_labels():
   np.testing.assert_allclose(spec.per_example_loss(column, outputs),
                              [0.0, 0.01, 0.49], atol=1e-6)
   assert spec.label_mask({"x": flat}).shape == (3,)
+
+
+def test_all_finite_sees_every_nan_and_inf_through_the_sums():
+  all_finite = steps._all_finite  # pylint: disable=protected-access
+  finite = [tf.ones([3, 2]), tf.constant([1e30, -1e30]),
+            tf.fill([70000], tf.constant(1.0, tf.float16))]  # f16 sum: 7e4.
+  assert bool(all_finite(finite))
+  for bad in ([np.inf, 1.0], [-np.inf, np.inf], [np.nan, 0.0]):
+    assert not bool(all_finite(finite + [tf.constant(bad, tf.float32)]))
+  split = [tf.constant([np.inf]), tf.constant([-np.inf])]  # Sum is NaN.
+  assert not bool(all_finite(split))
