@@ -43,10 +43,11 @@ class ExampleSource:
       `decode_batch`, still serialized.
     shuffle_buffer: Shuffle buffer of streamed training pipelines (default:
       all examples, at most 16384).
-    decode_batch: If set, `read` yields undecoded records (e.g. serialized
-      tf.train.Examples) and `decode_batch` maps a batch of them to
-      `(features, {task: labels})`. Pipelines then shuffle the small records
-      and parse and decode once per batch instead of once per example.
+    decode_batch: If set (only with `read`), `read` yields undecoded records
+      (e.g. serialized tf.train.Examples) and `decode_batch` maps a batch of
+      them to `(features, {task: labels})`. Pipelines then shuffle the small
+      records and parse and decode once per batch instead of once per
+      example. `make_dataset` always yields decoded examples.
   """
 
   task_names: tuple[str, ...]
@@ -59,9 +60,22 @@ class ExampleSource:
   decode_batch: Optional[Callable[[Any], tuple[tf.Tensor,
                                                dict[str, tf.Tensor]]]] = None
 
+  def __post_init__(self):
+    if self.decode_batch is not None and self.read is None:
+      raise ValueError("ExampleSource: decode_batch applies to what `read` "
+                       "yields; make_dataset must yield decoded examples")
+
   def decoded(self, dataset: tf.data.Dataset,
               batch_size: int) -> tf.data.Dataset:
-    """`dataset` (of `read`'s elements) decoded, in batches of `batch_size`."""
+    """Batches and decodes what `read` yields.
+
+    Args:
+      dataset: Elements of `read`.
+      batch_size: Examples per batch.
+
+    Returns:
+      Batches of `(features, {task: labels})`.
+    """
     if self.decode_batch is None:
       return dataset.batch(batch_size)
     return dataset.batch(batch_size).map(self.decode_batch,
@@ -337,7 +351,7 @@ def distribute_train(strategy: tf.distribute.Strategy, source: ExampleSource,
     dataset = dataset.batch(per_replica, drop_remainder=True)
     if exact_resume and start_step:  # Before decoding: skipping is cheap.
       dataset = dataset.skip(start_step * batches)
-    if source.decode_batch is not None:
+    if source.read is not None and source.decode_batch is not None:
       dataset = dataset.map(source.decode_batch,
                             num_parallel_calls=_DECODE_CALLS)
     return dataset.prefetch(2).with_options(_options())

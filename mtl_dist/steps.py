@@ -362,7 +362,8 @@ class JointStep:
 
     Returns:
       ([T] global-batch losses, whether the step was applied: all losses
-      and gradients finite).
+      and gradients finite; with float16 loss scaling only the losses are
+      checked, gradient overflow being the loss-scale optimizer's).
     """
     batch, counts = self._prepare(batch)
     gradients, per_task, weighting_gradients = self._sum_pass(batch, counts)

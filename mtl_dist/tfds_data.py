@@ -16,6 +16,7 @@ in the data directory is a ConfigError naming both.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from typing import Any, Optional, Sequence
 
@@ -31,6 +32,10 @@ PREFIX = "tfds:"
 _SHUFFLE_BUFFER_BYTES = 256 * 2**20
 _MAX_SHUFFLE_BUFFER = 10000
 _BATCH_OF_CHECKS = 256  # Batch size when examples are decoded for checks.
+# What `_TfdsDataset.records` passes to TFDS's private `reader._read_files`.
+_READ_FILES_PARAMETERS = frozenset({"file_instructions", "read_config",
+                                    "shuffle_files", "disable_shuffling",
+                                    "file_format"})
 
 
 def _tfds():
@@ -98,6 +103,9 @@ def _feature_at(features: Any, path: str, dataset: str) -> Any:
 
 
 def _value_at(example: dict[str, Any], path: str) -> tf.Tensor:
+  """The value at `path` of a nested example, or of a flat one keyed by path."""
+  if path in example:  # Batched parsing returns {"attributes/Smiling": ...}.
+    return example[path]
   for part in path.split("/"):
     example = example[part]
   return example
@@ -227,7 +235,8 @@ class _TfdsDataset:
 def _make_source(dataset: _TfdsDataset, split: str, flag: str,
                  prep: _Preprocessing, label_paths: dict[str, str],
                  tasks: Sequence[tasks_lib.TaskSpec],
-                 input_shape: tuple[int, ...]) -> data_lib.ExampleSource:
+                 input_shape: tuple[int, ...],
+                 batched_parsing: bool = True) -> data_lib.ExampleSource:
   """An ExampleSource that reads, decodes and preprocesses one split."""
   dataset.open(split, flag)  # Fails now, before training, if unreadable.
   num_examples = dataset.num_examples(split, flag)
@@ -246,7 +255,8 @@ def _make_source(dataset: _TfdsDataset, split: str, flag: str,
 
   parse_batch = (_batch_parser(dataset, [prep.input_key,
                                          *label_paths.values()])
-                 if dataset.file_instructions(split) else None)
+                 if batched_parsing and dataset.file_instructions(split)
+                 else None)
 
   def read(ctx: Optional[tf.distribute.InputContext], seed: int,
            shuffle: bool) -> tf.data.Dataset:
@@ -305,14 +315,18 @@ def _batch_parser(dataset: _TfdsDataset, paths: Sequence[str]):
   Returns:
     `parse(records) -> {path: decoded batch}`, or None.
   """
-  try:  # TFDS's reader internals; pinned by setup.cfg (~=4.9).
+  # TFDS's reader internals (tensorflow-datasets 4.9): if a release changes
+  # them, fall back to its public per-example path rather than fail.
+  try:
     from tensorflow_datasets.core import example_parser  # pylint: disable=g-import-not-at-top
     from tensorflow_datasets.core import file_adapters  # pylint: disable=g-import-not-at-top
     from tensorflow_datasets.core import reader  # pylint: disable=g-import-not-at-top
     from tensorflow_datasets.core import utils  # pylint: disable=g-import-not-at-top
-  except ImportError:
+    read_files = reader._read_files  # pylint: disable=protected-access
+    parameters = inspect.signature(read_files).parameters
+  except (ImportError, AttributeError, TypeError, ValueError):
     return None
-  if not hasattr(reader, "_read_files"):
+  if not _READ_FILES_PARAMETERS <= set(parameters):
     return None
   info = dataset.builder.info
   file_format = info.file_format or file_adapters.DEFAULT_FILE_FORMAT
@@ -349,8 +363,19 @@ def _preprocessing(config: config_lib.TrainConfig) -> _Preprocessing:
                         config.channels)
 
 
-def load_joint(config: config_lib.TrainConfig) -> data_lib.MultiTaskData:
-  """Label features of one TFDS dataset as tasks (`--dataset=tfds:NAME`)."""
+def load_joint(config: config_lib.TrainConfig,
+               batched_parsing: bool = True) -> data_lib.MultiTaskData:
+  """Label features of one TFDS dataset as tasks (`--dataset=tfds:NAME`).
+
+  Args:
+    config: A validated configuration with `dataset=tfds:NAME`.
+    batched_parsing: Parse TFRecord files per batch where possible (see
+      `_batch_parser`); False keeps TFDS's per-example decoding (the
+      benchmarks compare the two).
+
+  Returns:
+    The run's data.
+  """
   name = config.dataset[len(PREFIX):]
   if not config.tasks:
     raise config_lib.ConfigError(
@@ -373,16 +398,26 @@ def load_joint(config: config_lib.TrainConfig) -> data_lib.MultiTaskData:
   input_shape = prep.output_shape(
       _feature_at(dataset.features, prep.input_key, name), name)
   train = _make_source(dataset, config.resolved_split, "split", prep,
-                       label_paths, tasks, input_shape)
+                       label_paths, tasks, input_shape, batched_parsing)
   evaluation = _make_source(dataset, config.resolved_eval_split, "eval_split",
-                            prep, label_paths, tasks, input_shape)
+                            prep, label_paths, tasks, input_shape,
+                            batched_parsing)
   return data_lib.MultiTaskData(tasks=tasks, input_shape=input_shape,
                                 train=(train,), eval=(evaluation,),
                                 partial_labels=False)
 
 
-def load_alternate(config: config_lib.TrainConfig) -> data_lib.MultiTaskData:
-  """One TFDS dataset per task (`--task_datasets=a=tfds:NAME:LABEL,...`)."""
+def load_alternate(config: config_lib.TrainConfig,
+                   batched_parsing: bool = True) -> data_lib.MultiTaskData:
+  """One TFDS dataset per task (`--task_datasets=a=tfds:NAME:LABEL,...`).
+
+  Args:
+    config: A validated configuration with `task_datasets`.
+    batched_parsing: As for `load_joint`.
+
+  Returns:
+    The run's data.
+  """
   specs = {task: parse_task_dataset(task, spec)
            for task, spec in config.task_datasets.items()}
   names = list(config.tasks) if config.tasks else list(specs)
@@ -417,6 +452,7 @@ def load_alternate(config: config_lib.TrainConfig) -> data_lib.MultiTaskData:
                              (config.resolved_eval_split, "eval_split",
                               evaluation)):
       out.append(_make_source(opened[name], split, flag, prep,
-                              {task.name: label}, [task], input_shape))
+                              {task.name: label}, [task], input_shape,
+                              batched_parsing))
   return data_lib.MultiTaskData(tasks=tuple(tasks), input_shape=input_shape,
                                 train=tuple(train), eval=tuple(evaluation))

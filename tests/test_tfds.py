@@ -259,3 +259,94 @@ def test_batched_parsing_matches_tfds_per_example_decoding(stored_data_dir):
   np.testing.assert_array_equal(labels["value"][:, 0],
                                 [r["value"] for r in reference])
   np.testing.assert_array_equal(labels["flag"], [r["flag"] for r in reference])
+
+
+@pytest.fixture(scope="module")
+def nested_data_dir(tmp_path_factory):
+  """A stored dataset with nested labels, as celeb_a has."""
+  data_dir = str(tmp_path_factory.mktemp("tfds_nested"))
+  rng = np.random.default_rng(5)
+
+  def split(n):
+    return tf.data.Dataset.from_tensor_slices({
+        "image": rng.integers(0, 255, (n, 12, 12, 3)).astype(np.uint8),
+        "attributes": {"Smiling": rng.integers(0, 2, n).astype(bool),
+                       "pose": rng.integers(0, 4, n).astype(np.int64)},
+        "landmarks": {"nose": rng.normal(size=(n, 2)).astype(np.float32)}})
+
+  features = tfds.features.FeaturesDict({
+      "image": tfds.features.Image(shape=(12, 12, 3)),
+      "attributes": {"Smiling": tf.bool,
+                     "pose": tfds.features.ClassLabel(num_classes=4)},
+      "landmarks": {"nose": tfds.features.Tensor(shape=(2,),
+                                                 dtype=np.float32)}})
+  tfds.dataset_builders.store_as_tfds_dataset(
+      name="mtl_toy_nested", version="1.0.0", features=features,
+      data_dir=data_dir, split_datasets={"train": split(96), "test": split(32)})
+  return data_dir
+
+
+def test_batched_parsing_reads_nested_features(nested_data_dir):
+  config = mtl_dist.TrainConfig(
+      model_dir="unused", dataset="tfds:mtl_toy_nested",
+      data_dir=nested_data_dir, image_size=[8, 8],
+      tasks=["attributes/Smiling", "attributes/pose", "landmarks/nose"])
+  (source,) = data_lib.load(config).train
+  (per_example,) = tfds_data.load_joint(config, batched_parsing=False).train
+  assert source.decode_batch is not None and per_example.decode_batch is None
+  batched = next(iter(source.decoded(source.read(None, 0, False), 96)))
+  reference = next(iter(per_example.decoded(per_example.read(None, 0, False),
+                                            96)))
+  assert batched[0].shape == (96, 8, 8, 3)
+  np.testing.assert_allclose(batched[0].numpy(), reference[0].numpy(),
+                             atol=1e-6)
+  assert set(batched[1]) == {"Smiling", "pose", "nose"}
+  for name in ("Smiling", "pose", "nose"):
+    assert batched[1][name].dtype == reference[1][name].dtype, name
+    np.testing.assert_array_equal(batched[1][name].numpy(),
+                                  reference[1][name].numpy())
+  assert batched[1]["nose"].shape == (96, 2)
+
+
+@pytest.mark.slow
+def test_launcher_trains_on_nested_features_with_batched_parsing(
+    tmp_path, nested_data_dir):
+  model_dir = str(tmp_path / "nested")
+  result = run_launcher(f"--model_dir={model_dir}",
+                        "--dataset=tfds:mtl_toy_nested",
+                        f"--data_dir={nested_data_dir}", "--image_size=8,8",
+                        "--tasks=attributes/Smiling,attributes/pose,"
+                        "landmarks/nose", *_SHORT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = json.load(open(os.path.join(model_dir, "summary.json")))
+  assert set(summary["eval"]) == {"Smiling", "pose", "nose"}
+
+
+def test_streamed_pipeline_with_batch_decoding_resumes_exactly(
+    stored_data_dir):
+  config = mtl_dist.TrainConfig(model_dir="unused",
+                                dataset="tfds:mtl_toy_gray",
+                                data_dir=stored_data_dir, tasks=["label"])
+  (source,) = data_lib.load(config).train
+  assert source.decode_batch is not None
+  strategy = mtl_dist.create_strategy("mirrored", 2)
+
+  def batches(start_step, count):
+    iterator = iter(data_lib.distribute_train(
+        strategy, source, 16, seed=3, start_step=start_step,
+        exact_resume=True))
+    return [np.concatenate([v.numpy() for v in
+                            strategy.experimental_local_results(
+                                next(iterator)[0])])
+            for _ in range(count)]
+
+  uninterrupted = batches(0, 18)  # 240 examples: past one epoch at step 15.
+  resumed = batches(16, 2)
+  for step, batch in enumerate(resumed, start=16):
+    np.testing.assert_array_equal(batch, uninterrupted[step])
+
+
+def test_decode_batch_needs_read():
+  with pytest.raises(ValueError, match="decode_batch applies to what `read`"):
+    data_lib.ExampleSource(task_names=("x",), make_dataset=lambda: None,
+                           num_examples=1, decode_batch=lambda batch: batch)
