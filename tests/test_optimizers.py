@@ -1,4 +1,4 @@
-"""FusedAdam: tf_keras's Adam in one kernel, the same numbers and checkpoints."""
+"""FusedAdam: tf_keras's Adam in one kernel, same numbers and checkpoints."""
 
 import numpy as np
 import pytest

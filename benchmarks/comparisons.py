@@ -1,0 +1,510 @@
+"""The comparisons of `python -m benchmarks.run`, one function each.
+
+Each takes the run's settings and a function making a strategy over N
+replicas, measures its contenders in rotation and returns a report section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import tempfile
+from typing import Callable
+
+import numpy as np
+import tensorflow as tf
+
+import mtl_dist
+from benchmarks import contenders as contenders_lib
+from benchmarks import harness
+from mtl_dist import config as config_lib
+from mtl_dist import data as data_lib
+from mtl_dist import shapes
+from mtl_dist import tfds_data
+
+ModelSize = contenders_lib.ModelSize
+Claim = harness.Claim
+StrategyFactory = Callable[[int], tf.distribute.Strategy]
+
+COMPUTE_BOUND = ModelSize(width=1024, depth=3, global_batch_size=256)
+OVERHEAD_BOUND = ModelSize(width=64, depth=2, global_batch_size=32)
+DEFAULT = ModelSize(width=256, depth=2, global_batch_size=64)  # mtl-train's.
+STEPS_PER_LOOP = 50  # mtl-train's default --steps_per_loop.
+
+_TASKS = {task.name: task for task in shapes.TASKS}
+
+
+def _log(message: str) -> None:
+  print(message, flush=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _shapes(num_examples: int, seed: int = 0):
+  return shapes.generate(num_examples, seed)
+
+
+def _joint_source(num_examples: int, task_names):
+  features, labels = _shapes(num_examples)
+  return mtl_dist.source_from_arrays(features, labels, task_names)
+
+
+def _task_sources(num_examples: int, task_names):
+  """One in-memory source per task, cut from disjoint parts of a pool."""
+  features, labels = _shapes(num_examples * len(task_names))
+  return [mtl_dist.source_from_arrays(
+      features[i * num_examples:(i + 1) * num_examples],
+      {k: v[i * num_examples:(i + 1) * num_examples]
+       for k, v in labels.items()}, [name])
+          for i, name in enumerate(task_names)]
+
+
+def _examples(settings: harness.Settings) -> int:
+  return 4096 if settings.quick else 16384
+
+
+def joint_fit(settings: harness.Settings,
+              make_strategy: StrategyFactory) -> harness.Section:
+  """1: joint mode against tf_keras Model.fit with loss_weights."""
+  tasks = list(shapes.TASKS)
+  strategy = make_strategy(1)
+  features, labels = _shapes(_examples(settings))
+  source = mtl_dist.source_from_arrays(features, labels, shapes.TASK_NAMES)
+  shape = features.shape[1:]
+  tables, verdicts = [], []
+  for size, steps, claims in (
+      (COMPUTE_BOUND, settings.steps(200, 50), [
+          Claim("mtl_dist joint / fit (steps_per_execution=1)", "mtl_dist",
+                "fit spe=1", 1.0),
+          Claim(f"mtl_dist joint / fit (steps_per_execution="
+                f"{STEPS_PER_LOOP})", "mtl_dist", f"fit spe={STEPS_PER_LOOP}")
+      ]),
+      (OVERHEAD_BOUND, settings.steps(2000, 500), [
+          Claim("mtl_dist joint / fit (steps_per_execution=1)", "mtl_dist",
+                "fit spe=1", 1.5),
+          Claim(f"mtl_dist joint / fit (steps_per_execution="
+                f"{STEPS_PER_LOOP})", "mtl_dist", f"fit spe={STEPS_PER_LOOP}",
+                1.0)
+      ])):
+    _log(f"{size.describe()}, {steps} steps per segment")
+    rivals = [
+        contenders_lib.TrainerContender("mtl_dist", strategy, tasks, [source],
+                                        shape, size,
+                                        steps_per_loop=STEPS_PER_LOOP),
+        contenders_lib.FitContender("fit spe=1", strategy, tasks,
+                                    (features, labels), shape, size),
+        contenders_lib.FitContender(f"fit spe={STEPS_PER_LOOP}", strategy,
+                                    tasks, (features, labels), shape, size,
+                                    steps_per_execution=STEPS_PER_LOOP),
+    ]
+    results = harness.measure(rivals, steps, settings.repeats, log=_log)
+    tables.append((f"**{size.describe()}**", results, "examples/s"))
+    verdicts += [harness.judge(results, dataclasses.replace(
+        claim, label=f"{size.describe()}: {claim.label}")) for claim in claims]
+  return harness.Section(
+      "joint_fit", "1. Joint mode against Model.fit",
+      "Five shapes tasks (one classification, four regressions), 32x32x1 "
+      "inputs, the same Adam (FusedAdam) and one device (OneDeviceStrategy) "
+      "on both sides. mtl_dist "
+      f"runs {STEPS_PER_LOOP} steps per tf.function call (--steps_per_loop); "
+      "fit trains the equivalent functional multi-output model with "
+      "`loss_weights` on a from_tensor_slices/shuffle/batch/prefetch "
+      "pipeline, timed over whole steady-state epochs.",
+      tables, verdicts)
+
+
+def alternate(settings: harness.Settings,
+              make_strategy: StrategyFactory) -> harness.Section:
+  """2: alternate mode against one task, and against the naive recipe."""
+  strategy = make_strategy(1)
+  examples = _examples(settings) // 4
+  task_lists = (["shape", "x"], ["shape", "scale", "x", "y"])
+  tables, verdicts = [], []
+  for size, steps in ((OVERHEAD_BOUND, settings.steps(2000, 400)),
+                      (DEFAULT, settings.steps(1000, 200))):
+    rivals = [
+        contenders_lib.TrainerContender(
+            "single task", strategy, [_TASKS["shape"]],
+            _task_sources(examples, ["shape"]), (32, 32, 1), size,
+            steps_per_loop=STEPS_PER_LOOP)
+    ]
+    for names in task_lists:
+      sources = _task_sources(examples, names)
+      tasks = [_TASKS[name] for name in names]
+      rivals += [
+          contenders_lib.TrainerContender(
+              f"alternate {len(names)} tasks", strategy, tasks, sources,
+              (32, 32, 1), size, mode="alternate",
+              steps_per_loop=STEPS_PER_LOOP),
+          contenders_lib.NaiveAlternateContender(
+              f"naive {len(names)} tasks", strategy, tasks, sources,
+              (32, 32, 1), size),
+      ]
+    _log(f"{size.describe()}, {steps} steps per segment")
+    results = harness.measure(rivals, steps, settings.repeats, log=_log)
+    tables.append((f"**{size.describe()}**", results, "examples/s"))
+    for names in task_lists:
+      count = len(names)
+      verdicts += [
+          harness.judge(results, Claim(
+              f"{size.describe()}: alternate round-robin {count} tasks / "
+              "single task", f"alternate {count} tasks", "single task", 0.9)),
+          harness.judge(results, Claim(
+              f"{size.describe()}: alternate round-robin {count} tasks / "
+              "naive recipe", f"alternate {count} tasks",
+              f"naive {count} tasks", 1.5)),
+      ]
+  return harness.Section(
+      "alternate", "2. Alternate mode: the in-graph task switch",
+      "Adam, one device, the overhead-bound and the default model. The "
+      "single-task run trains the shape task alone (joint mode, one task). "
+      "Alternate mode switches task every step round-robin inside the "
+      f"compiled loop ({STEPS_PER_LOOP} steps per call, one optimizer per "
+      "task). The naive recipe has one tf.function and optimizer per task "
+      "and calls them alternately from Python, one step per call; it reads "
+      "the same input pipelines.",
+      tables, verdicts)
+
+
+def _store_tfds(data_dir: str, num_examples: int) -> None:
+  """The shapes data as a prepared TFDS dataset (TFRecord files, PNG images)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  features, labels = _shapes(num_examples)
+  images = np.round(features * 255).astype(np.uint8)
+
+  def split(count: int) -> tf.data.Dataset:
+    return tf.data.Dataset.from_tensor_slices({
+        "image": images[:count],
+        **{name: labels[name][:count].reshape(count)
+           for name in ("shape", "x")}})
+
+  spec = tfds.features.FeaturesDict({
+      "image": tfds.features.Image(shape=(32, 32, 1)),
+      "shape": tfds.features.ClassLabel(num_classes=3),
+      "x": tf.float32})
+  tfds.dataset_builders.store_as_tfds_dataset(
+      name="mtl_bench_shapes", version="1.0.0", features=spec,
+      data_dir=data_dir,
+      split_datasets={"train": split(num_examples), "test": split(64)})
+
+
+def input_pipeline(settings: harness.Settings,
+                   make_strategy: StrategyFactory) -> harness.Section:
+  """3: per-task pipelines reading TFRecord files against in-memory tensors."""
+  strategy = make_strategy(1)
+  examples = _examples(settings)
+  tables, verdicts = [], []
+  with tempfile.TemporaryDirectory() as data_dir:
+    _log(f"writing {examples} examples as a TFDS dataset")
+    _store_tfds(data_dir, examples)
+    config = config_lib.TrainConfig(
+        model_dir=os.path.join(data_dir, "unused"), mode="alternate",
+        task_datasets={"shape": "tfds:mtl_bench_shapes:shape",
+                       "x": "tfds:mtl_bench_shapes:x"},
+        data_dir=data_dir, input_key="image")
+    config.validate()
+    files = data_lib.load(config)
+    # TFDS's own per-example parsing and decoding (what the batched path
+    # replaced), for the record.
+    per_example = tfds_data.load_alternate(config, batched_parsing=False)
+    # The same decoded images, held in memory.
+    images, labels = _shapes(examples)
+    images = np.round(images * 255).astype(np.float32) / 255
+    memory = [mtl_dist.source_from_arrays(images, labels, [name])
+              for name in ("shape", "x")]
+    for size, steps in ((DEFAULT, settings.steps(1000, 200)),
+                        (COMPUTE_BOUND, settings.steps(200, 50))):
+      rivals = [
+          contenders_lib.TrainerContender(
+              "TFRecord files (TFDS)", strategy, files.tasks, files.train,
+              files.input_shape, size, mode="alternate",
+              steps_per_loop=STEPS_PER_LOOP),
+          contenders_lib.TrainerContender(
+              "in-memory tensors", strategy, files.tasks, memory,
+              files.input_shape, size, mode="alternate",
+              steps_per_loop=STEPS_PER_LOOP),
+          contenders_lib.TrainerContender(
+              "TFRecord files, per-example decoding", strategy,
+              per_example.tasks, per_example.train, per_example.input_shape,
+              size, mode="alternate", steps_per_loop=STEPS_PER_LOOP),
+      ]
+      _log(f"{size.describe()}, {steps} steps per segment")
+      results = harness.measure(rivals, steps, settings.repeats, log=_log)
+      tables.append((f"**{size.describe()}**", results, "examples/s"))
+      verdicts += [
+          harness.judge(results, Claim(
+              f"{size.describe()}: TFRecord files / in-memory tensors",
+              "TFRecord files (TFDS)", "in-memory tensors", 0.95)),
+          harness.judge(results, Claim(
+              f"{size.describe()}: batched / per-example decoding",
+              "TFRecord files (TFDS)",
+              "TFRecord files, per-example decoding")),
+      ]
+  return harness.Section(
+      "input_pipeline", "3. Input pipeline: TFRecord files against memory",
+      "Alternate mode over two tasks (shape, x), each its own pipeline, one "
+      f"device. Files: a prepared TFDS dataset of {examples} PNG-encoded "
+      "32x32 images (what `--task_datasets=...` reads: interleaved files, "
+      "shuffled serialized records, parsed and decoded per batch). Memory: "
+      "the same images as float32 arrays, batches gathered by index. "
+      "Per-example decoding: the same files through TFDS's own "
+      "parse-then-batch path, which the batched path replaced.",
+      tables, verdicts)
+
+
+def flops(settings: harness.Settings,
+          make_strategy: StrategyFactory) -> harness.Section:
+  """4: achieved training FLOP/s against a bare matmul loop."""
+  tasks = list(shapes.TASKS)
+  strategy = make_strategy(1)
+  size = COMPUTE_BOUND
+  steps = settings.steps(200, 50)
+  source = _joint_source(_examples(settings), shapes.TASK_NAMES)
+  shapes_of_step = contenders_lib.dense_matmuls(32 * 32, tasks, size)
+  flops_per_step = contenders_lib.matmul_flops(shapes_of_step)
+  trainer = contenders_lib.TrainerContender(
+      "mtl_dist joint", strategy, tasks, [source], (32, 32, 1), size,
+      steps_per_loop=STEPS_PER_LOOP)
+  trainer.work_per_step = float(flops_per_step)
+  rivals = [trainer,
+            contenders_lib.MatmulContender("bare tf.matmul loop",
+                                           shapes_of_step)]
+  _log(f"{size.describe()}: {flops_per_step / 1e9:.2f} GFLOP of matmuls per "
+       f"step, {steps} steps per segment")
+  results = harness.measure(rivals, steps, settings.repeats, log=_log)
+  return harness.Section(
+      "flops", "4. Hardware efficiency: FLOP/s against bare matmuls",
+      f"Joint mode, {size.describe()}, five heads, one device. A training "
+      f"step's matmuls (forward, kernel gradients, input gradients below the "
+      f"first layer) are {flops_per_step / 1e9:.2f} GFLOP; the bare loop "
+      "runs exactly those matmuls, back to back, in one tf.function. "
+      "Elementwise work (ReLU, bias, losses, Adam) is not counted as FLOPs, "
+      "so it shows as the gap.",
+      [("", results, "FLOP/s")],
+      [harness.judge(results, Claim("mtl_dist training / bare matmul loop",
+                                    "mtl_dist joint", "bare tf.matmul loop",
+                                    0.8))])
+
+
+def scaling(settings: harness.Settings,
+            make_strategy: StrategyFactory) -> harness.Section:
+  """5: MirroredStrategy at 1, 2 and 4 replicas; 2 workers on localhost."""
+  tasks = list(shapes.TASKS)
+  size = ModelSize(width=256, depth=2, global_batch_size=256)
+  steps = settings.steps(500, 100)
+  source = _joint_source(_examples(settings), shapes.TASK_NAMES)
+  rivals = [contenders_lib.TrainerContender(
+      f"{replicas} replica{'s' if replicas > 1 else ''}",
+      make_strategy(replicas), tasks, [source], (32, 32, 1), size,
+      steps_per_loop=STEPS_PER_LOOP) for replicas in (1, 2, 4)]
+  _log(f"{size.describe()}, {steps} steps per segment")
+  in_process = harness.measure(rivals, steps, settings.repeats, log=_log)
+  launcher_flags = [
+      "--mode=joint", f"--trunk_width={size.width}",
+      f"--trunk_depth={size.depth}",
+      f"--global_batch_size={size.global_batch_size}",
+      f"--steps_per_loop={STEPS_PER_LOOP}", f"--log_every={steps}",
+      f"--checkpoint_every={steps}", f"--eval_every={steps}",
+      "--eval_steps=1", f"--train_examples={_examples(settings)}"]
+  launched = [
+      contenders_lib.LauncherContender(
+          "mtl-train, 1 process", ["--strategy=one_device", *launcher_flags],
+          size.global_batch_size),
+      contenders_lib.LauncherContender(
+          "mtl-local-cluster, 2 workers", launcher_flags,
+          size.global_batch_size, num_workers=2),
+  ]
+  _log("launcher runs, one whole run per segment")
+  cluster = harness.measure(launched, steps, settings.repeats, log=_log)
+  claims = [Claim(f"{r.name} / 1 replica", r.name, "1 replica")
+            for r in in_process[1:]]
+  cluster_claim = Claim("2 workers / 1 process", "mtl-local-cluster, 2 workers",
+                        "mtl-train, 1 process")
+  return harness.Section(
+      "scaling", "5. Scaling: replicas and workers",
+      f"Joint mode, five tasks, {size.describe()} (the same global batch at "
+      "every scale, so the per-replica batch shrinks). Replicas are logical "
+      "CPU devices of one 2-core CPU and the workers share it, so this "
+      "measures the cost of the distribution machinery, not a speed-up. "
+      "Worker runs go through the launchers in subprocesses; their speed is "
+      "summary.json's steady-state examples/s.",
+      [("**MirroredStrategy, one process**", in_process, "examples/s"),
+       ("**MultiWorkerMirroredStrategy on localhost**", cluster,
+        "examples/s")],
+      [harness.judge(in_process, claim) for claim in claims] +
+      [harness.judge(cluster, cluster_claim)],
+      notes=_communication_table(tasks))
+
+
+def _parameters(variables) -> int:
+  return int(sum(np.prod(v.shape) for v in variables))
+
+
+# Bus bandwidths of a ring all-reduce, in bytes per second: NVLink 3 (A100,
+# NCCL all-reduce bus bandwidth as NVIDIA reports it for 8 GPUs) and a 100 Gb/s
+# Ethernet link at line rate.
+_LINKS = (("NVLink (A100, ~230 GB/s)", 230e9),
+          ("100 Gb/s Ethernet (12.5 GB/s)", 12.5e9))
+
+
+def _communication_table(tasks) -> str:
+  """All-reduce bytes per step and when communication would dominate."""
+  models = []
+  for size in (OVERHEAD_BOUND, DEFAULT, COMPUTE_BOUND):
+    with tf.device("/cpu:0"):
+      model = mtl_dist.build_model(tasks, (32, 32, 1), "mlp", size.width,
+                                   size.depth)
+    models.append((f"MLP {size.depth}x{size.width} (this benchmark)",
+                   _parameters(model.trainable_variables)))
+  models += [("ResNet-50-sized trunk", 25_600_000),
+             ("BERT-base-sized trunk", 110_000_000)]
+  lines = [
+      "All-reduce per step on GPUs, on paper. Every step all-reduces the "
+      "float32 gradients of every trained variable once (4 bytes per "
+      "parameter; alternate mode: the trunk and one head); a ring all-reduce "
+      "over N workers moves 2(N-1)/N times that through each link. The step "
+      "does not overlap this all-reduce with the backward pass, so below the "
+      "time shown (8 workers), communication takes longer than the compute "
+      "it follows and dominates the step.",
+      "",
+      "| model | parameters | all-reduce MB/step | " +
+      " | ".join(f"{name}: comm. ms/step" for name, _ in _LINKS) + " |",
+      "|---|---:|---:|" + "---:|" * len(_LINKS)]
+  for name, parameters in models:
+    megabytes = 4 * parameters / 1e6
+    moved = 2 * 7 / 8 * 4 * parameters  # bytes per link, 8 workers.
+    times = " | ".join(f"{1e3 * moved / bandwidth:.3g}"
+                       for _, bandwidth in _LINKS)
+    lines.append(f"| {name} | {parameters:,} | {megabytes:,.1f} | {times} |")
+  return "\n".join(lines)
+
+
+# (row name, Trainer keyword arguments).
+_METHODS = (
+    ("sum", {}),
+    ("uncertainty", {"weighting": "uncertainty"}),
+    ("dwa", {"weighting": "dwa"}),
+    ("gradnorm", {"weighting": "gradnorm"}),
+    ("pcgrad", {"aggregator": "pcgrad"}),
+    ("cagrad", {"aggregator": "cagrad"}),
+    ("mgda", {"aggregator": "mgda"}),
+    ("cagrad --rep_grad", {"aggregator": "cagrad", "rep_grad": True}),
+    ("mgda --rep_grad", {"aggregator": "mgda", "rep_grad": True}),
+)
+
+
+def methods(settings: harness.Settings,
+            make_strategy: StrategyFactory) -> harness.Section:
+  """6: the cost of each weighting and aggregator relative to `sum`."""
+  tasks = list(shapes.TASKS)
+  strategy = make_strategy(1)
+  size = DEFAULT
+  steps = settings.steps(1000, 200)
+  source = _joint_source(_examples(settings), shapes.TASK_NAMES)
+  rivals = [contenders_lib.TrainerContender(
+      name, strategy, tasks, [source], (32, 32, 1), size,
+      steps_per_loop=STEPS_PER_LOOP, trainer_kwargs=kwargs)
+            for name, kwargs in _METHODS]
+  _log(f"{size.describe()}, {steps} steps per segment")
+  results = harness.measure(rivals, steps, settings.repeats, log=_log)
+  claims = [Claim(f"step time of {name} / sum", name, "sum", invert=True)
+            for name, _ in _METHODS[1:]]
+  return harness.Section(
+      "methods", "6. Cost of the weighting and aggregation methods",
+      f"Joint mode, five tasks, {size.describe()}, one device. The ratios "
+      "are step times relative to `sum` with static weights (higher is "
+      "slower; not targets).",
+      [("", results, "examples/s")],
+      [harness.judge(results, claim) for claim in claims],
+      notes=_memory_table(rivals[0], tasks, size))
+
+
+def _memory_table(trainer_contender, tasks, size: ModelSize) -> str:
+  """The extra memory per-task gradients take, by method."""
+  model = trainer_contender.trainer.model
+  trunk = _parameters(model.trunk.trainable_variables)
+  kernel = [v for v in model.trunk.trainable_variables if v.shape.rank >= 2][-1]
+  num_tasks = len(tasks)
+  per_replica = size.global_batch_size  # One replica here.
+  rows = [
+      ("sum, uncertainty, dwa", "none: one gradient of the weighted sum", 0),
+      ("gradnorm", f"T gradients of the last shared kernel {kernel.shape}",
+       num_tasks * int(np.prod(kernel.shape))),
+      ("pcgrad, cagrad, mgda",
+       "a [T, P_trunk] matrix of task gradients, plus its all-reduced copy",
+       2 * num_tasks * trunk),
+      ("cagrad, mgda with --rep_grad",
+       f"T gradients at the trunk's output, [T, batch per replica, "
+       f"{size.width}]", num_tasks * per_replica * size.width),
+  ]
+  lines = [
+      f"Extra memory of per-task gradients (float32, T = {num_tasks} tasks, "
+      f"P_trunk = {trunk:,} trunk parameters, batch per replica "
+      f"{per_replica}); it grows with T times the trunk, which is what "
+      "--rep_grad avoids:",
+      "", "| method | what is held | extra MB |", "|---|---|---:|"]
+  for name, what, floats in rows:
+    lines.append(f"| {name} | {what} | {4 * floats / 1e6:,.2f} |")
+  return "\n".join(lines)
+
+
+def options(settings: harness.Settings,
+            make_strategy: StrategyFactory) -> harness.Section:
+  """--steps_per_loop, --jit_compile and --mixed_precision, each measured."""
+  tasks = list(shapes.TASKS)
+  strategy = make_strategy(1)
+  source = _joint_source(_examples(settings), shapes.TASK_NAMES)
+  tables, verdicts = [], []
+
+  def contender(name, size, steps_per_loop=STEPS_PER_LOOP, jit=False,
+                precision="none", optimizer=contenders_lib.adam):
+    return contenders_lib.TrainerContender(
+        name, strategy, tasks, [source], (32, 32, 1), size,
+        steps_per_loop=steps_per_loop, trainer_kwargs={"jit_compile": jit},
+        model_kwargs={"mixed_precision": precision}, optimizer=optimizer)
+
+  default = f"defaults (--steps_per_loop={STEPS_PER_LOOP})"
+  groups = (
+      (OVERHEAD_BOUND, settings.steps(2000, 400), [
+          contender(default, OVERHEAD_BOUND),
+          *[contender(f"--steps_per_loop={n}", OVERHEAD_BOUND, n)
+            for n in (1, 10, 200)],
+          contender("--jit_compile", OVERHEAD_BOUND, jit=True),
+          contender("tf_keras Adam (not fused)", OVERHEAD_BOUND,
+                    optimizer=contenders_lib.keras_adam),
+      ]),
+      (COMPUTE_BOUND, settings.steps(200, 50), [
+          contender(default, COMPUTE_BOUND),
+          contender("--jit_compile", COMPUTE_BOUND, jit=True),
+          contender("--mixed_precision=bfloat16", COMPUTE_BOUND,
+                    precision="bfloat16"),
+          contender("--mixed_precision=float16", COMPUTE_BOUND,
+                    precision="float16"),
+          contender("tf_keras Adam (not fused)", COMPUTE_BOUND,
+                    optimizer=contenders_lib.keras_adam),
+      ]))
+  for size, steps, rivals in groups:
+    _log(f"{size.describe()}, {steps} steps per segment")
+    results = harness.measure(rivals, steps, settings.repeats, log=_log)
+    tables.append((f"**{size.describe()}**", results, "examples/s"))
+    verdicts += [harness.judge(results, Claim(
+        f"{size.describe()}: {r.name} / defaults", r.name, default))
+                 for r in results[1:]]
+  return harness.Section(
+      "options", "7. Speed options",
+      "Joint mode, five tasks, one device; each option alone against the "
+      "defaults (float32, no XLA, FusedAdam). Ratios above 1 are faster. "
+      "The last row trains with tf_keras's own Adam instead of the fused "
+      "update `--optimizer=adam` makes.",
+      tables, verdicts)
+
+
+ALL = {
+    "joint_fit": joint_fit,
+    "alternate": alternate,
+    "input_pipeline": input_pipeline,
+    "flops": flops,
+    "scaling": scaling,
+    "methods": methods,
+    "options": options,
+}

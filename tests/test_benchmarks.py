@@ -1,0 +1,141 @@
+"""The benchmark harness: its arithmetic, and a --quick run of every comparison.
+
+Benchmarks are not tests: nothing here asserts a speed. These tests keep the
+harness from rotting: ratios are paired and inverted correctly, the FLOP
+count matches the model, and `python -m benchmarks.run --quick` runs every
+comparison end to end and writes its report.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import comparisons
+from benchmarks import contenders
+from benchmarks import harness
+from mtl_dist import shapes
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+class _Scripted:
+  """A contender whose segments take scripted (not measured) seconds."""
+
+  def __init__(self, name, seconds_per_step):
+    self.name = name
+    self.work_per_step = 10
+    self._seconds = list(seconds_per_step)
+    self.started = False
+
+  def start(self):
+    self.started = True
+
+  def run(self, steps):
+    return steps * self._seconds.pop(0)
+
+
+def test_measure_pairs_repetitions_and_judges_ratios():
+  # Warm-up segment first (not reported), then one value per repetition.
+  fast = _Scripted("fast", [9.0, 0.01, 0.02, 0.01])
+  slow = _Scripted("slow", [9.0, 0.02, 0.02, 0.04])
+  results = harness.measure([fast, slow], steps=5, repeats=3,
+                            log=lambda _: None)
+  assert fast.started and slow.started
+  assert [r.name for r in results] == ["fast", "slow"]
+  assert results[0].throughput == pytest.approx([1000, 500, 1000])
+  assert results[1].throughput == pytest.approx([500, 500, 250])
+  # Paired per repetition: 2, 1, 4 -> median 2 (unpaired medians give 2 too,
+  # but the range shows the pairing).
+  verdict = harness.judge(results, harness.Claim("fast / slow", "fast",
+                                                 "slow", target=1.5))
+  assert (verdict.ratio, verdict.low, verdict.high) == pytest.approx((2, 1, 4))
+  assert verdict.outcome == "met"
+  cost = harness.judge(results, harness.Claim("cost", "slow", "fast",
+                                              invert=True))
+  assert cost.ratio == pytest.approx(2) and cost.outcome == ""
+  missed = harness.judge(results, harness.Claim("slow / fast", "slow", "fast",
+                                                target=1.0))
+  assert missed.ratio == pytest.approx(0.5) and missed.outcome == "missed"
+  table = harness.verdicts_table([verdict, missed])
+  assert "| fast / slow | 2.00x (1.00-4.00) | >= 1.5x | met |" in table
+  assert "| slow / fast | 0.50x (0.25-1.00) | >= 1x | missed |" in table
+
+
+def test_a_contender_without_warm_up_runs_only_the_timed_segments():
+  launched = _Scripted("launched", [0.01, 0.02])
+  launched.warm_up = False
+  (result,) = harness.measure([launched], steps=1, repeats=2,
+                              log=lambda _: None)
+  assert result.throughput == pytest.approx([1000, 500])
+
+
+def test_matmul_flops_of_a_training_step():
+  tasks = [t for t in shapes.TASKS if t.name in ("shape", "x")]
+  size = contenders.ModelSize(width=8, depth=2, global_batch_size=4)
+  shapes_of_step = contenders.dense_matmuls(16, tasks, size)
+  # Layers 16->8, 8->8, heads 8->3 and 8->1: forward and kernel gradient
+  # for each, the input's gradient for all but the first.
+  layer_flops = [2 * 4 * k * n for k, n in ((16, 8), (8, 8), (8, 3), (8, 1))]
+  expected = 2 * layer_flops[0] + 3 * sum(layer_flops[1:])
+  assert contenders.matmul_flops(shapes_of_step) == expected
+  assert len(shapes_of_step) == 2 + 3 * 3
+
+
+@pytest.mark.slow
+def test_quick_run_measures_every_comparison_and_updates_the_doc(tmp_path):
+  doc = tmp_path / "benchmarks.md"
+  doc.write_text(f"intro\n{harness.RESULTS_BEGIN}\nstale\n"
+                 f"{harness.RESULTS_END}\noutro\n")
+  report_path = tmp_path / "report.json"
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  result = subprocess.run(
+      [sys.executable, "-m", "benchmarks.run", "--quick", "--repeats=1",
+       f"--json_output={report_path}", f"--update_doc={doc}"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500,
+      check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(report_path.read_text())
+  sections = report["sections"]
+  assert [s["name"] for s in sections] == list(comparisons.ALL)
+  for section in sections:
+    assert section["contenders"], section["name"]
+    for contender in section["contenders"]:
+      assert len(contender["throughput"]) == 1
+      assert all(t > 0 and math.isfinite(t) for t in contender["throughput"])
+      assert contender["startup_seconds"] >= 0
+    for verdict in section["verdicts"]:
+      assert verdict["ratio"] > 0 and math.isfinite(verdict["ratio"])
+      if verdict["target"] is None:
+        assert verdict["outcome"] == ""
+      else:
+        assert verdict["outcome"] == (
+            "met" if verdict["ratio"] >= verdict["target"] else "missed")
+  targets = [v for s in sections for v in s["verdicts"] if v["target"]]
+  # 1(a), 1(b) twice, 2 at two sizes x 2 task counts x 2, 3 at two sizes, 4.
+  assert len(targets) == 1 + 2 + 8 + 2 + 1
+  with pytest.raises(ValueError, match="a cost"):
+    harness.Claim("cost", "a", "b", target=1.0, invert=True)
+  text = doc.read_text()
+  assert text.startswith("intro\n") and text.endswith("outro\n")
+  assert "stale" not in text
+  for section in sections:
+    assert section["title"] in text
+  assert "targets missed:" in result.stdout
+
+
+def test_update_doc_without_markers_fails_before_measuring(tmp_path):
+  doc = tmp_path / "benchmarks.md"
+  doc.write_text("no markers here\n")
+  result = subprocess.run(
+      [sys.executable, "-m", "benchmarks.run", f"--update_doc={doc}"],
+      cwd=ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+      capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      "benchmarks.run: error: --update_doc=")
+  assert "has no results markers" in result.stderr
+  assert "== joint_fit" not in result.stdout
