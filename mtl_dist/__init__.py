@@ -2,18 +2,27 @@
 
 Public API:
   TrainConfig, train, parse_key_values: configure and run a training job
-    (what the `mtl-train` launcher calls).
+    (what the `mtl-train` launcher calls), with the built-in data and trunks
+    or your own (`train(config, data=..., trunk_fn=..., head_fn=...)`).
   ConfigError (exit 2), ClusterError, DataError, NonFiniteError (exit 1),
     Preempted (exit 143): how a run ends early.
-  TaskSpec: one task (its head, loss and metrics).
-  SharedTrunkModel, build_model, build_trunk: the model.
+  TaskSpec, LossFn: one task (its head, loss and metrics), a loss function.
+  SharedTrunkModel, build_model, build_trunk, TrunkFn, HeadFn: the model,
+    and the functions that make a user's trunk and heads.
   Trainer: a run's state and its compiled train and eval loops.
   make_optimizer_factory, FusedAdam: optimizers (tf_keras's Adam with a fused
     update kernel, SGD).
-  ExampleSource, MultiTaskData, source_from_arrays, distribute_train,
-    distribute_eval: inputs.
+  ExampleSource, MultiTaskData, source_from_arrays, source_from_dataset,
+    distribute_train, distribute_eval: inputs.
+  export_run, predict, write_predictions: SavedModels with a serving
+    signature per task (`mtl-export`, `mtl-predict`).
+  evaluate, Evaluation, EvalTimeout: evaluate checkpoints, once or as a
+    sidecar (`mtl-eval`).
+  write_report: report.png of a run's curves (`mtl-report`, needs
+    matplotlib).
   create_strategy: a tf.distribute strategy over this host's devices or a
-    cluster's (TF_CONFIG, SLURM).
+    cluster's (TF_CONFIG, SLURM); configure_cpu_devices: split the CPU
+    into logical devices (replicas without GPUs) before TensorFlow starts.
   format_results: a text table of a run summary.
 """
 
@@ -29,25 +38,39 @@ from mtl_dist.data import distribute_train
 from mtl_dist.data import ExampleSource
 from mtl_dist.data import MultiTaskData
 from mtl_dist.data import source_from_arrays
+from mtl_dist.data import source_from_dataset
+from mtl_dist.distribution import configure_cpu_devices
 from mtl_dist.distribution import create_strategy
+from mtl_dist.evaluation import EvalTimeout
+from mtl_dist.evaluation import evaluate
+from mtl_dist.evaluation import Evaluation
 from mtl_dist.model import build_model
 from mtl_dist.model import build_trunk
+from mtl_dist.model import HeadFn
 from mtl_dist.model import SharedTrunkModel
+from mtl_dist.model import TrunkFn
 from mtl_dist.outputs import format_results
-from mtl_dist.preemption import Preempted
 from mtl_dist.optimizers import FusedAdam
 from mtl_dist.optimizers import make_optimizer_factory
+from mtl_dist.preemption import Preempted
+from mtl_dist.report import write_report
+from mtl_dist.serving import export_run
+from mtl_dist.serving import predict
+from mtl_dist.serving import write_predictions
+from mtl_dist.tasks import LossFn
 from mtl_dist.tasks import TaskSpec
 from mtl_dist.trainer import Trainer
 
 __all__ = [
-    "ClusterError", "ConfigError", "DataError", "ExampleSource", "FusedAdam",
-    "MultiTaskData",
+    "ClusterError", "ConfigError", "DataError", "EvalTimeout", "Evaluation",
+    "ExampleSource", "FusedAdam", "HeadFn", "LossFn", "MultiTaskData",
     "NonFiniteError", "Preempted", "SharedTrunkModel", "TaskSpec",
-    "TrainConfig", "Trainer", "build_model", "build_trunk", "create_strategy",
-    "distribute_eval", "distribute_train", "format_results",
-    "make_optimizer_factory", "parse_key_values", "source_from_arrays",
-    "train",
+    "TrainConfig", "Trainer", "TrunkFn", "build_model", "build_trunk",
+    "configure_cpu_devices", "create_strategy", "distribute_eval",
+    "distribute_train", "evaluate", "export_run", "format_results",
+    "make_optimizer_factory", "parse_key_values", "predict",
+    "source_from_arrays", "source_from_dataset", "train", "write_predictions",
+    "write_report",
 ]
 
 __version__ = "0.1.0"

@@ -53,14 +53,7 @@ class Checkpointer:
 
   def checkpoints(self) -> list[str]:
     """The run's checkpoint prefixes, newest (highest step) first."""
-    steps = []
-    for index in tf.io.gfile.glob(os.path.join(self.directory,
-                                               "ckpt-*.index")):
-      match = re.fullmatch(r"ckpt-(\d+)\.index", os.path.basename(index))
-      if match:
-        steps.append(int(match.group(1)))
-    return [os.path.join(self.directory, f"ckpt-{step}")
-            for step in sorted(steps, reverse=True)]
+    return list_checkpoints(self.directory)
 
   def newest_readable(self) -> tuple[Optional[str], list[tuple[str, str]]]:
     """The newest checkpoint whose every tensor reads back.
@@ -68,13 +61,7 @@ class Checkpointer:
     Returns:
       (its prefix or None, [(newer unreadable prefix, what is wrong)]).
     """
-    skipped = []
-    for path in self.checkpoints():
-      problem = unreadable(path)
-      if problem is None:
-        return path, skipped
-      skipped.append((path, problem))
-    return None, skipped
+    return newest_readable(self.directory)
 
   def _repair_state(self) -> None:
     """Rewrites a `checkpoint` state file that lost track of checkpoints.
@@ -136,8 +123,40 @@ class Checkpointer:
 
   def saved(self, step: int) -> bool:
     """Whether the newest save or restore was at `step`."""
-    return self.last_path is not None and _step_of(self.last_path) == step
+    return self.last_path is not None and step_of(self.last_path) == step
 
+
+def list_checkpoints(directory: str) -> list[str]:
+  """The checkpoint prefixes in `directory`, newest (highest step) first."""
+  steps = []
+  for index in tf.io.gfile.glob(os.path.join(directory, "ckpt-*.index")):
+    match = re.fullmatch(r"ckpt-(\d+)\.index", os.path.basename(index))
+    if match:
+      steps.append(int(match.group(1)))
+  return [os.path.join(directory, f"ckpt-{step}")
+          for step in sorted(steps, reverse=True)]
+
+
+def newest_readable(directory: str
+                   ) -> tuple[Optional[str], list[tuple[str, str]]]:
+  """The newest checkpoint in `directory` whose every tensor reads back.
+
+  Returns:
+    (its prefix or None, [(newer unreadable prefix, what is wrong)]).
+  """
+  skipped = []
+  for path in list_checkpoints(directory):
+    problem = unreadable(path)
+    if problem is None:
+      return path, skipped
+    skipped.append((path, problem))
+  return None, skipped
+
+
+def step_of(path: str) -> Optional[int]:
+  """The step of checkpoint prefix `.../ckpt-<step>`, or None."""
+  suffix = path.rsplit("-", 1)[-1]
+  return int(suffix) if suffix.isdigit() else None
 
 
 def unreadable(path: str) -> Optional[str]:
@@ -151,7 +170,3 @@ def unreadable(path: str) -> Optional[str]:
     return f"{type(e).__name__}: {message[0][:200] if message else ''}"
   return None
 
-
-def _step_of(path: str) -> Optional[int]:
-  suffix = path.rsplit("-", 1)[-1]
-  return int(suffix) if suffix.isdigit() else None

@@ -9,7 +9,10 @@ main way runs are configured.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Callable, Mapping, Optional, Sequence, TypeVar
+
+import tensorflow as tf
 
 from mtl_dist import aggregation
 from mtl_dist import precision
@@ -157,6 +160,8 @@ class TrainConfig:
   mixed_precision: str = "none"
   # (A, B): a TensorBoard profile of steps A..B (1-based, inclusive).
   profile_steps: Optional[Sequence[int]] = None
+  # At the end, a SavedModel with serving signatures is written here.
+  export_dir: Optional[str] = None
 
   @property
   def resolved_train_examples(self) -> int:
@@ -302,6 +307,8 @@ class TrainConfig:
         if not weight >= 0:
           raise ConfigError(f"--task_weights: weight {weight} for {name!r} "
                             "must be >= 0")
+    if self.export_dir is not None:
+      self._validate_export_dir()
     if self.task_sizes is not None:
       for name, size in self.task_sizes.items():
         if size <= 0:
@@ -511,9 +518,76 @@ class TrainConfig:
     self.check_known(tasks)
     return tasks
 
+  def check_user_data(self, task_names: Sequence[str]) -> None:
+    """Refuses built-in dataset settings for a run that brings its own data.
+
+    Args:
+      task_names: The tasks of the user's data, in order.
+
+    Raises:
+      ConfigError: Naming the first setting that does not apply.
+    """
+    defaults = TrainConfig(model_dir=self.model_dir)
+    for name in ("dataset", "task_datasets", "task_sizes", "label_fraction",
+                 "train_examples", "eval_examples", "data_dir", "input_key",
+                 "split", "eval_split", "download", "image_size", "channels"):
+      if getattr(self, name) != getattr(defaults, name):
+        raise ConfigError(f"--{name}={getattr(self, name)}: describes a "
+                          "built-in dataset, but the run was given its own "
+                          "data")
+    if self.tasks is not None and list(self.tasks) != list(task_names):
+      raise ConfigError(f"--tasks={','.join(self.tasks)}: the given data "
+                        f"trains {','.join(task_names)} (leave tasks unset)")
+
+  def _validate_export_dir(self) -> None:
+    """Refuses an export directory whose replacement would hit the run."""
+    export = os.path.abspath(self.export_dir)
+    model = os.path.abspath(self.model_dir)
+    inside = lambda path, parent: (path + os.sep).startswith(parent + os.sep)
+    if inside(model, export) or inside(export, os.path.join(model,
+                                                            "checkpoints")):
+      raise ConfigError(f"--export_dir={self.export_dir}: an export replaces "
+                        "its directory, which would delete the run's files "
+                        f"in --model_dir={self.model_dir}; give another one")
+    check_export_dir(self.export_dir)
+
+  def check_user_trunk(self) -> None:
+    """Refuses built-in trunk settings for a run that brings its own trunk.
+
+    Raises:
+      ConfigError: Naming the first setting that does not apply.
+    """
+    defaults = TrainConfig(model_dir=self.model_dir)
+    for name in ("trunk", "trunk_width", "trunk_depth", "mixed_precision"):
+      if getattr(self, name) != getattr(defaults, name):
+        raise ConfigError(
+            f"--{name}={getattr(self, name)}: describes the built-in trunk, "
+            "but the run was given its own (trunk_fn)"
+            + ("; give its layers a dtype policy instead"
+               if name == "mixed_precision" else ""))
+
   def weight_of(self, task: str) -> float:
     """The loss weight of a task in joint mode (1.0 unless given)."""
     return float((self.task_weights or {}).get(task, 1.0))
+
+
+def check_export_dir(export_dir: str) -> None:
+  """Refuses an export directory that holds something else than an export.
+
+  An existing SavedModel is replaced; any other non-empty directory is kept
+  from being overwritten.
+
+  Raises:
+    ConfigError: For a file, or a non-empty directory without a SavedModel.
+  """
+  if not tf.io.gfile.exists(export_dir):
+    return
+  if not tf.io.gfile.isdir(export_dir):
+    raise ConfigError(f"--export_dir={export_dir}: is a file")
+  contents = tf.io.gfile.listdir(export_dir)
+  if contents and "saved_model.pb" not in contents:
+    raise ConfigError(f"--export_dir={export_dir}: a non-empty directory "
+                      "that holds no SavedModel; give a new or empty one")
 
 
 def _check_choice(flag: str, value: str, choices: Sequence[str]) -> None:

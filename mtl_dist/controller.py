@@ -30,11 +30,13 @@ from mtl_dist import optimizers as optimizers_lib
 from mtl_dist import outputs
 from mtl_dist import preemption
 from mtl_dist import profiling
+from mtl_dist import saved_run
 from mtl_dist import schedules
+from mtl_dist import serving
 from mtl_dist import tasks as tasks_lib
 from mtl_dist import trainer as trainer_lib
 
-CHECKPOINT_SUBDIR = "checkpoints"
+CHECKPOINT_SUBDIR = saved_run.CHECKPOINT_SUBDIR
 
 
 class ClusterError(RuntimeError):
@@ -60,10 +62,14 @@ _CLUSTER_FAILURES = (tf.errors.UnavailableError,
 class _Run:
   """One run's objects, built and checked before anything is written."""
 
-  def __init__(self, config: config_lib.TrainConfig):
+  def __init__(self, config: config_lib.TrainConfig,
+               data: Optional[data_lib.MultiTaskData] = None,
+               trunk_fn: Optional[model_lib.TrunkFn] = None,
+               head_fn: Optional[model_lib.HeadFn] = None):
     config.validate()
     self.config = config
-    config.validate()
+    if trunk_fn is not None:
+      config.check_user_trunk()
     if distribution.uses_multi_worker(config.strategy, config.cluster):
       # Creating the strategy waits for every worker to join; one that never
       # starts would hang the others. TensorFlow waits holding the GIL, so
@@ -89,18 +95,32 @@ class _Run:
       raise config_lib.ConfigError(
           f"--global_batch_size={config.global_batch_size}: not divisible by "
           f"the {replicas} replicas")
-    self.data = data_lib.load(config)
+    if data is None:
+      self.data = data_lib.load(config)
+    else:
+      self.data = _user_data(data, config)
+    data_lib.check_layout(self.data, config.mode)
     data_lib.check(self.data, self.data.partial_labels or config.partial_labels)
+    self.model_spec = saved_run.ModelSpec(
+        tasks=self.data.tasks, input_shape=tuple(self.data.input_shape),
+        input_dtype=data_lib.input_dtype(self.data).name,
+        trunk=saved_run.CUSTOM if trunk_fn else config.trunk,
+        trunk_width=config.trunk_width, trunk_depth=config.trunk_depth,
+        mixed_precision=config.mixed_precision,
+        custom_heads=head_fn is not None, custom_data=data is not None,
+        custom_losses=tuple(task.name for task in self.data.tasks
+                            if task.loss_name == tasks_lib.CUSTOM_LOSS))
+    self.trunk_fn, self.head_fn = trunk_fn, head_fn
     self.baselines = (delta_m_lib.read_baselines(config.baselines)
                       if config.baselines else None)
     tf_keras.utils.set_random_seed(config.seed)
     if config.deterministic:
       tf.config.experimental.enable_op_determinism()
     with self.strategy.scope():  # The model and schedules hold variables.
-      self.model = model_lib.build_model(self.data.tasks, self.data.input_shape,
-                                         config.trunk, config.trunk_width,
-                                         config.trunk_depth,
-                                         config.mixed_precision)
+      try:
+        self.model = self.model_spec.build(trunk_fn, head_fn)
+      except ValueError as e:  # A user trunk or head that does not fit.
+        raise config_lib.ConfigError(str(e)) from None
       schedule = (_make_schedule(config, self.data)
                   if config.mode == "alternate" else None)
     self.trainer = trainer_lib.Trainer(
@@ -201,11 +221,24 @@ class _Run:
     return path
 
 
-def train(config: config_lib.TrainConfig) -> dict[str, Any]:
+def train(config: config_lib.TrainConfig,
+          data: Optional[data_lib.MultiTaskData] = None,
+          trunk_fn: Optional[model_lib.TrunkFn] = None,
+          head_fn: Optional[model_lib.HeadFn] = None) -> dict[str, Any]:
   """Trains, evaluates and checkpoints a multi-task model.
 
   Args:
     config: The run's configuration.
+    data: The run's own data instead of the built-in dataset that
+      `config.dataset` names: in joint mode one training source labelled
+      for every task, in alternate mode one per task in task order (see
+      `source_from_dataset`, `source_from_arrays`). The tasks come from
+      `data.tasks`; `config.task_weights` replaces their weights when set.
+    trunk_fn: Makes the shared trunk (any tf_keras layer or model), called
+      inside the strategy's scope; default: the built-in trunk that
+      `config.trunk` names.
+    head_fn: Makes each task's head from its `TaskSpec`, also inside the
+      scope; default: a linear layer of `task.output_size` units.
 
   Returns:
     The run summary, also written to `model_dir/summary.json`: `step`,
@@ -222,13 +255,13 @@ def train(config: config_lib.TrainConfig) -> dict[str, Any]:
   """
   if distribution.uses_multi_worker(config.strategy, config.cluster):
     try:
-      run = _Run(config)
+      run = _Run(config, data, trunk_fn, head_fn)
     except _CLUSTER_FAILURES as e:
       raise ClusterError(f"the cluster failed while starting "
                          f"({type(e).__name__}: {_reason(e)}); run the same "
                          "command on all workers again.") from e
   else:
-    run = _Run(config)
+    run = _Run(config, data, trunk_fn, head_fn)
   if not distribution.is_multi_worker(run.strategy):
     return _train(run)
   try:
@@ -267,8 +300,10 @@ def _train(run: _Run) -> dict[str, Any]:
   trainer, strategy = run.trainer, run.strategy
   if run.chief:  # Other workers of a cluster write no files of the run.
     tf.io.gfile.makedirs(config.model_dir)
-    outputs.write_json_atomic(os.path.join(config.model_dir, "config.json"),
-                              dataclasses.asdict(config))
+    outputs.write_json_atomic(
+        os.path.join(config.model_dir, saved_run.CONFIG_FILE),
+        dataclasses.asdict(config))
+    saved_run.write_model_spec(config.model_dir, run.model_spec)
   start_step = int(trainer.global_step.numpy())
   if run.restored_from:
     logging.info("Resuming from %s at step %d.", run.restored_from, start_step)
@@ -370,7 +405,35 @@ def _train(run: _Run) -> dict[str, Any]:
     path = os.path.join(config.model_dir, "summary.json")
     outputs.write_json_atomic(path, summary)
     logging.info("Wrote %s", path)
+    if config.export_dir:
+      serving.export_run(config.model_dir, config.export_dir,
+                         trunk_fn=run.trunk_fn, head_fn=run.head_fn)
   return summary
+
+
+def _user_data(data: data_lib.MultiTaskData,
+               config: config_lib.TrainConfig) -> data_lib.MultiTaskData:
+  """A run's own data, checked, with the configuration's task weights.
+
+  Raises:
+    ConfigError: For settings that do not fit the data, or a loss function
+      that does not return one loss per example.
+  """
+  names = [task.name for task in data.tasks]
+  config.check_user_data(names)
+  config.check_known(names)
+  for task in data.tasks:
+    try:
+      task.check_loss()
+    except Exception as e:  # pylint: disable=broad-except
+      raise config_lib.ConfigError(
+          f"task {task.name!r}: its loss function fails on a batch of 2 "
+          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+  if config.task_weights is None:
+    return data
+  return dataclasses.replace(data, tasks=tuple(
+      task.with_weight(config.task_weights.get(task.name, task.weight))
+      for task in data.tasks))
 
 
 class _Interval:
@@ -467,6 +530,7 @@ def _log_interval(interval: _Interval, step: int,
                   for name, total in interval.step_metric_sums.items()})
   metrics["nonfinite_skipped"] = interval.skipped
   metrics.update(trainer.loss_scales())
+  metrics.update(trainer.learning_rates())
   metrics["examples_per_second"] = speed
   writer.write(step, "train", metrics)
   writer.progress(step, losses, speed)

@@ -11,7 +11,7 @@ shard and batches with the per-replica share of the global batch.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import tensorflow as tf
@@ -127,6 +127,98 @@ def source_from_arrays(features: np.ndarray, labels: dict[str, np.ndarray],
       task_names=tuple(task_names),
       make_dataset=lambda: tf.data.Dataset.from_tensor_slices((features, kept)),
       num_examples=len(features), arrays=(features, kept))
+
+
+def source_from_dataset(
+    dataset: Union[tf.data.Dataset, Callable[[], tf.data.Dataset]],
+    task_names: Sequence[str],
+    num_examples: Optional[int] = None) -> ExampleSource:
+  """A streamed source over a user's finite, unbatched tf.data dataset.
+
+  Training pipelines shard it per input pipeline, shuffle it with a seeded
+  buffer and repeat it; evaluation reads it once.
+
+  Args:
+    dataset: A dataset, or a function making one (called once per input
+      pipeline), of `(features, {task: label})` elements; for a single task
+      `(features, label)` elements are accepted too.
+    task_names: The tasks its elements are labelled for.
+    num_examples: Its size; default: its cardinality when tf.data knows it,
+      else counted by reading it once.
+
+  Returns:
+    The source.
+
+  Raises:
+    ValueError: If the elements are not `(features, labels)` pairs, or
+      lack a label of `task_names`, or the dataset is infinite.
+  """
+  task_names = tuple(task_names)
+  make = dataset if callable(dataset) else (lambda: dataset)
+  spec = make().element_spec
+  if not isinstance(spec, tuple) or len(spec) != 2:
+    raise ValueError("the dataset's elements must be (features, labels) "
+                     f"pairs, got {spec}")
+  if not isinstance(spec[1], dict):
+    if len(task_names) != 1:
+      raise ValueError("elements with one label need exactly one task, got "
+                       f"{list(task_names)}")
+    name = task_names[0]
+    plain = make
+    make = lambda: plain().map(lambda x, y: (x, {name: y}))
+  else:
+    missing = [name for name in task_names if name not in spec[1]]
+    if missing:
+      raise ValueError(f"the dataset's labels lack task(s) {missing} (it has "
+                       f"{sorted(spec[1])})")
+  if num_examples is None:
+    cardinality = int(make().cardinality())
+    if cardinality == tf.data.INFINITE_CARDINALITY:
+      raise ValueError("the dataset is infinite; give a finite one (the "
+                       "pipelines repeat it themselves)")
+    num_examples = (cardinality if cardinality >= 0 else
+                    int(make().reduce(0, lambda count, _: count + 1)))
+  return ExampleSource(task_names=task_names, make_dataset=make,
+                       num_examples=num_examples)
+
+
+def check_layout(data: MultiTaskData, mode: str) -> None:
+  """Checks that the sources are laid out as `mode` reads them.
+
+  Joint mode reads one training source labelled for every task; alternate
+  mode one source per task, in task order. Every task needs eval data.
+
+  Raises:
+    ConfigError: Naming what does not fit.
+  """
+  names = [task.name for task in data.tasks]
+  if mode == "joint":
+    if len(data.train) != 1 or set(data.train[0].task_names) != set(names):
+      raise config_lib.ConfigError(
+          f"joint mode trains from one source labelled for every task "
+          f"({', '.join(names)}), got {len(data.train)} source(s) labelled "
+          f"for {[list(s.task_names) for s in data.train]}")
+  elif [tuple(s.task_names) for s in data.train] != [(n,) for n in names]:
+    raise config_lib.ConfigError(
+        f"alternate mode trains from one source per task, in task order "
+        f"({', '.join(names)}), got sources labelled for "
+        f"{[list(s.task_names) for s in data.train]}")
+  evaluated = [name for source in data.eval for name in source.task_names]
+  unknown = sorted(set(evaluated) - set(names))
+  missing = [name for name in names if name not in evaluated]
+  if unknown or missing:
+    raise config_lib.ConfigError(
+        "the eval sources must cover each task: "
+        + (f"no eval data for {missing}" if missing else
+           f"unknown task(s) {unknown}"))
+
+
+def input_dtype(data: MultiTaskData) -> tf.DType:
+  """The dtype of the model's inputs (every source has the same)."""
+  source = data.train[0]
+  if source.arrays is not None:
+    return tf.as_dtype(source.arrays[0].dtype)
+  return source.make_dataset().element_spec[0].dtype
 
 
 def load(config: config_lib.TrainConfig) -> MultiTaskData:

@@ -39,8 +39,9 @@ def configure_cpu_devices(num_devices: int) -> None:
     if available < num_devices:
       raise config_lib.ConfigError(
           f"--num_cpu_devices={num_devices}: TensorFlow was initialised "
-          f"with {available} CPU device(s) before the split could happen"
-      ) from None
+          f"with {available} CPU device(s) before the split could happen "
+          "(from Python, call mtl_dist.configure_cpu_devices first, before "
+          "creating any tensor or dataset)") from None
 
 
 def create_strategy(name: str, num_cpu_devices: int = 1, *,

@@ -7,7 +7,7 @@ task a variable belongs to.
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import tensorflow as tf
 import tf_keras
@@ -92,37 +92,71 @@ def build_trunk(kind: str, width: int, depth: int,
   return tf_keras.Sequential(layers, name="trunk")
 
 
+# Makes a user's trunk: any tf_keras layer or model.
+TrunkFn = Callable[[], tf_keras.layers.Layer]
+# Makes a user's head for a task: any tf_keras layer mapping the trunk's
+# output to `task.output_size` units (logits for classification).
+HeadFn = Callable[[tasks_lib.TaskSpec], tf_keras.layers.Layer]
+
+
 def build_model(tasks: Sequence[tasks_lib.TaskSpec], input_shape: Sequence[int],
-                trunk: str = "mlp", trunk_width: int = 256,
+                trunk: Union[str, TrunkFn] = "mlp", trunk_width: int = 256,
                 trunk_depth: int = 2,
-                mixed_precision: str = "none") -> SharedTrunkModel:
-  """A built shared-trunk model with a linear head per task.
+                mixed_precision: str = "none",
+                head_fn: Optional[HeadFn] = None,
+                input_dtype: tf.DType = tf.float32) -> SharedTrunkModel:
+  """A built shared-trunk model with a head per task.
 
   Call inside `strategy.scope()` so that the variables are distributed.
 
   Args:
     tasks: One head per task, sized by `TaskSpec.output_size`.
     input_shape: Shape of one example, without the batch dimension.
-    trunk: The built-in trunk's kind, see `build_trunk`.
-    trunk_width: Units or filters per trunk layer.
-    trunk_depth: Number of trunk layers.
-    mixed_precision: "none", or "bfloat16" / "float16": the trunk computes
-      in that dtype with float32 variables, the heads in float32 (so
-      outputs and losses are float32). The global Keras policy is left
+    trunk: The built-in trunk's kind (see `build_trunk`), or a function
+      returning the user's trunk (any tf_keras layer or model).
+    trunk_width: Units or filters per built-in trunk layer.
+    trunk_depth: Number of built-in trunk layers.
+    mixed_precision: "none", or "bfloat16" / "float16": the built-in trunk
+      computes in that dtype with float32 variables, the heads in float32
+      (so outputs and losses are float32). The global Keras policy is left
       alone. A `Trainer` of a float16 model scales its losses (see
-      precision.py).
+      precision.py). Only "none" with a user trunk, whose layers carry
+      their own dtype policies.
+    head_fn: Makes each task's head (default: a linear `Dense` layer of
+      `task.output_size` units).
+    input_dtype: The dtype of the inputs.
 
   Returns:
     The model, with all variables created.
+
+  Raises:
+    ValueError: For mixed precision with a user trunk, or a head whose
+      output does not have `task.output_size` units.
   """
   policy = precision.layer_policy(mixed_precision)
   head_dtype = None if policy is None else "float32"
-  heads = {task.name: tf_keras.layers.Dense(task.output_size,
-                                            name=f"head_{task.name}",
-                                            dtype=head_dtype)
-           for task in tasks}
-  model = SharedTrunkModel(
-      build_trunk(trunk, trunk_width, trunk_depth, dtype=policy), heads,
-      name="shared_trunk_model")
-  model(tf.zeros((1, *input_shape)))  # Creates every variable.
+  if callable(trunk):
+    if policy is not None:
+      raise ValueError(
+          f"mixed_precision={mixed_precision!r} applies to the built-in "
+          "trunks; give the layers of your own trunk a dtype policy instead "
+          "(e.g. dtype=tf_keras.mixed_precision.Policy('mixed_bfloat16'))")
+    trunk_layer = trunk()
+  else:
+    trunk_layer = build_trunk(trunk, trunk_width, trunk_depth, dtype=policy)
+  if head_fn is None:
+    heads = {task.name: tf_keras.layers.Dense(task.output_size,
+                                              name=f"head_{task.name}",
+                                              dtype=head_dtype)
+             for task in tasks}
+  else:
+    heads = {task.name: head_fn(task) for task in tasks}
+  model = SharedTrunkModel(trunk_layer, heads, name="shared_trunk_model")
+  # Creates every variable.
+  outputs = model(tf.zeros((1, *input_shape), input_dtype))
+  for task in tasks:
+    if outputs[task.name].shape[-1] != task.output_size:
+      raise ValueError(
+          f"task {task.name!r}: its head outputs {outputs[task.name].shape[-1]}"
+          f" units, the task needs {task.output_size}")
   return model

@@ -19,6 +19,8 @@ from tensorflow.core.framework import summary_pb2
 # "scalars" plugin. Writing it with core tf.summary.write (what TensorBoard's
 # own tf.summary.scalar does) keeps the tensorboard package optional: it is
 # needed to look at the curves, not to train.
+METRICS_FILE = "metrics.jsonl"
+
 _SCALAR_METADATA = summary_pb2.SummaryMetadata(
     plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
 
@@ -49,8 +51,42 @@ def _write_text_atomic(path: str, text: str) -> None:
     raise
 
 
+def append_json_line(path: str, record: Mapping[str, Any]) -> None:
+  """Appends `record` to a JSON lines file as one line."""
+  with open(path, "a") as f:
+    f.write(json.dumps(record, allow_nan=True) + "\n")
+
+
+def read_json_lines(path: str) -> list[dict[str, Any]]:
+  """The records of a JSON lines file; [] if it does not exist.
+
+  A last line cut short by a crash (or a reader racing a writer) is left
+  out.
+  """
+  if not tf.io.gfile.exists(path):
+    return []
+  records = []
+  with tf.io.gfile.GFile(path) as f:
+    for line in f:
+      try:
+        records.append(json.loads(line))
+      except ValueError:
+        pass
+  return records
+
+
+def write_scalars(writer: tf.summary.SummaryWriter, step: int,
+                  metrics: Mapping[str, float]) -> None:
+  """Writes each metric as a TensorBoard scalar at `step`, then flushes."""
+  with writer.as_default():
+    for name, value in metrics.items():
+      tf.summary.write(name, tf.constant(value, tf.float32), step=step,
+                       metadata=_SCALAR_METADATA)
+  writer.flush()
+
+
 def tensorboard_dir(model_dir: str, split: str) -> str:
-  """The TensorBoard run directory of `split` ("train" or "eval").
+  """The TensorBoard run directory of `split` ("train", "eval", "sidecar").
 
   The train run also holds the profile of --profile_steps, under
   `plugins/profile/`, where TensorBoard's Profile tab finds it.
@@ -72,7 +108,7 @@ class MetricsWriter:
   def __init__(self, model_dir: str, total_steps: int, start_step: int,
                active: bool = True):
     self._active = active
-    self._jsonl_path = os.path.join(model_dir, "metrics.jsonl")
+    self._jsonl_path = os.path.join(model_dir, METRICS_FILE)
     if active and os.path.exists(self._jsonl_path):
       _drop_records_after(self._jsonl_path, start_step)
     self._writers = {
@@ -87,16 +123,10 @@ class MetricsWriter:
     """Records one event's metrics at `step` for `split` ("train"/"eval")."""
     if not self._active:
       return
-    record = {"step": int(step), "split": split,
-              "metrics": {k: float(v) for k, v in metrics.items()}}
-    with open(self._jsonl_path, "a") as f:
-      f.write(json.dumps(record, allow_nan=True) + "\n")
-    writer = self._writers[split]
-    with writer.as_default():
-      for name, value in metrics.items():
-        tf.summary.write(name, tf.constant(value, tf.float32), step=step,
-                         metadata=_SCALAR_METADATA)
-    writer.flush()
+    append_json_line(self._jsonl_path, {
+        "step": int(step), "split": split,
+        "metrics": {k: float(v) for k, v in metrics.items()}})
+    write_scalars(self._writers[split], step, metrics)
 
   def progress(self, step: int, losses: Mapping[str, float],
                examples_per_second: float) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple, Union
 
 import tensorflow as tf
 
@@ -17,6 +17,10 @@ _DEFAULT_LOSS = {CLASSIFICATION: "crossentropy", REGRESSION: "mse"}
 _LOSSES = {CLASSIFICATION: ("crossentropy",), REGRESSION: ("mse", "mae")}
 _DEFAULT_METRICS = {CLASSIFICATION: ("accuracy",), REGRESSION: ("mae",)}
 _METRICS = {CLASSIFICATION: ("accuracy",), REGRESSION: ("mae", "mse")}
+CUSTOM_LOSS = "custom"
+
+# A user loss: (labels, outputs) -> one loss per example, shape [batch].
+LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,8 +33,13 @@ class TaskSpec:
       (float labels of shape [size]).
     num_classes: Class count, for classification.
     size: Output size, for regression.
-    loss: "crossentropy" for classification; "mse" or "mae" for regression.
-      None picks the kind's default.
+    loss: "crossentropy" for classification; "mse" or "mae" for regression;
+      None picks the kind's default. Or a function `loss(labels, outputs)`
+      returning one loss per example, shape [batch], never reduced over the
+      batch (the step averages over the global batch). It gets this task's
+      labels as int32 class ids of shape [batch] (classification) or
+      float32 targets of shape [batch, size] (regression), missing ones
+      replaced by 0 with partial labels, and the head's outputs in float32.
     metrics: Evaluation metrics besides the loss; None picks the kind's
       default (accuracy, or mean absolute error).
     weight: The task's loss weight in joint mode.
@@ -40,7 +49,7 @@ class TaskSpec:
   kind: str
   num_classes: Optional[int] = None
   size: Optional[int] = None
-  loss: Optional[str] = None
+  loss: Union[str, LossFn, None] = None
   metrics: Optional[Tuple[str, ...]] = None
   weight: float = 1.0
 
@@ -56,7 +65,9 @@ class TaskSpec:
     else:
       raise ValueError(f"task {self.name!r}: kind must be {CLASSIFICATION!r} "
                        f"or {REGRESSION!r}, got {self.kind!r}")
-    if self.loss_name not in _LOSSES[self.kind]:
+    if callable(self.loss):
+      pass
+    elif self.loss_name not in _LOSSES[self.kind]:
       raise ValueError(f"task {self.name!r}: loss {self.loss!r} is not one of "
                        f"{_LOSSES[self.kind]} for {self.kind}")
     for metric in self.metric_names:
@@ -71,6 +82,9 @@ class TaskSpec:
 
   @property
   def loss_name(self) -> str:
+    """The built-in loss's name, or "custom" for a loss function."""
+    if callable(self.loss):
+      return CUSTOM_LOSS
     return self.loss or _DEFAULT_LOSS[self.kind]
 
   @property
@@ -160,12 +174,50 @@ class TaskSpec:
       check: Classification: check the labels' range in-graph (see
         `checked_labels`); False for callers that checked them already.
     """
+    if callable(self.loss):
+      return self._custom_loss(labels, outputs, check)
     if self.kind == CLASSIFICATION:
       labels = (self.checked_labels(labels) if check else
                 tf.reshape(tf.cast(labels, tf.int32), [-1]))
       return tf.nn.sparse_softmax_cross_entropy_with_logits(
           labels=labels, logits=outputs)
     return _regression_error(self.loss_name, self._as_matrix(labels), outputs)
+
+  def _custom_loss(self, labels: tf.Tensor, outputs: tf.Tensor,
+                   check: bool) -> tf.Tensor:
+    """The user's loss function on normalised labels, checked for shape."""
+    if self.kind == CLASSIFICATION:
+      labels = (self.checked_labels(labels) if check else
+                tf.reshape(tf.cast(labels, tf.int32), [-1]))
+    else:
+      labels = self._as_matrix(labels)
+    losses = tf.convert_to_tensor(self.loss(labels, tf.cast(outputs,
+                                                           tf.float32)))
+    if losses.shape.rank != 1:
+      raise ValueError(
+          f"task {self.name!r}: its loss function returned shape "
+          f"{losses.shape}; it must return one loss per example, shape "
+          "[batch] (do not reduce over the batch)")
+    return tf.cast(losses, tf.float32)
+
+  def check_loss(self) -> None:
+    """Calls a loss function on a dummy batch of 2 to check what it returns.
+
+    Raises:
+      ValueError: If the loss fails or does not return shape [2].
+    """
+    if not callable(self.loss):
+      return
+    if self.kind == CLASSIFICATION:
+      labels = tf.zeros([2], tf.int32)
+    else:
+      labels = tf.zeros([2, self.size])
+    losses = self.per_example_loss(
+        labels, tf.zeros([2, self.output_size]), check=False)
+    if losses.shape != (2,):
+      raise ValueError(f"task {self.name!r}: its loss function returned "
+                       f"shape {losses.shape} for a batch of 2; it must "
+                       "return one loss per example")
 
   def per_example_metrics(self, labels: tf.Tensor,
                           outputs: tf.Tensor) -> dict[str, tf.Tensor]:

@@ -169,8 +169,7 @@ class Trainer:
     self._train_loop = tf.function(self._train_loop_fn)
     self.last_step_metrics: dict[str, float] = {}
     self.last_skipped = SkippedSteps(0, -1, [], [])
-    self._eval_loop = None
-    self._eval_groups = None
+    self._evaluator = Evaluator(strategy, model, self.tasks)
 
   def checkpoint_items(self) -> dict[str, tf.Module]:
     """The objects a `tf.train.Checkpoint` of this run holds, by name."""
@@ -202,6 +201,20 @@ class Trainer:
     return {f"{name}/loss_scale": precision.loss_scale(optimizer)
             for name, optimizer in self.optimizers.items()}
 
+  def learning_rates(self) -> dict[str, float]:
+    """The current learning rate(s).
+
+    Returns:
+      `{"learning_rate": lr}` for one optimizer, `{"<task>/learning_rate":
+      lr}` per task with per-task optimizers.
+    """
+    def value(optimizer: tf_keras.optimizers.Optimizer) -> float:
+      return float(tf.convert_to_tensor(optimizer.learning_rate).numpy())
+    if not self._per_task_optimizer:
+      return {"learning_rate": value(self.optimizers[self.tasks[0].name])}
+    return {f"{name}/learning_rate": value(optimizer)
+            for name, optimizer in self.optimizers.items()}
+
   @property
   def train_trace_count(self) -> int:
     """How many times the train loop has been traced."""
@@ -210,9 +223,7 @@ class Trainer:
   @property
   def eval_trace_count(self) -> int:
     """How many times the eval loop has been traced (0 before evaluating)."""
-    if self._eval_loop is None:
-      return 0
-    return self._eval_loop.experimental_get_tracing_count()
+    return self._evaluator.trace_count
 
   def _train_loop_fn(self, iterators, num_steps):
     num_tasks = len(self.tasks)
@@ -276,6 +287,38 @@ class Trainer:
                           if not np.isfinite(v)],
         trained=[t.name for t, v in zip(self.tasks, trained) if v])
     return loss_sums.numpy(), counts.numpy()
+
+  def evaluate(self, datasets: Sequence[tf.distribute.DistributedDataset],
+               task_groups: Sequence[Sequence[str]]) -> dict[str, float]:
+    """Evaluates on finite distributed datasets; see `Evaluator.evaluate`."""
+    return self._evaluator.evaluate(datasets, task_groups)
+
+
+class Evaluator:
+  """Evaluates a model on finite distributed datasets in one compiled call."""
+
+  def __init__(self, strategy: tf.distribute.Strategy,
+               model: model_lib.SharedTrunkModel,
+               tasks: Sequence[tasks_lib.TaskSpec]):
+    """Creates the evaluator.
+
+    Args:
+      strategy: The strategy the model was built under.
+      model: The model.
+      tasks: The model's tasks, with their losses and metrics.
+    """
+    self._strategy = strategy
+    self.model = model
+    self.tasks = tuple(tasks)
+    self._eval_loop = None
+    self._eval_groups = None
+
+  @property
+  def trace_count(self) -> int:
+    """How many times the eval loop has been traced (0 before evaluating)."""
+    if self._eval_loop is None:
+      return 0
+    return self._eval_loop.experimental_get_tracing_count()
 
   def evaluate(self, datasets: Sequence[tf.distribute.DistributedDataset],
                task_groups: Sequence[Sequence[str]]) -> dict[str, float]:

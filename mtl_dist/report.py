@@ -1,0 +1,122 @@
+"""report.png: a run's curves, from its metrics.jsonl and evaluations.jsonl.
+
+One row per task: its training and eval loss (left) and its eval metrics
+(right). Below them, in alternate mode, each task's share of the steps of
+every logged interval, and, when they change, the task weights. Needs
+matplotlib (`pip install "mtl_dist[report]"`); training does not.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import tensorflow as tf
+
+from mtl_dist import config as config_lib
+from mtl_dist import evaluation
+from mtl_dist import outputs
+from mtl_dist import saved_run
+
+REPORT_FILE = "report.png"
+
+
+def _series(records: list[dict[str, Any]], split: str,
+            key: str) -> tuple[list[int], list[float]]:
+  points = sorted({r["step"]: r["metrics"][key] for r in records
+                   if r.get("split") == split and key in r["metrics"]}.items())
+  return [p[0] for p in points], [p[1] for p in points]
+
+
+def _read_metrics(model_dir: str) -> list[dict[str, Any]]:
+  path = os.path.join(model_dir, outputs.METRICS_FILE)
+  if not tf.io.gfile.exists(path):
+    raise config_lib.ConfigError(f"--model_dir={model_dir}: has no "
+                                 "metrics.jsonl; is it an mtl-train run?")
+  return outputs.read_json_lines(path)
+
+
+def write_report(model_dir: str, output: Optional[str] = None) -> str:
+  """Draws the run's curves into a PNG.
+
+  Args:
+    model_dir: The run's `--model_dir` (it may still be training).
+    output: The PNG's path; default `model_dir/report.png`.
+
+  Returns:
+    The PNG's path.
+
+  Raises:
+    ConfigError: If matplotlib is missing, or `model_dir` has no metrics.
+  """
+  try:
+    from matplotlib import figure  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise config_lib.ConfigError("the report needs matplotlib: pip install "
+                                 "\"mtl_dist[report]\"") from None
+  records = _read_metrics(model_dir)
+  # The sidecar's evaluations count as eval records too.
+  records += [dict(r, split="sidecar") for r in evaluation.read_evaluations(
+      os.path.join(model_dir, evaluation.EVALUATIONS_FILE))]
+  config = saved_run.read_config(model_dir)
+  tasks = [task.name for task in saved_run.read_model_spec(model_dir).tasks]
+  keys = {key for r in records for key in r["metrics"]}
+  eval_metrics = {task: sorted(k.split("/", 1)[1] for k in keys
+                               if k.startswith(task + "/") and
+                               any(k in r["metrics"] for r in records
+                                   if r["split"] != "train") and
+                               not k.endswith("/loss"))
+                  for task in tasks}
+  weights_change = any(
+      len(set(_series(records, "train", f"{task}/weight")[1])) > 1
+      for task in tasks)
+  extra = [name for name, shown in (("shares", config.mode == "alternate"),
+                                    ("weights", weights_change)) if shown]
+  rows = len(tasks) + len(extra)
+  fig = figure.Figure(figsize=(11, 2.6 * rows), layout="constrained")
+  grid = fig.add_gridspec(rows, 2)
+  fig.suptitle(f"{model_dir}: {config.mode} mode")
+  for row, task in enumerate(tasks):
+    loss_axes = fig.add_subplot(grid[row, 0])
+    for split, label, style in (("train", "train", "-"), ("eval", "eval", "o-"),
+                                ("sidecar", "eval (sidecar)", "s--")):
+      steps, values = _series(records, split, f"{task}/loss")
+      if steps:
+        loss_axes.plot(steps, values, style, label=label, markersize=3)
+    loss_axes.set_title(f"{task}: loss")
+    if all(v > 0 for line in loss_axes.get_lines() for v in line.get_ydata()):
+      loss_axes.set_yscale("log")
+    loss_axes.legend(fontsize="small")
+    metric_axes = fig.add_subplot(grid[row, 1])
+    for metric in eval_metrics[task]:
+      for split, suffix, style in (("eval", "", "o-"),
+                                   ("sidecar", " (sidecar)", "s--")):
+        steps, values = _series(records, split, f"{task}/{metric}")
+        if steps:
+          metric_axes.plot(steps, values, style, label=metric + suffix,
+                           markersize=3)
+    metric_axes.set_title(f"{task}: eval metrics")
+    if metric_axes.get_lines():
+      metric_axes.legend(fontsize="small")
+  for offset, name in enumerate(extra):
+    axes = fig.add_subplot(grid[len(tasks) + offset, :])
+    key = "share" if name == "shares" else "weight"
+    series = [_series(records, "train", f"{task}/{key}") for task in tasks]
+    if key == "share":  # Shares add up to 1: stacked, every task shows.
+      axes.stackplot(series[0][0], *[values for _, values in series],
+                     labels=tasks, alpha=0.8)
+      axes.set_ylim(0, 1)
+      axes.set_title("share of the steps of each logged interval (stacked)")
+    else:
+      for task, (steps, values) in zip(tasks, series):
+        axes.plot(steps, values, label=task)
+      axes.set_title("task loss weights")
+    # Beside the panel: stacked shares fill it.
+    axes.legend(fontsize="small", loc="center left", bbox_to_anchor=(1, 0.5))
+  for axes in fig.axes:
+    axes.set_xlabel("step")
+    axes.grid(alpha=0.3)
+  output = output or os.path.join(model_dir, REPORT_FILE)
+  with tf.io.gfile.GFile(output, "wb") as f:
+    fig.savefig(f, format="png", dpi=90)
+  return output

@@ -1,0 +1,111 @@
+"""The docs run as written: README.md's and docs/api.md's Python examples,
+README.md's shell blocks, and the README's commands match CI."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+README = os.path.join(ROOT, "README.md")
+API_DOC = os.path.join(ROOT, "docs", "api.md")
+CI_SCRIPT = os.path.join(ROOT, ".ci", "run")
+# Marks a shell block the tests do not run, with the reason, right above it.
+_NOT_RUN = re.compile(r"<!-- not run by the tests: (.+?) -->\s*$")
+
+
+def _blocks(path: str, language: str) -> list[tuple[str, str]]:
+  """(the text before the block, the block) for each `language` block."""
+  text = open(path).read()
+  return [(text[:match.start()], match.group(1)) for match in re.finditer(
+      rf"^ *```{language}\n(.*?)^ *```", text, flags=re.DOTALL | re.MULTILINE)]
+
+
+def _fresh_machine_commands() -> list[str]:
+  return [block.strip() for _, block in _blocks(README, "sh")
+          if block.strip().startswith("python3 -m venv")]
+
+
+@pytest.mark.parametrize("path", [README, API_DOC],
+                         ids=["README.md", "docs/api.md"])
+def test_python_examples_run(path, tmp_path, monkeypatch, capsys):
+  (example,) = [block for _, block in _blocks(path, "python")]
+  monkeypatch.chdir(tmp_path)
+  exec(compile(example, path, "exec"), {})  # pylint: disable=exec-used
+  printed = capsys.readouterr().out
+  assert "accuracy" in printed
+  assert list((tmp_path / "runs").glob("*/summary.json"))
+
+
+def test_readme_shows_two_fresh_machine_commands_and_ci_runs_the_tests():
+  commands = _fresh_machine_commands()
+  assert len(commands) == 2
+  install_and_train, install_and_test = commands
+  assert "mtl-train" in install_and_train
+  test_command = install_and_test.split("&&")[-1].strip()
+  ci_lines = [line.strip() for line in open(CI_SCRIPT)
+              if line.strip() and not line.lstrip().startswith("#")]
+  assert test_command in ci_lines
+  assert 'pip install -e ".[test]"' in ci_lines
+
+
+def test_every_launcher_flag_is_in_the_readme_table():
+  source = open(os.path.join(ROOT, "launch", "train.py")).read()
+  names = re.findall(r'flags\.DEFINE_\w+\(\s*"(\w+)"', source)
+  assert len(names) > 40
+  table = "".join(line.split("|")[1] for line in open(README)
+                  if line.startswith("| `--"))
+  missing = [name for name in names
+             if not re.search(rf"`--(\[no\])?{name}`", table)]
+  assert not missing
+
+
+def _runnable_readme_blocks() -> tuple[list[str], list[str]]:
+  """The README's shell blocks to run, in order, and the reasons of the rest.
+
+  The fresh-machine commands run from their `pip install` on: creating the
+  environment and installing is what CI's `.ci/run` does (checked above),
+  and the test command is the suite this test is part of.
+  """
+  runnable, reasons = [], []
+  for before, block in _blocks(README, "sh"):
+    marker = _NOT_RUN.search(before)
+    if marker:
+      reasons.append(marker.group(1))
+      continue
+    if block.strip().startswith("python3 -m venv"):
+      after_install = block.strip().split("&&")[3:]
+      if "pytest" not in block:
+        runnable.append("&&".join(after_install))
+      continue
+    runnable.append(block)
+  return runnable, reasons
+
+
+def test_every_readme_shell_block_runs_or_says_why_not():
+  runnable, reasons = _runnable_readme_blocks()
+  assert len(runnable) >= 4
+  for reason in reasons:  # Only what this machine cannot give.
+    assert re.search(r"network|cluster|GPU", reason), reason
+
+
+@pytest.mark.slow
+def test_readme_shell_blocks_run_as_written(tmp_path):
+  """Each block runs in the checkout with bash -e, in README order (later
+  blocks use earlier blocks' runs); /tmp/ is this test's scratch directory."""
+  runnable, _ = _runnable_readme_blocks()
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
+             PATH=os.path.dirname(sys.executable) + os.pathsep +
+             os.environ["PATH"])
+  scratch = f"{tmp_path}/"
+  for block in runnable:
+    script = block.replace("/tmp/", scratch)
+    done = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", script],
+                          cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert done.returncode == 0, (block, done.stderr[-3000:])
+  assert (tmp_path / "mtl_shapes" / "report.png").exists()
+  assert (tmp_path / "predictions.jsonl").read_text().count("\n") == 8
+  assert (tmp_path / "mtl_side" / "evaluations.jsonl").exists()
