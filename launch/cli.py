@@ -8,17 +8,35 @@ from typing import Callable, NoReturn
 from absl import flags
 
 
+_HELP_FLAGS = {"--help", "-help", "--helpfull", "-helpfull", "--helpshort",
+               "-helpshort", "--helpxml", "-helpxml", "-?", "-h"}
+
+
 def fail(program: str, message: str, status: int = 2) -> NoReturn:
   """Writes `<program>: error: <message>` to stderr and exits `status`."""
   sys.stderr.write(f"{program}: error: {message}\n")
   sys.exit(status)
 
 
+def runtime_failure(error: BaseException) -> str:
+  """One line for a failure while running: a file or TensorFlow error."""
+  message = str(getattr(error, "message", None) or error).strip()
+  lines = message.splitlines() or [""]
+  return f"{type(error).__name__}: {lines[0][:300]}"
+
+
+def refuse_arguments(program: str, argv: list[str]) -> None:
+  """Exits 2 if positional arguments follow the flags (absl leaves them)."""
+  if len(argv) > 1:
+    fail(program, f"unexpected arguments: {' '.join(argv[1:])}")
+
+
 def flags_parser(program: str) -> Callable[[list[str]], list[str]]:
   """An absl `flags_parser` that exits 2 with one line on a bad flag.
 
   absl's own parser exits 1 with the usage text; a bad flag is a
-  configuration error (status 2).
+  configuration error (status 2). Asking for help (--help, --helpfull)
+  exits 0, not absl's 1.
   """
 
   def parse(argv: list[str]) -> list[str]:
@@ -26,5 +44,9 @@ def flags_parser(program: str) -> Callable[[list[str]], list[str]]:
       return flags.FLAGS(argv)
     except flags.Error as e:
       fail(program, str(e))
+    except SystemExit as e:  # absl exits 1 after printing the help.
+      if e.code == 1 and _HELP_FLAGS.intersection(argv[1:]):
+        sys.exit(0)
+      raise
 
   return parse

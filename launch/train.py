@@ -219,6 +219,11 @@ _PROFILE_STEPS = flags.DEFINE_list(
     "steps A to B (1-based, inclusive) to <model_dir>/tensorboard/train/"
     "plugins/profile/ (the chief only in a multi-worker run).")
 
+_EXPORT_DIR = flags.DEFINE_string(
+    "export_dir", None, "At the end, write the trained model here as a "
+    "SavedModel with a serving signature per task and serving_default "
+    "(what mtl-export writes); an earlier export there is replaced.")
+
 flags.mark_flag_as_required("model_dir")
 
 
@@ -293,12 +298,12 @@ def _config_from_flags() -> mtl_dist.TrainConfig:
       log_every=_LOG_EVERY.value, seed=_SEED.value,
       deterministic=_DETERMINISTIC.value, on_nonfinite=_ON_NONFINITE.value,
       jit_compile=_JIT_COMPILE.value,
-      mixed_precision=_MIXED_PRECISION.value, profile_steps=profile_steps)
+      mixed_precision=_MIXED_PRECISION.value, profile_steps=profile_steps,
+      export_dir=_EXPORT_DIR.value)
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    cli.fail(_PROGRAM, f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.refuse_arguments(_PROGRAM, argv)
   if logging.get_verbosity() < logging.DEBUG:
     # TensorFlow's own INFO lines (one per collective set-up under
     # MultiWorkerMirroredStrategy) drown the progress lines; --v=1 shows them.

@@ -1,0 +1,58 @@
+"""mtl-export: writes a trained run as a SavedModel with serving signatures.
+
+Examples:
+  mtl-export --model_dir=/tmp/mtl --export_dir=/tmp/mtl_export
+  mtl-export --model_dir=/tmp/mtl --checkpoint=500 --export_dir=/tmp/e500
+
+The SavedModel has a signature per task plus serving_default (every task);
+loading it needs TensorFlow only: tf.saved_model.load(EXPORT_DIR).
+
+Exit status: 0 on success, 2 for bad flags, a model_dir without a readable
+checkpoint, or an export_dir that holds something else; 1 when reading or
+writing fails (a file system or TensorFlow error), with one line.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+
+import tensorflow as tf
+
+from launch import cli
+import mtl_dist
+
+_PROGRAM = "mtl-export"
+
+_MODEL_DIR = flags.DEFINE_string("model_dir", None,
+                                 "The --model_dir of an mtl-train run.")
+_EXPORT_DIR = flags.DEFINE_string(
+    "export_dir", None, "Where the SavedModel goes; an earlier export there "
+    "is replaced, any other non-empty directory is refused.")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "A step number or checkpoint prefix (default: the "
+    "newest readable checkpoint).")
+flags.mark_flags_as_required(["model_dir", "export_dir"])
+
+
+def main(argv: list[str]) -> None:
+  cli.refuse_arguments(_PROGRAM, argv)
+  try:
+    path = mtl_dist.export_run(_MODEL_DIR.value, _EXPORT_DIR.value,
+                               checkpoint=_CHECKPOINT.value)
+  except mtl_dist.ConfigError as e:
+    cli.fail(_PROGRAM, str(e))
+  except (tf.errors.OpError, OSError) as e:  # Files, data, checkpoints.
+    cli.fail(_PROGRAM, cli.runtime_failure(e), status=1)
+  print(f"{_PROGRAM}: exported {path} to {_EXPORT_DIR.value}")
+
+
+def run() -> None:
+  """Console-script entry point."""
+  app.run(main, flags_parser=cli.flags_parser(_PROGRAM))
+
+
+if __name__ == "__main__":
+  run()

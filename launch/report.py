@@ -1,0 +1,50 @@
+"""mtl-report: draws a run's training and eval curves into report.png.
+
+Example:
+  mtl-report --model_dir=/tmp/mtl          # writes /tmp/mtl/report.png
+
+Needs matplotlib: pip install "mtl_dist[report]". Exit status: 0 on
+success, 2 for bad flags, a model_dir without metrics, or no matplotlib;
+1 when writing the PNG fails.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+
+import tensorflow as tf
+
+from launch import cli
+import mtl_dist
+
+_PROGRAM = "mtl-report"
+
+_MODEL_DIR = flags.DEFINE_string("model_dir", None,
+                                 "The --model_dir of an mtl-train run.")
+_OUTPUT = flags.DEFINE_string("output", None,
+                              "The PNG to write (default: "
+                              "<model_dir>/report.png).")
+flags.mark_flag_as_required("model_dir")
+
+
+def main(argv: list[str]) -> None:
+  cli.refuse_arguments(_PROGRAM, argv)
+  try:
+    path = mtl_dist.write_report(_MODEL_DIR.value, _OUTPUT.value)
+  except mtl_dist.ConfigError as e:
+    cli.fail(_PROGRAM, str(e))
+  except (tf.errors.OpError, OSError) as e:  # Files, data, checkpoints.
+    cli.fail(_PROGRAM, cli.runtime_failure(e), status=1)
+  print(f"{_PROGRAM}: wrote {path}")
+
+
+def run() -> None:
+  """Console-script entry point."""
+  app.run(main, flags_parser=cli.flags_parser(_PROGRAM))
+
+
+if __name__ == "__main__":
+  run()
