@@ -87,6 +87,16 @@ def build_trainer(shapes_arrays):
   return build
 
 
+def event_tags(directory: str) -> set[str]:
+  """The summary tags of every TensorBoard event file in `directory`."""
+  tags = set()
+  for name in os.listdir(directory):
+    for event in tf.compat.v1.train.summary_iterator(
+        os.path.join(directory, name)):
+      tags.update(value.tag for value in event.summary.value)
+  return tags
+
+
 def snapshot(variables) -> list[np.ndarray]:
   """Copies of the variables' current values."""
   return [np.array(v.numpy(), copy=True) for v in variables]

@@ -115,8 +115,9 @@ def test_quick_run_measures_every_comparison_and_updates_the_doc(tmp_path):
         assert verdict["outcome"] == (
             "met" if verdict["ratio"] >= verdict["target"] else "missed")
   targets = [v for s in sections for v in s["verdicts"] if v["target"]]
-  # 1(a), 1(b) twice, 2 at two sizes x 2 task counts x 2, 3 at two sizes, 4.
-  assert len(targets) == 1 + 2 + 8 + 2 + 1
+  # --quick measures one model size per comparison: 1(b) twice, 2 at one
+  # size x 2 task counts x 2, 3 at one size, 4.
+  assert len(targets) == 2 + 4 + 1 + 1
   with pytest.raises(ValueError, match="a cost"):
     harness.Claim("cost", "a", "b", target=1.0, invert=True)
   text = doc.read_text()

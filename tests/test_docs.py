@@ -65,9 +65,9 @@ def test_every_launcher_flag_is_in_the_readme_table():
 def _runnable_readme_blocks() -> tuple[list[str], list[str]]:
   """The README's shell blocks to run, in order, and the reasons of the rest.
 
-  The fresh-machine commands run from their `pip install` on: creating the
-  environment and installing is what CI's `.ci/run` does (checked above),
-  and the test command is the suite this test is part of.
+  Of the fresh-machine commands, what follows `pip install` runs: creating
+  the environment and installing is what CI's `.ci/run` does (checked
+  above), and the test command is the suite this test is part of.
   """
   runnable, reasons = [], []
   for before, block in _blocks(README, "sh"):

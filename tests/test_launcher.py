@@ -1,4 +1,4 @@
-"""The mtl-train launcher end to end, in subprocesses."""
+"""The mtl-train launcher end to end, in subprocesses; resumes also in process."""
 
 import json
 import re
@@ -8,6 +8,9 @@ import sys
 
 import pytest
 import tensorflow as tf
+
+from conftest import event_tags
+import mtl_dist
 
 pytestmark = pytest.mark.slow
 
@@ -26,15 +29,6 @@ def run_launcher(*flags: str, timeout: float = 300) -> subprocess.CompletedProce
 def read_jsonl(path: str) -> list[dict]:
   with open(path) as f:
     return [json.loads(line) for line in f]
-
-
-def event_tags(directory: str) -> set[str]:
-  tags = set()
-  for name in os.listdir(directory):
-    for event in tf.compat.v1.train.summary_iterator(
-        os.path.join(directory, name)):
-      tags.update(value.tag for value in event.summary.value)
-  return tags
 
 
 def test_joint_end_to_end_then_resume(tmp_path):
@@ -73,8 +67,10 @@ def test_joint_end_to_end_then_resume(tmp_path):
   assert any(n.startswith("model/trunk/") for n in names)
   for task in ("shape", "x"):
     assert any(n.startswith(f"model/heads/{task}/") for n in names)
-  assert {"shape/loss", "x/loss", "examples_per_second"} <= event_tags(
-      os.path.join(model_dir, "tensorboard", "train"))
+  # Per-task loss, weight and step share, the learning rate and the speed.
+  assert {"shape/loss", "x/loss", "shape/weight", "x/share", "learning_rate",
+          "examples_per_second"} <= event_tags(
+              os.path.join(model_dir, "tensorboard", "train"))
   assert {"shape/accuracy", "y/mae"} <= event_tags(
       os.path.join(model_dir, "tensorboard", "eval"))
 
@@ -115,6 +111,11 @@ def test_alternate_end_to_end(tmp_path):
   train = [r for r in read_jsonl(os.path.join(model_dir, "metrics.jsonl"))
            if r["split"] == "train"]
   assert train[-1]["metrics"]["shape/steps"] == 150
+  # One optimizer per task: a learning rate per task.
+  assert {"shape/share", "y/share", "shape/learning_rate", "y/learning_rate",
+          "x/loss", "examples_per_second"} <= event_tags(
+              os.path.join(model_dir, "tensorboard", "train"))
+  assert train[-1]["metrics"]["x/learning_rate"] == pytest.approx(1e-3)
 
 
 @pytest.mark.parametrize("schedule", ["temperature", "annealed"])
@@ -125,22 +126,25 @@ def test_sampled_schedule_resumes_with_the_same_choices(tmp_path, schedule):
   its first --train_steps and keeps it in the checkpoint; the uninterrupted
   run states the same plan with --anneal_epochs=5.
   """
-  flags = ["--mode=alternate", "--tasks=shape,x,y", f"--schedule={schedule}",
-           "--task_sizes=shape=3000,x=600,y=150", "--seed=11", *_SMALL]
-  whole_flags = []
+  # In process: the launcher's flags map onto these fields one to one.
+  settings = dict(mode="alternate", tasks=["shape", "x", "y"],
+                  schedule=schedule, task_sizes={"shape": 3000, "x": 600,
+                                                 "y": 150},
+                  seed=11, num_cpu_devices=2, trunk_width=64,
+                  steps_per_loop=50, log_every=100, eval_every=150,
+                  checkpoint_every=150, eval_examples=1024)
+  whole_settings = {}
   if schedule == "temperature":
-    flags.append("--temperature=1.5")
+    settings["temperature"] = 1.5
   else:
-    flags.append("--steps_per_epoch=30")
-    whole_flags.append("--anneal_epochs=5")
+    settings["steps_per_epoch"] = 30
+    whole_settings["anneal_epochs"] = 5
   whole_dir, split_dir = str(tmp_path / "whole"), str(tmp_path / "split")
-  whole = run_launcher(f"--model_dir={whole_dir}", "--train_steps=300",
-                       *flags, *whole_flags)
-  assert whole.returncode == 0, whole.stderr[-3000:]
+  mtl_dist.train(mtl_dist.TrainConfig(model_dir=whole_dir, train_steps=300,
+                                      **settings, **whole_settings))
   for steps in (150, 300):
-    part = run_launcher(f"--model_dir={split_dir}", f"--train_steps={steps}",
-                        *flags)
-    assert part.returncode == 0, part.stderr[-3000:]
+    mtl_dist.train(mtl_dist.TrainConfig(model_dir=split_dir,
+                                        train_steps=steps, **settings))
   whole_summary = json.load(open(os.path.join(whole_dir, "summary.json")))
   split_summary = json.load(open(os.path.join(split_dir, "summary.json")))
   assert split_summary["task_steps"] == whole_summary["task_steps"]
@@ -191,22 +195,6 @@ def test_toy_regression_table_script_runs(tmp_path):
   for row in ("| static |", "| gradnorm |", "| pcgrad |"):
     assert row in text
   assert "GradNorm" in text and "static weighting here" in text
-
-
-def test_flagfiles_parse(tmp_path):
-  """The shipped flagfiles are valid (run shortened to one loop)."""
-  configs = os.path.join(os.path.dirname(__file__), "..", "launch", "configs")
-  for name in ("joint", "alternate"):
-    model_dir = str(tmp_path / name)
-    result = run_launcher(f"--flagfile={os.path.join(configs, name)}.flags",
-                          f"--model_dir={model_dir}", "--train_steps=50",
-                          "--eval_steps=2", "--task_sizes=shape=256,x=256"
-                          if name == "alternate" else "--train_examples=512",
-                          "--tasks=shape,x", "--task_weights=shape=1,x=1"
-                          if name == "joint" else "--seed=0")
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.load(open(os.path.join(model_dir, "summary.json")))
-    assert summary["mode"] == name and summary["replicas"] == 2
 
 
 @pytest.mark.parametrize("flags, named", [

@@ -57,11 +57,16 @@ def test_mixed_precision_trains_with_float32_state(build_trainer, dtype,
 def test_two_replicas_match_one_device_loosely(build_trainer, dtype, atol,
                                                mode):
   # Half-size batches round differently in the low dtype: bfloat16 keeps 8
-  # mantissa bits, float16 11.
+  # mantissa bits, float16 11. At the fixture's SGD step of 0.1 such
+  # rounding grows chaotically for some initial weights (losses 25% apart
+  # after 6 steps for 2 of 6 seeds); at 0.03 every seed agrees to 1e-2.
+  tf_keras.utils.set_random_seed(0)
   single, single_its, _, _ = build_trainer(1, mode, TASKS,
-                                           mixed_precision=dtype)
+                                           mixed_precision=dtype,
+                                           learning_rate=0.03)
   initial = single.model.get_weights()
   multi, multi_its, _, _ = build_trainer(2, mode, TASKS, mixed_precision=dtype,
+                                         learning_rate=0.03,
                                          initial_weights=initial)
   want = _mean_losses(single.train(single_its, 6))
   got = _mean_losses(multi.train(multi_its, 6))

@@ -114,9 +114,9 @@ def _latest_step(model_dir: str) -> int:
 def test_dead_worker_fails_the_other_and_a_restart_resumes(tmp_path, victim):
   survivor = 1 - victim
   model_dir = str(tmp_path / "run")
-  flags = [f"--model_dir={model_dir}", "--train_steps=2000",
+  flags = [f"--model_dir={model_dir}", "--train_steps=1000",
            "--checkpoint_every=100", "--steps_per_loop=50", "--log_every=100",
-           "--eval_every=2000", "--eval_examples=256", "--trunk_width=32"]
+           "--eval_every=1000", "--eval_examples=256", "--trunk_width=32"]
   workers = start_workers(tmp_path, ["-m", "launch.train", *flags])
   try:
     deadline = time.monotonic() + 120
@@ -140,7 +140,7 @@ def test_dead_worker_fails_the_other_and_a_restart_resumes(tmp_path, victim):
                        stderr[-3000:])
   assert "run the same command on all workers to resume" in stderr
   saved_step = _latest_step(model_dir)
-  assert 0 < saved_step < 2000
+  assert 0 < saved_step < 1000
   assert "ckpt-" in stderr
 
   # The same command again, through mtl-local-cluster, resumes from it.
@@ -149,11 +149,11 @@ def test_dead_worker_fails_the_other_and_a_restart_resumes(tmp_path, victim):
   assert f"Resuming from {model_dir}/checkpoints/ckpt-{saved_step} at step " \
          f"{saved_step}" in restart.stdout
   summary = json.load(open(os.path.join(model_dir, "summary.json")))
-  assert summary["step"] == 2000
+  assert summary["step"] == 1000
   steps = [json.loads(line)["step"]
            for line in open(os.path.join(model_dir, "metrics.jsonl"))
            if json.loads(line)["split"] == "train"]
-  assert steps[-1] == 2000
+  assert steps[-1] == 1000
 
 
 _STALLING_WORKER = """

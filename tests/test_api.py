@@ -1,0 +1,154 @@
+"""The Python API with the user's own data, trunk, heads and losses."""
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras
+
+import mtl_dist
+from mtl_dist import shapes
+
+_TASKS = {task.name: task for task in shapes.TASKS}
+
+
+def _data(task_names, mode="joint", examples=256, as_dataset=False,
+          tasks=None):
+  """shapes examples as the user's own data, in memory or as tf.data."""
+  features, labels = shapes.generate(examples * len(task_names), seed=4)
+  tasks = tasks or tuple(_TASKS[name] for name in task_names)
+
+  def source(part, names):
+    if not as_dataset:
+      return mtl_dist.source_from_arrays(
+          features[part], {k: v[part] for k, v in labels.items()}, names)
+    dataset = tf.data.Dataset.from_tensor_slices(
+        (features[part], {name: labels[name][part] for name in names}))
+    return mtl_dist.source_from_dataset(dataset, names)
+
+  if mode == "joint":
+    train = (source(slice(0, examples), list(task_names)),)
+  else:
+    train = tuple(source(slice(i * examples, (i + 1) * examples), [name])
+                  for i, name in enumerate(task_names))
+  return mtl_dist.MultiTaskData(tasks=tasks, input_shape=features.shape[1:],
+                                train=train, eval=train)
+
+
+def _config(tmp_path, name, **settings):
+  settings = dict(dict(train_steps=20, steps_per_loop=10,
+                       strategy="one_device"), **settings)
+  return mtl_dist.TrainConfig(model_dir=str(tmp_path / name), **settings)
+
+
+def test_a_loss_function_trains_like_the_same_built_in_loss(tmp_path):
+  def mse(labels, outputs):
+    labels = tf.reshape(tf.cast(labels, tf.float32), tf.shape(outputs))
+    return tf.reduce_mean(tf.square(outputs - labels), axis=-1)
+
+  def xent(labels, logits):
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+
+  custom = (dataclasses.replace(_TASKS["shape"], loss=xent),
+            dataclasses.replace(_TASKS["x"], loss=mse))
+  builtin = _data(["shape", "x"])
+  summaries = [
+      mtl_dist.train(_config(tmp_path, "builtin", seed=3), data=builtin),
+      mtl_dist.train(_config(tmp_path, "custom", seed=3),
+                     data=dataclasses.replace(builtin, tasks=custom))]
+  for task in ("shape", "x"):
+    for metric, value in summaries[0]["eval"][task].items():
+      np.testing.assert_allclose(summaries[1]["eval"][task][metric], value,
+                                 rtol=1e-5)
+  spec = json.load(open(tmp_path / "custom" / "model.json"))
+  assert spec["custom_losses"] == ["shape", "x"] and spec["custom_data"]
+
+
+def test_user_datasets_trunk_and_heads_in_alternate_mode_on_two_replicas(
+    tmp_path):
+  def trunk_fn():
+    return tf_keras.Sequential([tf_keras.layers.Conv2D(4, 3, strides=2),
+                                tf_keras.layers.Flatten(),
+                                tf_keras.layers.Dense(16, activation="relu")])
+
+  def head_fn(task):
+    return tf_keras.layers.Dense(task.output_size, name=f"mine_{task.name}")
+
+  data = _data(["shape", "y"], mode="alternate", as_dataset=True)
+  config = _config(tmp_path, "run", mode="alternate", num_cpu_devices=2,
+                   strategy="mirrored", task_weights={"shape": 3, "y": 1},
+                   schedule="weights", train_steps=40)
+  summary = mtl_dist.train(config, data=data, trunk_fn=trunk_fn,
+                           head_fn=head_fn)
+  assert summary["replicas"] == 2 and sum(summary["task_steps"].values()) == 40
+  assert summary["task_steps"]["shape"] > summary["task_steps"]["y"]
+  names = [n for n, _ in tf.train.list_variables(
+      os.path.join(config.model_dir, "checkpoints"))]
+  assert any("heads/y/" in n for n in names)
+  spec = json.load(open(os.path.join(config.model_dir, "model.json")))
+  assert spec["trunk"] == "custom" and spec["custom_heads"]
+  # A resume rebuilds the same pieces and continues.
+  longer = dataclasses.replace(config, train_steps=60)
+  resumed = mtl_dist.train(longer, data=data, trunk_fn=trunk_fn,
+                           head_fn=head_fn)
+  assert sum(resumed["task_steps"].values()) == 60
+
+
+def test_source_from_dataset():
+  features = np.zeros((10, 4), np.float32)
+  labels = np.arange(10, dtype=np.int32) % 3
+  plain = tf.data.Dataset.from_tensor_slices((features, labels))
+  source = mtl_dist.source_from_dataset(plain, ["a"])
+  assert source.num_examples == 10 and source.task_names == ("a",)
+  element = next(iter(source.make_dataset()))
+  assert set(element[1]) == {"a"}
+  # Unknown cardinality is counted; a function is called per pipeline.
+  filtered = lambda: plain.filter(lambda x, y: y < 2)  # noqa: E731
+  assert mtl_dist.source_from_dataset(filtered, ["a"]).num_examples == 7
+  with pytest.raises(ValueError, match="infinite"):
+    mtl_dist.source_from_dataset(plain.repeat(), ["a"])
+  with pytest.raises(ValueError, match="exactly one task"):
+    mtl_dist.source_from_dataset(plain, ["a", "b"])
+  labelled = tf.data.Dataset.from_tensor_slices((features, {"a": labels}))
+  with pytest.raises(ValueError, match=r"lack task\(s\) \['b'\]"):
+    mtl_dist.source_from_dataset(labelled, ["a", "b"])
+  with pytest.raises(ValueError, match="pairs"):
+    mtl_dist.source_from_dataset(tf.data.Dataset.range(3), ["a"])
+
+
+def test_what_does_not_fit_is_refused_before_anything_is_written(tmp_path):
+  joint = _data(["shape", "x"])
+  alternate = _data(["shape", "x"], mode="alternate")
+  cases = [
+      (_config(tmp_path, "a", mode="alternate"), joint, {},
+       "alternate mode trains from one source per task"),
+      (_config(tmp_path, "b"), alternate, {},
+       "joint mode trains from one source labelled for every task"),
+      (_config(tmp_path, "c", dataset="toy_regression"), joint, {},
+       "--dataset=toy_regression: describes a built-in dataset"),
+      (_config(tmp_path, "d", tasks=["x"]), joint, {},
+       "--tasks=x: the given data trains shape,x"),
+      (_config(tmp_path, "e", trunk="conv"), joint,
+       {"trunk_fn": tf_keras.layers.Flatten},
+       "--trunk=conv: describes the built-in trunk"),
+      (_config(tmp_path, "f"), joint,
+       {"head_fn": lambda task: tf_keras.layers.Dense(2)},
+       "task 'shape': its head outputs 2 units, the task needs 3"),
+      (_config(tmp_path, "g"),
+       dataclasses.replace(joint, eval=joint.eval[:0]), {},
+       r"no eval data for \['shape', 'x'\]"),
+      (_config(tmp_path, "h", task_weights={"shpae": 2.0}), joint, {},
+       "--task_weights: 'shpae' is not a trained task"),
+      (_config(tmp_path, "i"), dataclasses.replace(joint, tasks=(
+          _TASKS["shape"], dataclasses.replace(
+              _TASKS["x"], loss=lambda y, o: tf.reduce_mean((y - o) ** 2))))
+       , {}, r"task 'x': its loss function fails on a batch of 2 \(ValueError"
+       r".*returned shape \(\)"),
+  ]
+  for config, data, functions, message in cases:
+    with pytest.raises(mtl_dist.ConfigError, match=message):
+      mtl_dist.train(config, data=data, **functions)
+    assert not os.path.exists(config.model_dir)
