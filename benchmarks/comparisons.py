@@ -60,7 +60,7 @@ def _task_sources(num_examples: int, task_names):
 
 
 def _examples(settings: harness.Settings) -> int:
-  return 4096 if settings.quick else 16384
+  return 2048 if settings.quick else 16384
 
 
 def joint_fit(settings: harness.Settings,
@@ -72,20 +72,20 @@ def joint_fit(settings: harness.Settings,
   source = mtl_dist.source_from_arrays(features, labels, shapes.TASK_NAMES)
   shape = features.shape[1:]
   tables, verdicts = [], []
-  for size, steps, claims in (
+  for size, steps, claims in settings.sizes((
       (COMPUTE_BOUND, settings.steps(200, 50), [
           Claim("mtl_dist joint / fit (steps_per_execution=1)", "mtl_dist",
                 "fit spe=1", 1.0),
           Claim(f"mtl_dist joint / fit (steps_per_execution="
                 f"{STEPS_PER_LOOP})", "mtl_dist", f"fit spe={STEPS_PER_LOOP}")
       ]),
-      (OVERHEAD_BOUND, settings.steps(2000, 500), [
+      (OVERHEAD_BOUND, settings.steps(2000, 250), [
           Claim("mtl_dist joint / fit (steps_per_execution=1)", "mtl_dist",
                 "fit spe=1", 1.5),
           Claim(f"mtl_dist joint / fit (steps_per_execution="
                 f"{STEPS_PER_LOOP})", "mtl_dist", f"fit spe={STEPS_PER_LOOP}",
                 1.0)
-      ])):
+      ])), quick=1):
     _log(f"{size.describe()}, {steps} steps per segment")
     rivals = [
         contenders_lib.TrainerContender("mtl_dist", strategy, tasks, [source],
@@ -97,7 +97,8 @@ def joint_fit(settings: harness.Settings,
                                     tasks, (features, labels), shape, size,
                                     steps_per_execution=STEPS_PER_LOOP),
     ]
-    results = harness.measure(rivals, steps, settings.repeats, log=_log)
+    results = harness.measure(rivals, steps, settings.repeats, log=_log,
+                              warm_up=settings.warm_up)
     tables.append((f"**{size.describe()}**", results, "examples/s"))
     verdicts += [harness.judge(results, dataclasses.replace(
         claim, label=f"{size.describe()}: {claim.label}")) for claim in claims]
@@ -120,8 +121,9 @@ def alternate(settings: harness.Settings,
   examples = _examples(settings) // 4
   task_lists = (["shape", "x"], ["shape", "scale", "x", "y"])
   tables, verdicts = [], []
-  for size, steps in ((OVERHEAD_BOUND, settings.steps(2000, 400)),
-                      (DEFAULT, settings.steps(1000, 200))):
+  for size, steps in settings.sizes(
+      ((OVERHEAD_BOUND, settings.steps(2000, 200)),
+       (DEFAULT, settings.steps(1000, 100))), quick=0):
     rivals = [
         contenders_lib.TrainerContender(
             "single task", strategy, [_TASKS["shape"]],
@@ -141,7 +143,8 @@ def alternate(settings: harness.Settings,
               (32, 32, 1), size),
       ]
     _log(f"{size.describe()}, {steps} steps per segment")
-    results = harness.measure(rivals, steps, settings.repeats, log=_log)
+    results = harness.measure(rivals, steps, settings.repeats, log=_log,
+                              warm_up=settings.warm_up)
     tables.append((f"**{size.describe()}**", results, "examples/s"))
     for names in task_lists:
       count = len(names)
@@ -212,8 +215,9 @@ def input_pipeline(settings: harness.Settings,
     images = np.round(images * 255).astype(np.float32) / 255
     memory = [mtl_dist.source_from_arrays(images, labels, [name])
               for name in ("shape", "x")]
-    for size, steps in ((DEFAULT, settings.steps(1000, 200)),
-                        (COMPUTE_BOUND, settings.steps(200, 50))):
+    for size, steps in settings.sizes(
+        ((DEFAULT, settings.steps(1000, 100)),
+         (COMPUTE_BOUND, settings.steps(200, 50))), quick=0):
       rivals = [
           contenders_lib.TrainerContender(
               "TFRecord files (TFDS)", strategy, files.tasks, files.train,
@@ -229,7 +233,8 @@ def input_pipeline(settings: harness.Settings,
               size, mode="alternate", steps_per_loop=STEPS_PER_LOOP),
       ]
       _log(f"{size.describe()}, {steps} steps per segment")
-      results = harness.measure(rivals, steps, settings.repeats, log=_log)
+      results = harness.measure(rivals, steps, settings.repeats, log=_log,
+                                warm_up=settings.warm_up)
       tables.append((f"**{size.describe()}**", results, "examples/s"))
       verdicts += [
           harness.judge(results, Claim(
@@ -271,7 +276,8 @@ def flops(settings: harness.Settings,
                                            shapes_of_step)]
   _log(f"{size.describe()}: {flops_per_step / 1e9:.2f} GFLOP of matmuls per "
        f"step, {steps} steps per segment")
-  results = harness.measure(rivals, steps, settings.repeats, log=_log)
+  results = harness.measure(rivals, steps, settings.repeats, log=_log,
+                            warm_up=settings.warm_up)
   return harness.Section(
       "flops", "4. Hardware efficiency: FLOP/s against bare matmuls",
       f"Joint mode, {size.describe()}, five heads, one device. A training "
@@ -291,14 +297,15 @@ def scaling(settings: harness.Settings,
   """5: MirroredStrategy at 1, 2 and 4 replicas; 2 workers on localhost."""
   tasks = list(shapes.TASKS)
   size = ModelSize(width=256, depth=2, global_batch_size=256)
-  steps = settings.steps(500, 100)
+  steps = settings.steps(500, 50)
   source = _joint_source(_examples(settings), shapes.TASK_NAMES)
   rivals = [contenders_lib.TrainerContender(
       f"{replicas} replica{'s' if replicas > 1 else ''}",
       make_strategy(replicas), tasks, [source], (32, 32, 1), size,
       steps_per_loop=STEPS_PER_LOOP) for replicas in (1, 2, 4)]
   _log(f"{size.describe()}, {steps} steps per segment")
-  in_process = harness.measure(rivals, steps, settings.repeats, log=_log)
+  in_process = harness.measure(rivals, steps, settings.repeats, log=_log,
+                               warm_up=settings.warm_up)
   launcher_flags = [
       "--mode=joint", f"--trunk_width={size.width}",
       f"--trunk_depth={size.depth}",
@@ -315,7 +322,8 @@ def scaling(settings: harness.Settings,
           size.global_batch_size, num_workers=2),
   ]
   _log("launcher runs, one whole run per segment")
-  cluster = harness.measure(launched, steps, settings.repeats, log=_log)
+  cluster = harness.measure(launched, steps, settings.repeats, log=_log,
+                            warm_up=settings.warm_up)
   claims = [Claim(f"{r.name} / 1 replica", r.name, "1 replica")
             for r in in_process[1:]]
   cluster_claim = Claim("2 workers / 1 process", "mtl-local-cluster, 2 workers",
@@ -399,14 +407,15 @@ def methods(settings: harness.Settings,
   tasks = list(shapes.TASKS)
   strategy = make_strategy(1)
   size = DEFAULT
-  steps = settings.steps(1000, 200)
+  steps = settings.steps(1000, 100)
   source = _joint_source(_examples(settings), shapes.TASK_NAMES)
   rivals = [contenders_lib.TrainerContender(
       name, strategy, tasks, [source], (32, 32, 1), size,
       steps_per_loop=STEPS_PER_LOOP, trainer_kwargs=kwargs)
             for name, kwargs in _METHODS]
   _log(f"{size.describe()}, {steps} steps per segment")
-  results = harness.measure(rivals, steps, settings.repeats, log=_log)
+  results = harness.measure(rivals, steps, settings.repeats, log=_log,
+                            warm_up=settings.warm_up)
   claims = [Claim(f"step time of {name} / sum", name, "sum", invert=True)
             for name, _ in _METHODS[1:]]
   return harness.Section(
@@ -465,7 +474,7 @@ def options(settings: harness.Settings,
 
   default = f"defaults (--steps_per_loop={STEPS_PER_LOOP})"
   groups = (
-      (OVERHEAD_BOUND, settings.steps(2000, 400), [
+      (OVERHEAD_BOUND, settings.steps(2000, 200), [
           contender(default, OVERHEAD_BOUND),
           *[contender(f"--steps_per_loop={n}", OVERHEAD_BOUND, n)
             for n in (1, 10, 200)],
@@ -485,7 +494,8 @@ def options(settings: harness.Settings,
       ]))
   for size, steps, rivals in groups:
     _log(f"{size.describe()}, {steps} steps per segment")
-    results = harness.measure(rivals, steps, settings.repeats, log=_log)
+    results = harness.measure(rivals, steps, settings.repeats, log=_log,
+                              warm_up=settings.warm_up)
     tables.append((f"**{size.describe()}**", results, "examples/s"))
     verdicts += [harness.judge(results, Claim(
         f"{size.describe()}: {r.name} / defaults", r.name, default))

@@ -16,10 +16,12 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any, Callable, Optional, Protocol, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence, TypeVar
 
 import numpy as np
 import tensorflow as tf
+
+T = TypeVar("T")
 
 # What `python -m benchmarks.run --update_doc=FILE` replaces in FILE.
 RESULTS_BEGIN = "<!-- benchmark results: begin (written by benchmarks.run) -->"
@@ -62,7 +64,8 @@ class Measured:
 
 
 def measure(contenders: Sequence[Contender], steps: int, repeats: int,
-            log: Callable[[str], None] = print) -> list[Measured]:
+            log: Callable[[str], None] = print,
+            warm_up: bool = True) -> list[Measured]:
   """Starts every contender, then times them in rotation.
 
   Args:
@@ -70,6 +73,8 @@ def measure(contenders: Sequence[Contender], steps: int, repeats: int,
     steps: Steps per timed segment (the same for all).
     repeats: Rotations A, B, ...; each gives one value per contender.
     log: Where progress goes.
+    warm_up: Run one untimed segment per contender after its start
+      (contenders can opt out with `warm_up = False`); --quick skips it.
 
   Returns:
     One `Measured` per contender, in order.
@@ -79,7 +84,7 @@ def measure(contenders: Sequence[Contender], steps: int, repeats: int,
     started = time.perf_counter()
     contender.start()
     startup.append(time.perf_counter() - started)
-    if getattr(contender, "warm_up", True):
+    if warm_up and getattr(contender, "warm_up", True):
       contender.run(steps)  # Warm-up segment: caches, allocator, prefetch.
     log(f"  {contender.name}: started in {startup[-1]:.1f} s")
   seconds = [[] for _ in contenders]
@@ -202,6 +207,15 @@ class Settings:
   def steps(self, full: int, quick: int) -> int:
     """Steps per segment: `quick` in quick mode, else `full`."""
     return quick if self.quick else full
+
+  def sizes(self, groups: Sequence[T], quick: int) -> Sequence[T]:
+    """Every model size's group, or in quick mode the one at `quick`."""
+    return groups if not self.quick else [groups[quick]]
+
+  @property
+  def warm_up(self) -> bool:
+    """Whether segments are preceded by an untimed one (not in quick mode)."""
+    return not self.quick
 
 
 @dataclasses.dataclass

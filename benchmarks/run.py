@@ -37,8 +37,9 @@ _COMPARISONS = flags.DEFINE_list(
     "Comparisons to run, in order (default: all). Known: joint_fit, "
     "alternate, input_pipeline, flops, scaling, methods, options.")
 _QUICK = flags.DEFINE_bool(
-    "quick", False, "Short segments and 2 repetitions: every comparison in a "
-    "few minutes, to check that the harness works, not to quote numbers.")
+    "quick", False, "Short segments, no warm-up segment, one model size per "
+    "comparison and 2 repetitions: every comparison in a few minutes, to "
+    "check that the harness works, not to quote numbers.")
 _REPEATS = flags.DEFINE_integer(
     "repeats", None, "Repetitions per comparison (default 5, 2 with --quick).",
     lower_bound=1)
