@@ -492,7 +492,7 @@ def options(settings: harness.Settings,
           contender("tf_keras Adam (not fused)", COMPUTE_BOUND,
                     optimizer=contenders_lib.keras_adam),
       ]))
-  for size, steps, rivals in groups:
+  for size, steps, rivals in settings.sizes(groups, quick=1):
     _log(f"{size.describe()}, {steps} steps per segment")
     results = harness.measure(rivals, steps, settings.repeats, log=_log,
                               warm_up=settings.warm_up)

@@ -1,6 +1,7 @@
 """The docs run as written: README.md's and docs/api.md's Python examples,
 README.md's shell blocks, and the README's commands match CI."""
 
+import json
 import os
 import re
 import subprocess
@@ -108,4 +109,15 @@ def test_readme_shell_blocks_run_as_written(tmp_path):
     assert done.returncode == 0, (block, done.stderr[-3000:])
   assert (tmp_path / "mtl_shapes" / "report.png").exists()
   assert (tmp_path / "predictions.jsonl").read_text().count("\n") == 8
-  assert (tmp_path / "mtl_side" / "evaluations.jsonl").exists()
+  # The sidecar (mtl-eval --watch beside mtl-train) evaluated checkpoints
+  # once each, in order, up to the last one, as training itself did.
+  side = tmp_path / "mtl_side"
+  records = [json.loads(line)
+             for line in (side / "evaluations.jsonl").read_text().splitlines()]
+  steps = [record["step"] for record in records]
+  assert steps == sorted(set(steps)) and steps[-1] == 1500, steps
+  summary = json.loads((side / "summary.json").read_text())
+  for task, metrics in summary["eval"].items():
+    for name, value in metrics.items():
+      assert abs(records[-1]["metrics"][f"{task}/{name}"] - value) <= (
+          1e-5 * max(1.0, abs(value)))
