@@ -313,14 +313,14 @@ def scaling(settings: harness.Settings,
       f"--steps_per_loop={STEPS_PER_LOOP}", f"--log_every={steps}",
       f"--checkpoint_every={steps}", f"--eval_every={steps}",
       "--eval_steps=1", f"--train_examples={_examples(settings)}"]
-  launched = [
+  launched = settings.sizes([
       contenders_lib.LauncherContender(
           "mtl-train, 1 process", ["--strategy=one_device", *launcher_flags],
           size.global_batch_size),
       contenders_lib.LauncherContender(
           "mtl-local-cluster, 2 workers", launcher_flags,
           size.global_batch_size, num_workers=2),
-  ]
+  ], quick=0)  # --quick: the launcher path once, without the 2 workers.
   _log("launcher runs, one whole run per segment")
   cluster = harness.measure(launched, steps, settings.repeats, log=_log,
                             warm_up=settings.warm_up)
@@ -340,7 +340,7 @@ def scaling(settings: harness.Settings,
        ("**MultiWorkerMirroredStrategy on localhost**", cluster,
         "examples/s")],
       [harness.judge(in_process, claim) for claim in claims] +
-      [harness.judge(cluster, cluster_claim)],
+      ([harness.judge(cluster, cluster_claim)] if len(cluster) > 1 else []),
       notes=_communication_table(tasks))
 
 

@@ -209,7 +209,8 @@ class Settings:
     return quick if self.quick else full
 
   def sizes(self, groups: Sequence[T], quick: int) -> Sequence[T]:
-    """Every model size's group, or in quick mode the one at `quick`."""
+    """All of `groups` (one per model size, or contenders), or in quick
+    mode the one at `quick`."""
     return groups if not self.quick else [groups[quick]]
 
   @property
