@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 from launch import local_cluster
+from mtl_dist import checkpointing
 
 pytestmark = pytest.mark.slow
 
@@ -106,8 +107,15 @@ def test_two_workers_equal_two_mirrored_devices(tmp_path, mode_flags):
 
 
 def _latest_step(model_dir: str) -> int:
-  path = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
-  return int(path.rsplit("-", 1)[1]) if path else 0
+  """The step a restart resumes from: the newest readable checkpoint.
+
+  Found from the .index files, as the launcher does: a chief killed between
+  writing a checkpoint and updating the `checkpoint` list file leaves a
+  checkpoint that tf.train.latest_checkpoint does not name yet.
+  """
+  path, _ = checkpointing.newest_readable(os.path.join(model_dir,
+                                                       "checkpoints"))
+  return checkpointing.step_of(path) if path else 0
 
 
 @pytest.mark.parametrize("victim", [1, 0], ids=["worker", "chief"])
