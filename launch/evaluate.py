@@ -56,7 +56,7 @@ flags.mark_flag_as_required("model_dir")
 
 def _print(result: mtl_dist.Evaluation) -> None:
   print(mtl_dist.format_results(
-      {"eval": result.by_task(), "task_steps": {}},
+      {"eval": result.by_task()},
       title=f"{_PROGRAM}: {result.checkpoint} (step {result.step}):"),
         flush=True)
 

@@ -189,7 +189,8 @@ def format_results(summary: Mapping[str, Any],
   """A plain-text table of a summary's per-task eval results and step counts.
 
   Args:
-    summary: A run summary as returned by `mtl_dist.train`.
+    summary: A run summary as returned by `mtl_dist.train`; without
+      `task_steps` (an evaluation's) the steps column is left out.
     title: An optional first line.
 
   Returns:
@@ -197,8 +198,9 @@ def format_results(summary: Mapping[str, Any],
   """
   metric_names = sorted({m for metrics in summary["eval"].values()
                          for m in metrics})
-  header = ["task", "steps"] + metric_names
-  rows = [[task, str(summary["task_steps"].get(task, ""))] +
+  steps = summary.get("task_steps") or {}  # None or {}: no steps column.
+  header = ["task"] + (["steps"] if steps else []) + metric_names
+  rows = [[task] + ([str(steps.get(task, ""))] if steps else []) +
           [f"{metrics[m]:.4f}" if m in metrics else "-" for m in metric_names]
           for task, metrics in summary["eval"].items()]
   widths = [max(len(row[i]) for row in [header] + rows)

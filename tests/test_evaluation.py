@@ -45,6 +45,8 @@ def test_evaluate_reproduces_the_runs_final_eval(finished_run, tmp_path):
     for name, value in metrics.items():
       np.testing.assert_allclose(last.by_task()[task][name], value,
                                  rtol=1e-5)
+  table = mtl_dist.format_results({"eval": last.by_task()}).splitlines()
+  assert table[0].split() == ["task", "accuracy", "loss", "mae"]  # No steps.
   (earlier,) = mtl_dist.evaluate(model_dir, checkpoint="20")
   assert earlier.step == 20
   assert earlier.metrics["shape/loss"] != last.metrics["shape/loss"]
