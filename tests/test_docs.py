@@ -93,6 +93,7 @@ def test_every_readme_shell_block_runs_or_says_why_not():
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("localhost_cluster")  # mtl-local-cluster.
 def test_readme_shell_blocks_run_as_written(tmp_path):
   """Each block runs in the checkout with bash -e, in README order (later
   blocks use earlier blocks' runs); /tmp/ is this test's scratch directory."""

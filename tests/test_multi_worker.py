@@ -15,7 +15,11 @@ import tensorflow as tf
 from launch import local_cluster
 from mtl_dist import checkpointing
 
-pytestmark = pytest.mark.slow
+# Tests that start clusters on localhost ports run one after the other on one
+# xdist worker (setup.cfg: --dist loadgroup): ports are picked free and
+# released before TensorFlow binds them, so two clusters started at once could
+# pick the same port.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("localhost_cluster")]
 
 _SMALL = ["--train_steps=60", "--steps_per_loop=20", "--log_every=20",
           "--checkpoint_every=60", "--eval_every=60", "--global_batch_size=32",

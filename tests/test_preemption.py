@@ -111,6 +111,7 @@ def test_sigterm_saves_then_the_same_command_resumes(tmp_path):
       "step"] == 1500
 
 
+@pytest.mark.xdist_group("localhost_cluster")  # See test_multi_worker.py.
 @pytest.mark.parametrize("target", ["launcher", "worker 1"])
 def test_sigterm_to_a_cluster_saves_one_agreed_step_and_resumes(tmp_path,
                                                                  target):

@@ -79,6 +79,7 @@ def _environment(tmp_path, **extra) -> dict:
   return env
 
 
+@pytest.mark.xdist_group("localhost_cluster")  # See test_multi_worker.py.
 def test_sbatch_trains_two_workers_through_the_slurm_resolver(tmp_path):
   model_dir = str(tmp_path / "run")
   env = _environment(tmp_path, FAKE_SLURM_TASKS="2",
