@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import Callable, NoReturn
+from typing import Callable, Iterator, NoReturn
 
 from absl import flags
+import tensorflow as tf
+
+from mtl_dist import config as config_lib
 
 
 _HELP_FLAGS = {"--help", "-help", "--helpfull", "-helpfull", "--helpshort",
@@ -23,6 +27,21 @@ def runtime_failure(error: BaseException) -> str:
   message = str(getattr(error, "message", None) or error).strip()
   lines = message.splitlines() or [""]
   return f"{type(error).__name__}: {lines[0][:300]}"
+
+
+@contextlib.contextmanager
+def library_errors(program: str) -> Iterator[None]:
+  """Turns what a library call raises into one line and an exit status.
+
+  A ConfigError (bad flags, files or data found before any work) exits 2; a
+  file system or TensorFlow error while running exits 1.
+  """
+  try:
+    yield
+  except config_lib.ConfigError as e:
+    fail(program, str(e))
+  except (tf.errors.OpError, OSError) as e:  # Files, data, checkpoints.
+    fail(program, runtime_failure(e), status=1)
 
 
 def refuse_arguments(program: str, argv: list[str]) -> None:

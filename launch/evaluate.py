@@ -66,15 +66,12 @@ def main(argv: list[str]) -> None:
   if logging.get_verbosity() < logging.DEBUG:
     tf.get_logger().setLevel("WARNING")
   try:
-    mtl_dist.evaluate(
-        _MODEL_DIR.value, checkpoint=_CHECKPOINT.value, watch=_WATCH.value,
-        eval_steps=_EVAL_STEPS.value, num_cpu_devices=_NUM_CPU_DEVICES.value,
-        poll_seconds=_POLL_SECONDS.value, timeout=_TIMEOUT.value or None,
-        on_result=_print)
-  except mtl_dist.ConfigError as e:
-    cli.fail(_PROGRAM, str(e))
-  except (tf.errors.OpError, OSError) as e:  # Files, data, checkpoints.
-    cli.fail(_PROGRAM, cli.runtime_failure(e), status=1)
+    with cli.library_errors(_PROGRAM):
+      mtl_dist.evaluate(
+          _MODEL_DIR.value, checkpoint=_CHECKPOINT.value, watch=_WATCH.value,
+          eval_steps=_EVAL_STEPS.value, num_cpu_devices=_NUM_CPU_DEVICES.value,
+          poll_seconds=_POLL_SECONDS.value, timeout=_TIMEOUT.value or None,
+          on_result=_print)
   except mtl_dist.EvalTimeout as e:
     cli.fail(_PROGRAM, str(e), status=1)
 

@@ -19,8 +19,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 
-import tensorflow as tf
-
 from launch import cli
 import mtl_dist
 
@@ -39,13 +37,9 @@ flags.mark_flags_as_required(["model_dir", "export_dir"])
 
 def main(argv: list[str]) -> None:
   cli.refuse_arguments(_PROGRAM, argv)
-  try:
+  with cli.library_errors(_PROGRAM):
     path = mtl_dist.export_run(_MODEL_DIR.value, _EXPORT_DIR.value,
                                checkpoint=_CHECKPOINT.value)
-  except mtl_dist.ConfigError as e:
-    cli.fail(_PROGRAM, str(e))
-  except (tf.errors.OpError, OSError) as e:  # Files, data, checkpoints.
-    cli.fail(_PROGRAM, cli.runtime_failure(e), status=1)
   print(f"{_PROGRAM}: exported {path} to {_EXPORT_DIR.value}")
 
 

@@ -22,8 +22,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 
-import tensorflow as tf
-
 from launch import cli
 import mtl_dist
 from mtl_dist import serving
@@ -45,16 +43,12 @@ flags.mark_flags_as_required(["export_dir", "input", "output"])
 
 def main(argv: list[str]) -> None:
   cli.refuse_arguments(_PROGRAM, argv)
-  try:
+  with cli.library_errors(_PROGRAM):
     inputs = serving.load_inputs(_INPUT.value)
     predictions = mtl_dist.predict(_EXPORT_DIR.value, inputs,
                                    signature=_SIGNATURE.value,
                                    batch_size=_BATCH_SIZE.value)
     mtl_dist.write_predictions(_OUTPUT.value, predictions)
-  except mtl_dist.ConfigError as e:
-    cli.fail(_PROGRAM, str(e))
-  except (tf.errors.OpError, OSError) as e:  # Files, data, checkpoints.
-    cli.fail(_PROGRAM, cli.runtime_failure(e), status=1)
   print(f"{_PROGRAM}: wrote {len(inputs)} prediction(s) of "
         f"{', '.join(sorted(predictions))} to {_OUTPUT.value}")
 

@@ -15,8 +15,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 
-import tensorflow as tf
-
 from launch import cli
 import mtl_dist
 
@@ -32,12 +30,8 @@ flags.mark_flag_as_required("model_dir")
 
 def main(argv: list[str]) -> None:
   cli.refuse_arguments(_PROGRAM, argv)
-  try:
+  with cli.library_errors(_PROGRAM):
     path = mtl_dist.write_report(_MODEL_DIR.value, _OUTPUT.value)
-  except mtl_dist.ConfigError as e:
-    cli.fail(_PROGRAM, str(e))
-  except (tf.errors.OpError, OSError) as e:  # Files, data, checkpoints.
-    cli.fail(_PROGRAM, cli.runtime_failure(e), status=1)
   print(f"{_PROGRAM}: wrote {path}")
 
 

@@ -60,11 +60,10 @@ def write_report(model_dir: str, output: Optional[str] = None) -> str:
       os.path.join(model_dir, evaluation.EVALUATIONS_FILE))]
   config = saved_run.read_config(model_dir)
   tasks = [task.name for task in saved_run.read_model_spec(model_dir).tasks]
-  keys = {key for r in records for key in r["metrics"]}
-  eval_metrics = {task: sorted(k.split("/", 1)[1] for k in keys
+  eval_keys = {key for r in records if r["split"] != "train"
+               for key in r["metrics"]}
+  eval_metrics = {task: sorted(k.split("/", 1)[1] for k in eval_keys
                                if k.startswith(task + "/") and
-                               any(k in r["metrics"] for r in records
-                                   if r["split"] != "train") and
                                not k.endswith("/loss"))
                   for task in tasks}
   weights_change = any(

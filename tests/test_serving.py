@@ -176,6 +176,14 @@ def test_bad_exports_and_inputs_are_refused_naming_the_problem(trained,
     last = done.stderr.strip().splitlines()[-1]
     assert message in last and "error:" in last, (message, last)
   assert not (tmp_path / "p.npz").exists()
+  # A failure while running (here: writing the output) is one line, exit 1.
+  np.save(tmp_path / "right.npy", np.zeros((2, 32, 32, 1), np.float32))
+  done = _launch("launch.predict", f"--export_dir={export}",
+                 f"--input={tmp_path / 'right.npy'}",
+                 f"--output={tmp_path / 'missing' / 'p.npz'}")
+  assert done.returncode == 1, done.stderr[-2000:]
+  last = done.stderr.strip().splitlines()[-1]
+  assert last.startswith("mtl-predict: error: NotFoundError:"), last
 
 
 def test_a_float16_run_exports_float32_outputs(tmp_path):
