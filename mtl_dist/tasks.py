@@ -158,10 +158,13 @@ class TaskSpec:
     message = (f"{DATA_ERROR_MARK} task {self.name!r}: class labels must be "
                f"in [0, {self.output_size}) (missing labels, -1, need "
                "partial labels)")
-    with tf.control_dependencies([
-        tf.debugging.assert_non_negative(labels, message=message),
-        tf.debugging.assert_less(labels, self.output_size, message=message)
-    ]):
+    # One comparison covers both bounds: as uint32, negative labels are
+    # >= 2**31. Four ops per step, where assert_non_negative and assert_less
+    # take about 25.
+    in_range = tf.reduce_all(
+        tf.bitcast(labels, tf.uint32) < tf.constant(self.output_size,
+                                                    tf.uint32))
+    with tf.control_dependencies([tf.debugging.Assert(in_range, [message])]):
       return tf.identity(labels)
 
   def per_example_loss(self, labels: tf.Tensor, outputs: tf.Tensor,

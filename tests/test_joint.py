@@ -115,3 +115,32 @@ def test_all_finite_sees_every_nan_and_inf_through_the_sums():
     assert not bool(all_finite(finite + [tf.constant(bad, tf.float32)]))
   split = [tf.constant([np.inf]), tf.constant([-np.inf])]  # Sum is NaN.
   assert not bool(all_finite(split))
+
+
+@pytest.mark.parametrize("global_batch_size", [8, 24])
+def test_average_loss_equals_compute_average_loss(global_batch_size):
+  per_example = tf.random.stateless_uniform([8], seed=(7, 8))
+  np.testing.assert_array_equal(
+      steps.average_loss(per_example, global_batch_size),
+      tf.nn.compute_average_loss(per_example,
+                                 global_batch_size=global_batch_size))
+
+
+def test_average_loss_refuses_reduced_losses_and_empty_batches():
+  with pytest.raises(ValueError, match=r"shape \[batch\], not \(4, 2\)"):
+    steps.average_loss(tf.zeros([4, 2]), 8)
+  with pytest.raises(ValueError, match="must be positive, not 0"):
+    steps.average_loss(tf.zeros([4]), 0)
+
+
+@pytest.mark.parametrize("bad_label", [-1, -2**31, 3, 2**31 - 1])
+def test_the_in_graph_label_check_catches_both_bounds(bad_label):
+  """One unsigned comparison covers negative and too-large class labels."""
+  spec = shapes.TASKS[0]  # 3 classes.
+  check = tf.function(spec.checked_labels)
+  np.testing.assert_array_equal(check(tf.constant([0, 1, 2])), [0, 1, 2])
+  # The graph error's text escapes the quotes around the task's name.
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match=r"task \W*shape\W*: class labels must be in "
+                     r"\[0, 3\)"):
+    check(tf.constant([0, bad_label, 2]))

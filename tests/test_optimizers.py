@@ -67,3 +67,46 @@ def test_the_launcher_optimizer_adam_is_fused():
   assert isinstance(optimizer, tf_keras.optimizers.Adam)
   with pytest.raises(ValueError, match="unknown optimizer 'lamb'"):
     mtl_dist.make_optimizer_factory("lamb", 0.01)
+
+
+def test_a_fused_adam_checkpoint_restores_into_tf_keras_adam(tmp_path):
+  """FusedAdam adds nothing to the checkpoint (its scalar cache is untracked)."""
+  _, fused_slots, fused, variables = _train(mtl_dist.FusedAdam, 1)
+  path = tf.train.Checkpoint(optimizer=fused,
+                             variables=variables).save(str(tmp_path / "ckpt"))
+  restored_variables = [tf.Variable(tf.zeros_like(v)) for v in variables]
+  reference = tf_keras.optimizers.Adam(learning_rate=0.1)
+  reference.build(restored_variables)
+  tf.train.Checkpoint(optimizer=reference,
+                      variables=restored_variables).restore(
+                          path).assert_consumed()
+  for got, want in zip(reference.variables, fused_slots):
+    np.testing.assert_array_equal(got.numpy(), want)
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_fused_adam_takes_the_beta_powers_once_per_device(replicas):
+  """Per apply call: two Pow ops per replica device, whatever the variables."""
+  strategy = make_strategy(replicas)
+  with strategy.scope():
+    variables = [tf.Variable(tf.ones([3, 2])) for _ in range(6)]
+    optimizer = mtl_dist.FusedAdam(learning_rate=0.1)
+    optimizer.build(variables)
+
+  @tf.function
+  def apply():
+    def replica():
+      optimizer.apply_gradients(
+          [(tf.ones([3, 2]), v) for v in variables],
+          skip_gradients_aggregation=True)
+    strategy.run(replica)
+
+  graph = apply.get_concrete_function().graph
+  pows = [op for op in graph.get_operations() if op.type == "Pow"]
+  updates = [op for op in graph.get_operations()
+             if op.type == "ResourceApplyAdam"]
+  assert len(updates) == 6 * replicas
+  assert len(pows) == 2 * replicas
+  assert len({op.device for op in pows}) == replicas
+  apply()  # The shared scalars run on every device.
+  np.testing.assert_allclose(variables[5].numpy(), 1.0 - 0.1, rtol=1e-5)
