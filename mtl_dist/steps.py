@@ -96,8 +96,11 @@ def average_loss(per_example_loss: tf.Tensor,
   if global_batch_size <= 0:
     raise ValueError(f"global_batch_size must be positive, not "
                      f"{global_batch_size}")
-  return tf.reduce_sum(per_example_loss) / tf.constant(
-      global_batch_size, per_example_loss.dtype)
+  # div_no_nan, as compute_average_loss: grappler rewrites a division by a
+  # constant into a multiplication by its reciprocal, one ulp off.
+  return tf.math.divide_no_nan(
+      tf.reduce_sum(per_example_loss),
+      tf.constant(global_batch_size, per_example_loss.dtype))
 
 
 def global_label_counts(tasks: Sequence[tasks_lib.TaskSpec],

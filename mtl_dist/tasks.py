@@ -164,7 +164,8 @@ class TaskSpec:
     in_range = tf.reduce_all(
         tf.bitcast(labels, tf.uint32) < tf.constant(self.output_size,
                                                     tf.uint32))
-    with tf.control_dependencies([tf.debugging.Assert(in_range, [message])]):
+    with tf.control_dependencies(
+        [tf.debugging.Assert(in_range, [message, labels], summarize=8)]):
       return tf.identity(labels)
 
   def per_example_loss(self, labels: tf.Tensor, outputs: tf.Tensor,

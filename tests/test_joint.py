@@ -117,13 +117,20 @@ def test_all_finite_sees_every_nan_and_inf_through_the_sums():
   assert not bool(all_finite(split))
 
 
-@pytest.mark.parametrize("global_batch_size", [8, 24])
+@pytest.mark.parametrize("global_batch_size", [8, 24, 96])
 def test_average_loss_equals_compute_average_loss(global_batch_size):
-  per_example = tf.random.stateless_uniform([8], seed=(7, 8))
-  np.testing.assert_array_equal(
-      steps.average_loss(per_example, global_batch_size),
-      tf.nn.compute_average_loss(per_example,
-                                 global_batch_size=global_batch_size))
+  """Bit for bit, eagerly and compiled (grappler must not rewrite it)."""
+  per_example = tf.random.stateless_uniform([200, 8], seed=(7, 8))
+
+  def both(losses):
+    return (steps.average_loss(losses, global_batch_size),
+            tf.nn.compute_average_loss(losses,
+                                       global_batch_size=global_batch_size))
+
+  compiled = tf.function(lambda: tf.map_fn(
+      both, per_example, fn_output_signature=(tf.float32, tf.float32)))
+  for ours, reference in (both(per_example[0]), compiled()):
+    np.testing.assert_array_equal(ours, reference)
 
 
 def test_average_loss_refuses_reduced_losses_and_empty_batches():
