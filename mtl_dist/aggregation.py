@@ -243,6 +243,8 @@ def simplex_barrier(gram: tf.Tensor, linear: tf.Tensor, norm_weight: tf.Tensor,
     (weights, newton_steps): the [T] float64 weights and the number of
     Newton steps taken.
   """
+  if gram.shape[0] == 1:  # The simplex is one point.
+    return tf.ones([1], tf.float64), tf.constant(0)
   return _simplex_barrier(gram, linear, norm_weight, quadratic)
 
 
@@ -262,8 +264,6 @@ def min_norm_weights(gram: tf.Tensor) -> tf.Tensor:
     The [T] float32 weights.
   """
   num_tasks = gram.shape[0]
-  if num_tasks == 1:
-    return tf.ones([1])
   weights, _ = simplex_barrier(gram, tf.zeros([num_tasks]), 0.0, True)
   return tf.cast(weights, tf.float32)
 
@@ -332,10 +332,8 @@ def coefficients_from_gram(name: str, gram: tf.Tensor,
         tf.reduce_sum(weights * tf.linalg.matvec(gram, weights)), 0.0))
     # From the Gram matrix alone |g_w|^2 has float32 rounding of M's
     # entries: |g_w| below sqrt(epsilon) x sum_i w_i |g_i| is noise.
-    vanishes = _cagrad_vanishes(g_w_norm, weights, gram,
-                                _FLOAT32_EPSILON**0.5)
-    scale = tf.where(vanishes, 0.0,
-                     cagrad_c * g0_norm / tf.where(vanishes, 1.0, g_w_norm))
+    scale = _cagrad_scale(g0_norm, g_w_norm, weights, gram, cagrad_c,
+                          _FLOAT32_EPSILON**0.5)
     return (1.0 / num_tasks + scale * weights) / (1.0 + cagrad_c * cagrad_c)
   raise ValueError(f"{name!r} has no Gram-matrix form (known: "
                    f"{', '.join(GRAM_AGGREGATORS)})")
@@ -356,8 +354,6 @@ def cagrad_weights(gram: tf.Tensor, c: float) -> tf.Tensor:
     The [T] float32 weights.
   """
   num_tasks = gram.shape[0]
-  if num_tasks == 1:
-    return tf.ones([1])
   gram = tf.cast(gram, tf.float32)
   g0_norm = tf.sqrt(tf.maximum(tf.reduce_sum(gram), 0.0)) / num_tasks
   weights, _ = simplex_barrier(gram, tf.reduce_sum(gram, axis=1) / num_tasks,
@@ -365,17 +361,20 @@ def cagrad_weights(gram: tf.Tensor, c: float) -> tf.Tensor:
   return tf.cast(weights, tf.float32)
 
 
-def _cagrad_vanishes(g_w_norm: tf.Tensor, weights: tf.Tensor, gram: tf.Tensor,
-                     relative: float) -> tf.Tensor:
-  """Whether |g_w| is noise: the rounding of g_w or the solver's residue.
+def _cagrad_scale(g0_norm: tf.Tensor, g_w_norm: tf.Tensor, weights: tf.Tensor,
+                  gram: tf.Tensor, c: float, relative: float) -> tf.Tensor:
+  """c|g0| / |g_w|, or 0 where |g_w| is noise.
 
-  Rounding: `relative` x sum_i w_i |g_i|. Residue: at an optimum with
-  g_w = 0 the barrier leaves weights ~1/t on the other tasks and smooths
-  |g_w| below ~1e-10 |g|max, so |g_w| < 1e-8 |g|max counts as 0.
+  Noise is the rounding of g_w, `relative` x sum_i w_i |g_i|, or the
+  solver's residue: at an optimum with g_w = 0 the barrier leaves weights
+  ~1/t on the other tasks and smooths |g_w| below ~1e-10 |g|max, so
+  |g_w| < 1e-8 |g|max counts as 0.
   """
   norms = tf.sqrt(tf.maximum(tf.linalg.diag_part(gram), 0.0))
-  return g_w_norm <= (relative * tf.reduce_sum(weights * norms) +
-                      _VANISHING * tf.reduce_max(norms))
+  vanishes = g_w_norm <= (relative * tf.reduce_sum(weights * norms) +
+                          _VANISHING * tf.reduce_max(norms))
+  return tf.where(vanishes, 0.0,
+                  c * g0_norm / tf.where(vanishes, 1.0, g_w_norm))
 
 
 def cagrad(grads: tf.Tensor, c: float = 0.5) -> tf.Tensor:
@@ -395,9 +394,6 @@ def cagrad(grads: tf.Tensor, c: float = 0.5) -> tf.Tensor:
   weights = cagrad_weights(gram, c)
   g0 = tf.reduce_mean(grads, axis=0)
   g_w = tf.linalg.matvec(grads, weights, transpose_a=True)
-  g_w_norm = tf.norm(g_w)
-  vanishes = _cagrad_vanishes(g_w_norm, weights, gram,
-                              num_tasks * _FLOAT32_EPSILON)
-  scale = tf.where(vanishes, 0.0,
-                   c * tf.norm(g0) / tf.where(vanishes, 1.0, g_w_norm))
+  scale = _cagrad_scale(tf.norm(g0), tf.norm(g_w), weights, gram, c,
+                        num_tasks * _FLOAT32_EPSILON)
   return (g0 + scale * g_w) / (1.0 + c * c)
