@@ -9,7 +9,7 @@ from typing import Callable, Iterator, NoReturn
 from absl import flags
 import tensorflow as tf
 
-from mtl_dist import config as config_lib
+from mtl_dist import errors
 
 
 _HELP_FLAGS = {"--help", "-help", "--helpfull", "-helpfull", "--helpshort",
@@ -38,7 +38,7 @@ def library_errors(program: str) -> Iterator[None]:
   """
   try:
     yield
-  except config_lib.ConfigError as e:
+  except errors.ConfigError as e:
     fail(program, str(e))
   except (tf.errors.OpError, OSError) as e:  # Files, data, checkpoints.
     fail(program, runtime_failure(e), status=1)

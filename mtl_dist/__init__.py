@@ -26,12 +26,8 @@ Public API:
   format_results: a text table of a run summary.
 """
 
-from mtl_dist.config import ConfigError
 from mtl_dist.config import parse_key_values
 from mtl_dist.config import TrainConfig
-from mtl_dist.controller import ClusterError
-from mtl_dist.controller import DataError
-from mtl_dist.controller import NonFiniteError
 from mtl_dist.controller import train
 from mtl_dist.data import distribute_eval
 from mtl_dist.data import distribute_train
@@ -41,6 +37,11 @@ from mtl_dist.data import source_from_arrays
 from mtl_dist.data import source_from_dataset
 from mtl_dist.distribution import configure_cpu_devices
 from mtl_dist.distribution import create_strategy
+from mtl_dist.errors import ClusterError
+from mtl_dist.errors import ConfigError
+from mtl_dist.errors import DataError
+from mtl_dist.errors import NonFiniteError
+from mtl_dist.errors import Preempted
 from mtl_dist.evaluation import EvalTimeout
 from mtl_dist.evaluation import evaluate
 from mtl_dist.evaluation import Evaluation
@@ -52,7 +53,6 @@ from mtl_dist.model import TrunkFn
 from mtl_dist.outputs import format_results
 from mtl_dist.optimizers import FusedAdam
 from mtl_dist.optimizers import make_optimizer_factory
-from mtl_dist.preemption import Preempted
 from mtl_dist.report import write_report
 from mtl_dist.serving import export_run
 from mtl_dist.serving import predict

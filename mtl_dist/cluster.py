@@ -19,9 +19,10 @@ from typing import Optional
 from absl import logging
 import tensorflow as tf
 
-from mtl_dist import config as config_lib
+from mtl_dist import errors
 
-TF_CONFIG, SLURM = config_lib.CLUSTERS
+TF_CONFIG, SLURM = "tf_config", "slurm"
+CLUSTERS = (TF_CONFIG, SLURM)
 DEFAULT_PORT_BASE = 8888
 # The GPU ids this host showed before a resolver narrowed
 # CUDA_VISIBLE_DEVICES to one task's share (resolving again must not split
@@ -70,32 +71,32 @@ def resolve(
   if kind is None:
     kind = detect()
     if kind is None:
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           "--strategy=multi_worker: the environment names no cluster of "
           "several workers (set TF_CONFIG, run each worker with srun, or "
           "start them with mtl-local-cluster)")
   if kind == TF_CONFIG:
     if port_base is not None:
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           "--port_base applies to SLURM clusters, but the cluster comes from "
           "TF_CONFIG, which lists each worker's port")
     spec = _read_tf_config()
     task = spec.get("task")
     if (not isinstance(task, dict) or not isinstance(task.get("type"), str)
         or not isinstance(task.get("index"), int)):
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           "TF_CONFIG: 'task' must name this process's type and index, e.g. "
           f'{{"type": "worker", "index": 0}}, got {json.dumps(task)}')
     addresses = spec["cluster"].get(task["type"], [])
     if not 0 <= task["index"] < len(addresses):
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           f"TF_CONFIG: task {task['type']}:{task['index']} is not in the "
           f"cluster, which has {len(addresses)} {task['type']} task(s)")
     return tf.distribute.cluster_resolver.TFConfigClusterResolver()
   if kind == SLURM:
     for name in _SLURM_VARIABLES:
       if name not in os.environ:
-        raise config_lib.ConfigError(
+        raise errors.ConfigError(
             f"--cluster=slurm: {name} is not set; start each worker with "
             "srun inside the allocation")
     try:
@@ -103,27 +104,27 @@ def resolve(
           port_base=DEFAULT_PORT_BASE if port_base is None else port_base)
       resolver.cluster_spec()  # Sets task_type and task_id.
     except (RuntimeError, ValueError) as e:
-      raise config_lib.ConfigError(f"SLURM environment: {e}") from None
+      raise errors.ConfigError(f"SLURM environment: {e}") from None
     return resolver
-  raise config_lib.ConfigError(
-      f"--cluster={kind}: must be one of {', '.join(config_lib.CLUSTERS)}")
+  raise errors.ConfigError(
+      f"--cluster={kind}: must be one of {', '.join(CLUSTERS)}")
 
 
 def _read_tf_config() -> dict:
   """TF_CONFIG parsed, with a one-line error for anything malformed."""
   text = os.environ.get("TF_CONFIG", "")
   if not text:
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
         "--cluster=tf_config: TF_CONFIG is not set (it must describe the "
         "cluster and this process's task)")
   try:
     spec = json.loads(text)
   except json.JSONDecodeError as e:
-    raise config_lib.ConfigError(f"TF_CONFIG is not JSON ({e}): "
+    raise errors.ConfigError(f"TF_CONFIG is not JSON ({e}): "
                                  f"{text[:200]}") from None
   if not (isinstance(spec, dict) and isinstance(spec.get("cluster"), dict) and
           all(isinstance(v, list) for v in spec["cluster"].values())):
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
         "TF_CONFIG: expected {\"cluster\": {\"worker\": [\"host:port\", "
         f"...]}}, \"task\": {{...}}}}, got {text[:200]}")
   return spec

@@ -15,6 +15,8 @@ from typing import Callable, Mapping, Optional, Sequence, TypeVar
 import tensorflow as tf
 
 from mtl_dist import aggregation
+from mtl_dist import cluster
+from mtl_dist import errors
 from mtl_dist import precision
 from mtl_dist import schedules
 from mtl_dist import weighting
@@ -24,7 +26,7 @@ SCHEDULES = schedules.NAMES
 OPTIMIZERS = ("adam", "sgd")
 TRUNKS = ("mlp", "conv")
 STRATEGIES = ("auto", "mirrored", "one_device", "multi_worker")
-CLUSTERS = ("tf_config", "slurm")
+CLUSTERS = cluster.CLUSTERS
 COLLECTIVES = ("auto", "ring", "nccl")
 ON_NONFINITE = ("stop", "skip")
 # Flags that configure MultiWorkerMirroredStrategy and mean nothing without it.
@@ -35,10 +37,6 @@ WEIGHTINGS = weighting.METHODS
 MIXED_PRECISION = precision.MODES
 
 _V = TypeVar("_V")
-
-
-class ConfigError(ValueError):
-  """A configuration problem found before training; the launcher exits 2."""
 
 
 def parse_key_values(text: str, flag: str,
@@ -64,14 +62,14 @@ def parse_key_values(text: str, flag: str,
     key, sep, value = item.partition("=")
     key = key.strip()
     if not sep or not key:
-      raise ConfigError(f"--{flag}={text}: expected name=value items separated "
+      raise errors.ConfigError(f"--{flag}={text}: expected name=value items separated "
                         f"by commas, got {item!r}")
     if key in result:
-      raise ConfigError(f"--{flag}={text}: {key!r} is given twice")
+      raise errors.ConfigError(f"--{flag}={text}: {key!r} is given twice")
     try:
       result[key] = parse_value(value.strip())
     except ValueError:
-      raise ConfigError(f"--{flag}={text}: bad value {value.strip()!r} for "
+      raise errors.ConfigError(f"--{flag}={text}: bad value {value.strip()!r} for "
                         f"{key!r}") from None
   return result
 
@@ -232,7 +230,7 @@ class TrainConfig:
     """
     for name in MULTI_WORKER_FLAGS:
       if getattr(self, name) is not None:
-        raise ConfigError(
+        raise errors.ConfigError(
             f"--{name} applies to multi-worker runs, but --strategy="
             f"{self.strategy} runs in one process (no cluster in TF_CONFIG "
             "or SLURM, or --strategy=mirrored/one_device)")
@@ -250,7 +248,7 @@ class TrainConfig:
       ConfigError: Naming the first bad flag and its value.
     """
     if not self.model_dir:
-      raise ConfigError("--model_dir is required")
+      raise errors.ConfigError("--model_dir is required")
     _check_choice("mode", self.mode, MODES)
     _check_choice("optimizer", self.optimizer, OPTIMIZERS)
     _check_choice("trunk", self.trunk, TRUNKS)
@@ -269,50 +267,50 @@ class TrainConfig:
       if value is None and name in ("train_examples", "eval_examples"):
         continue
       if not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"--{name}={value}: must be a positive integer")
+        raise errors.ConfigError(f"--{name}={value}: must be a positive integer")
     if not isinstance(self.eval_steps, int) or self.eval_steps < 0:
-      raise ConfigError(f"--eval_steps={self.eval_steps}: must be >= 0 "
+      raise errors.ConfigError(f"--eval_steps={self.eval_steps}: must be >= 0 "
                         "(0 evaluates the whole eval split)")
     if not self.learning_rate > 0:
-      raise ConfigError(
+      raise errors.ConfigError(
           f"--learning_rate={self.learning_rate}: must be positive")
     if self.tasks is not None:
       if not self.tasks:
-        raise ConfigError("--tasks=: name at least one task")
+        raise errors.ConfigError("--tasks=: name at least one task")
       repeated = sorted({t for t in self.tasks if list(self.tasks).count(t) > 1})
       if repeated:
-        raise ConfigError(f"--tasks={','.join(self.tasks)}: "
+        raise errors.ConfigError(f"--tasks={','.join(self.tasks)}: "
                           f"{', '.join(repeated)} given twice")
     self._validate_mode_flags()
     self._validate_dataset_flags()
     if self.rep_grad and self.aggregator not in aggregation.GRAM_AGGREGATORS:
-      raise ConfigError(
+      raise errors.ConfigError(
           "--rep_grad is valid for --aggregator=mgda or cagrad (their update "
           "combines task gradients with coefficients that need only the Gram "
           f"matrix), not --aggregator={self.aggregator}")
     if self.profile_steps is not None:
       self._validate_profile_steps()
     if self.jit_compile and self.rep_grad:
-      raise ConfigError(
+      raise errors.ConfigError(
           "--jit_compile cannot be combined with --rep_grad: its step "
           "all-reduces the Gram matrix between two backward passes, which "
           "one compiled function cannot hold")
     self._validate_multi_worker_flags()
     if self.strategy == "one_device" and self.num_cpu_devices > 1:
-      raise ConfigError(
+      raise errors.ConfigError(
           f"--num_cpu_devices={self.num_cpu_devices} makes replicas for a "
           "mirrored strategy, but --strategy=one_device is set")
     if self.task_weights is not None:
       for name, weight in self.task_weights.items():
         if not weight >= 0:
-          raise ConfigError(f"--task_weights: weight {weight} for {name!r} "
+          raise errors.ConfigError(f"--task_weights: weight {weight} for {name!r} "
                             "must be >= 0")
     if self.export_dir is not None:
       self._validate_export_dir()
     if self.task_sizes is not None:
       for name, size in self.task_sizes.items():
         if size <= 0:
-          raise ConfigError(f"--task_sizes: size {size} for {name!r} must be "
+          raise errors.ConfigError(f"--task_sizes: size {size} for {name!r} must be "
                             "positive")
 
   def _validate_profile_steps(self) -> None:
@@ -322,11 +320,11 @@ class TrainConfig:
     if len(steps) != 2 or not all(
         isinstance(step, int) and not isinstance(step, bool)
         for step in steps):
-      raise ConfigError(f"--profile_steps={text}: expected two step numbers "
+      raise errors.ConfigError(f"--profile_steps={text}: expected two step numbers "
                         "A,B")
     first, last = steps
     if not 1 <= first <= last <= self.train_steps:
-      raise ConfigError(f"--profile_steps={text}: need 1 <= A <= B <= "
+      raise errors.ConfigError(f"--profile_steps={text}: need 1 <= A <= B <= "
                         f"--train_steps={self.train_steps}")
 
   def _validate_multi_worker_flags(self) -> None:
@@ -340,13 +338,13 @@ class TrainConfig:
     for name in ("collective_timeout", "cluster_start_timeout"):
       value = getattr(self, name)
       if value is not None and not value > 0:
-        raise ConfigError(f"--{name}={value}: must be positive (seconds)")
+        raise errors.ConfigError(f"--{name}={value}: must be positive (seconds)")
     if self.port_base is not None:
       if not 1 <= self.port_base <= 65535 - 64:
-        raise ConfigError(f"--port_base={self.port_base}: must be a port "
+        raise errors.ConfigError(f"--port_base={self.port_base}: must be a port "
                           "number (1 to 65471)")
       if self.cluster == "tf_config":
-        raise ConfigError("--port_base applies to --cluster=slurm (TF_CONFIG "
+        raise errors.ConfigError("--port_base applies to --cluster=slurm (TF_CONFIG "
                           "lists each worker's port), but --cluster=tf_config "
                           "is set")
 
@@ -355,68 +353,68 @@ class TrainConfig:
     if self.mode == "joint":
       for name, fraction in (self.label_fraction or {}).items():
         if not 0.0 < fraction <= 1.0:
-          raise ConfigError(f"--label_fraction: {fraction} for {name!r} must "
+          raise errors.ConfigError(f"--label_fraction: {fraction} for {name!r} must "
                             "be in (0, 1]")
       if self.weighting != "static" and self.task_weights is not None:
-        raise ConfigError(f"--task_weights sets static weights, but "
+        raise errors.ConfigError(f"--task_weights sets static weights, but "
                           f"--weighting={self.weighting} learns them")
       if self.dwa_window is not None:
         if self.weighting != "dwa":
-          raise ConfigError("--dwa_window applies to --weighting=dwa only, "
+          raise errors.ConfigError("--dwa_window applies to --weighting=dwa only, "
                             f"but --weighting={self.weighting} is set")
         if self.dwa_window < 1:
-          raise ConfigError(f"--dwa_window={self.dwa_window}: must be "
+          raise errors.ConfigError(f"--dwa_window={self.dwa_window}: must be "
                             "positive")
       for name in ("gradnorm_alpha", "gradnorm_lr"):
         value = getattr(self, name)
         if value is None:
           continue
         if self.weighting != "gradnorm":
-          raise ConfigError(f"--{name} applies to --weighting=gradnorm only, "
+          raise errors.ConfigError(f"--{name} applies to --weighting=gradnorm only, "
                             f"but --weighting={self.weighting} is set")
         if name == "gradnorm_alpha" and not value >= 0:
-          raise ConfigError(f"--{name}={value}: must be >= 0")
+          raise errors.ConfigError(f"--{name}={value}: must be >= 0")
         if name == "gradnorm_lr" and not value > 0:
-          raise ConfigError(f"--{name}={value}: must be positive")
+          raise errors.ConfigError(f"--{name}={value}: must be positive")
       if self.cagrad_c is not None:
         if self.aggregator != "cagrad":
-          raise ConfigError("--cagrad_c applies to --aggregator=cagrad only, "
+          raise errors.ConfigError("--cagrad_c applies to --aggregator=cagrad only, "
                             f"but --aggregator={self.aggregator} is set")
         if not self.cagrad_c >= 0:
-          raise ConfigError(f"--cagrad_c={self.cagrad_c}: must be >= 0")
+          raise errors.ConfigError(f"--cagrad_c={self.cagrad_c}: must be >= 0")
       for name in ("schedule", "per_task_optimizer", "task_sizes",
                    "temperature", "mixing_cap", "steps_per_epoch",
                    "anneal_epochs"):
         if getattr(self, name) is not None:
-          raise ConfigError(f"--{name} applies to --mode=alternate only, "
+          raise errors.ConfigError(f"--{name} applies to --mode=alternate only, "
                             "but --mode=joint is set")
       return
     if self.partial_labels:
-      raise ConfigError("--partial_labels applies to --mode=joint only (in "
+      raise errors.ConfigError("--partial_labels applies to --mode=joint only (in "
                         "alternate mode each dataset is labelled for its "
                         "task), but --mode=alternate is set")
     if self.label_fraction is not None:
-      raise ConfigError("--label_fraction applies to --mode=joint only (in "
+      raise errors.ConfigError("--label_fraction applies to --mode=joint only (in "
                         "alternate mode each dataset is labelled for its "
                         "task), but --mode=alternate is set")
     if self.train_examples is not None:
-      raise ConfigError("--train_examples applies to --mode=joint on shapes "
+      raise errors.ConfigError("--train_examples applies to --mode=joint on shapes "
                         "only (alternate mode sizes its task datasets with "
                         "--task_sizes)")
     if (self.weighting != "static" or self.dwa_window is not None or
         self.gradnorm_alpha is not None or self.gradnorm_lr is not None):
-      raise ConfigError(f"--weighting={self.weighting} and --dwa_window "
+      raise errors.ConfigError(f"--weighting={self.weighting} and --dwa_window "
                         "apply to --mode=joint only (an alternate step trains "
                         "one task's loss)")
     if self.cagrad_c is not None:
-      raise ConfigError("--cagrad_c applies to --mode=joint with "
+      raise errors.ConfigError("--cagrad_c applies to --mode=joint with "
                         "--aggregator=cagrad only")
     if self.aggregator != "sum":
-      raise ConfigError(f"--aggregator={self.aggregator} applies to "
+      raise errors.ConfigError(f"--aggregator={self.aggregator} applies to "
                         "--mode=joint only (an alternate step has one task)")
     schedule = self.resolved_schedule
     if self.task_weights is not None and schedule != "weights":
-      raise ConfigError(
+      raise errors.ConfigError(
           "--task_weights applies to --mode=joint (loss weights) or "
           f"--schedule=weights (task shares), but --schedule={schedule} is "
           "set in alternate mode")
@@ -425,60 +423,60 @@ class TrainConfig:
                         ("steps_per_epoch", "annealed"),
                         ("anneal_epochs", "annealed")):
       if getattr(self, name) is not None and schedule != needs:
-        raise ConfigError(f"--{name} applies to --schedule={needs} only, but "
+        raise errors.ConfigError(f"--{name} applies to --schedule={needs} only, but "
                           f"--schedule={schedule} is set")
     if self.temperature is not None and not self.temperature > 0:
-      raise ConfigError(f"--temperature={self.temperature}: must be positive")
+      raise errors.ConfigError(f"--temperature={self.temperature}: must be positive")
     if self.mixing_cap is not None and self.mixing_cap < 0:
-      raise ConfigError(f"--mixing_cap={self.mixing_cap}: must be >= 0 (0 "
+      raise errors.ConfigError(f"--mixing_cap={self.mixing_cap}: must be >= 0 (0 "
                         "means no cap)")
     for name in ("steps_per_epoch", "anneal_epochs"):
       value = getattr(self, name)
       if value is not None and value < 1:
-        raise ConfigError(f"--{name}={value}: must be positive")
+        raise errors.ConfigError(f"--{name}={value}: must be positive")
 
   def _validate_dataset_flags(self) -> None:
     """Refuses flags of one kind of dataset given with the other."""
     if (self.dataset not in ("shapes", "toy_regression") and
         not self.dataset.startswith("tfds:")):
-      raise ConfigError(f"--dataset={self.dataset}: unknown dataset (known: "
+      raise errors.ConfigError(f"--dataset={self.dataset}: unknown dataset (known: "
                         "shapes, toy_regression, tfds:NAME)")
     if self.dataset == "toy_regression":
       if self.mode != "joint":
-        raise ConfigError("--dataset=toy_regression has one input for all "
+        raise errors.ConfigError("--dataset=toy_regression has one input for all "
                           "tasks: use --mode=joint")
       for name in ("task_sizes", "label_fraction"):
         if getattr(self, name) is not None:
-          raise ConfigError(f"--{name} applies to --dataset=shapes only")
+          raise errors.ConfigError(f"--{name} applies to --dataset=shapes only")
     if self.task_datasets is not None:
       if self.mode != "alternate":
-        raise ConfigError("--task_datasets applies to --mode=alternate only "
+        raise errors.ConfigError("--task_datasets applies to --mode=alternate only "
                           "(joint mode reads one --dataset=tfds:NAME)")
       if self.dataset != "shapes":
-        raise ConfigError(f"--dataset={self.dataset} and --task_datasets "
+        raise errors.ConfigError(f"--dataset={self.dataset} and --task_datasets "
                           "both name data: give one of them")
     if self.uses_tfds:
       for name in ("task_sizes", "label_fraction", "train_examples",
                    "eval_examples"):
         if getattr(self, name) is not None:
-          raise ConfigError(f"--{name} applies to --dataset=shapes only")
+          raise errors.ConfigError(f"--{name} applies to --dataset=shapes only")
       if self.dataset.startswith("tfds:") and self.mode == "alternate":
-        raise ConfigError(
+        raise errors.ConfigError(
             f"--dataset={self.dataset} in alternate mode: give each task its "
             "own dataset with --task_datasets=task=tfds:NAME:LABEL,...")
     else:
       for name in ("data_dir", "input_key", "split", "eval_split",
                    "image_size", "channels"):
         if getattr(self, name) is not None:
-          raise ConfigError(f"--{name} applies to TFDS datasets only "
+          raise errors.ConfigError(f"--{name} applies to TFDS datasets only "
                             "(--dataset=tfds:NAME or --task_datasets)")
       if self.download:
-        raise ConfigError("--download applies to TFDS datasets only")
+        raise errors.ConfigError("--download applies to TFDS datasets only")
     if self.channels is not None and self.channels not in (1, 3):
-      raise ConfigError(f"--channels={self.channels}: must be 1 or 3")
+      raise errors.ConfigError(f"--channels={self.channels}: must be 1 or 3")
     if self.image_size is not None and (
         len(self.image_size) != 2 or min(self.image_size) < 1):
-      raise ConfigError(
+      raise errors.ConfigError(
           f"--image_size={','.join(map(str, self.image_size))}: must be "
           "HEIGHT,WIDTH, both positive")
 
@@ -493,7 +491,7 @@ class TrainConfig:
       mapping = getattr(self, flag)
       for task in mapping or {}:
         if task not in tasks:
-          raise ConfigError(f"--{flag}: {task!r} is not a trained task "
+          raise errors.ConfigError(f"--{flag}: {task!r} is not a trained task "
                             f"(--tasks={','.join(tasks)})")
 
   def validate_tasks(self, known_tasks: Sequence[str]) -> list[str]:
@@ -512,7 +510,7 @@ class TrainConfig:
     tasks = list(self.tasks) if self.tasks is not None else list(known_tasks)
     for task in tasks:
       if task not in known_tasks:
-        raise ConfigError(
+        raise errors.ConfigError(
             f"--tasks={','.join(tasks)}: unknown task {task!r} for "
             f"--dataset={self.dataset} (known: {', '.join(known_tasks)})")
     self.check_known(tasks)
@@ -532,11 +530,11 @@ class TrainConfig:
                  "train_examples", "eval_examples", "data_dir", "input_key",
                  "split", "eval_split", "download", "image_size", "channels"):
       if getattr(self, name) != getattr(defaults, name):
-        raise ConfigError(f"--{name}={getattr(self, name)}: describes a "
+        raise errors.ConfigError(f"--{name}={getattr(self, name)}: describes a "
                           "built-in dataset, but the run was given its own "
                           "data")
     if self.tasks is not None and list(self.tasks) != list(task_names):
-      raise ConfigError(f"--tasks={','.join(self.tasks)}: the given data "
+      raise errors.ConfigError(f"--tasks={','.join(self.tasks)}: the given data "
                         f"trains {','.join(task_names)} (leave tasks unset)")
 
   def _validate_export_dir(self) -> None:
@@ -546,7 +544,7 @@ class TrainConfig:
     inside = lambda path, parent: (path + os.sep).startswith(parent + os.sep)
     if inside(model, export) or inside(export, os.path.join(model,
                                                             "checkpoints")):
-      raise ConfigError(f"--export_dir={self.export_dir}: an export replaces "
+      raise errors.ConfigError(f"--export_dir={self.export_dir}: an export replaces "
                         "its directory, which would delete the run's files "
                         f"in --model_dir={self.model_dir}; give another one")
     check_export_dir(self.export_dir)
@@ -560,7 +558,7 @@ class TrainConfig:
     defaults = TrainConfig(model_dir=self.model_dir)
     for name in ("trunk", "trunk_width", "trunk_depth", "mixed_precision"):
       if getattr(self, name) != getattr(defaults, name):
-        raise ConfigError(
+        raise errors.ConfigError(
             f"--{name}={getattr(self, name)}: describes the built-in trunk, "
             "but the run was given its own (trunk_fn)"
             + ("; give its layers a dtype policy instead"
@@ -583,13 +581,13 @@ def check_export_dir(export_dir: str) -> None:
   if not tf.io.gfile.exists(export_dir):
     return
   if not tf.io.gfile.isdir(export_dir):
-    raise ConfigError(f"--export_dir={export_dir}: is a file")
+    raise errors.ConfigError(f"--export_dir={export_dir}: is a file")
   contents = tf.io.gfile.listdir(export_dir)
   if contents and "saved_model.pb" not in contents:
-    raise ConfigError(f"--export_dir={export_dir}: a non-empty directory "
+    raise errors.ConfigError(f"--export_dir={export_dir}: a non-empty directory "
                       "that holds no SavedModel; give a new or empty one")
 
 
 def _check_choice(flag: str, value: str, choices: Sequence[str]) -> None:
   if value not in choices:
-    raise ConfigError(f"--{flag}={value}: must be one of {', '.join(choices)}")
+    raise errors.ConfigError(f"--{flag}={value}: must be one of {', '.join(choices)}")

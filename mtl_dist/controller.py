@@ -25,6 +25,7 @@ from mtl_dist import config as config_lib
 from mtl_dist import data as data_lib
 from mtl_dist import delta_m as delta_m_lib
 from mtl_dist import distribution
+from mtl_dist import errors
 from mtl_dist import model as model_lib
 from mtl_dist import optimizers as optimizers_lib
 from mtl_dist import outputs
@@ -37,18 +38,6 @@ from mtl_dist import tasks as tasks_lib
 from mtl_dist import trainer as trainer_lib
 
 CHECKPOINT_SUBDIR = saved_run.CHECKPOINT_SUBDIR
-
-
-class ClusterError(RuntimeError):
-  """Another worker failed or a collective timed out; the launcher exits 1."""
-
-
-class NonFiniteError(RuntimeError):
-  """A loss or gradient was NaN or Inf (--on_nonfinite=stop); exit 1."""
-
-
-class DataError(RuntimeError):
-  """Bad data found while training (an in-graph check failed); exit 1."""
 
 
 # What a collective raises when a peer dies (Unavailable), when it is not
@@ -92,7 +81,7 @@ class _Run:
       config.check_single_process()
     replicas = self.strategy.num_replicas_in_sync
     if config.global_batch_size % replicas:
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           f"--global_batch_size={config.global_batch_size}: not divisible by "
           f"the {replicas} replicas")
     if data is None:
@@ -120,7 +109,7 @@ class _Run:
       try:
         self.model = self.model_spec.build(trunk_fn, head_fn)
       except ValueError as e:  # A user trunk or head that does not fit.
-        raise config_lib.ConfigError(str(e)) from None
+        raise errors.ConfigError(str(e)) from None
       schedule = (_make_schedule(config, self.data)
                   if config.mode == "alternate" else None)
     self.trainer = trainer_lib.Trainer(
@@ -170,7 +159,7 @@ class _Run:
     steps = self.strategy.gather(self.strategy.run(
         lambda: tf.reshape(step.read_value(), [1])), axis=0).numpy()
     if len(set(steps.tolist())) > 1:
-      raise ClusterError(
+      raise errors.ClusterError(
           f"the workers restored different steps {sorted(set(steps))} from "
           f"{self.checkpointer.directory}: --model_dir must show every "
           "worker the same files")
@@ -196,7 +185,7 @@ class _Run:
     where = f"--model_dir={self.config.model_dir}"
     if path is None:
       if skipped:
-        raise config_lib.ConfigError(
+        raise errors.ConfigError(
             f"{where}: no checkpoint can be read (newest: {skipped[0][0]}: "
             f"{skipped[0][1]}); move them away to start from scratch")
       return None
@@ -207,7 +196,7 @@ class _Run:
       self.checkpointer.restore(path)
     except (AssertionError, ValueError) as e:
       first_line = str(e).strip().splitlines()[0][:300]
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           f"{where}: checkpoint {path} was "
           "written by a different model or optimizer set-up (check --mode, "
           "--tasks, --trunk*, --optimizer, --per_task_optimizer, "
@@ -215,7 +204,7 @@ class _Run:
           f"{first_line}") from None
     saved = self.task_order.numpy().decode()
     if saved != self.task_names:
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           f"--tasks={self.task_names}: checkpoint {path} in {where} trained "
           f"the tasks {saved}, in that order")
     return path
@@ -257,7 +246,7 @@ def train(config: config_lib.TrainConfig,
     try:
       run = _Run(config, data, trunk_fn, head_fn)
     except _CLUSTER_FAILURES as e:
-      raise ClusterError(f"the cluster failed while starting "
+      raise errors.ClusterError(f"the cluster failed while starting "
                          f"({type(e).__name__}: {_reason(e)}); run the same "
                          "command on all workers again.") from e
   else:
@@ -268,7 +257,7 @@ def train(config: config_lib.TrainConfig,
     return _train(run)
   except _CLUSTER_FAILURES as e:
     latest = run.checkpointer.last_path
-    raise ClusterError(
+    raise errors.ClusterError(
         f"worker {distribution.worker_index(run.strategy)}: the cluster "
         f"failed near step {int(run.trainer.global_step.numpy())} "
         f"({type(e).__name__}: {_reason(e)}). Newest checkpoint: "
@@ -364,7 +353,7 @@ def _train(run: _Run) -> dict[str, Any]:
         save(step)
       # Before a (possibly long) eval: the grace period is running.
       if step < config.train_steps and watcher.should_stop(step, save):
-        raise preemption.Preempted(step, checkpointer.last_path)
+        raise errors.Preempted(step, checkpointer.last_path)
       if step % config.eval_every == 0 and step < config.train_steps:
         last_eval = trainer.evaluate(eval_datasets, eval_groups)
         writer.write(step, "eval", last_eval)
@@ -374,7 +363,7 @@ def _train(run: _Run) -> dict[str, Any]:
   except tf.errors.InvalidArgumentError as e:
     if tasks_lib.DATA_ERROR_MARK not in str(e.message):
       raise
-    raise DataError(
+    raise errors.DataError(
         f"bad data near step {int(trainer.global_step.numpy())}: "
         f"{_reason(e)}. Nothing was saved after "
         f"{checkpointer.last_path or 'the start'}.") from e
@@ -426,7 +415,7 @@ def _user_data(data: data_lib.MultiTaskData,
     try:
       task.check_loss()
     except Exception as e:  # pylint: disable=broad-except
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           f"task {task.name!r}: its loss function fails on a batch of 2 "
           f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
   if config.task_weights is None:
@@ -483,7 +472,7 @@ def _check_skipped(skipped: trainer_lib.SkippedSteps,
     what = ("gradient (the losses were finite) while training task(s) "
             f"{', '.join(skipped.trained)}")
   if config.on_nonfinite == "stop":
-    raise NonFiniteError(
+    raise errors.NonFiniteError(
         f"NaN or Inf {what} at step {skipped.first_step}; stopped without "
         f"saving, the newest checkpoint ({latest_checkpoint or 'none'}) is "
         "from before it. Check the data and --learning_rate, or pass "
@@ -553,7 +542,7 @@ def _make_schedule(config: config_lib.TrainConfig,
   sizes = [source.num_examples for source in data.train]
   weights = [config.weight_of(task.name) for task in data.tasks]
   if config.resolved_schedule == "weights" and not sum(weights) > 0:
-    raise config_lib.ConfigError("--task_weights: with --schedule=weights "
+    raise errors.ConfigError("--task_weights: with --schedule=weights "
                                  "the shares must not all be zero")
   steps_per_epoch, num_epochs = schedules.default_epochs(
       sizes, config.global_batch_size, config.train_steps)

@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from mtl_dist import config as config_lib
+from mtl_dist import errors
 from mtl_dist import shapes
 from mtl_dist import tasks as tasks_lib
 from mtl_dist import toy_regression
@@ -194,12 +195,12 @@ def check_layout(data: MultiTaskData, mode: str) -> None:
   names = [task.name for task in data.tasks]
   if mode == "joint":
     if len(data.train) != 1 or set(data.train[0].task_names) != set(names):
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           f"joint mode trains from one source labelled for every task "
           f"({', '.join(names)}), got {len(data.train)} source(s) labelled "
           f"for {[list(s.task_names) for s in data.train]}")
   elif [tuple(s.task_names) for s in data.train] != [(n,) for n in names]:
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
         f"alternate mode trains from one source per task, in task order "
         f"({', '.join(names)}), got sources labelled for "
         f"{[list(s.task_names) for s in data.train]}")
@@ -207,7 +208,7 @@ def check_layout(data: MultiTaskData, mode: str) -> None:
   unknown = sorted(set(evaluated) - set(names))
   missing = [name for name in names if name not in evaluated]
   if unknown or missing:
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
         "the eval sources must cover each task: "
         + (f"no eval data for {missing}" if missing else
            f"unknown task(s) {unknown}"))
@@ -241,7 +242,7 @@ def load(config: config_lib.TrainConfig) -> MultiTaskData:
   if config.dataset == "toy_regression":
     return _load_toy_regression(config)
   if config.dataset != "shapes":
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
         f"--dataset={config.dataset}: unknown dataset (known: shapes, "
         "toy_regression, tfds:NAME)")
   names, tasks = _chosen_tasks(config, shapes.TASKS)
@@ -517,27 +518,27 @@ def check(data: MultiTaskData, partial_labels: bool) -> None:
       names = ", ".join(source.task_names)
       where = f"{split} data of task(s) {names}"
       if source.num_examples <= 0:
-        raise config_lib.ConfigError(f"{where}: no examples (an empty "
+        raise errors.ConfigError(f"{where}: no examples (an empty "
                                      "dataset or split)")
       if source.arrays is not None:
         features, labels = source.arrays
       else:
         features, labels = _first_examples(source, where)
       if tuple(features.shape[1:]) != tuple(data.input_shape):
-        raise config_lib.ConfigError(
+        raise errors.ConfigError(
             f"{where}: inputs have shape {tuple(features.shape[1:])}, the "
             f"model's input is {tuple(data.input_shape)}")
       if first_dtype is None:
         first_dtype = (features.dtype, where)
       elif features.dtype != first_dtype[0]:
-        raise config_lib.ConfigError(
+        raise errors.ConfigError(
             f"{where}: inputs are {features.dtype}, those of the "
             f"{first_dtype[1]} are {first_dtype[0]}")
       if (np.issubdtype(features.dtype, np.floating) and
           not np.all(np.isfinite(features))):
         bad = int(np.sum(~np.isfinite(features).reshape(len(features), -1)
                          .all(axis=1)))
-        raise config_lib.ConfigError(f"{where}: {bad} example(s) have NaN or "
+        raise errors.ConfigError(f"{where}: {bad} example(s) have NaN or "
                                      "Inf inputs")
       for name in source.task_names:
         _check_labels(specs[name], labels, where, partial_labels,
@@ -549,10 +550,10 @@ def _first_examples(source: ExampleSource, where: str):
   try:
     batch = next(iter(source.make_dataset().batch(_FIRST_BATCH).take(1)))
   except StopIteration:
-    raise config_lib.ConfigError(f"{where}: no examples (an empty dataset or "
+    raise errors.ConfigError(f"{where}: no examples (an empty dataset or "
                                  "split)") from None
   except tf.errors.OpError as e:
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
         f"{where}: cannot read a first batch ({type(e).__name__}: "
         f"{str(e.message).strip().splitlines()[0][:200]})") from None
   features, labels = batch
@@ -563,7 +564,7 @@ def _check_labels(task: tasks_lib.TaskSpec, labels: dict[str, np.ndarray],
                   where: str, partial_labels: bool, whole: bool) -> None:
   """One task's labels: classes in range, targets finite, some labelled."""
   if task.name not in labels:
-    raise config_lib.ConfigError(f"{where}: the examples carry no labels of "
+    raise errors.ConfigError(f"{where}: the examples carry no labels of "
                                  f"task {task.name!r}")
   values = labels[task.name]
   masked = np.zeros(len(values), bool)
@@ -574,7 +575,7 @@ def _check_labels(task: tasks_lib.TaskSpec, labels: dict[str, np.ndarray],
     missing = masked | ~(values >= 0)  # NaN classes count as missing too.
     too_large = values[~missing & (values >= task.output_size)]
     if too_large.size:
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           f"{where}: task {task.name!r} has class label {too_large[0]:g} "
           f"in {too_large.size} example(s); its head has "
           f"{task.output_size} classes (0 to {task.output_size - 1})")
@@ -586,9 +587,9 @@ def _check_labels(task: tasks_lib.TaskSpec, labels: dict[str, np.ndarray],
   if masked.any():
     what += f" or {task.mask_key} entries of 0"
   if missing.any() and not partial_labels:
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
         f"{where}: task {task.name!r} has {what} in {int(missing.sum())} "
         "example(s); if they mark missing labels, pass --partial_labels")
   if missing.all() and whole:  # A first batch alone may just be unlucky.
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
         f"{where}: no example carries a label of task {task.name!r}")

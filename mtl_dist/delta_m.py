@@ -14,7 +14,7 @@ import json
 import os
 from typing import Mapping
 
-from mtl_dist import config as config_lib
+from mtl_dist import errors
 
 HIGHER_IS_BETTER = {"accuracy": True, "mae": False, "mse": False}
 
@@ -39,19 +39,19 @@ def read_baselines(directories: Mapping[str, str]) -> dict[str, dict[str, float]
       with open(path) as f:
         summary = json.load(f)
     except (OSError, ValueError) as e:
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           f"--baselines: {task}={directory}: cannot read {path} ({e})"
       ) from None
     metrics = summary.get("eval", {}).get(task)
     if not metrics:
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           f"--baselines: {task}={directory}: {path} has no eval results for "
           f"task {task!r} (it has: {', '.join(summary.get('eval', {}))})")
     baselines[task] = {name: float(value) for name, value in metrics.items()
                        if name in HIGHER_IS_BETTER}
     for name, value in baselines[task].items():
       if value == 0:
-        raise config_lib.ConfigError(
+        raise errors.ConfigError(
             f"--baselines: {task}={directory}: its {name} is 0, so a "
             "relative improvement over it is undefined")
   return baselines

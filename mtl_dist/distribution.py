@@ -8,7 +8,7 @@ from absl import logging
 import tensorflow as tf
 
 from mtl_dist import cluster as cluster_lib
-from mtl_dist import config as config_lib
+from mtl_dist import errors
 
 _mirrored_strategies_made = 0
 
@@ -37,7 +37,7 @@ def configure_cpu_devices(num_devices: int) -> None:
   except RuntimeError:  # The runtime is initialised: keep its devices.
     available = len(tf.config.list_logical_devices("CPU"))
     if available < num_devices:
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           f"--num_cpu_devices={num_devices}: TensorFlow was initialised "
           f"with {available} CPU device(s) before the split could happen "
           "(from Python, call mtl_dist.configure_cpu_devices first, before "
@@ -96,7 +96,7 @@ def _multi_worker_strategy(
   else:
     num_gpus = len(tf.config.list_physical_devices("GPU"))
   if num_cpu_devices > 1 and not num_gpus:
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
         f"--num_cpu_devices={num_cpu_devices}: MultiWorkerMirroredStrategy "
         "runs one replica per worker on CPUs (start more workers instead)")
   implementations = tf.distribute.experimental.CommunicationImplementation
@@ -105,7 +105,7 @@ def _multi_worker_strategy(
                       else implementations.RING)
   elif collective == "nccl":
     if not num_gpus:
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           "--collective=nccl: NCCL needs GPUs, and this worker has none "
           "(use --collective=ring)")
     implementation = implementations.NCCL

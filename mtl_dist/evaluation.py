@@ -20,9 +20,9 @@ from absl import logging
 import tensorflow as tf
 
 from mtl_dist import checkpointing
-from mtl_dist import config as config_lib
 from mtl_dist import data as data_lib
 from mtl_dist import distribution
+from mtl_dist import errors
 from mtl_dist import model as model_lib
 from mtl_dist import outputs
 from mtl_dist import saved_run
@@ -74,12 +74,12 @@ class _Evaluator:
     spec = saved_run.read_model_spec(model_dir)
     if data is None:
       if spec.custom_data:
-        raise config_lib.ConfigError(
+        raise errors.ConfigError(
             f"--model_dir={model_dir}: was trained on data given from "
             "Python; evaluate it from Python with the same data "
             "(mtl_dist.evaluate(..., data=...))")
       if spec.custom_losses:
-        raise config_lib.ConfigError(
+        raise errors.ConfigError(
             f"--model_dir={model_dir}: task(s) {', '.join(spec.custom_losses)}"
             " were trained with a loss function; evaluate from Python with "
             "the same tasks (mtl_dist.evaluate(..., data=...))")
@@ -88,14 +88,14 @@ class _Evaluator:
     data_lib.check_layout(data, config.mode)
     trained = [(t.name, t.output_size) for t in spec.tasks]
     if [(t.name, t.output_size) for t in data.tasks] != trained:
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           f"--model_dir={model_dir}: the data's tasks "
           f"{[(t.name, t.output_size) for t in data.tasks]} are not the "
           f"trained ones {trained} (name, output size)")
     # Its own devices: never the training cluster's (TF_CONFIG may be set).
     self.strategy = distribution.create_strategy("mirrored", num_cpu_devices)
     if config.global_batch_size % self.strategy.num_replicas_in_sync:
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           f"--num_cpu_devices={num_cpu_devices}: the run's global batch "
           f"{config.global_batch_size} does not divide among "
           f"{self.strategy.num_replicas_in_sync} replicas")
@@ -168,7 +168,7 @@ def evaluate(model_dir: str, *, checkpoint: Optional[str] = None,
     EvalTimeout: When `watch` saw no new checkpoint for `timeout` seconds.
   """
   if watch and checkpoint is not None:
-    raise config_lib.ConfigError(f"--checkpoint={checkpoint}: cannot be "
+    raise errors.ConfigError(f"--checkpoint={checkpoint}: cannot be "
                                  "combined with --watch")
   if watch:  # A sidecar may start before the training job has begun.
     _wait_for(os.path.join(model_dir, saved_run.MODEL_FILE), poll_seconds,
@@ -192,7 +192,7 @@ def evaluate(model_dir: str, *, checkpoint: Optional[str] = None,
       try:
         record(path)
       except CheckpointGone as e:
-        raise config_lib.ConfigError(f"checkpoint {path}: {e}") from None
+        raise errors.ConfigError(f"checkpoint {path}: {e}") from None
       return results
     _watch(model_dir, record, recorder.recorded_steps(), poll_seconds,
            timeout)

@@ -33,21 +33,6 @@ PREEMPTED_EXIT_STATUS = 128 + signal.SIGTERM
 SaveFn = Callable[[int], None]
 
 
-class Preempted(Exception):
-  """The run saved a checkpoint on SIGTERM and stopped early.
-
-  Attributes:
-    step: The step it stopped and saved at.
-    checkpoint: The saved checkpoint's path.
-  """
-
-  def __init__(self, step: int, checkpoint: Optional[str]):
-    super().__init__(f"stopped by SIGTERM at step {step}; saved checkpoint "
-                     f"{checkpoint}; run the same command to resume from it")
-    self.step = step
-    self.checkpoint = checkpoint
-
-
 class Watcher:
   """Watches for SIGTERM; see `create`."""
 

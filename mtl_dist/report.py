@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import tensorflow as tf
 
-from mtl_dist import config as config_lib
+from mtl_dist import errors
 from mtl_dist import evaluation
 from mtl_dist import outputs
 from mtl_dist import saved_run
@@ -31,7 +31,7 @@ def _series(records: list[dict[str, Any]], split: str,
 def _read_metrics(model_dir: str) -> list[dict[str, Any]]:
   path = os.path.join(model_dir, outputs.METRICS_FILE)
   if not tf.io.gfile.exists(path):
-    raise config_lib.ConfigError(f"--model_dir={model_dir}: has no "
+    raise errors.ConfigError(f"--model_dir={model_dir}: has no "
                                  "metrics.jsonl; is it an mtl-train run?")
   return outputs.read_json_lines(path)
 
@@ -52,7 +52,7 @@ def write_report(model_dir: str, output: Optional[str] = None) -> str:
   try:
     from matplotlib import figure  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise config_lib.ConfigError("the report needs matplotlib: pip install "
+    raise errors.ConfigError("the report needs matplotlib: pip install "
                                  "\"mtl_dist[report]\"") from None
   records = _read_metrics(model_dir)
   # The sidecar's evaluations count as eval records too.

@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from mtl_dist import checkpointing
 from mtl_dist import config as config_lib
+from mtl_dist import errors
 from mtl_dist import model as model_lib
 from mtl_dist import outputs
 from mtl_dist import tasks as tasks_lib
@@ -98,11 +99,11 @@ class ModelSpec:
         function is not given.
     """
     if self.trunk == CUSTOM and trunk_fn is None:
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           "the run was trained with a trunk made in Python (trunk_fn); "
           "rebuild it from Python with the same trunk_fn (see docs/api.md)")
     if self.custom_heads and head_fn is None:
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           "the run was trained with heads made in Python (head_fn); rebuild "
           "it from Python with the same head_fn (see docs/api.md)")
     return model_lib.build_model(
@@ -122,14 +123,14 @@ def write_model_spec(model_dir: str, spec: ModelSpec) -> None:
 def _read_json(model_dir: str, name: str) -> dict[str, Any]:
   path = os.path.join(model_dir, name)
   if not tf.io.gfile.exists(path):
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
         f"--model_dir={model_dir}: has no {name}; is it the --model_dir of "
         "an mtl-train run?")
   try:
     with tf.io.gfile.GFile(path) as f:
       return json.load(f)
   except ValueError as e:
-    raise config_lib.ConfigError(f"{path}: not valid JSON ({e})") from None
+    raise errors.ConfigError(f"{path}: not valid JSON ({e})") from None
 
 
 def read_model_spec(model_dir: str) -> ModelSpec:
@@ -142,7 +143,7 @@ def read_model_spec(model_dir: str) -> ModelSpec:
   try:
     return ModelSpec.from_json(value)
   except (KeyError, TypeError, ValueError) as e:
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
         f"{os.path.join(model_dir, MODEL_FILE)}: not a model spec "
         f"({type(e).__name__}: {e})") from None
 
@@ -157,7 +158,7 @@ def read_config(model_dir: str) -> config_lib.TrainConfig:
   try:
     return config_lib.TrainConfig(**value)
   except TypeError as e:
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
         f"{os.path.join(model_dir, CONFIG_FILE)}: not a training "
         f"configuration ({e})") from None
 
@@ -187,7 +188,7 @@ def find_checkpoint(model_dir: str, checkpoint: Optional[str] = None) -> str:
     if path is None:
       problem = (f" (newest: {skipped[0][0]}: {skipped[0][1]})" if skipped
                  else "")
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           f"--model_dir={model_dir}: no readable checkpoint in "
           f"{directory}{problem}")
     return path
@@ -195,7 +196,7 @@ def find_checkpoint(model_dir: str, checkpoint: Optional[str] = None) -> str:
           if checkpoint.isdigit() else checkpoint)
   problem = checkpointing.unreadable(path)
   if problem is not None:
-    raise config_lib.ConfigError(f"--checkpoint={checkpoint}: {path} cannot "
+    raise errors.ConfigError(f"--checkpoint={checkpoint}: {path} cannot "
                                  f"be read ({problem})")
   return path
 
@@ -213,5 +214,5 @@ def restore_model(model: model_lib.SharedTrunkModel, path: str) -> None:
     status.expect_partial().assert_existing_objects_matched()
   except (AssertionError, ValueError) as e:
     first_line = str(e).strip().splitlines()[0][:300]
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
         f"checkpoint {path} holds a different model: {first_line}") from None

@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from mtl_dist import config as config_lib
+from mtl_dist import errors
 from mtl_dist import model as model_lib
 from mtl_dist import saved_run
 from mtl_dist import tasks as tasks_lib
@@ -151,28 +152,28 @@ def predict(export_dir: str, inputs: np.ndarray,
       shape or dtype.
   """
   if not tf.saved_model.contains_saved_model(export_dir):
-    raise config_lib.ConfigError(f"--export_dir={export_dir}: holds no "
+    raise errors.ConfigError(f"--export_dir={export_dir}: holds no "
                                  "SavedModel")
   loaded = tf.saved_model.load(export_dir)
   if signature not in loaded.signatures:
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
         f"--signature={signature}: not in the export (it has "
         f"{', '.join(sorted(loaded.signatures))})")
   function = loaded.signatures[signature]
   spec = function.structured_input_signature[1][INPUT_NAME]
   expected = tuple(spec.shape[1:])
   if tuple(inputs.shape[1:]) != expected:
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
         f"the inputs have shape {tuple(inputs.shape)}: the model takes "
         f"[N, {', '.join(str(d) for d in expected)}] examples")
   wanted = spec.dtype.as_numpy_dtype
   same_kind = (np.issubdtype(inputs.dtype, np.floating) and
                np.issubdtype(wanted, np.floating)) or inputs.dtype == wanted
   if not same_kind:
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
         f"the inputs are {inputs.dtype}: the model takes {spec.dtype.name}")
   if batch_size <= 0:
-    raise config_lib.ConfigError(f"--batch_size={batch_size}: must be "
+    raise errors.ConfigError(f"--batch_size={batch_size}: must be "
                                  "positive")
   parts: dict[str, list[np.ndarray]] = {}
   for start in range(0, len(inputs), batch_size):
@@ -196,7 +197,7 @@ def load_inputs(path: str) -> np.ndarray:
       return np.load(io.BytesIO(f.read()), allow_pickle=False)
   except (OSError, ValueError, tf.errors.OpError) as e:
     reason = getattr(e, "message", None) or str(e)
-    raise config_lib.ConfigError(f"--input={path}: cannot be read as .npy "
+    raise errors.ConfigError(f"--input={path}: cannot be read as .npy "
                                  f"({reason})") from None
 
 
@@ -217,7 +218,7 @@ def write_predictions(path: str, predictions: dict[str, np.ndarray]) -> None:
         json.dumps({name: predictions[name][i].tolist() for name in names})
         + "\n" for i in range(count)), "w"
   else:
-    raise config_lib.ConfigError(f"--output={path}: must end in .npz or "
+    raise errors.ConfigError(f"--output={path}: must end in .npz or "
                                  ".jsonl")
   partial = path + ".partial"  # A reader never sees half a file.
   with tf.io.gfile.GFile(partial, mode) as f:

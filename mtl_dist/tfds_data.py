@@ -26,6 +26,7 @@ import tensorflow as tf
 
 from mtl_dist import config as config_lib
 from mtl_dist import data as data_lib
+from mtl_dist import errors
 from mtl_dist import tasks as tasks_lib
 
 PREFIX = "tfds:"
@@ -46,12 +47,12 @@ def _tfds():
 def parse_task_dataset(task: str, spec: str) -> tuple[str, str]:
   """Splits `tfds:NAME:LABEL` (NAME may carry `/config:version`)."""
   if not spec.startswith(PREFIX) or spec.count(":") < 2:
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
         f"--task_datasets: {task}={spec} must look like "
         f"{task}=tfds:NAME:LABEL_FEATURE")
   name, label = spec[len(PREFIX):].rsplit(":", 1)
   if not name or not label:
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
         f"--task_datasets: {task}={spec} must look like "
         f"{task}=tfds:NAME:LABEL_FEATURE")
   return name, label
@@ -85,7 +86,7 @@ def task_from_feature(task_name: str, feature: Any) -> tasks_lib.TaskSpec:
     if (dtype.is_integer or dtype.is_floating) and None not in shape:
       return tasks_lib.TaskSpec(task_name, tasks_lib.REGRESSION,
                                 size=int(np.prod(shape)) if shape else 1)
-  raise config_lib.ConfigError(
+  raise errors.ConfigError(
       f"feature {task_name!r} ({feature!r}) cannot be a task: use a "
       "ClassLabel, a bool, or an integer or float scalar or vector")
 
@@ -96,7 +97,7 @@ def _feature_at(features: Any, path: str, dataset: str) -> Any:
     try:
       feature = feature[part]
     except (KeyError, TypeError):
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           f"dataset {dataset} has no feature {path!r} (top-level features: "
           f"{', '.join(sorted(features.keys()))})") from None
   return feature
@@ -123,18 +124,18 @@ class _Preprocessing:
     shape = list(feature.shape)
     if self.image_size is not None:
       if len(shape) != 3:
-        raise config_lib.ConfigError(
+        raise errors.ConfigError(
             f"--image_size: input {self.input_key!r} of {dataset} has shape "
             f"{tuple(shape)}, not an image")
       shape[0], shape[1] = self.image_size
     if self.channels is not None:
       if len(shape) != 3 or shape[-1] not in (1, 3):
-        raise config_lib.ConfigError(
+        raise errors.ConfigError(
             f"--channels: input {self.input_key!r} of {dataset} has shape "
             f"{tuple(shape)}, not a 1- or 3-channel image")
       shape[-1] = self.channels
     if None in shape:
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           f"input {self.input_key!r} of {dataset} has variable shape "
           f"{tuple(shape)}: pass --image_size=HEIGHT,WIDTH")
     return tuple(int(d) for d in shape)
@@ -165,7 +166,7 @@ class _TfdsDataset:
     except Exception as e:  # pylint: disable=broad-except
       if "not found" not in str(e).lower():
         raise
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           f"--dataset: TFDS has no dataset {name!r} "
           f"({str(e).splitlines()[0][:200]})") from None
     if config.download:
@@ -188,7 +189,7 @@ class _TfdsDataset:
     except AssertionError as e:
       if "could not find data" not in str(e):
         raise
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           f"dataset {self.name} is not prepared in {self._where()}: prepare "
           "it there (e.g. `tfds build`), or pass --download to fetch it"
       ) from None
@@ -196,7 +197,7 @@ class _TfdsDataset:
       if "unknown split" not in str(e).lower():
         raise
       known = ", ".join(self.builder.info.splits.keys()) or "unknown"
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           f"--{flag}={split}: no such split of {self.name} (splits: "
           f"{known})") from None
 
@@ -227,7 +228,7 @@ class _TfdsDataset:
     if not count:  # Metadata without split sizes: count once.
       count = int(self.open(split, flag).reduce(0, lambda n, _: n + 1))
     if not count:
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           f"--{flag}={split}: split of {self.name} is empty")
     return count
 
@@ -379,14 +380,14 @@ def load_joint(config: config_lib.TrainConfig,
   """
   name = config.dataset[len(PREFIX):]
   if not config.tasks:
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
         f"--tasks: name the label features of {name} to train on")
   dataset = _TfdsDataset(name, config)
   label_paths = {}
   for path in config.tasks:
     task_name = path.rsplit("/", 1)[-1]
     if task_name in label_paths:
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           f"--tasks={','.join(config.tasks)}: two tasks are named "
           f"{task_name!r}")
     label_paths[task_name] = path
@@ -424,7 +425,7 @@ def load_alternate(config: config_lib.TrainConfig,
   names = list(config.tasks) if config.tasks else list(specs)
   for task in names:
     if task not in specs:
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           f"--tasks={','.join(names)}: {task!r} has no entry in "
           "--task_datasets")
   config.check_known(names)
@@ -442,7 +443,7 @@ def load_alternate(config: config_lib.TrainConfig,
   if len(set(shapes.values())) > 1:
     listed = "; ".join(f"{task} ({specs[task][0]}): {shape}"
                        for task, shape in shapes.items())
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
         f"--task_datasets: inputs disagree after preprocessing: {listed}. "
         "Make them agree with --image_size and --channels")
   input_shape = shapes[names[0]]
