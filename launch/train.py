@@ -27,6 +27,7 @@ import tensorflow as tf
 from launch import cli
 import mtl_dist
 from mtl_dist import config as config_lib
+from mtl_dist.methods import registry
 from mtl_dist import preemption
 
 _PROGRAM = "mtl-train"
@@ -106,30 +107,24 @@ _BASELINES = flags.DEFINE_string(
     "baselines", None, "Single-task runs to compare with, task=MODEL_DIR,...: "
     "adds LibMTL's Delta_m (mean relative improvement, %) to summary.json.")
 _AGGREGATOR = flags.DEFINE_enum(
-    "aggregator", "sum", config_lib.AGGREGATORS,
-    "Joint mode: how the tasks' gradients of the shared trunk combine: sum, "
-    "pcgrad (project out conflicts), cagrad (conflict-averse), mgda "
-    "(min-norm point). Per-task gradients are summed over all replicas "
-    "before aggregating.")
-_CAGRAD_C = flags.DEFINE_float("cagrad_c", None,
-                               "--aggregator=cagrad: c (default 0.5).")
+    "aggregator", registry.AGGREGATORS.default, config_lib.AGGREGATORS,
+    "Joint mode: how the tasks' gradients of the shared trunk combine: "
+    f"{registry.AGGREGATORS.describe()}. Per-task gradients are summed over "
+    "all replicas before aggregating.")
 _REP_GRAD = flags.DEFINE_bool(
     "rep_grad", False, "--aggregator=mgda or cagrad: compute the task "
     "gradients at the shared representation (the trunk's output) instead of "
     "all trunk parameters, the cheaper MGDA-UB form.")
 _WEIGHTING = flags.DEFINE_enum(
-    "weighting", "static", config_lib.WEIGHTINGS,
-    "Joint mode: task loss weights: static (--task_weights), uncertainty "
-    "(learned log-variances, Kendall et al. 2018), dwa (dynamic weight "
-    "average, Liu et al. 2019), gradnorm (Chen et al. 2018).")
-_GRADNORM_ALPHA = flags.DEFINE_float(
-    "gradnorm_alpha", None, "--weighting=gradnorm: alpha (default 1.5).")
-_GRADNORM_LR = flags.DEFINE_float(
-    "gradnorm_lr", None, "--weighting=gradnorm: Adam step size of the weight "
-    "update (default 0.025).")
-_DWA_WINDOW = flags.DEFINE_integer(
-    "dwa_window", None, "--weighting=dwa: steps per loss-averaging window "
-    "(the paper's epoch; default 100).")
+    "weighting", registry.WEIGHTINGS.default, config_lib.WEIGHTINGS,
+    f"Joint mode: task loss weights: {registry.WEIGHTINGS.describe()}.")
+# Each method's options, --<method>_<option>, defined where the method is.
+_METHOD_OPTIONS = {
+    flag: (flags.DEFINE_integer if isinstance(option.default, int)
+           else flags.DEFINE_float)(
+               flag, None, f"--{kind}={method}: {option.help} (default "
+               f"{option.default}).")
+    for flag, kind, method, option in config_lib.method_option_flags()}
 _TRAIN_EXAMPLES = flags.DEFINE_integer(
     "train_examples", None, "Joint mode on shapes or toy_regression: "
     "training examples (default 16384).")
@@ -274,9 +269,7 @@ def _config_from_flags() -> mtl_dist.TrainConfig:
       anneal_epochs=_ANNEAL_EPOCHS.value,
       label_fraction=label_fraction, partial_labels=_PARTIAL_LABELS.value,
       baselines=baselines, aggregator=_AGGREGATOR.value,
-      cagrad_c=_CAGRAD_C.value, rep_grad=_REP_GRAD.value,
-      weighting=_WEIGHTING.value, dwa_window=_DWA_WINDOW.value,
-      gradnorm_alpha=_GRADNORM_ALPHA.value, gradnorm_lr=_GRADNORM_LR.value,
+      rep_grad=_REP_GRAD.value, weighting=_WEIGHTING.value,
       train_examples=_TRAIN_EXAMPLES.value,
       task_datasets=task_datasets, data_dir=_DATA_DIR.value,
       input_key=_INPUT_KEY.value, split=_SPLIT.value,
@@ -299,7 +292,8 @@ def _config_from_flags() -> mtl_dist.TrainConfig:
       deterministic=_DETERMINISTIC.value, on_nonfinite=_ON_NONFINITE.value,
       jit_compile=_JIT_COMPILE.value,
       mixed_precision=_MIXED_PRECISION.value, profile_steps=profile_steps,
-      export_dir=_EXPORT_DIR.value)
+      export_dir=_EXPORT_DIR.value,
+      **{flag: holder.value for flag, holder in _METHOD_OPTIONS.items()})
 
 
 def main(argv: list[str]) -> None:

@@ -24,6 +24,8 @@ Public API:
     cluster's (TF_CONFIG, SLURM); configure_cpu_devices: split the CPU
     into logical devices (replicas without GPUs) before TensorFlow starts.
   format_results: a text table of a run summary.
+  aggregate, loss_weights: every gradient aggregator and loss weighting as
+    a function (what the joint step calls), by name.
 """
 
 from mtl_dist.config import parse_key_values
@@ -45,6 +47,8 @@ from mtl_dist.errors import Preempted
 from mtl_dist.evaluation import EvalTimeout
 from mtl_dist.evaluation import evaluate
 from mtl_dist.evaluation import Evaluation
+from mtl_dist.methods.aggregators import aggregate
+from mtl_dist.methods.weightings import loss_weights
 from mtl_dist.model import build_model
 from mtl_dist.model import build_trunk
 from mtl_dist.model import HeadFn
@@ -65,10 +69,11 @@ __all__ = [
     "ClusterError", "ConfigError", "DataError", "EvalTimeout", "Evaluation",
     "ExampleSource", "FusedAdam", "HeadFn", "LossFn", "MultiTaskData",
     "NonFiniteError", "Preempted", "SharedTrunkModel", "TaskSpec",
-    "TrainConfig", "Trainer", "TrunkFn", "build_model", "build_trunk",
-    "configure_cpu_devices", "create_strategy", "distribute_eval",
+    "TrainConfig", "Trainer", "TrunkFn", "aggregate", "build_model",
+    "build_trunk", "configure_cpu_devices", "create_strategy",
+    "distribute_eval",
     "distribute_train", "evaluate", "export_run", "format_results",
-    "make_optimizer_factory", "parse_key_values", "predict",
+    "loss_weights", "make_optimizer_factory", "parse_key_values", "predict",
     "source_from_arrays", "source_from_dataset", "train", "write_predictions",
     "write_report",
 ]

@@ -14,12 +14,11 @@ from typing import Callable, Mapping, Optional, Sequence, TypeVar
 
 import tensorflow as tf
 
-from mtl_dist import aggregation
 from mtl_dist import cluster
 from mtl_dist import errors
 from mtl_dist import precision
 from mtl_dist import schedules
-from mtl_dist import weighting
+from mtl_dist.methods import registry
 
 MODES = ("joint", "alternate")
 SCHEDULES = schedules.NAMES
@@ -32,8 +31,8 @@ ON_NONFINITE = ("stop", "skip")
 # Flags that configure MultiWorkerMirroredStrategy and mean nothing without it.
 MULTI_WORKER_FLAGS = ("cluster", "collective", "collective_timeout",
                       "cluster_start_timeout", "port_base")
-AGGREGATORS = aggregation.NAMES
-WEIGHTINGS = weighting.METHODS
+AGGREGATORS = registry.AGGREGATORS.names()
+WEIGHTINGS = registry.WEIGHTINGS.names()
 MIXED_PRECISION = precision.MODES
 
 _V = TypeVar("_V")
@@ -62,15 +61,17 @@ def parse_key_values(text: str, flag: str,
     key, sep, value = item.partition("=")
     key = key.strip()
     if not sep or not key:
-      raise errors.ConfigError(f"--{flag}={text}: expected name=value items separated "
-                        f"by commas, got {item!r}")
+      raise errors.ConfigError(
+          f"--{flag}={text}: expected name=value items separated "
+          f"by commas, got {item!r}")
     if key in result:
       raise errors.ConfigError(f"--{flag}={text}: {key!r} is given twice")
     try:
       result[key] = parse_value(value.strip())
     except ValueError:
-      raise errors.ConfigError(f"--{flag}={text}: bad value {value.strip()!r} for "
-                        f"{key!r}") from None
+      raise errors.ConfigError(
+          f"--{flag}={text}: bad value {value.strip()!r} for "
+          f"{key!r}") from None
   return result
 
 
@@ -198,22 +199,6 @@ class TrainConfig:
     return 0 if self.mixing_cap is None else self.mixing_cap
 
   @property
-  def resolved_cagrad_c(self) -> float:
-    return 0.5 if self.cagrad_c is None else self.cagrad_c
-
-  @property
-  def resolved_dwa_window(self) -> int:
-    return 100 if self.dwa_window is None else self.dwa_window
-
-  @property
-  def resolved_gradnorm_alpha(self) -> float:
-    return 1.5 if self.gradnorm_alpha is None else self.gradnorm_alpha
-
-  @property
-  def resolved_gradnorm_lr(self) -> float:
-    return 0.025 if self.gradnorm_lr is None else self.gradnorm_lr
-
-  @property
   def resolved_collective(self) -> str:
     return self.collective or "auto"
 
@@ -267,10 +252,11 @@ class TrainConfig:
       if value is None and name in ("train_examples", "eval_examples"):
         continue
       if not isinstance(value, int) or value <= 0:
-        raise errors.ConfigError(f"--{name}={value}: must be a positive integer")
+        raise errors.ConfigError(
+            f"--{name}={value}: must be a positive integer")
     if not isinstance(self.eval_steps, int) or self.eval_steps < 0:
       raise errors.ConfigError(f"--eval_steps={self.eval_steps}: must be >= 0 "
-                        "(0 evaluates the whole eval split)")
+                               "(0 evaluates the whole eval split)")
     if not self.learning_rate > 0:
       raise errors.ConfigError(
           f"--learning_rate={self.learning_rate}: must be positive")
@@ -280,14 +266,16 @@ class TrainConfig:
       repeated = sorted({t for t in self.tasks if list(self.tasks).count(t) > 1})
       if repeated:
         raise errors.ConfigError(f"--tasks={','.join(self.tasks)}: "
-                          f"{', '.join(repeated)} given twice")
+                                 f"{', '.join(repeated)} given twice")
     self._validate_mode_flags()
     self._validate_dataset_flags()
-    if self.rep_grad and self.aggregator not in aggregation.GRAM_AGGREGATORS:
+    gram_forms = [name for name in AGGREGATORS
+                  if registry.AGGREGATORS.get(name).has_gram_form]
+    if self.rep_grad and self.aggregator not in gram_forms:
       raise errors.ConfigError(
-          "--rep_grad is valid for --aggregator=mgda or cagrad (their update "
-          "combines task gradients with coefficients that need only the Gram "
-          f"matrix), not --aggregator={self.aggregator}")
+          f"--rep_grad is valid for --aggregator={' or '.join(gram_forms)} "
+          "(their update combines task gradients with coefficients that "
+          f"need only the Gram matrix), not --aggregator={self.aggregator}")
     if self.profile_steps is not None:
       self._validate_profile_steps()
     if self.jit_compile and self.rep_grad:
@@ -303,15 +291,17 @@ class TrainConfig:
     if self.task_weights is not None:
       for name, weight in self.task_weights.items():
         if not weight >= 0:
-          raise errors.ConfigError(f"--task_weights: weight {weight} for {name!r} "
-                            "must be >= 0")
+          raise errors.ConfigError(
+              f"--task_weights: weight {weight} for {name!r} "
+              "must be >= 0")
     if self.export_dir is not None:
       self._validate_export_dir()
     if self.task_sizes is not None:
       for name, size in self.task_sizes.items():
         if size <= 0:
-          raise errors.ConfigError(f"--task_sizes: size {size} for {name!r} must be "
-                            "positive")
+          raise errors.ConfigError(
+              f"--task_sizes: size {size} for {name!r} must be "
+              "positive")
 
   def _validate_profile_steps(self) -> None:
     """Checks that --profile_steps is A,B with 1 <= A <= B <= --train_steps."""
@@ -320,12 +310,13 @@ class TrainConfig:
     if len(steps) != 2 or not all(
         isinstance(step, int) and not isinstance(step, bool)
         for step in steps):
-      raise errors.ConfigError(f"--profile_steps={text}: expected two step numbers "
-                        "A,B")
+      raise errors.ConfigError(
+          f"--profile_steps={text}: expected two step numbers "
+          "A,B")
     first, last = steps
     if not 1 <= first <= last <= self.train_steps:
       raise errors.ConfigError(f"--profile_steps={text}: need 1 <= A <= B <= "
-                        f"--train_steps={self.train_steps}")
+                               f"--train_steps={self.train_steps}")
 
   def _validate_multi_worker_flags(self) -> None:
     """Checks the multi-worker flags' values and that they can apply."""
@@ -338,80 +329,74 @@ class TrainConfig:
     for name in ("collective_timeout", "cluster_start_timeout"):
       value = getattr(self, name)
       if value is not None and not value > 0:
-        raise errors.ConfigError(f"--{name}={value}: must be positive (seconds)")
+        raise errors.ConfigError(
+            f"--{name}={value}: must be positive (seconds)")
     if self.port_base is not None:
       if not 1 <= self.port_base <= 65535 - 64:
-        raise errors.ConfigError(f"--port_base={self.port_base}: must be a port "
-                          "number (1 to 65471)")
+        raise errors.ConfigError(
+            f"--port_base={self.port_base}: must be a port "
+            "number (1 to 65471)")
       if self.cluster == "tf_config":
-        raise errors.ConfigError("--port_base applies to --cluster=slurm (TF_CONFIG "
-                          "lists each worker's port), but --cluster=tf_config "
-                          "is set")
+        raise errors.ConfigError(
+            "--port_base applies to --cluster=slurm (TF_CONFIG "
+            "lists each worker's port), but --cluster=tf_config "
+            "is set")
 
   def _validate_mode_flags(self) -> None:
     """Refuses flags that mean nothing in the chosen mode and schedule."""
     if self.mode == "joint":
       for name, fraction in (self.label_fraction or {}).items():
         if not 0.0 < fraction <= 1.0:
-          raise errors.ConfigError(f"--label_fraction: {fraction} for {name!r} must "
-                            "be in (0, 1]")
+          raise errors.ConfigError(
+              f"--label_fraction: {fraction} for {name!r} must "
+              "be in (0, 1]")
       if self.weighting != "static" and self.task_weights is not None:
         raise errors.ConfigError(f"--task_weights sets static weights, but "
-                          f"--weighting={self.weighting} learns them")
-      if self.dwa_window is not None:
-        if self.weighting != "dwa":
-          raise errors.ConfigError("--dwa_window applies to --weighting=dwa only, "
-                            f"but --weighting={self.weighting} is set")
-        if self.dwa_window < 1:
-          raise errors.ConfigError(f"--dwa_window={self.dwa_window}: must be "
-                            "positive")
-      for name in ("gradnorm_alpha", "gradnorm_lr"):
-        value = getattr(self, name)
+                                 f"--weighting={self.weighting} learns them")
+      for flag, kind, method, option in method_option_flags():
+        value = getattr(self, flag)
         if value is None:
           continue
-        if self.weighting != "gradnorm":
-          raise errors.ConfigError(f"--{name} applies to --weighting=gradnorm only, "
-                            f"but --weighting={self.weighting} is set")
-        if name == "gradnorm_alpha" and not value >= 0:
-          raise errors.ConfigError(f"--{name}={value}: must be >= 0")
-        if name == "gradnorm_lr" and not value > 0:
-          raise errors.ConfigError(f"--{name}={value}: must be positive")
-      if self.cagrad_c is not None:
-        if self.aggregator != "cagrad":
-          raise errors.ConfigError("--cagrad_c applies to --aggregator=cagrad only, "
-                            f"but --aggregator={self.aggregator} is set")
-        if not self.cagrad_c >= 0:
-          raise errors.ConfigError(f"--cagrad_c={self.cagrad_c}: must be >= 0")
+        chosen = getattr(self, kind)
+        if chosen != method:
+          raise errors.ConfigError(f"--{flag} applies to --{kind}={method} "
+                                   f"only, but --{kind}={chosen} is set")
+        option.check(flag, value)
       for name in ("schedule", "per_task_optimizer", "task_sizes",
                    "temperature", "mixing_cap", "steps_per_epoch",
                    "anneal_epochs"):
         if getattr(self, name) is not None:
-          raise errors.ConfigError(f"--{name} applies to --mode=alternate only, "
-                            "but --mode=joint is set")
+          raise errors.ConfigError(
+              f"--{name} applies to --mode=alternate only, "
+              "but --mode=joint is set")
       return
     if self.partial_labels:
-      raise errors.ConfigError("--partial_labels applies to --mode=joint only (in "
-                        "alternate mode each dataset is labelled for its "
-                        "task), but --mode=alternate is set")
+      raise errors.ConfigError(
+          "--partial_labels applies to --mode=joint only (in "
+          "alternate mode each dataset is labelled for its "
+          "task), but --mode=alternate is set")
     if self.label_fraction is not None:
-      raise errors.ConfigError("--label_fraction applies to --mode=joint only (in "
-                        "alternate mode each dataset is labelled for its "
-                        "task), but --mode=alternate is set")
+      raise errors.ConfigError(
+          "--label_fraction applies to --mode=joint only (in "
+          "alternate mode each dataset is labelled for its "
+          "task), but --mode=alternate is set")
     if self.train_examples is not None:
-      raise errors.ConfigError("--train_examples applies to --mode=joint on shapes "
-                        "only (alternate mode sizes its task datasets with "
-                        "--task_sizes)")
-    if (self.weighting != "static" or self.dwa_window is not None or
-        self.gradnorm_alpha is not None or self.gradnorm_lr is not None):
-      raise errors.ConfigError(f"--weighting={self.weighting} and --dwa_window "
-                        "apply to --mode=joint only (an alternate step trains "
-                        "one task's loss)")
-    if self.cagrad_c is not None:
-      raise errors.ConfigError("--cagrad_c applies to --mode=joint with "
-                        "--aggregator=cagrad only")
+      raise errors.ConfigError(
+          "--train_examples applies to --mode=joint on shapes "
+          "only (alternate mode sizes its task datasets with "
+          "--task_sizes)")
+    if self.weighting != "static":
+      raise errors.ConfigError(f"--weighting={self.weighting} applies to "
+                               "--mode=joint only (an alternate step trains "
+                               "one task's loss)")
+    for flag, kind, method, _ in method_option_flags():
+      if getattr(self, flag) is not None:
+        raise errors.ConfigError(f"--{flag} applies to --mode=joint with "
+                                 f"--{kind}={method} only")
     if self.aggregator != "sum":
-      raise errors.ConfigError(f"--aggregator={self.aggregator} applies to "
-                        "--mode=joint only (an alternate step has one task)")
+      raise errors.ConfigError(
+          f"--aggregator={self.aggregator} applies to "
+          "--mode=joint only (an alternate step has one task)")
     schedule = self.resolved_schedule
     if self.task_weights is not None and schedule != "weights":
       raise errors.ConfigError(
@@ -423,13 +408,16 @@ class TrainConfig:
                         ("steps_per_epoch", "annealed"),
                         ("anneal_epochs", "annealed")):
       if getattr(self, name) is not None and schedule != needs:
-        raise errors.ConfigError(f"--{name} applies to --schedule={needs} only, but "
-                          f"--schedule={schedule} is set")
+        raise errors.ConfigError(
+            f"--{name} applies to --schedule={needs} only, but "
+            f"--schedule={schedule} is set")
     if self.temperature is not None and not self.temperature > 0:
-      raise errors.ConfigError(f"--temperature={self.temperature}: must be positive")
+      raise errors.ConfigError(
+          f"--temperature={self.temperature}: must be positive")
     if self.mixing_cap is not None and self.mixing_cap < 0:
-      raise errors.ConfigError(f"--mixing_cap={self.mixing_cap}: must be >= 0 (0 "
-                        "means no cap)")
+      raise errors.ConfigError(
+          f"--mixing_cap={self.mixing_cap}: must be >= 0 (0 "
+          "means no cap)")
     for name in ("steps_per_epoch", "anneal_epochs"):
       value = getattr(self, name)
       if value is not None and value < 1:
@@ -439,22 +427,26 @@ class TrainConfig:
     """Refuses flags of one kind of dataset given with the other."""
     if (self.dataset not in ("shapes", "toy_regression") and
         not self.dataset.startswith("tfds:")):
-      raise errors.ConfigError(f"--dataset={self.dataset}: unknown dataset (known: "
-                        "shapes, toy_regression, tfds:NAME)")
+      raise errors.ConfigError(
+          f"--dataset={self.dataset}: unknown dataset (known: "
+          "shapes, toy_regression, tfds:NAME)")
     if self.dataset == "toy_regression":
       if self.mode != "joint":
-        raise errors.ConfigError("--dataset=toy_regression has one input for all "
-                          "tasks: use --mode=joint")
+        raise errors.ConfigError(
+            "--dataset=toy_regression has one input for all "
+            "tasks: use --mode=joint")
       for name in ("task_sizes", "label_fraction"):
         if getattr(self, name) is not None:
           raise errors.ConfigError(f"--{name} applies to --dataset=shapes only")
     if self.task_datasets is not None:
       if self.mode != "alternate":
-        raise errors.ConfigError("--task_datasets applies to --mode=alternate only "
-                          "(joint mode reads one --dataset=tfds:NAME)")
+        raise errors.ConfigError(
+            "--task_datasets applies to --mode=alternate only "
+            "(joint mode reads one --dataset=tfds:NAME)")
       if self.dataset != "shapes":
-        raise errors.ConfigError(f"--dataset={self.dataset} and --task_datasets "
-                          "both name data: give one of them")
+        raise errors.ConfigError(
+            f"--dataset={self.dataset} and --task_datasets "
+            "both name data: give one of them")
     if self.uses_tfds:
       for name in ("task_sizes", "label_fraction", "train_examples",
                    "eval_examples"):
@@ -469,7 +461,7 @@ class TrainConfig:
                    "image_size", "channels"):
         if getattr(self, name) is not None:
           raise errors.ConfigError(f"--{name} applies to TFDS datasets only "
-                            "(--dataset=tfds:NAME or --task_datasets)")
+                                   "(--dataset=tfds:NAME or --task_datasets)")
       if self.download:
         raise errors.ConfigError("--download applies to TFDS datasets only")
     if self.channels is not None and self.channels not in (1, 3):
@@ -492,7 +484,7 @@ class TrainConfig:
       for task in mapping or {}:
         if task not in tasks:
           raise errors.ConfigError(f"--{flag}: {task!r} is not a trained task "
-                            f"(--tasks={','.join(tasks)})")
+                                   f"(--tasks={','.join(tasks)})")
 
   def validate_tasks(self, known_tasks: Sequence[str]) -> list[str]:
     """Checks task names against a dataset's tasks.
@@ -530,12 +522,14 @@ class TrainConfig:
                  "train_examples", "eval_examples", "data_dir", "input_key",
                  "split", "eval_split", "download", "image_size", "channels"):
       if getattr(self, name) != getattr(defaults, name):
-        raise errors.ConfigError(f"--{name}={getattr(self, name)}: describes a "
-                          "built-in dataset, but the run was given its own "
-                          "data")
+        raise errors.ConfigError(
+            f"--{name}={getattr(self, name)}: describes a "
+            "built-in dataset, but the run was given its own "
+            "data")
     if self.tasks is not None and list(self.tasks) != list(task_names):
-      raise errors.ConfigError(f"--tasks={','.join(self.tasks)}: the given data "
-                        f"trains {','.join(task_names)} (leave tasks unset)")
+      raise errors.ConfigError(
+          f"--tasks={','.join(self.tasks)}: the given data "
+          f"trains {','.join(task_names)} (leave tasks unset)")
 
   def _validate_export_dir(self) -> None:
     """Refuses an export directory whose replacement would hit the run."""
@@ -544,9 +538,10 @@ class TrainConfig:
     inside = lambda path, parent: (path + os.sep).startswith(parent + os.sep)
     if inside(model, export) or inside(export, os.path.join(model,
                                                             "checkpoints")):
-      raise errors.ConfigError(f"--export_dir={self.export_dir}: an export replaces "
-                        "its directory, which would delete the run's files "
-                        f"in --model_dir={self.model_dir}; give another one")
+      raise errors.ConfigError(
+          f"--export_dir={self.export_dir}: an export replaces "
+          "its directory, which would delete the run's files "
+          f"in --model_dir={self.model_dir}; give another one")
     check_export_dir(self.export_dir)
 
   def check_user_trunk(self) -> None:
@@ -563,6 +558,12 @@ class TrainConfig:
             "but the run was given its own (trunk_fn)"
             + ("; give its layers a dtype policy instead"
                if name == "mixed_precision" else ""))
+
+  def method_options(self) -> dict[str, float]:
+    """The given options of the methods, by flag (unset ones omitted)."""
+    return {flag: getattr(self, flag)
+            for flag, _, _, _ in method_option_flags()
+            if getattr(self, flag) is not None}
 
   def weight_of(self, task: str) -> float:
     """The loss weight of a task in joint mode (1.0 unless given)."""
@@ -584,10 +585,19 @@ def check_export_dir(export_dir: str) -> None:
     raise errors.ConfigError(f"--export_dir={export_dir}: is a file")
   contents = tf.io.gfile.listdir(export_dir)
   if contents and "saved_model.pb" not in contents:
-    raise errors.ConfigError(f"--export_dir={export_dir}: a non-empty directory "
-                      "that holds no SavedModel; give a new or empty one")
+    raise errors.ConfigError(
+        f"--export_dir={export_dir}: a non-empty directory "
+        "that holds no SavedModel; give a new or empty one")
+
+
+def method_option_flags() -> list[tuple[str, str, str, registry.Option]]:
+  """(flag, kind, method, option) of every registered method option."""
+  return [(flag, methods.kind, method, option)
+          for methods in (registry.WEIGHTINGS, registry.AGGREGATORS)
+          for flag, method, option in methods.options()]
 
 
 def _check_choice(flag: str, value: str, choices: Sequence[str]) -> None:
   if value not in choices:
-    raise errors.ConfigError(f"--{flag}={value}: must be one of {', '.join(choices)}")
+    raise errors.ConfigError(
+        f"--{flag}={value}: must be one of {', '.join(choices)}")

@@ -121,11 +121,7 @@ class _Run:
         schedule=schedule,
         partial_labels=self.data.partial_labels or config.partial_labels,
         aggregator=config.aggregator, rep_grad=config.rep_grad,
-        weighting=config.weighting,
-        dwa_window=config.resolved_dwa_window,
-        gradnorm_alpha=config.resolved_gradnorm_alpha,
-        gradnorm_lr=config.resolved_gradnorm_lr,
-        cagrad_c=config.resolved_cagrad_c,
+        weighting=config.weighting, method_options=config.method_options(),
         seed=config.seed,
         # --on_nonfinite=stop discards the state after a bad step anyway.
         skip_nonfinite=config.on_nonfinite == "skip",
@@ -339,14 +335,13 @@ def _train(run: _Run) -> dict[str, Any]:
       num_steps = _steps_until_next_event(step, config)
       profiler.before_loop(step)
       started = time.perf_counter()
-      loss_sums, counts = trainer.train(train_iterators, num_steps)
+      result = trainer.train(train_iterators, num_steps)
       seconds = time.perf_counter() - started
       profiler.after_loop(step + num_steps)
-      _check_skipped(trainer.last_skipped, config, checkpointer.last_path)
+      _check_skipped(result.skipped, config, checkpointer.last_path)
       step += num_steps
       speed.add(seconds, num_steps)
-      interval.add(loss_sums, counts, seconds, num_steps,
-                   trainer.last_step_metrics, trainer.last_skipped.count)
+      interval.add(result, seconds, num_steps)
       if step % config.log_every == 0 or step == config.train_steps:
         _log_interval(interval, step, writer, trainer, run.data, config)
       if step % config.checkpoint_every == 0 and step < config.train_steps:
@@ -437,18 +432,23 @@ class _Interval:
     self.counts = np.zeros(len(self.task_names))
     self.seconds, self.steps, self.skipped = 0.0, 0, 0
     self.step_metric_sums: dict[str, float] = {}
+    self.loss_scales: dict[str, float] = {}
+    self.learning_rates: dict[str, float] = {}
 
-  def add(self, loss_sums: np.ndarray, counts: np.ndarray, seconds: float,
-          num_steps: int, step_metrics: dict[str, float],
-          skipped: int) -> None:
-    self.loss_sums += loss_sums
-    self.counts += counts
+  def add(self, result: trainer_lib.LoopResult, seconds: float,
+          num_steps: int) -> None:
+    """Adds a loop call's result; its loss scales and rates are the latest."""
+    self.loss_sums += result.loss_sums
+    self.counts += result.counts
     self.seconds += seconds
     self.steps += num_steps
-    self.skipped += skipped
-    for name, mean in step_metrics.items():  # Means over applied steps.
+    self.skipped += result.skipped.count
+    applied = num_steps - result.skipped.count
+    for name, mean in result.step_metrics.items():  # Means over applied steps.
       self.step_metric_sums[name] = (self.step_metric_sums.get(name, 0.0) +
-                                     mean * (num_steps - skipped))
+                                     mean * applied)
+    self.loss_scales = result.loss_scales
+    self.learning_rates = result.learning_rates
 
   def losses(self) -> dict[str, float]:
     """Each trained task's mean loss over its labelled examples."""
@@ -518,8 +518,8 @@ def _log_interval(interval: _Interval, step: int,
   metrics.update({name: total / applied
                   for name, total in interval.step_metric_sums.items()})
   metrics["nonfinite_skipped"] = interval.skipped
-  metrics.update(trainer.loss_scales())
-  metrics.update(trainer.learning_rates())
+  metrics.update(interval.loss_scales)
+  metrics.update(interval.learning_rates)
   metrics["examples_per_second"] = speed
   writer.write(step, "train", metrics)
   writer.progress(step, losses, speed)

@@ -15,12 +15,12 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import tensorflow as tf
 import tf_keras
 
-from mtl_dist import aggregation
 from mtl_dist import model as model_lib
 from mtl_dist import precision
 from mtl_dist import schedules
 from mtl_dist import tasks as tasks_lib
-from mtl_dist import weighting as weighting_lib
+from mtl_dist.methods.aggregators import base as aggregators
+from mtl_dist.methods.weightings import base as weightings
 
 Batch = tuple[tf.Tensor, dict[str, tf.Tensor]]
 
@@ -236,12 +236,15 @@ class _Terms(NamedTuple):
 class JointStep:
   """One update of the trunk and every head on the weighted task losses.
 
-  With the `sum` aggregator the optimizer all-reduces the gradient of the
-  weighted sum as usual. With `pcgrad`, `cagrad` or `mgda`, each replica
-  computes every task's gradient of the shared trunk, one fused all-reduce
-  sums them (and the heads' gradients) over all replicas, every replica
-  aggregates the same global [T, P] matrix, and the result is applied with
-  `skip_gradients_aggregation=True`.
+  The step computes what its aggregator declares it needs
+  (`Aggregator.needs`). For `SUM` the optimizer all-reduces the gradient of
+  the weighted sum as usual. For `JACOBIAN` each replica computes every
+  task's gradient of the shared trunk, one fused all-reduce sums them (and
+  the heads' gradients) over all replicas, every replica aggregates the same
+  global [T, P] matrix, and the result is applied with
+  `skip_gradients_aggregation=True`. With `rep_grad` an aggregator with a
+  Gram-matrix form gets the Gram matrix of the tasks' gradients at the
+  trunk's output instead.
 
   Each replica step first checks the labels and counts labelled examples
   (both must run outside compiled code), then runs its forward and backward
@@ -259,19 +262,30 @@ class JointStep:
   def __init__(self, model: model_lib.SharedTrunkModel,
                tasks: Sequence[tasks_lib.TaskSpec],
                optimizer: tf_keras.optimizers.Optimizer,
-               global_batch_size: int, partial_labels: bool = False,
-               aggregator: str = "sum", cagrad_c: float = 0.5,
-               seed: int = 0,
-               weighting: weighting_lib.Weighting | None = None,
+               global_batch_size: int, partial_labels: bool,
+               aggregator: aggregators.Aggregator,
+               weighting: weightings.LossWeighting,
                rep_grad: bool = False, skip_nonfinite: bool = True,
                jit_compile: bool = False):
-    if aggregator not in aggregation.NAMES:
-      raise ValueError(f"unknown aggregator {aggregator!r} (known: "
-                       f"{', '.join(aggregation.NAMES)})")
-    if rep_grad and aggregator not in aggregation.GRAM_AGGREGATORS:
-      raise ValueError(f"rep_grad needs an aggregator with a Gram-matrix form "
-                       f"({', '.join(aggregation.GRAM_AGGREGATORS)}), not "
-                       f"{aggregator!r}")
+    """Initialises the step.
+
+    Args:
+      model: The shared-trunk model.
+      tasks: The tasks, in order.
+      optimizer: The optimizer of every variable.
+      global_batch_size: Examples per step over all replicas.
+      partial_labels: Whether examples may lack labels.
+      aggregator: Combines the tasks' gradients of the trunk.
+      weighting: Weighs the task losses.
+      rep_grad: Aggregate from the Gram matrix of the gradients at the
+        trunk's output (the aggregator needs a Gram-matrix form).
+      skip_nonfinite: Leave everything unchanged in a step whose losses or
+        gradients are not finite.
+      jit_compile: XLA-compile each replica's forward and backward pass.
+    """
+    if rep_grad and not aggregator.has_gram_form:
+      raise ValueError(f"rep_grad needs an aggregator with a Gram-matrix "
+                       f"form, not {aggregator.name!r}")
     if rep_grad and jit_compile:
       raise ValueError("jit_compile cannot compile rep_grad's step: it "
                        "all-reduces the Gram matrix between its two backward "
@@ -284,9 +298,7 @@ class JointStep:
     self._global_batch_size = global_batch_size
     self._partial_labels = partial_labels
     self._aggregator = aggregator
-    self._cagrad_c = cagrad_c
-    self._seed = seed
-    self._weighting = weighting or weighting_lib.Weighting(tasks)
+    self._weighting = weighting
     self._scales_losses = precision.scales_losses(optimizer)
     self._sum_pass = _compiled(self._sum_backward, jit_compile)
     self._task_pass = _compiled(self._task_backward, jit_compile)
@@ -295,7 +307,12 @@ class JointStep:
   def metric_names(self) -> tuple[str, ...]:
     """Names of the per-step metrics `__call__` returns besides losses."""
     names = tuple(f"{task.name}/weight" for task in self._tasks)
-    return names if self._aggregator == "sum" else names + ("conflict_share",)
+    return names if self._sums else names + ("conflict_share",)
+
+  @property
+  def _sums(self) -> bool:
+    """Whether the aggregator is a plain sum (no task Jacobian)."""
+    return self._aggregator.needs == aggregators.SUM
 
   def _labelled_counts(self, batch: Batch) -> tf.Tensor:
     """[T] this replica's examples that carry each task's label."""
@@ -321,6 +338,7 @@ class JointStep:
 
   def _losses(self, batch: Batch,
               global_counts: Optional[tf.Tensor]) -> tf.Tensor:
+    """This replica's [T] loss shares (the forward pass of the sum path)."""
     features, labels = batch
     outputs = self._model(features, training=True)
     _, per_task = task_losses(self._tasks, labels, outputs,
@@ -363,8 +381,8 @@ class JointStep:
     self._weighting.replica_update(weighting_gradients, per_task,
                                    self._labelled_counts(batch), finite)
 
-  def _sum_backward(self, batch: Batch, global_counts: Optional[tf.Tensor]
-                    ) -> tuple[list[tf.Tensor], tf.Tensor,
+  def _sum_backward(self, batch: Batch, global_counts: Optional[tf.Tensor],
+                    step: tf.Tensor) -> tuple[list[tf.Tensor], tf.Tensor,
                                Optional[tf.Tensor]]:
     """This replica's forward and backward pass for the `sum` aggregator.
 
@@ -378,7 +396,7 @@ class JointStep:
       per_task = self._losses(batch, global_counts)
       terms = ([self._scaled(per_task[i]) for i in range(len(self._tasks))]
                if needs_terms else [])
-      total = self._weighting.objective(per_task)
+      total = self._weighting.objective(per_task, step)
       total += _regularization([self._model])
       total = self._scaled(total)
     gradients = tape.gradient(
@@ -386,7 +404,8 @@ class JointStep:
     return (self._unscaled(gradients), per_task,
             self._weighting_gradients(tape, terms))
 
-  def replica_step(self, batch: Batch) -> tuple[tf.Tensor, tf.Tensor]:
+  def replica_step(self, batch: Batch,
+                   step: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """Trains on one replica's batch.
 
     Returns:
@@ -395,7 +414,8 @@ class JointStep:
       checked, gradient overflow being the loss-scale optimizer's).
     """
     batch, counts = self._prepare(batch)
-    gradients, per_task, weighting_gradients = self._sum_pass(batch, counts)
+    gradients, per_task, weighting_gradients = self._sum_pass(batch, counts,
+                                                              step)
     gradients, losses, finite = _reduce_and_check(
         gradients, per_task, check_gradients=not self._scales_losses)
     self._update_weighting(weighting_gradients, per_task, batch, finite,
@@ -411,8 +431,8 @@ class JointStep:
              for v in self._model.heads[task.name].trainable_variables]
     return heads + self._weighting.trainable
 
-  def _record_terms(self, batch: Batch,
-                    global_counts: Optional[tf.Tensor]) -> _Terms:
+  def _record_terms(self, batch: Batch, global_counts: Optional[tf.Tensor],
+                    step: tf.Tensor) -> _Terms:
     """The forward pass and every term a surgery step differentiates.
 
     Call inside a persistent tape: a term formed after the tape (even a
@@ -426,9 +446,9 @@ class JointStep:
     _, per_task = task_losses(self._tasks, labels, outputs,
                               self._global_batch_size, self._partial_labels,
                               global_counts, check_labels=False)
-    weighted = self._weighting.weights() * per_task
+    weighted = self._weighting.weights(step) * per_task
     regularization = _regularization([self._model])
-    objective = self._weighting.objective(per_task) + regularization
+    objective = self._weighting.objective(per_task, step) + regularization
     return _Terms(
         representation=representation, per_task=per_task,
         weighted=[self._scaled(weighted[i])
@@ -448,12 +468,11 @@ class JointStep:
     same coefficients a and backpropagates sum_i a_i dL_i/dz through the
     trunk once. Heads get their own tasks' gradients.
     """
-    del step
     batch, counts = self._prepare(batch)
     trunk = self._model.trunk.trainable_variables
     heads = self._unshared_variables()
     with tf.GradientTape(persistent=True) as tape:
-      terms = self._record_terms(batch, counts)
+      terms = self._record_terms(batch, counts, step)
     zero = tf.UnconnectedGradients.ZERO
     # In float32 and unscaled: the representation may be bfloat16 or float16.
     rep_grads = self._unscaled([
@@ -464,8 +483,7 @@ class JointStep:
     gram = tf.distribute.get_replica_context().all_reduce(
         tf.distribute.ReduceOp.SUM,
         tf.linalg.matmul(flat, flat, transpose_b=True))
-    coefficients = aggregation.coefficients_from_gram(
-        self._aggregator, gram, self._cagrad_c)
+    coefficients = self._aggregator.gram_coefficients(gram, step)
     combined = tf.add_n([coefficients[i] * g for i, g in enumerate(rep_grads)])
     trunk_grads = tape.gradient(
         terms.representation, trunk,
@@ -486,10 +504,10 @@ class JointStep:
                            gradients)
     _apply_if(self._optimizer, gradients, trunk + heads,
               finite if self._skip_nonfinite else None)
-    return losses, aggregation.conflict_share_from_gram(gram), finite
+    return losses, aggregators.conflict_share_from_gram(gram), finite
 
-  def _task_backward(self, batch: Batch, global_counts: Optional[tf.Tensor]
-                     ) -> tuple[tf.Tensor, tf.Tensor, Optional[tf.Tensor]]:
+  def _task_backward(self, batch: Batch, global_counts: Optional[tf.Tensor],
+                     step: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, Optional[tf.Tensor]]:
     """This replica's forward and backward pass for gradient aggregation.
 
     Returns:
@@ -502,7 +520,7 @@ class JointStep:
     trunk = self._model.trunk.trainable_variables
     heads = self._unshared_variables()
     with tf.GradientTape(persistent=True) as tape:
-      terms = self._record_terms(batch, global_counts)
+      terms = self._record_terms(batch, global_counts, step)
     zero = tf.UnconnectedGradients.ZERO
     task_grads = [_flatten(tape.gradient(term, trunk,
                                          unconnected_gradients=zero))
@@ -521,7 +539,8 @@ class JointStep:
     batch, counts = self._prepare(batch)
     trunk = self._model.trunk.trainable_variables
     heads = self._unshared_variables()
-    local, per_task, weighting_gradients = self._task_pass(batch, counts)
+    local, per_task, weighting_gradients = self._task_pass(batch, counts,
+                                                           step)
     num_tasks = len(self._tasks)
     num_trunk = _size(trunk)
     # One all-reduce for the task gradients, the rest and the loss shares.
@@ -530,10 +549,7 @@ class JointStep:
     matrix = tf.reshape(fused[:num_trunk * num_tasks], [num_tasks, num_trunk])
     rest = fused[num_trunk * num_tasks:-num_tasks]
     losses = fused[-num_tasks:]
-    direction = aggregation.aggregate(
-        self._aggregator, matrix,
-        tf.stack([tf.constant(self._seed, tf.int64), tf.cast(step, tf.int64)]),
-        self._cagrad_c)
+    direction = self._aggregator(matrix, step)
     # With loss scaling, overflowing gradients are the optimizer's to skip.
     finite = _all_finite([losses] if self._scales_losses
                          else [fused, direction])
@@ -543,7 +559,7 @@ class JointStep:
     trunk_grads = _unflatten(direction + rest[_size(heads):], trunk)
     _apply_if(self._optimizer, trunk_grads + head_grads, trunk + heads,
               finite if self._skip_nonfinite else None)
-    return losses, aggregation.conflict_share(matrix), finite
+    return losses, aggregators.conflict_share(matrix), finite
 
   def __call__(self, strategy: tf.distribute.Strategy,
                iterators: Sequence[tf.distribute.DistributedIterator],
@@ -557,15 +573,15 @@ class JointStep:
       applied (False: a loss or gradient was not finite, nothing changed).
     """
     batch = next(iterators[0])
-    weights = self._weighting.weights()  # The weights this step uses.
-    if self._aggregator == "sum":
-      losses, applied = strategy.run(self.replica_step, args=(batch,))
+    step = step.read_value()
+    weights = self._weighting.weights(step)  # The weights this step uses.
+    if self._sums:
+      losses, applied = strategy.run(self.replica_step, args=(batch, step))
       metrics = weights
     else:
       replica_fn = (self.rep_grad_replica_step if self._rep_grad
                     else self.aggregated_replica_step)
-      losses, share, applied = strategy.run(replica_fn,
-                                            args=(batch, step.read_value()))
+      losses, share, applied = strategy.run(replica_fn, args=(batch, step))
       metrics = tf.concat([weights, tf.reshape(
           _first_local(strategy, share), [1])], axis=0)
     # Every replica holds the same all-reduced values.

@@ -8,7 +8,7 @@ differ only in the step object (see steps.py).
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -20,7 +20,9 @@ from mtl_dist import precision
 from mtl_dist import schedules
 from mtl_dist import steps as steps_lib
 from mtl_dist import tasks as tasks_lib
-from mtl_dist import weighting as weighting_lib
+from mtl_dist.methods import aggregators
+from mtl_dist.methods import registry
+from mtl_dist.methods import weightings
 
 OptimizerFactory = optimizers_lib.OptimizerFactory
 
@@ -39,6 +41,30 @@ class SkippedSteps(NamedTuple):
   first_step: int
   nonfinite_losses: list[str]
   trained: list[str]
+
+
+class LoopResult(NamedTuple):
+  """What one `Trainer.train` call measured.
+
+  Attributes:
+    loss_sums: [T] each task's summed mean training loss over the applied
+      steps that trained it; loss_sums[i] / counts[i] is its mean.
+    counts: [T] the applied steps that trained each task.
+    step_metrics: The step's own metrics (task weights, the aggregator's
+      conflict share), averaged over the applied steps.
+    skipped: The steps skipped for non-finite values.
+    loss_scales: The loss scale(s) after the call (see
+      `Trainer.loss_scales`), {} without loss scaling.
+    learning_rates: The learning rate(s) after the call (see
+      `Trainer.learning_rates`).
+  """
+
+  loss_sums: np.ndarray
+  counts: np.ndarray
+  step_metrics: dict[str, float]
+  skipped: SkippedSteps
+  loss_scales: dict[str, float]
+  learning_rates: dict[str, float]
 
 
 class Trainer:
@@ -62,11 +88,10 @@ class Trainer:
                per_task_optimizer: bool = True,
                schedule: Optional[schedules.Schedule] = None,
                partial_labels: bool = False, aggregator: str = "sum",
-               cagrad_c: float = 0.5, seed: int = 0,
-               weighting: str = "static", dwa_window: int = 100,
-               gradnorm_alpha: float = 1.5, gradnorm_lr: float = 0.025,
-               rep_grad: bool = False, skip_nonfinite: bool = True,
-               jit_compile: bool = False):
+               weighting: str = "static",
+               method_options: Optional[Mapping[str, Any]] = None,
+               seed: int = 0, rep_grad: bool = False,
+               skip_nonfinite: bool = True, jit_compile: bool = False):
     """Creates the optimizers and counters inside the strategy's scope.
 
     Args:
@@ -79,9 +104,9 @@ class Trainer:
         float16 (`build_model(..., mixed_precision="float16")`) each one is
         wrapped in a dynamic `tf_keras.mixed_precision.LossScaleOptimizer`,
         unless the factory returns one already (e.g. with another initial
-        scale). Then the finite check of `skip_nonfinite` and
-        `last_skipped` covers the losses only: a step with overflowing
-        gradients is skipped by the optimizer, which lowers its scale.
+        scale). Then the finite check of `skip_nonfinite` and the result's
+        `skipped` cover the losses only: a step with overflowing gradients
+        is skipped by the optimizer, which lowers its scale.
       per_task_optimizer: Alternate mode: one optimizer per task (else one
         shared). Ignored in joint mode, which has one optimizer.
       schedule: Alternate mode: picks each step's task (default round
@@ -89,28 +114,28 @@ class Trainer:
       partial_labels: Joint mode: examples may lack some tasks' labels;
         each task's loss then averages over the examples that carry its
         label in the global batch (see `steps.task_losses`).
-      aggregator: Joint mode: how task gradients combine, one of
-        `aggregation.NAMES` (see `steps.JointStep`).
-      cagrad_c: CAGrad's c.
-      seed: Seed of PCGrad's task orders (drawn per step).
-      weighting: Joint mode: how task losses are weighted, one of
-        `weighting.METHODS`.
-      dwa_window: DWA's loss-averaging window in steps.
-      gradnorm_alpha: GradNorm's alpha.
-      gradnorm_lr: GradNorm's step size on the weights.
+      aggregator: Joint mode: how task gradients combine, a name in
+        `registry.AGGREGATORS` (see `steps.JointStep`).
+      weighting: Joint mode: how task losses are weighted, a name in
+        `registry.WEIGHTINGS`.
+      method_options: The chosen methods' options by flag name (e.g.
+        `{"cagrad_c": 0.3, "dwa_window": 10}`); unset ones take the
+        papers' defaults.
+      seed: Seed of the methods' per-step draws (PCGrad's task orders,
+        RLW's weights), made from `(seed, step)`.
       rep_grad: Aggregate from gradients at the shared representation
-        (MGDA-UB form; mgda and cagrad only).
+        (MGDA-UB form; aggregators with a Gram-matrix form only).
       skip_nonfinite: Leave everything unchanged in a step whose losses or
         gradients are not finite. False applies such a step anyway (it is
-        still reported in `last_skipped`), for callers that stop and discard
-        the state then, and saves the conditional update's cost.
+        still reported in the result's `skipped`), for callers that stop
+        and discard the state then, and saves the conditional update's cost.
       jit_compile: XLA-compile each replica's forward and backward pass
         (losses and gradients); the all-reduce, the finite check and the
         update stay outside. Not with `rep_grad`.
 
     Raises:
-      ValueError: For `jit_compile` with `rep_grad`, or an unknown
-        aggregator.
+      ValueError: For `jit_compile` with `rep_grad`, an unknown method, or
+        an option of a method that is not chosen.
     """
     self._strategy = strategy
     self.model = model
@@ -137,9 +162,10 @@ class Trainer:
       self.nonfinite_skipped = tf.Variable(
           0, dtype=tf.int64, trainable=False, name="nonfinite_skipped",
           aggregation=first_replica)
-      self.weighting = weighting_lib.Weighting(
-          self.tasks, weighting if mode == "joint" else "static", dwa_window,
-          gradnorm_alpha=gradnorm_alpha, gradnorm_lr=gradnorm_lr)
+      if mode != "joint":
+        weighting, aggregator = "static", "sum"
+      self.weighting, self.aggregator = _create_methods(
+          self.tasks, weighting, aggregator, method_options or {}, seed)
       # Optimizers are created and built (slots included) in the scope,
       # before the first trace.
       if self._per_task_optimizer:
@@ -158,17 +184,15 @@ class Trainer:
     if mode == "joint":
       self._step = steps_lib.JointStep(
           model, self.tasks, shared, global_batch_size, partial_labels,
-          aggregator=aggregator, cagrad_c=cagrad_c, seed=seed,
-          weighting=self.weighting, rep_grad=rep_grad,
-          skip_nonfinite=skip_nonfinite, jit_compile=jit_compile)
+          aggregator=self.aggregator, weighting=self.weighting,
+          rep_grad=rep_grad, skip_nonfinite=skip_nonfinite,
+          jit_compile=jit_compile)
     else:
       self._step = steps_lib.AlternateStep(
           model, self.tasks, [self.optimizers[t.name] for t in self.tasks],
           global_batch_size, schedule or schedules.RoundRobin(num_tasks),
           skip_nonfinite=skip_nonfinite, jit_compile=jit_compile)
     self._train_loop = tf.function(self._train_loop_fn)
-    self.last_step_metrics: dict[str, float] = {}
-    self.last_skipped = SkippedSteps(0, -1, [], [])
     self._evaluator = Evaluator(strategy, model, self.tasks)
 
   def checkpoint_items(self) -> dict[str, tf.Module]:
@@ -184,6 +208,8 @@ class Trainer:
       items["schedule"] = self.schedule  # Its state resumes with the run.
     if self.weighting.variables:
       items["weighting"] = self.weighting
+    if self.aggregator.variables:
+      items["aggregator"] = self.aggregator
     return items
 
   def loss_scales(self) -> dict[str, float]:
@@ -193,12 +219,16 @@ class Trainer:
       `{"loss_scale": s}` for one optimizer, `{"<task>/loss_scale": s}` per
       task with per-task optimizers.
     """
+    return {name: float(value)
+            for name, value in self._read_loss_scales().items()}
+
+  def _read_loss_scales(self) -> dict[str, tf.Tensor]:
     if not self.loss_scaling:
       return {}
     if not self._per_task_optimizer:
-      return {"loss_scale": precision.loss_scale(
-          self.optimizers[self.tasks[0].name])}
-    return {f"{name}/loss_scale": precision.loss_scale(optimizer)
+      return {"loss_scale": tf.identity(
+          self.optimizers[self.tasks[0].name].loss_scale)}
+    return {f"{name}/loss_scale": tf.identity(optimizer.loss_scale)
             for name, optimizer in self.optimizers.items()}
 
   def learning_rates(self) -> dict[str, float]:
@@ -208,8 +238,12 @@ class Trainer:
       `{"learning_rate": lr}` for one optimizer, `{"<task>/learning_rate":
       lr}` per task with per-task optimizers.
     """
-    def value(optimizer: tf_keras.optimizers.Optimizer) -> float:
-      return float(tf.convert_to_tensor(optimizer.learning_rate).numpy())
+    return {name: float(value)
+            for name, value in self._read_learning_rates().items()}
+
+  def _read_learning_rates(self) -> dict[str, tf.Tensor]:
+    def value(optimizer: tf_keras.optimizers.Optimizer) -> tf.Tensor:
+      return tf.identity(tf.convert_to_tensor(optimizer.learning_rate))
     if not self._per_task_optimizer:
       return {"learning_rate": value(self.optimizers[self.tasks[0].name])}
     return {f"{name}/learning_rate": value(optimizer)
@@ -252,14 +286,15 @@ class Trainer:
     self.nonfinite_skipped.assign_add(skipped)
     return (loss_sums, trained_counts, metric_sums,
             (skipped, first_skipped, first_skipped_losses,
-             first_skipped_trained))
+             first_skipped_trained),
+            self._read_loss_scales(), self._read_learning_rates())
 
   def train(self, iterators: Sequence[tf.distribute.DistributedIterator],
-            num_steps: int) -> tuple[np.ndarray, np.ndarray]:
+            num_steps: int) -> LoopResult:
     """Runs `num_steps` steps in one tf.function call.
 
     A step whose loss or gradient is not finite (on any replica) changes
-    nothing; such steps are reported in `last_skipped`. With loss scaling
+    nothing; such steps are reported in the result's `skipped`. With loss scaling
     only the losses count here: the LossScaleOptimizer skips a step whose
     gradients overflowed by itself, unreported.
 
@@ -269,29 +304,58 @@ class Trainer:
       num_steps: Steps to run.
 
     Returns:
-      (loss_sums, counts): [T] arrays; loss_sums[i] / counts[i] is task i's
-      mean training loss over the counts[i] applied steps that trained it.
-      The step's own metrics (e.g. the aggregator's conflict share),
-      averaged over the applied steps, are left in `last_step_metrics`.
+      What the steps measured (see `LoopResult`), read back in one go.
     """
-    loss_sums, counts, metric_sums, skipped = self._train_loop(
-        tuple(iterators), tf.constant(num_steps, tf.int64))
-    count, first_step, losses, trained = (v.numpy() for v in skipped)
+    outputs = self._train_loop(tuple(iterators),
+                               tf.constant(num_steps, tf.int64))
+    (loss_sums, counts, metric_sums, skipped, loss_scales,
+     learning_rates) = tf.nest.map_structure(lambda t: t.numpy(), outputs)
+    count, first_step, losses, trained = skipped
     applied_steps = max(num_steps - int(count), 1)
-    self.last_step_metrics = {
-        name: float(value) / applied_steps
-        for name, value in zip(self._step.metric_names, metric_sums.numpy())}
-    self.last_skipped = SkippedSteps(
-        count=int(count), first_step=int(first_step),
-        nonfinite_losses=[t.name for t, v in zip(self.tasks, losses)
-                          if not np.isfinite(v)],
-        trained=[t.name for t, v in zip(self.tasks, trained) if v])
-    return loss_sums.numpy(), counts.numpy()
+    return LoopResult(
+        loss_sums=loss_sums, counts=counts,
+        step_metrics={name: float(value) / applied_steps for name, value in
+                      zip(self._step.metric_names, metric_sums)},
+        skipped=SkippedSteps(
+            count=int(count), first_step=int(first_step),
+            nonfinite_losses=[t.name for t, v in zip(self.tasks, losses)
+                              if not np.isfinite(v)],
+            trained=[t.name for t, v in zip(self.tasks, trained) if v]),
+        loss_scales={k: float(v) for k, v in loss_scales.items()},
+        learning_rates={k: float(v) for k, v in learning_rates.items()})
 
   def evaluate(self, datasets: Sequence[tf.distribute.DistributedDataset],
                task_groups: Sequence[Sequence[str]]) -> dict[str, float]:
     """Evaluates on finite distributed datasets; see `Evaluator.evaluate`."""
     return self._evaluator.evaluate(datasets, task_groups)
+
+
+def _create_methods(tasks: Sequence[tasks_lib.TaskSpec], weighting: str,
+                    aggregator: str, options: Mapping[str, Any], seed: int
+                    ) -> tuple[weightings.base.LossWeighting,
+                               aggregators.base.Aggregator]:
+  """The joint step's loss weighting and aggregator, with their options.
+
+  Raises:
+    ValueError: For an unknown method, or an option of another method.
+  """
+  allowed = {f"{method}_{option.name}"
+             for method, cls in ((weighting, registry.WEIGHTINGS.get(weighting)),
+                                 (aggregator,
+                                  registry.AGGREGATORS.get(aggregator)))
+             for option in cls.options}
+  unknown = sorted(set(options) - allowed)
+  if unknown:
+    raise ValueError(f"method option(s) {', '.join(unknown)}: not an option "
+                     f"of weighting {weighting!r} or aggregator "
+                     f"{aggregator!r}")
+  weighting_options = registry.WEIGHTINGS.resolve_options(weighting,
+                                                          options.get)
+  aggregator_options = registry.AGGREGATORS.resolve_options(aggregator,
+                                                            options.get)
+  return (weightings.create(weighting, tasks, seed, **weighting_options),
+          aggregators.create(aggregator, len(tasks), seed,
+                             **aggregator_options))
 
 
 class Evaluator:

@@ -45,7 +45,8 @@ def build_trainer(shapes_arrays):
             weights=None, initial_weights=None, schedule=None,
             arrays=None, partial_labels: bool = False,
             aggregator: str = "sum", weighting: str = "static",
-            dwa_window: int = 100, rep_grad: bool = False,
+            dwa_window: int = 100, method_options=None,
+            rep_grad: bool = False,
             jit_compile: bool = False, mixed_precision: str = "none",
             optimizer_factory=None, skip_nonfinite: bool = True):
     strategy = make_strategy(replicas)
@@ -65,7 +66,9 @@ def build_trainer(shapes_arrays):
             optimizer, learning_rate),
         per_task_optimizer=per_task_optimizer, schedule=schedule,
         partial_labels=partial_labels, aggregator=aggregator,
-        weighting=weighting, dwa_window=dwa_window, rep_grad=rep_grad,
+        weighting=weighting, rep_grad=rep_grad,
+        method_options=dict(method_options or {}, **(
+            {"dwa_window": dwa_window} if weighting == "dwa" else {})),
         jit_compile=jit_compile, skip_nonfinite=skip_nonfinite)
     if mode == "joint":
       sources = [data_lib.source_from_arrays(features, labels, task_names)]

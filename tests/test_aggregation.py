@@ -15,7 +15,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mtl_dist import aggregation
+from mtl_dist.methods import aggregators
+from mtl_dist.methods.aggregators import base as base_lib
+from mtl_dist.methods.aggregators import cagrad as cagrad_lib
+from mtl_dist.methods.aggregators import mgda as mgda_lib
+from mtl_dist.methods.aggregators import pcgrad as pcgrad_lib
 
 
 def _numpy_pcgrad(grads: np.ndarray, orders: list[list[int]]) -> np.ndarray:
@@ -32,7 +36,7 @@ def _numpy_pcgrad(grads: np.ndarray, orders: list[list[int]]) -> np.ndarray:
 
 def test_pcgrad_projects_two_conflicting_gradients():
   grads = np.array([[1.0, 0.0], [-1.0, 1.0]], np.float32)
-  got = aggregation.pcgrad(tf.constant(grads), tf.constant([3, 7], tf.int64))
+  got = pcgrad_lib.pcgrad(tf.constant(grads), tf.constant([3, 7], tf.int64))
   # g1 loses its component along g2 and vice versa: (0.5, 0.5) + (0, 1).
   np.testing.assert_allclose(got.numpy(), [0.5, 1.5], atol=1e-6)
   np.testing.assert_allclose(got.numpy(),
@@ -41,7 +45,7 @@ def test_pcgrad_projects_two_conflicting_gradients():
 
 def test_pcgrad_leaves_agreeing_gradients_alone():
   grads = np.array([[1.0, 2.0, 0.0], [0.5, 0.0, 1.0]], np.float32)
-  got = aggregation.pcgrad(tf.constant(grads), tf.constant([0, 1], tf.int64))
+  got = pcgrad_lib.pcgrad(tf.constant(grads), tf.constant([0, 1], tf.int64))
   np.testing.assert_allclose(got.numpy(), grads.sum(axis=0), atol=1e-6)
 
 
@@ -49,7 +53,7 @@ def test_pcgrad_with_three_tasks_matches_reference_for_its_order():
   rng = np.random.default_rng(0)
   grads = rng.normal(size=(3, 5)).astype(np.float32)
   seed = tf.constant([5, 11], tf.int64)
-  got = aggregation.pcgrad(tf.constant(grads), seed).numpy()
+  got = pcgrad_lib.pcgrad(tf.constant(grads), seed).numpy()
   # The order is random: the result must equal the reference for one of
   # the orders, and the same seed must always give the same result.
   candidates = [
@@ -59,24 +63,24 @@ def test_pcgrad_with_three_tasks_matches_reference_for_its_order():
       for c in itertools.permutations([0, 1])]
   assert min(np.abs(got - c).max() for c in candidates) < 1e-5
   np.testing.assert_array_equal(
-      aggregation.pcgrad(tf.constant(grads), seed).numpy(), got)
+      pcgrad_lib.pcgrad(tf.constant(grads), seed).numpy(), got)
 
 
 def test_mgda_on_orthogonal_gradients_weights_inverse_squared_norms():
   # Orthogonal g_i = a_i e_i: the min-norm point has w_i ~ 1 / a_i^2.
   norms = np.array([1.0, 2.0, 1.0])
   grads = np.diag(norms).astype(np.float32)
-  weights = aggregation.min_norm_weights(
+  weights = mgda_lib.min_norm_weights(
       tf.constant(grads @ grads.T)).numpy()
   expected = (1 / norms**2) / (1 / norms**2).sum()
   np.testing.assert_allclose(weights, expected, atol=1e-6)
-  np.testing.assert_allclose(aggregation.mgda(tf.constant(grads)).numpy(),
+  np.testing.assert_allclose(mgda_lib.mgda(tf.constant(grads)).numpy(),
                              expected * norms, atol=1e-6)
 
 
 def test_mgda_returns_zero_when_a_convex_combination_vanishes():
   grads = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 3.0]], np.float32)
-  np.testing.assert_allclose(aggregation.mgda(tf.constant(grads)).numpy(),
+  np.testing.assert_allclose(mgda_lib.mgda(tf.constant(grads)).numpy(),
                              [0.0, 0.0], atol=1e-6)
 
 
@@ -97,7 +101,7 @@ def _numpy_cagrad(grads: np.ndarray, c: float, grid: int = 300) -> np.ndarray:
 def test_cagrad_matches_brute_force_on_three_tasks():
   grads = np.array([[1.0, 0.2, 0.0], [-0.5, 1.0, 0.3], [0.1, -0.8, 1.0]],
                    np.float32)
-  got = aggregation.cagrad(tf.constant(grads), c=0.5).numpy()
+  got = cagrad_lib.cagrad(tf.constant(grads), c=0.5).numpy()
   # The grid's spacing (1/300) bounds its own error.
   np.testing.assert_allclose(got, _numpy_cagrad(grads, 0.5), atol=2e-3)
   np.testing.assert_allclose(got, _exact_cagrad(grads, 0.5), atol=1e-5)
@@ -108,12 +112,12 @@ def test_cagrad_limits():
                    np.float32)
   # c -> 0: plain gradient descent on the mean loss.
   np.testing.assert_allclose(
-      aggregation.cagrad(tf.constant(grads), c=1e-6).numpy(),
+      cagrad_lib.cagrad(tf.constant(grads), c=1e-6).numpy(),
       grads.mean(axis=0), atol=1e-5)
   # Identical tasks: g0 = g_w = g, so the update is g (1 + c) / (1 + c^2).
   same = np.tile([[0.3, -1.0, 2.0]], (3, 1)).astype(np.float32)
   np.testing.assert_allclose(
-      aggregation.cagrad(tf.constant(same), c=0.5).numpy(),
+      cagrad_lib.cagrad(tf.constant(same), c=0.5).numpy(),
       same[0] * 1.5 / 1.25, atol=1e-5)
 
 
@@ -123,7 +127,7 @@ def test_cagrad_limits():
     ([[1.0, 0.0], [0.0, 1.0]], 0.0),
 ])
 def test_conflict_share(grads, share):
-  got = aggregation.conflict_share(tf.constant(grads, tf.float32))
+  got = base_lib.conflict_share(tf.constant(grads, tf.float32))
   assert float(got) == pytest.approx(share)
 
 
@@ -134,15 +138,14 @@ def test_aggregated_training_is_the_same_on_1_2_and_4_replicas(
   single, single_its, _, _ = build_trainer(1, "joint", tasks,
                                            aggregator=aggregator)
   initial = single.model.get_weights()
-  single.train(single_its, 4)
-  assert 0.0 <= single.last_step_metrics["conflict_share"] <= 1.0
+  share = single.train(single_its, 4).step_metrics["conflict_share"]
+  assert 0.0 <= share <= 1.0
   for replicas in (2, 4):
     multi, multi_its, _, _ = build_trainer(replicas, "joint", tasks,
                                            aggregator=aggregator,
                                            initial_weights=initial)
-    multi.train(multi_its, 4)
-    np.testing.assert_allclose(multi.last_step_metrics["conflict_share"],
-                               single.last_step_metrics["conflict_share"])
+    np.testing.assert_allclose(
+        multi.train(multi_its, 4).step_metrics["conflict_share"], share)
     # Using this replica's matrix instead of the global one is off by 8e-2.
     for got, want in zip(multi.model.get_weights(),
                          single.model.get_weights()):
@@ -159,14 +162,13 @@ def test_aggregated_step_differs_from_sum_and_keeps_heads_separate(
                                            aggregator="pcgrad",
                                            initial_weights=initial)
   summed.train(summed_its, 1)
-  pcgrad.train(pcgrad_its, 1)
+  share = pcgrad.train(pcgrad_its, 1).step_metrics["conflict_share"]
   # Heads see only their own task's gradient either way: same head update.
   for task in ("shape", "x"):
     for got, want in zip(pcgrad.model.heads[task].get_weights(),
                          summed.model.heads[task].get_weights()):
       np.testing.assert_allclose(got, want, atol=1e-6)
   # Without conflicts PCGrad is the plain sum; with them the trunk differs.
-  share = pcgrad.last_step_metrics["conflict_share"]
   same_trunk = all(np.allclose(a, b, atol=1e-6) for a, b in zip(
       pcgrad.model.trunk.get_weights(), summed.model.trunk.get_weights()))
   assert same_trunk == (share == 0.0)
@@ -177,24 +179,28 @@ def test_gram_coefficients_reproduce_the_full_update(name):
   rng = np.random.default_rng(3)
   grads = rng.normal(size=(3, 6)).astype(np.float32)
   gram = tf.constant(grads @ grads.T)
-  coefficients = aggregation.coefficients_from_gram(name, gram, 0.5)
+  coefficients = aggregators.create(name, 3).gram_coefficients(gram, 0)
   matrix = grads.astype(np.float64)
   if name == "mgda":  # The min-norm weights themselves.
-    weights = aggregation.min_norm_weights(gram).numpy()
+    weights = mgda_lib.min_norm_weights(gram).numpy()
     full = weights @ matrix
   else:  # (g0 + c|g0|/|g_w| g_w) / (1 + c^2), from the vectors in float64.
-    weights = aggregation.cagrad_weights(gram, 0.5).numpy().astype(np.float64)
+    weights = cagrad_lib.cagrad_weights(gram, 0.5).numpy().astype(np.float64)
     g0, g_w = matrix.mean(axis=0), weights @ matrix
     full = (g0 + 0.5 * np.linalg.norm(g0) / np.linalg.norm(g_w) * g_w) / 1.25
   np.testing.assert_allclose(coefficients.numpy() @ grads, full, atol=1e-5)
-  got = (aggregation.mgda(tf.constant(grads)) if name == "mgda"
-         else aggregation.cagrad(tf.constant(grads), 0.5))
+  got = (mgda_lib.mgda(tf.constant(grads)) if name == "mgda"
+         else cagrad_lib.cagrad(tf.constant(grads), 0.5))
   np.testing.assert_allclose(got.numpy(), full, atol=1e-5)
 
 
-def test_pcgrad_has_no_gram_form():
-  with pytest.raises(ValueError, match="no Gram-matrix form"):
-    aggregation.coefficients_from_gram("pcgrad", tf.eye(2))
+def test_only_combinations_from_the_gram_matrix_have_a_gram_form():
+  assert {name for name in aggregators.registry.AGGREGATORS.names()
+          if aggregators.create(name, 2).has_gram_form} >= {"mgda", "cagrad"}
+  pcgrad = aggregators.create("pcgrad", 2)
+  assert not pcgrad.has_gram_form
+  with pytest.raises(NotImplementedError, match="no Gram-matrix form"):
+    pcgrad.gram_coefficients(tf.eye(2), 0)
 
 
 @pytest.mark.parametrize("aggregator", ["mgda", "cagrad"])
@@ -312,7 +318,7 @@ def _exact_cagrad(grads: np.ndarray, c: float) -> np.ndarray:
 
 
 def _cagrad_gap(grads: np.ndarray, c: float) -> tuple[float, float]:
-  """The duality gap of `aggregation.cagrad_weights`' solution, and a scale.
+  """The duality gap of `cagrad_lib.cagrad_weights`' solution, and a scale.
 
   For the dual point g_w, the primal point d = g0 + c|g0| g_w/|g_w| is in
   the ball; the dual value g_w . d minus the primal value min_i g_i . d is
@@ -321,7 +327,7 @@ def _cagrad_gap(grads: np.ndarray, c: float) -> tuple[float, float]:
   matrix = np.asarray(grads, np.float64)
   gram = tf.constant(np.asarray(grads, np.float32) @ np.asarray(
       grads, np.float32).T)
-  weights = aggregation.cagrad_weights(gram, c).numpy().astype(np.float64)
+  weights = cagrad_lib.cagrad_weights(gram, c).numpy().astype(np.float64)
   point = weights @ matrix / weights.sum()  # float32 weights: sum 1 +- 1e-7
   update = _cagrad_update(matrix, point, c) * (1 + c * c)
   gap = point @ update - (matrix @ update).min()
@@ -348,19 +354,19 @@ def test_cagrad_of_exactly_cancelling_tasks_is_the_mean_scaled():
   # The dual optimum has g_w = 0: the update is g0 / (1 + c^2), not a
   # coefficient of ~1e12 times rounding noise (was [98304, 0.267]).
   grads = np.array([[100.0, 0.0], [-100.0, 0.0], [0.0, 1.0]], np.float32)
-  got = aggregation.cagrad(tf.constant(grads), 0.5).numpy()
+  got = cagrad_lib.cagrad(tf.constant(grads), 0.5).numpy()
   np.testing.assert_allclose(got, [0.0, 0.8 / 3], atol=1e-7)
   np.testing.assert_allclose(got, _exact_cagrad(grads, 0.5), atol=1e-7)
   gram = tf.constant(grads @ grads.T)
   np.testing.assert_allclose(
-      aggregation.coefficients_from_gram("cagrad", gram, 0.5).numpy() @ grads,
+      cagrad_lib.gram_coefficients(gram, 0.5).numpy() @ grads,
       got, atol=1e-6)
 
 
 def test_cagrad_with_norms_three_thousand_times_apart():
   # Was [914.7, -279.5]: the old solver stopped at weights [0.5, 0, 0.5].
   grads = np.array([[2.3, 2.4], [2400.0, -2400.0], [-0.7, -0.3]], np.float32)
-  got = aggregation.cagrad(tf.constant(grads), 0.5).numpy()
+  got = cagrad_lib.cagrad(tf.constant(grads), 0.5).numpy()
   want = _exact_cagrad(grads, 0.5)
   np.testing.assert_allclose(want, [303.57, -337.30], atol=0.01)
   # The float32 Gram matrix alone moves the exact answer by 9e-5 relative.
@@ -374,7 +380,7 @@ def test_mgda_is_exact_for_norms_spanning_a_million(num_tasks):
   rng = np.random.default_rng(num_tasks)
   for trial in range(8):
     grads = _scattered(rng, num_tasks, num_tasks + 2 + trial)
-    got = aggregation.mgda(tf.constant(grads)).numpy()
+    got = mgda_lib.mgda(tf.constant(grads)).numpy()
     want = _exact_min_norm(grads)
     largest = np.linalg.norm(grads, axis=1).max()
     assert np.linalg.norm(got - want) <= 1e-6 * largest, trial
@@ -389,7 +395,7 @@ def test_mgda_finds_the_origin_inside_the_hull(num_tasks):
   grads = _scattered(rng, num_tasks, 2)
   grads = np.concatenate([grads, -grads[:1] * 0.5], axis=0)
   assert np.linalg.norm(_exact_min_norm(grads)) < 1e-9
-  got = aggregation.mgda(tf.constant(grads)).numpy()
+  got = mgda_lib.mgda(tf.constant(grads)).numpy()
   assert np.linalg.norm(got) <= 1e-6 * np.linalg.norm(grads, axis=1).max()
 
 
@@ -398,7 +404,7 @@ def test_cagrad_is_optimal_for_norms_spanning_a_million(num_tasks):
   rng = np.random.default_rng(100 + num_tasks)
   for trial in range(6):
     grads = _scattered(rng, num_tasks, num_tasks + 3 + trial)
-    got = aggregation.cagrad(tf.constant(grads), 0.5).numpy()
+    got = cagrad_lib.cagrad(tf.constant(grads), 0.5).numpy()
     gap, scale = _cagrad_gap(grads, 0.5)
     assert abs(gap) <= 1e-7 * scale, (trial, gap / scale)
     assert _in_ball(got, grads, 0.5), trial
@@ -416,10 +422,10 @@ def test_cagrad_is_optimal_for_norms_spanning_a_million(num_tasks):
 def test_degenerate_gradients(grads):
   grads = np.array(grads, np.float32)
   largest = max(np.linalg.norm(grads, axis=1).max(), 1e-30)
-  mgda = aggregation.mgda(tf.constant(grads)).numpy()
+  mgda = mgda_lib.mgda(tf.constant(grads)).numpy()
   np.testing.assert_allclose(mgda, _exact_min_norm(grads),
                              atol=1e-6 * largest)
-  cagrad = aggregation.cagrad(tf.constant(grads), 0.5).numpy()
+  cagrad = cagrad_lib.cagrad(tf.constant(grads), 0.5).numpy()
   assert np.isfinite(cagrad).all() and _in_ball(cagrad, grads, 0.5)
   np.testing.assert_allclose(cagrad, _exact_cagrad(grads, 0.5),
                              atol=1e-5 * largest)
@@ -434,7 +440,7 @@ def test_cagrad_stays_in_its_ball_for_every_input():
       grads[1] = -grads[0]  # mirrored
     if trial % 4 == 0:
       grads[-1] = grads[0]  # duplicated
-    got = aggregation.cagrad(tf.constant(grads), 0.5).numpy()
+    got = cagrad_lib.cagrad(tf.constant(grads), 0.5).numpy()
     assert np.isfinite(got).all() and _in_ball(got, grads, 0.5), trial
 
 

@@ -145,11 +145,11 @@ def test_a_nan_on_one_replica_skips_the_step_on_every_replica(
     skipped_at = []
     for step in range(1, 41):
       before = snapshot(variables)
-      trainer.train(iterators, 1)
-      if trainer.last_skipped.count:
+      skipped = trainer.train(iterators, 1).skipped
+      if skipped.count:
         skipped_at.append(step)
-        assert trainer.last_skipped.first_step == step
-        assert trainer.last_skipped.nonfinite_losses == ["x"]
+        assert skipped.first_step == step
+        assert skipped.nonfinite_losses == ["x"]
         for old, new in zip(before, snapshot(variables)):
           np.testing.assert_array_equal(old, new)  # Nothing moved.
     results[replicas] = skipped_at, snapshot(trainer.model.variables)

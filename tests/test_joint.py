@@ -59,8 +59,8 @@ def test_replicas_match_one_device_with_same_global_batch(build_trainer,
                                          initial_weights=initial)
 
   for _ in range(2):
-    single_losses, _ = single.train(single_its, 3)
-    multi_losses, _ = multi.train(multi_its, 3)
+    single_losses = single.train(single_its, 3).loss_sums
+    multi_losses = multi.train(multi_its, 3).loss_sums
 
   np.testing.assert_allclose(multi_losses, single_losses, rtol=1e-5)
   for got, want in zip(multi.model.get_weights(), single.model.get_weights()):

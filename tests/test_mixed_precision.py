@@ -16,8 +16,7 @@ TASKS = ("shape", "x", "y")
 
 
 def _mean_losses(result) -> np.ndarray:
-  loss_sums, counts = result
-  return loss_sums / np.maximum(counts, 1)
+  return result.loss_sums / np.maximum(result.counts, 1)
 
 
 def _loss_scale_optimizer(initial_scale: float):
@@ -99,8 +98,8 @@ def test_rep_grad_trains_in_float16(build_trainer):
       2, "joint", TASKS, aggregator="cagrad", rep_grad=True,
       mixed_precision="float16")
   before = trainer.model.get_weights()
-  losses = _mean_losses(trainer.train(iterators, 3))
-  assert np.isfinite(losses).all() and trainer.last_skipped.count == 0
+  result = trainer.train(iterators, 3)
+  assert np.isfinite(_mean_losses(result)).all() and not result.skipped.count
   assert any(not np.allclose(w, b) for w, b in zip(
       trainer.model.get_weights(), before))
 
@@ -116,13 +115,13 @@ def test_float16_gradient_overflow_is_the_optimizers_to_skip(
       optimizer_factory=_loss_scale_optimizer(2.0**30),
       skip_nonfinite=skip_nonfinite)
   before = trainer.model.get_weights()
-  trainer.train(iterators, 1)
+  assert trainer.train(iterators, 1).loss_scales == {"loss_scale": 2.0**29}
   assert trainer.loss_scales() == {"loss_scale": 2.0**29}
   for got, want in zip(trainer.model.get_weights(), before):
     np.testing.assert_array_equal(got, want)
-  trainer.train(iterators, 25)  # Halving until the gradients fit.
-  assert trainer.loss_scales()["loss_scale"] < 2.0**20
-  assert trainer.last_skipped.count == 0
+  result = trainer.train(iterators, 25)  # Halving until the gradients fit.
+  assert result.loss_scales["loss_scale"] < 2.0**20
+  assert result.skipped.count == 0
   assert int(trainer.nonfinite_skipped.numpy()) == 0
   assert any(not np.allclose(w, b) for w, b in zip(
       trainer.model.get_weights(), before))
@@ -135,9 +134,9 @@ def test_float16_nonfinite_loss_is_still_reported(build_trainer,
   trainer, iterators, _, _ = build_trainer(
       2, "joint", arrays=(features, labels), mixed_precision="float16")
   before = trainer.model.get_weights()
-  trainer.train(iterators, 2)
-  assert trainer.last_skipped.count == 2
-  assert trainer.last_skipped.nonfinite_losses == ["x"]
+  skipped = trainer.train(iterators, 2).skipped
+  assert skipped.count == 2
+  assert skipped.nonfinite_losses == ["x"]
   for got, want in zip(trainer.model.get_weights(), before):
     np.testing.assert_array_equal(got, want)
 

@@ -82,8 +82,8 @@ def test_replicas_agree_with_partial_labels(build_trainer, shapes_arrays):
       4, "joint", arrays=arrays, partial_labels=True,
       initial_weights=single.model.get_weights())
   for _ in range(2):
-    single_losses, _ = single.train(single_its, 4)
-    multi_losses, _ = multi.train(multi_its, 4)
+    single_losses = single.train(single_its, 4).loss_sums
+    multi_losses = multi.train(multi_its, 4).loss_sums
   assert np.isfinite(single_losses).all()
   np.testing.assert_allclose(multi_losses, single_losses, rtol=1e-5)
   for got, want in zip(multi.model.get_weights(), single.model.get_weights()):

@@ -98,7 +98,7 @@ def test_trainer_counts_follow_the_schedule(build_trainer):
                               weights=[2.0, 1.0, 1.0])
   trainer, iterators, _, _ = build_trainer(2, "alternate", ("shape", "x", "y"),
                                            schedule=schedule)
-  _, counts = trainer.train(iterators, 200)
+  counts = trainer.train(iterators, 200).counts
   expected = np.bincount(draw(schedule, 0, 200), minlength=3)
   np.testing.assert_array_equal(counts, expected)
   np.testing.assert_array_equal(trainer.task_steps.numpy(), expected)

@@ -5,21 +5,22 @@ import pytest
 import tensorflow as tf
 
 from mtl_dist import shapes
-from mtl_dist import weighting as weighting_lib
+from mtl_dist.methods import weightings
+from mtl_dist.methods.weightings import gradnorm as gradnorm_lib
 
 TASKS = [shapes.TASKS[0], shapes.TASKS[3], shapes.TASKS[4]]  # shape, x, y
 
 
 def test_static_weights_come_from_the_tasks():
   tasks = [TASKS[0].with_weight(2.0), TASKS[1].with_weight(0.5)]
-  weighting = weighting_lib.Weighting(tasks)
-  np.testing.assert_allclose(weighting.weights(), [2.0, 0.5])
-  assert float(weighting.objective(tf.constant([1.0, 4.0]))) == 4.0
+  weighting = weightings.create("static", tasks)
+  np.testing.assert_allclose(weighting.weights(0), [2.0, 0.5])
+  assert float(weighting.objective(tf.constant([1.0, 4.0]), 0)) == 4.0
   assert not weighting.trainable and not weighting.variables
 
 
 def test_uncertainty_objective_matches_formula():
-  weighting = weighting_lib.Weighting(TASKS, "uncertainty")
+  weighting = weightings.create("uncertainty", TASKS)
   log_variances = np.array([0.3, -0.2, 1.0], np.float32)
   weighting.log_variances.assign(log_variances)
   losses = np.array([1.2, 0.05, 0.4], np.float32)
@@ -27,27 +28,27 @@ def test_uncertainty_objective_matches_formula():
   halves = np.array([1.0, 0.5, 0.5])
   expected = np.sum(halves * np.exp(-log_variances) * losses +
                     0.5 * log_variances)
-  np.testing.assert_allclose(weighting.objective(tf.constant(losses)),
+  np.testing.assert_allclose(weighting.objective(tf.constant(losses), 0),
                              expected, rtol=1e-6)
-  np.testing.assert_allclose(weighting.weights(),
+  np.testing.assert_allclose(weighting.weights(0),
                              halves * np.exp(-log_variances), rtol=1e-6)
   assert weighting.trainable == [weighting.log_variances]
 
 
 def test_dwa_weights_follow_window_loss_ratios():
-  weighting = weighting_lib.Weighting(TASKS, "dwa", dwa_window=2)
+  weighting = weightings.create("dwa", TASKS, window=2)
   window_losses = [[1.0, 2.0, 3.0], [3.0, 2.0, 1.0],  # window 1: mean 2,2,2
                    [1.0, 1.0, 4.0], [1.0, 3.0, 0.0]]  # window 2: 1,2,2
   for step, losses in enumerate(window_losses):
-    np.testing.assert_allclose(weighting.weights(), [1.0, 1.0, 1.0],
+    np.testing.assert_allclose(weighting.weights(0), [1.0, 1.0, 1.0],
                                err_msg=f"before two windows (step {step})")
     weighting.update(tf.constant(losses))
   ratios = np.array([1.0, 2.0, 2.0]) / np.array([2.0, 2.0, 2.0])
   expected = 3 * np.exp(ratios / 2) / np.exp(ratios / 2).sum()
-  np.testing.assert_allclose(weighting.weights(), expected, rtol=1e-6)
+  np.testing.assert_allclose(weighting.weights(0), expected, rtol=1e-6)
   # A partial third window does not change the weights yet.
   weighting.update(tf.constant([10.0, 10.0, 10.0]))
-  np.testing.assert_allclose(weighting.weights(), expected, rtol=1e-6)
+  np.testing.assert_allclose(weighting.weights(0), expected, rtol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["uncertainty", "dwa", "gradnorm"])
@@ -59,19 +60,19 @@ def test_weights_are_the_same_on_1_2_and_4_replicas(build_trainer, method,
       1, "joint", tasks, weighting=method, dwa_window=2,
       aggregator=aggregator)
   initial = single.model.get_weights()
-  single.train(single_its, 7)
+  single_metrics = single.train(single_its, 7).step_metrics
   want = [v.numpy() for v in single.weighting.variables]
   assert want, "no weighting state"
   for replicas in (2, 4):
     multi, multi_its, _, _ = build_trainer(
         replicas, "joint", tasks, weighting=method, dwa_window=2,
         aggregator=aggregator, initial_weights=initial)
-    multi.train(multi_its, 7)
+    multi_metrics = multi.train(multi_its, 7).step_metrics
     for got, expected in zip(multi.weighting.variables, want):
       np.testing.assert_allclose(got.numpy(), expected, atol=1e-5)
     for name in ("shape/weight", "x/weight", "y/weight"):
-      np.testing.assert_allclose(multi.last_step_metrics[name],
-                                 single.last_step_metrics[name], rtol=1e-5)
+      np.testing.assert_allclose(multi_metrics[name], single_metrics[name],
+                                 rtol=1e-5)
     for got, expected in zip(multi.model.get_weights(),
                              single.model.get_weights()):
       np.testing.assert_allclose(got, expected, atol=1e-5)
@@ -114,7 +115,7 @@ def test_gradnorm_gradient_and_update_match_formula():
   norms = np.array([2.0, 0.5, 1.0], np.float32)
   losses = np.array([0.5, 0.9, 0.2], np.float32)
   initial = np.array([1.0, 1.0, 0.4], np.float32)
-  gradient = weighting_lib.gradnorm_gradient(*(tf.constant(v) for v in (
+  gradient = gradnorm_lib.gradnorm_gradient(*(tf.constant(v) for v in (
       weights, norms, losses, initial)), alpha=1.5)
   want = _numpy_gradnorm_gradient(weights, norms, losses, initial, 1.5)
   np.testing.assert_allclose(gradient.numpy(), want, rtol=1e-6)
@@ -123,7 +124,7 @@ def test_gradnorm_gradient_and_update_match_formula():
   np.testing.assert_array_equal(np.sign(want), [1.0, -1.0, -1.0])
 
   # First Adam step: the bias-corrected step is lr * sign(gradient).
-  new, first, second = weighting_lib.adam_step(
+  new, first, second = gradnorm_lib.adam_step(
       tf.constant(weights), gradient, tf.zeros(3), tf.zeros(3),
       tf.constant(1, tf.int64), learning_rate=0.1)
   moved = np.maximum(weights - 0.1 * np.sign(want), 1e-3)
@@ -136,7 +137,7 @@ def test_gradnorm_gradient_and_update_match_formula():
 def test_gradnorm_first_step_records_initial_losses(build_trainer):
   trainer, iterators, _, _ = build_trainer(2, "joint", ("shape", "x", "y"),
                                            weighting="gradnorm")
-  loss_sums, _ = trainer.train(iterators, 1)
+  loss_sums = trainer.train(iterators, 1).loss_sums
   np.testing.assert_allclose(trainer.weighting.initial_losses.numpy(),
                              loss_sums, rtol=1e-5)
   weights = trainer.weighting.task_weights.numpy()
@@ -145,7 +146,7 @@ def test_gradnorm_first_step_records_initial_losses(build_trainer):
 
 
 def test_gradnorm_ignores_tasks_without_labels_in_the_batch():
-  weighting = weighting_lib.Weighting(TASKS, "gradnorm")
+  weighting = weightings.create("gradnorm", TASKS)
   kernel = tf.Variable([[1.0, 2.0], [3.0, 4.0]])
 
   def update(labelled):

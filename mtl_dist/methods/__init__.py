@@ -1,0 +1,17 @@
+"""Training methods: how task losses are weighted and task gradients combined.
+
+- `registry`: the name registries behind `--aggregator` and `--weighting`,
+  each method's hyperparameters (`--<method>_<option>` flags), and
+  `aggregate` / `loss_weights`, every method as a function.
+- `aggregators/`: one module per gradient aggregator (the [T, P] task
+  Jacobian of the shared variables, or its Gram matrix, to one update).
+- `weightings/`: one module per loss weighting (the [T] task losses to the
+  [T] weights of a step).
+
+A method registers itself where it is defined; the steps look methods up
+by what they declare they need, never by name.
+"""
+
+# Registers every method: importing any part of this package lists them all.
+from mtl_dist.methods import aggregators  # pylint: disable=g-import-not-at-top,unused-import
+from mtl_dist.methods import weightings  # pylint: disable=g-import-not-at-top,unused-import

@@ -1,0 +1,72 @@
+"""Gradient aggregators, one module each, registered by name where defined.
+
+Importing this package imports every module in it, so a new aggregator is
+one new module here (see docs/design.md). `aggregate` runs any of them on a
+matrix, as the training step does.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Any
+
+import tensorflow as tf
+
+from mtl_dist.methods import registry
+
+for _module in pkgutil.iter_modules(__path__):
+  importlib.import_module(f"{__name__}.{_module.name}")
+
+
+def create(name: str, num_tasks: int, seed: int = 0, **options: Any):
+  """A new aggregator `name` for `num_tasks` tasks (its state, if any, new).
+
+  Args:
+    name: A registered aggregator (`registry.AGGREGATORS.names()`).
+    num_tasks: T.
+    seed: Seed of its per-step draws.
+    **options: Its options by their own names (`c` for CAGrad); the rest
+      take the paper's defaults.
+
+  Raises:
+    ValueError: For an unknown name or option.
+  """
+  cls = registry.AGGREGATORS.get(name)
+  known = {option.name for option in cls.options}
+  unknown = sorted(set(options) - known)
+  if unknown:
+    raise ValueError(f"aggregator {name!r} has no option "
+                     f"{', '.join(unknown)} (its options: "
+                     f"{', '.join(sorted(known)) or 'none'})")
+  return cls(num_tasks, seed, **options)
+
+
+def aggregate(name: str, matrix: Any, *, step: int = 0, seed: int = 0,
+              **options: Any) -> tf.Tensor:
+  """The update direction of aggregator `name` for a [T, P] task Jacobian.
+
+  The function the joint step calls, usable on its own as TorchJD's
+  aggregators are. A method that draws (PCGrad) draws from `(seed, step)`.
+
+  Args:
+    name: A registered aggregator, e.g. "mgda", "cagrad", "imtl_g".
+    matrix: [T, P] task gradients (row i: task i's gradient), float32.
+    step: The step number of the draw.
+    seed: The run's seed.
+    **options: The method's options by their own names, e.g. `c=0.4` for
+      CAGrad.
+
+  Returns:
+    The [P] float32 update.
+
+  Raises:
+    ValueError: For an unknown name or option, or a matrix that is not
+      [T, P].
+  """
+  matrix = tf.convert_to_tensor(matrix, tf.float32)
+  if matrix.shape.rank != 2 or matrix.shape[0] is None:
+    raise ValueError(f"aggregate() needs a [T, P] matrix of task gradients, "
+                     f"got shape {matrix.shape}")
+  aggregator = create(name, int(matrix.shape[0]), seed, **options)
+  return aggregator(matrix, tf.constant(step, tf.int64))

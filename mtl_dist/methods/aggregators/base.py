@@ -1,0 +1,114 @@
+"""The gradient-aggregator contract, and what every aggregator shares.
+
+An aggregator maps the global task Jacobian of the shared variables, [T, P]
+(row i: task i's gradient, summed over all replicas), to one [P] update
+direction. Because its input is the same on every replica and it computes
+deterministically (randomness drawn from `(seed, step)`), every replica
+applies the same update and N replicas equal one device.
+
+An aggregator declares what the step must compute for it (`needs`):
+- `SUM`: one backward pass of the weighted loss sum (the Jacobian is never
+  formed);
+- `JACOBIAN`: every task's gradient of the shared variables.
+One that also has a Gram-matrix form (`has_gram_form`: its update is
+sum_i a_i g_i with coefficients a that depend only on G G^T) can run from
+task gradients at the shared representation instead (`--rep_grad`, the
+MGDA-UB form), through `gram_coefficients`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import tensorflow as tf
+
+from mtl_dist.methods import registry
+
+SUM = "sum"
+JACOBIAN = "jacobian"
+
+FLOAT32_EPSILON = 2.0**-23
+# |v| / max_i |g_i| below which a combination v of task gradients counts as 0
+# (the residue of a solver, far below any gradient that trains).
+VANISHING = 1e-8
+
+
+class Aggregator(tf.Module):
+  """Combines the tasks' gradients of the shared variables into one update.
+
+  Subclasses set `name` (and register with `registry.AGGREGATORS`), declare
+  `needs`, `has_gram_form` and `options`, and implement `__call__` (and
+  `gram_coefficients` with a Gram form). State, if any, is `tf.Variable`s
+  created in `__init__` (inside the strategy's scope), checkpointed with
+  the run.
+  """
+
+  name: ClassVar[str]
+  summary: ClassVar[str]  # A few words for --helpfull.
+  needs: ClassVar[str] = JACOBIAN
+  has_gram_form: ClassVar[bool] = False
+  options: ClassVar[tuple[registry.Option, ...]] = ()
+
+  def __init__(self, num_tasks: int, seed: int = 0):
+    """Creates the aggregator.
+
+    Args:
+      num_tasks: T, the rows of the Jacobians it will get.
+      seed: Seed of its random draws, made per step from `(seed, step)`.
+    """
+    super().__init__(name=f"{self.name}_aggregator")
+    self.num_tasks = num_tasks
+    self.seed = seed
+
+  def step_seed(self, step: tf.Tensor) -> tf.Tensor:
+    """The int64 [2] stateless seed `(seed, step)` of a step's draws."""
+    return tf.stack([tf.constant(self.seed, tf.int64),
+                     tf.cast(step, tf.int64)])
+
+  def __call__(self, jacobian: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
+    """The [P] update direction from the [T, P] global task Jacobian.
+
+    Args:
+      jacobian: [T, P] task gradients, summed over replicas.
+      step: The int64 global step (0-based) of this update.
+    """
+    raise NotImplementedError(f"{type(self).__name__} defines no update")
+
+  def gram_coefficients(self, gram: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
+    """The [T] coefficients a of update = sum_i a_i g_i, from G G^T alone.
+
+    Only for aggregators with `has_gram_form`.
+    """
+    raise NotImplementedError(f"{self.name} has no Gram-matrix form")
+
+
+class GramAggregator(Aggregator):
+  """An aggregator whose update is sum_i a_i g_i, a from the Gram matrix."""
+
+  has_gram_form = True
+
+  def __call__(self, jacobian: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
+    gram = tf.linalg.matmul(jacobian, jacobian, transpose_b=True)
+    return tf.linalg.matvec(jacobian, self.gram_coefficients(gram, step),
+                            transpose_a=True)
+
+
+def conflict_share(jacobian: tf.Tensor) -> tf.Tensor:
+  """The share of task pairs whose gradients conflict (negative cosine)."""
+  return conflict_share_from_gram(
+      tf.linalg.matmul(jacobian, jacobian, transpose_b=True))
+
+
+def conflict_share_from_gram(gram: tf.Tensor) -> tf.Tensor:
+  """`conflict_share` from the [T, T] Gram matrix of the gradients."""
+  num_tasks = gram.shape[0]
+  if num_tasks < 2:
+    return tf.constant(0.0)
+  upper = tf.linalg.band_part(tf.ones_like(gram), 0, -1) - tf.eye(num_tasks)
+  conflicts = tf.cast(gram < 0, tf.float32) * upper
+  return tf.reduce_sum(conflicts) / (num_tasks * (num_tasks - 1) / 2)
+
+
+def task_norms(gram: tf.Tensor) -> tf.Tensor:
+  """[T] |g_i| from the Gram matrix (rounding negatives count as 0)."""
+  return tf.sqrt(tf.maximum(tf.linalg.diag_part(gram), 0.0))

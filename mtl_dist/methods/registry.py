@@ -1,0 +1,128 @@
+"""Name registries of loss weightings and gradient aggregators.
+
+A method class registers itself with `AGGREGATORS.register` or
+`WEIGHTINGS.register` where it is defined, and declares its hyperparameters
+as `Option`s. Each option is the flag `--<method>_<option>` (e.g.
+`--cagrad_c`), valid only with its method; its default lives in the option
+alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterator, Optional, TypeVar
+
+from mtl_dist import errors
+
+_C = TypeVar("_C", bound=type)
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+  """A hyperparameter of a method.
+
+  Attributes:
+    name: The option's name; its flag is `--<method>_<name>`.
+    default: The paper's value; its type (int or float) is the option's.
+    help: What it sets, for `--helpfull`.
+    minimum: The least allowed value (None: any).
+    strict: The value must exceed `minimum` (a "positive" option).
+  """
+
+  name: str
+  default: Any
+  help: str
+  minimum: Optional[float] = None
+  strict: bool = False
+
+  def check(self, flag: str, value: Any) -> None:
+    """Raises ConfigError naming `--flag=value` if the value is not allowed."""
+    kind = type(self.default)
+    if kind is int and (not isinstance(value, int) or isinstance(value, bool)):
+      raise errors.ConfigError(f"--{flag}={value}: must be an integer")
+    if self.minimum is None:
+      return
+    if self.strict and not value > self.minimum:
+      raise errors.ConfigError(
+          f"--{flag}={value}: must be "
+          + ("positive" if self.minimum == 0 else f"> {self.minimum}"))
+    if not self.strict and not value >= self.minimum:
+      raise errors.ConfigError(f"--{flag}={value}: must be >= {self.minimum:g}")
+
+
+class Registry:
+  """Method classes of one kind (`aggregator` or `weighting`) by name."""
+
+  def __init__(self, kind: str, default: str):
+    """Creates an empty registry.
+
+    Args:
+      kind: The flag that picks a method, without dashes.
+      default: The flag's default method; listed first.
+    """
+    self.kind = kind
+    self.default = default
+    self._classes: dict[str, type] = {}
+
+  def register(self, cls: _C) -> _C:
+    """Class decorator: registers `cls` under `cls.name`."""
+    if cls.name in self._classes:
+      raise ValueError(f"{self.kind} {cls.name!r} is registered twice")
+    self._classes[cls.name] = cls
+    return cls
+
+  def names(self) -> tuple[str, ...]:
+    """The registered names: the default first, then alphabetical."""
+    rest = sorted(name for name in self._classes if name != self.default)
+    return (self.default, *rest)
+
+  def get(self, name: str) -> type:
+    """The class registered as `name`.
+
+    Raises:
+      ValueError: For an unknown name, listing the known ones.
+    """
+    if name not in self._classes:
+      raise ValueError(f"unknown {self.kind} {name!r} (known: "
+                       f"{', '.join(self.names())})")
+    return self._classes[name]
+
+  def describe(self) -> str:
+    """'name (summary), ...' of every method, for a flag's help."""
+    return ", ".join(f"{name} ({self._classes[name].summary})"
+                     for name in self.names())
+
+  def options(self) -> Iterator[tuple[str, str, Option]]:
+    """(flag, method, option) for every option of every method, by flag."""
+    found = [(f"{name}_{option.name}", name, option)
+             for name, cls in self._classes.items() for option in cls.options]
+    return iter(sorted(found))
+
+  def resolve_options(self, name: str,
+                      given: Callable[[str], Any]) -> dict[str, Any]:
+    """Method `name`'s options: given values checked, the rest defaulted.
+
+    Args:
+      name: The chosen method.
+      given: Maps a flag name to its value, None when not given.
+
+    Returns:
+      Option name to value, ready for the method's constructor.
+
+    Raises:
+      ConfigError: For a given value that is not allowed.
+    """
+    values = {}
+    for option in self.get(name).options:
+      flag = f"{name}_{option.name}"
+      value = given(flag)
+      if value is None:
+        value = option.default
+      else:
+        option.check(flag, value)
+      values[option.name] = value
+    return values
+
+
+AGGREGATORS = Registry("aggregator", "sum")
+WEIGHTINGS = Registry("weighting", "static")

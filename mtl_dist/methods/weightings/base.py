@@ -1,0 +1,147 @@
+"""The loss-weighting contract, and what every loss weighting shares.
+
+A loss weighting turns the [T] task losses of a joint step into the [T]
+weights the step multiplies them by. Its state (learned log-variances, loss
+histories, GradNorm's weights) is made of variables, created in the
+strategy's scope and checkpointed with the run, so a resumed run continues
+exactly. Everything it sees is global (all-reduced), so every replica
+computes the same weights.
+
+Hooks, each a no-op unless a method needs it:
+- `weights(step)`: the step's weights, known before its forward pass;
+- `objective(per_task, step)`: this replica's share of the weighted
+  objective (weights times losses, plus any term of the method's own);
+- `trainable`: variables the model's optimizer trains with the model;
+- `needs_task_gradients` / `task_gradients` / `replica_update`: methods
+  that look at each task's gradient at the last shared layer (GradNorm);
+- `update(losses, applied)`: after a step, with its global losses.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Optional, Protocol, Sequence
+
+import tensorflow as tf
+
+from mtl_dist.methods import registry
+
+CLASSIFICATION = "classification"
+REGRESSION = "regression"
+
+
+class Task(Protocol):
+  """What a weighting knows of a task (a `TaskSpec` is one)."""
+
+  weight: float  # Its static loss weight.
+  kind: str  # CLASSIFICATION or REGRESSION.
+
+
+class LossWeighting(tf.Module):
+  """Task weights of the joint-mode objective, and their state.
+
+  Subclasses set `name` (and register with `registry.WEIGHTINGS`), declare
+  `options`, and override the hooks they need. Create inside
+  `strategy.scope()`.
+  """
+
+  name: ClassVar[str]
+  summary: ClassVar[str]  # A few words for --helpfull.
+  options: ClassVar[tuple[registry.Option, ...]] = ()
+  needs_task_gradients: ClassVar[bool] = False
+
+  def __init__(self, tasks: Sequence[Task], seed: int = 0):
+    """Creates the weighting (subclasses create their state here).
+
+    Args:
+      tasks: The tasks, in order.
+      seed: Seed of its per-step draws, made from `(seed, step)`.
+    """
+    super().__init__(name=f"{self.name}_weighting")
+    self.num_tasks = len(tasks)
+    self.seed = seed
+
+  @property
+  def method(self) -> str:
+    """The registered name."""
+    return self.name
+
+  @property
+  def trainable(self) -> list[tf.Variable]:
+    """Variables the model's optimizer trains with the model."""
+    return []
+
+  def weights(self, step: tf.Tensor) -> tf.Tensor:
+    """The [T] multipliers of the task losses at `step` (int64, 0-based)."""
+    raise NotImplementedError(f"{type(self).__name__} defines no weights")
+
+  def objective(self, per_task: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
+    """This replica's share of the weighted objective.
+
+    Args:
+      per_task: [T] this replica's shares of the task losses (they sum over
+        replicas to the global-batch losses).
+      step: The step.
+
+    Returns:
+      A scalar whose sum over replicas is the objective.
+    """
+    return tf.reduce_sum(self.weights(step) * per_task)
+
+  def task_gradients(self, tape: tf.GradientTape,
+                     task_terms: Sequence[tf.Tensor],
+                     shared_kernel: tf.Variable) -> tf.Tensor:
+    """This replica's gradient of each task's loss at W, the last shared layer.
+
+    It needs nothing from other replicas, so it can be taken with the rest
+    of a replica's backward pass (compiled with it, too).
+
+    Args:
+      tape: A persistent tape that recorded `task_terms`.
+      task_terms: Each task's unweighted loss share, formed inside the tape
+        (a slice taken after the tape would not be recorded).
+      shared_kernel: The last shared layer's weights W.
+
+    Returns:
+      [T, size of W] local gradients.
+    """
+    return tf.stack([tf.reshape(tape.gradient(
+        term, shared_kernel,
+        unconnected_gradients=tf.UnconnectedGradients.ZERO), [-1])
+                     for term in task_terms])
+
+  def replica_update(self, task_gradients: Optional[tf.Tensor],
+                     per_task: tf.Tensor, labelled: tf.Tensor,
+                     applied: tf.Tensor = True) -> None:
+    """Updates the state inside a replica step (for `needs_task_gradients`).
+
+    Args:
+      task_gradients: [T, size of W] this replica's `task_gradients` (None
+        unless `needs_task_gradients`).
+      per_task: [T] this replica's shares of the task losses.
+      labelled: [T] this replica's count of examples labelled for each task.
+      applied: Whether the model update of this step is applied; a skipped
+        step (a non-finite loss or gradient) changes no state.
+    """
+    del task_gradients, per_task, labelled, applied
+
+  def update(self, losses: tf.Tensor, applied: tf.Tensor = True) -> None:
+    """Records a step's global [T] losses (cross-replica context).
+
+    Args:
+      losses: The step's global-batch task losses.
+      applied: Whether the step's update was applied; the losses of a
+        skipped step (not finite) are not recorded.
+    """
+    del losses, applied
+
+
+def state_variable(name: str, shape: Sequence[int],
+                   dtype: tf.DType = tf.float32, initial=0) -> tf.Variable:
+  """A zero-filled (or `initial`) non-trainable state variable.
+
+  Every replica assigns the same global values to it, so the first
+  replica's is kept.
+  """
+  return tf.Variable(tf.fill(shape, tf.cast(initial, dtype)), trainable=False,
+                     name=name,
+                     aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
