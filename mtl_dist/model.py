@@ -21,6 +21,8 @@ class SharedTrunkModel(tf_keras.Model):
 
   Calling the model returns a dict of every head's output; `call_task` runs
   the trunk and a single head, which is what an alternate-mode step needs.
+  It is hard parameter sharing: the trunk's variables are shared by every
+  task, each head's belong to its task.
   """
 
   def __init__(self, trunk: tf_keras.layers.Layer,
@@ -54,10 +56,38 @@ class SharedTrunkModel(tf_keras.Model):
     return self.heads[task](self.trunk(inputs, training=training),
                             training=training)
 
+  # The architecture contract the steps rely on: which variables are
+  # shared, which belong to a task, and (for --rep_grad) the shared
+  # representation every task reads.
+
+  @property
+  def shared_variables(self) -> list[tf.Variable]:
+    """The trainable variables every task trains (the trunk's)."""
+    return list(self.trunk.trainable_variables)
+
+  def task_variables(self, task: str) -> list[tf.Variable]:
+    """The trainable variables only `task` trains (its head's)."""
+    return list(self.heads[task].trainable_variables)
+
   def trunk_and_head_variables(self, task: str) -> list[tf.Variable]:
     """The trainable variables one task's update may change."""
-    return (list(self.trunk.trainable_variables) +
-            list(self.heads[task].trainable_variables))
+    return self.shared_variables + self.task_variables(task)
+
+  def regularization_losses(self, task: Optional[str] = None
+                            ) -> list[tf.Tensor]:
+    """The shared layers' regularization losses and `task`'s (None: all)."""
+    if task is None:
+      return list(self.losses)
+    return list(self.trunk.losses) + list(self.heads[task].losses)
+
+  def call_with_representation(
+      self, inputs: tf.Tensor, training: Optional[bool] = None
+  ) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
+    """(the trunk's output z, `{task: output}` computed from z)."""
+    representation = self.trunk(inputs, training=training)
+    return representation, {
+        name: head(representation, training=training)
+        for name, head in self.heads.items()}
 
 
 def build_trunk(kind: str, width: int, depth: int,

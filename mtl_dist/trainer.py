@@ -3,7 +3,7 @@
 Following TF Model Garden's orbit, the host calls `train(iterators, n)` and
 `n` steps run inside one tf.function call, `n` passed as a tensor so that no
 call after the first retraces. Joint and alternate mode share this loop and
-differ only in the step object (see steps.py).
+differ only in the step object (see steps/).
 """
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ from mtl_dist import model as model_lib
 from mtl_dist import optimizers as optimizers_lib
 from mtl_dist import precision
 from mtl_dist import schedules
-from mtl_dist import steps as steps_lib
 from mtl_dist import tasks as tasks_lib
 from mtl_dist.methods import aggregators
 from mtl_dist.methods import registry
 from mtl_dist.methods import weightings
+from mtl_dist.steps import alternate
+from mtl_dist.steps import joint
+from mtl_dist.steps import losses
 
 OptimizerFactory = optimizers_lib.OptimizerFactory
 
@@ -182,13 +184,13 @@ class Trainer:
                             for optimizer in self.optimizers.values())
     self.schedule = schedule
     if mode == "joint":
-      self._step = steps_lib.JointStep(
+      self._step = joint.JointStep(
           model, self.tasks, shared, global_batch_size, partial_labels,
           aggregator=self.aggregator, weighting=self.weighting,
           rep_grad=rep_grad, skip_nonfinite=skip_nonfinite,
           jit_compile=jit_compile)
     else:
-      self._step = steps_lib.AlternateStep(
+      self._step = alternate.AlternateStep(
           model, self.tasks, [self.optimizers[t.name] for t in self.tasks],
           global_batch_size, schedule or schedules.RoundRobin(num_tasks),
           skip_nonfinite=skip_nonfinite, jit_compile=jit_compile)
@@ -428,7 +430,7 @@ class Evaluator:
               for name in ("loss", "count") + task.metric_names]
 
       def add_batch(batch, totals):
-        sums = steps_lib.eval_sums(model, tasks, batch)
+        sums = losses.eval_sums(model, tasks, batch)
         return totals + tf.stack([sums[key] for key in keys])
 
       # Each replica keeps running totals; one all-reduce per group at the

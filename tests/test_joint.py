@@ -5,7 +5,8 @@ import pytest
 import tensorflow as tf
 
 from mtl_dist import shapes
-from mtl_dist import steps
+from mtl_dist.steps import losses as steps
+from mtl_dist.steps import plumbing
 
 
 def test_total_loss_is_weighted_sum_of_task_losses(shapes_arrays):
@@ -107,7 +108,7 @@ def test_rank_one_regression_labels_match_column_labels():
 
 
 def test_all_finite_sees_every_nan_and_inf_through_the_sums():
-  all_finite = steps._all_finite  # pylint: disable=protected-access
+  all_finite = plumbing.all_finite
   finite = [tf.ones([3, 2]), tf.constant([1e30, -1e30]),
             tf.fill([70000], tf.constant(1.0, tf.float16))]  # f16 sum: 7e4.
   assert bool(all_finite(finite))

@@ -13,5 +13,5 @@ by what they declare they need, never by name.
 """
 
 # Registers every method: importing any part of this package lists them all.
-from mtl_dist.methods import aggregators  # pylint: disable=g-import-not-at-top,unused-import
-from mtl_dist.methods import weightings  # pylint: disable=g-import-not-at-top,unused-import
+from mtl_dist.methods import aggregators  # noqa: F401
+from mtl_dist.methods import weightings  # noqa: F401

@@ -1,0 +1,125 @@
+"""The alternate step: one task per step, picked by the schedule in-graph."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import tensorflow as tf
+import tf_keras
+
+from mtl_dist import model as model_lib
+from mtl_dist import precision
+from mtl_dist import schedules
+from mtl_dist import tasks as tasks_lib
+from mtl_dist.steps import losses
+from mtl_dist.steps import plumbing
+
+Batch = losses.Batch
+
+
+class AlternateStep:
+  """One update of the shared variables and one task's, picked in-graph.
+
+  Only the shared variables and the chosen task's own are handed to the
+  chosen task's optimizer: other tasks' variables and other optimizers'
+  slots stay bit-for-bit unchanged (with Adam even a zero gradient would
+  move a variable).
+  Compilation and loss scaling work as in `JointStep`, with the chosen
+  task's optimizer.
+  """
+
+  def __init__(self, model: model_lib.SharedTrunkModel,
+               tasks: Sequence[tasks_lib.TaskSpec],
+               optimizers: Sequence[tf_keras.optimizers.Optimizer],
+               global_batch_size: int, schedule: schedules.Schedule,
+               skip_nonfinite: bool = True, jit_compile: bool = False):
+    """Initialises the step.
+
+    Args:
+      model: The shared-trunk model.
+      tasks: The tasks, in the order of `optimizers` and of the iterators.
+      optimizers: The optimizer of each task (the same object repeated when
+        tasks share one).
+      global_batch_size: Examples per step over all replicas.
+      schedule: Maps the step counter to a task index.
+      skip_nonfinite: Leave everything unchanged in a step whose loss or
+        gradients are not finite (else apply it anyway).
+      jit_compile: XLA-compile each task's forward and backward pass.
+    """
+    self._model = model
+    self._tasks = tuple(tasks)
+    self._optimizers = tuple(optimizers)
+    self._global_batch_size = global_batch_size
+    self._schedule = schedule
+    self._skip_nonfinite = skip_nonfinite
+    self._pass = plumbing.compiled(self._backward, jit_compile)
+
+  metric_names = ()
+
+  def _backward(self, task_index: int, features: tf.Tensor,
+                labels: tf.Tensor) -> tuple[list[tf.Tensor], tf.Tensor]:
+    """This replica's forward and backward pass for task `task_index`.
+
+    Returns:
+      (gradients of the shared and the task's own variables, the loss
+      share).
+    """
+    task = self._tasks[task_index]
+    variables = self._model.trunk_and_head_variables(task.name)
+    with tf.GradientTape() as tape:
+      outputs = self._model.call_task(features, task.name, training=True)
+      loss = losses.average_loss(
+          task.per_example_loss(labels, outputs, check=False),
+          self._global_batch_size)
+      total = loss + losses.regularization(
+          self._model.regularization_losses(task.name))
+      total = precision.scaled(self._optimizers[task_index], total)
+    gradients = tape.gradient(
+        total, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return precision.unscaled(self._optimizers[task_index], gradients), loss
+
+  def replica_step(self, task_index: int,
+                   batch: Batch) -> tuple[tf.Tensor, tf.Tensor]:
+    """Trains task `task_index` on one replica's batch.
+
+    Returns:
+      (the global-batch loss, whether the step was applied).
+    """
+    task = self._tasks[task_index]
+    features, labels = batch
+    labels = losses.checked_labels([task], labels, partial_labels=False)
+    gradients, loss = self._pass(task_index, features, labels[task.name])
+    optimizer = self._optimizers[task_index]
+    gradients, loss, finite = plumbing.reduce_and_check(
+        gradients, loss, check_gradients=not precision.scales_losses(optimizer))
+    plumbing.apply_if(optimizer, gradients,
+              self._model.trunk_and_head_variables(task.name),
+              finite if self._skip_nonfinite else None)
+    return loss, finite
+
+  def __call__(self, strategy: tf.distribute.Strategy,
+               iterators: Sequence[tf.distribute.DistributedIterator],
+               step: tf.Variable) -> tuple[tf.Tensor, tf.Tensor]:
+    """Runs one step of the scheduled task on every replica.
+
+    Returns:
+      (losses, trained, metrics, applied): [T] vectors, zero except at the
+      trained task, an empty metrics vector, and whether the update was
+      applied (False: the loss or a gradient was not finite).
+    """
+    task_index = self._schedule.task_index(step)
+
+    def branch(index: int):
+      def run_task() -> tuple[tf.Tensor, tf.Tensor]:
+        loss, applied = strategy.run(self.replica_step,
+                                     args=(index, next(iterators[index])))
+        return (plumbing.first_local(strategy, loss),
+                plumbing.first_local(strategy, applied))
+      return run_task
+
+    loss, applied = tf.switch_case(
+        task_index, [branch(i) for i in range(len(self._tasks))])
+    trained = tf.one_hot(task_index, len(self._tasks))
+    # 0 * NaN is NaN: keep a non-finite loss at its task only.
+    losses = tf.where(trained > 0, loss, 0.0)
+    return losses, trained, tf.zeros([0]), applied

@@ -1,0 +1,415 @@
+"""The joint step: every task on one batch, weighted and aggregated."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+import tensorflow as tf
+import tf_keras
+
+from mtl_dist import model as model_lib
+from mtl_dist import precision
+from mtl_dist import tasks as tasks_lib
+from mtl_dist.methods.aggregators import base as aggregators
+from mtl_dist.methods.weightings import base as weightings
+from mtl_dist.steps import losses as losses_lib
+from mtl_dist.steps import plumbing
+
+Batch = losses_lib.Batch
+
+
+class _Terms(NamedTuple):
+  """What a replica's forward pass records on its tape.
+
+  With loss scaling (float16) every term but `per_task` is multiplied by the
+  optimizer's loss scale, so gradients of them must be unscaled.
+  """
+
+  representation: Optional[tf.Tensor]  # The shared representation z.
+  per_task: tf.Tensor  # [T] unweighted loss shares (never scaled).
+  weighted: list[tf.Tensor]  # Each task's weighted loss share.
+  unweighted: list[tf.Tensor]  # Each task's unweighted loss share.
+  regularization: tf.Tensor
+  objective: tf.Tensor  # Weighted losses plus regularization.
+
+
+class JointStep:
+  """One update of the shared variables and every task's own on all losses.
+
+  The step computes what its aggregator declares it needs
+  (`Aggregator.needs`). For `SUM` the optimizer all-reduces the gradient of
+  the weighted sum as usual (`replica_step`). For `JACOBIAN` each replica
+  computes every task's gradient of the shared variables, one fused
+  all-reduce sums them (and the task variables' gradients) over all
+  replicas, every replica aggregates the same global [T, P] matrix, and the
+  result is applied with `skip_gradients_aggregation=True`
+  (`aggregated_replica_step`). With `rep_grad` an aggregator with a
+  Gram-matrix form gets the Gram matrix of the tasks' gradients at the
+  shared representation instead (`rep_grad_replica_step`).
+
+  Each replica step first checks the labels and counts labelled examples
+  (both must run outside compiled code), then runs its forward and backward
+  pass (this replica's data only, no collective; XLA-compiled with
+  `jit_compile`), then all-reduces, checks and applies. `rep_grad`'s step
+  all-reduces between two backward passes and cannot be compiled.
+
+  With a LossScaleOptimizer (float16), each backward pass differentiates
+  the scaled objective and returns unscaled gradients, and the step's
+  finite verdict covers the all-reduced losses only (see
+  `plumbing.reduce_and_check`).
+  """
+
+  def __init__(self, model: model_lib.SharedTrunkModel,
+               tasks: Sequence[tasks_lib.TaskSpec],
+               optimizer: tf_keras.optimizers.Optimizer,
+               global_batch_size: int, partial_labels: bool,
+               aggregator: aggregators.Aggregator,
+               weighting: weightings.LossWeighting,
+               rep_grad: bool = False, skip_nonfinite: bool = True,
+               jit_compile: bool = False):
+    """Initialises the step.
+
+    Args:
+      model: The model (shared and per-task variables).
+      tasks: The tasks, in order.
+      optimizer: The optimizer of every variable.
+      global_batch_size: Examples per step over all replicas.
+      partial_labels: Whether examples may lack labels.
+      aggregator: Combines the tasks' gradients of the shared variables.
+      weighting: Weighs the task losses.
+      rep_grad: Aggregate from the Gram matrix of the gradients at the
+        shared representation (the aggregator needs a Gram-matrix form).
+      skip_nonfinite: Leave everything unchanged in a step whose losses or
+        gradients are not finite.
+      jit_compile: XLA-compile each replica's forward and backward pass.
+
+    Raises:
+      ValueError: For `rep_grad` with an aggregator without a Gram form,
+        or with `jit_compile`.
+    """
+    if rep_grad and not aggregator.has_gram_form:
+      raise ValueError(f"rep_grad needs an aggregator with a Gram-matrix "
+                       f"form, not {aggregator.name!r}")
+    if rep_grad and jit_compile:
+      raise ValueError("jit_compile cannot compile rep_grad's step: it "
+                       "all-reduces the Gram matrix between its two backward "
+                       "passes")
+    self._rep_grad = rep_grad
+    self._skip_nonfinite = skip_nonfinite
+    self._model = model
+    self._tasks = tuple(tasks)
+    self._optimizer = optimizer
+    self._global_batch_size = global_batch_size
+    self._partial_labels = partial_labels
+    self._aggregator = aggregator
+    self._weighting = weighting
+    self._scales_losses = precision.scales_losses(optimizer)
+    self._sums = aggregator.needs == aggregators.SUM
+    self._sum_pass = plumbing.compiled(self._sum_backward, jit_compile)
+    self._task_pass = plumbing.compiled(self._task_backward, jit_compile)
+
+  @property
+  def metric_names(self) -> tuple[str, ...]:
+    """Names of the per-step metrics `__call__` returns besides losses."""
+    names = tuple(f"{task.name}/weight" for task in self._tasks)
+    return names if self._sums else names + ("conflict_share",)
+
+  def __call__(self, strategy: tf.distribute.Strategy,
+               iterators: Sequence[tf.distribute.DistributedIterator],
+               step: tf.Variable):
+    """Runs one step on every replica (cross-replica context).
+
+    Returns:
+      (losses, trained, metrics, applied): [T] global-batch losses, a [T]
+      0/1 mask of the tasks this step trained (all of them), a
+      [len(metric_names)] vector of step metrics, and whether the update was
+      applied (False: a loss or gradient was not finite, nothing changed).
+    """
+    batch = next(iterators[0])
+    step = step.read_value()
+    weights = self._weighting.weights(step)  # The weights this step uses.
+    if self._sums:
+      losses, applied = strategy.run(self.replica_step, args=(batch, step))
+      metrics = weights
+    else:
+      replica_fn = (self.rep_grad_replica_step if self._rep_grad
+                    else self.aggregated_replica_step)
+      losses, share, applied = strategy.run(replica_fn, args=(batch, step))
+      metrics = tf.concat([weights, tf.reshape(
+          plumbing.first_local(strategy, share), [1])], axis=0)
+    # Every replica holds the same all-reduced values.
+    losses = plumbing.first_local(strategy, losses)
+    applied = plumbing.first_local(strategy, applied)
+    self._weighting.update(losses, applied)
+    return losses, tf.ones([len(self._tasks)]), metrics, applied
+
+  # The three replica steps.
+
+  def replica_step(self, batch: Batch,
+                   step: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Trains on one replica's batch with the gradient of the weighted sum.
+
+    Returns:
+      ([T] global-batch losses, whether the step was applied: all losses
+      and gradients finite; with float16 loss scaling only the losses are
+      checked, gradient overflow being the loss-scale optimizer's).
+    """
+    batch, counts = self._prepare(batch)
+    gradients, per_task, weighting_gradients = self._sum_pass(batch, counts,
+                                                              step)
+    gradients, losses, finite = plumbing.reduce_and_check(
+        gradients, per_task, check_gradients=not self._scales_losses)
+    self._update_weighting(weighting_gradients, per_task, batch, finite,
+                           gradients)
+    plumbing.apply_if(self._optimizer, gradients, self._all_variables(),
+                      finite if self._skip_nonfinite else None)
+    return losses, finite
+
+  def aggregated_replica_step(self, batch: Batch, step: tf.Tensor
+                              ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Trains with gradient aggregation.
+
+    Returns:
+      ([T] losses, the conflict share, whether the step was applied).
+    """
+    batch, counts = self._prepare(batch)
+    shared = self._model.shared_variables
+    own = self._own_variables()
+    local, per_task, weighting_gradients = self._task_pass(batch, counts,
+                                                           step)
+    num_tasks = len(self._tasks)
+    num_shared = plumbing.size(shared)
+    # One all-reduce for the task gradients, the rest and the loss shares.
+    fused = tf.distribute.get_replica_context().all_reduce(
+        tf.distribute.ReduceOp.SUM, tf.concat([local, per_task], axis=0))
+    matrix = tf.reshape(fused[:num_shared * num_tasks],
+                        [num_tasks, num_shared])
+    rest = fused[num_shared * num_tasks:-num_tasks]
+    losses = fused[-num_tasks:]
+    direction = self._aggregator(matrix, step)
+    # With loss scaling, overflowing gradients are the optimizer's to skip.
+    finite = plumbing.all_finite([losses] if self._scales_losses
+                                 else [fused, direction])
+    self._update_weighting(weighting_gradients, per_task, batch, finite,
+                           [fused, direction])
+    own_grads = plumbing.unflatten(rest[:plumbing.size(own)], own)
+    shared_grads = plumbing.unflatten(direction + rest[plumbing.size(own):],
+                                      shared)
+    plumbing.apply_if(self._optimizer, shared_grads + own_grads, shared + own,
+                      finite if self._skip_nonfinite else None)
+    return losses, aggregators.conflict_share(matrix), finite
+
+  def rep_grad_replica_step(self, batch: Batch, step: tf.Tensor
+                            ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """MGDA-UB style: coefficients from gradients at the representation.
+
+    Each task's gradient with respect to the shared representation z is
+    taken on this replica's examples; the global Gram matrix of these
+    gradients is the sum of the replicas' (one [T, T] all-reduce); every
+    replica derives the same coefficients a and backpropagates
+    sum_i a_i dL_i/dz through the shared variables once. Each task's own
+    variables get their own task's gradient.
+
+    Returns:
+      ([T] losses, the conflict share, whether the step was applied).
+    """
+    batch, counts = self._prepare(batch)
+    shared = self._model.shared_variables
+    own = self._own_variables()
+    with tf.GradientTape(persistent=True) as tape:
+      terms = self._forward(batch, counts, step, surgery=True)
+    zero = tf.UnconnectedGradients.ZERO
+    # In float32 and unscaled: the representation may be bfloat16 or float16.
+    rep_grads = self._unscaled([
+        tf.cast(tape.gradient(term, terms.representation,
+                              unconnected_gradients=zero), tf.float32)
+        for term in terms.weighted])
+    flat = tf.stack([tf.reshape(g, [-1]) for g in rep_grads])
+    gram = tf.distribute.get_replica_context().all_reduce(
+        tf.distribute.ReduceOp.SUM,
+        tf.linalg.matmul(flat, flat, transpose_b=True))
+    coefficients = self._aggregator.gram_coefficients(gram, step)
+    combined = tf.add_n([coefficients[i] * g for i, g in enumerate(rep_grads)])
+    shared_grads = tape.gradient(
+        terms.representation, shared,
+        output_gradients=tf.cast(self._scaled(combined),
+                                 terms.representation.dtype),
+        unconnected_gradients=zero)
+    regularization_grads = tape.gradient(terms.regularization, shared,
+                                         unconnected_gradients=zero)
+    shared_grads = [g + r for g, r in zip(shared_grads, regularization_grads)]
+    own_grads = tape.gradient(terms.objective, own,
+                              unconnected_gradients=zero)
+    weighting_gradients = self._weighting_gradients(tape, terms.unweighted)
+    del tape
+    gradients, losses, finite = plumbing.reduce_and_check(
+        self._unscaled(shared_grads + own_grads), terms.per_task,
+        check_gradients=not self._scales_losses)
+    self._update_weighting(weighting_gradients, terms.per_task, batch, finite,
+                           gradients)
+    plumbing.apply_if(self._optimizer, gradients, shared + own,
+                      finite if self._skip_nonfinite else None)
+    return losses, aggregators.conflict_share_from_gram(gram), finite
+
+  # Forward and backward passes: this replica's data, no collective.
+
+  def _forward(self, batch: Batch, global_counts: Optional[tf.Tensor],
+               step: tf.Tensor, surgery: bool) -> _Terms:
+    """The forward pass and every term the backward pass differentiates.
+
+    Call inside the tape (persistent when more than the objective is
+    differentiated): a term formed after the tape (even a slice) would not
+    be recorded and its gradient would be missing.
+
+    Args:
+      batch: This replica's checked batch.
+      global_counts: Partial labels: [T] labelled examples per task in the
+        global batch, else None.
+      step: The step, for the weighting.
+      surgery: Record the representation and each task's weighted loss
+        (for aggregation); otherwise only the objective, and each task's
+        unweighted loss when the weighting needs task gradients.
+    """
+    features, labels = batch
+    if surgery:
+      representation, outputs = self._model.call_with_representation(
+          features, training=True)
+    else:
+      representation, outputs = None, self._model(features, training=True)
+    _, per_task = losses_lib.task_losses(
+        self._tasks, labels, outputs, self._global_batch_size,
+        self._partial_labels, global_counts, check_labels=False)
+    regularization = losses_lib.regularization(
+        self._model.regularization_losses())
+    objective = self._weighting.objective(per_task, step) + regularization
+    num_tasks = len(self._tasks)
+    weighted = unweighted = []
+    if surgery:
+      weighted_losses = self._weighting.weights(step) * per_task
+      weighted = [self._scaled(weighted_losses[i]) for i in range(num_tasks)]
+    if surgery or self._weighting.needs_task_gradients:
+      unweighted = [self._scaled(per_task[i]) for i in range(num_tasks)]
+    return _Terms(representation=representation, per_task=per_task,
+                  weighted=weighted, unweighted=unweighted,
+                  regularization=self._scaled(regularization),
+                  objective=self._scaled(objective))
+
+  def _sum_backward(self, batch: Batch, global_counts: Optional[tf.Tensor],
+                    step: tf.Tensor
+                    ) -> tuple[list[tf.Tensor], tf.Tensor,
+                               Optional[tf.Tensor]]:
+    """This replica's forward and backward pass for a `SUM` aggregator.
+
+    Returns:
+      (gradients of the objective, [T] loss shares, GradNorm's task
+      gradients or None).
+    """
+    with tf.GradientTape(
+        persistent=self._weighting.needs_task_gradients) as tape:
+      terms = self._forward(batch, global_counts, step, surgery=False)
+    gradients = tape.gradient(
+        terms.objective, self._all_variables(),
+        unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return (self._unscaled(gradients), terms.per_task,
+            self._weighting_gradients(tape, terms.unweighted))
+
+  def _task_backward(self, batch: Batch, global_counts: Optional[tf.Tensor],
+                     step: tf.Tensor
+                     ) -> tuple[tf.Tensor, tf.Tensor, Optional[tf.Tensor]]:
+    """This replica's forward and backward pass for gradient aggregation.
+
+    Returns:
+      (local, per_task, weighting gradients): local concatenates each
+      task's flattened gradient of the shared variables, then the flattened
+      gradient of everything else (the tasks' own variables, learned loss
+      weights, the shared variables' regularization); per_task holds the
+      [T] loss shares; GradNorm's task gradients or None.
+    """
+    shared = self._model.shared_variables
+    own = self._own_variables()
+    with tf.GradientTape(persistent=True) as tape:
+      terms = self._forward(batch, global_counts, step, surgery=True)
+    zero = tf.UnconnectedGradients.ZERO
+    task_grads = [plumbing.flatten(tape.gradient(term, shared,
+                                                 unconnected_gradients=zero))
+                  for term in terms.weighted]
+    rest = plumbing.flatten(
+        tape.gradient(terms.objective, own, unconnected_gradients=zero) +
+        tape.gradient(terms.regularization, shared,
+                      unconnected_gradients=zero))
+    local = self._unscaled([tf.concat(task_grads + [rest], axis=0)])[0]
+    return (local, terms.per_task,
+            self._weighting_gradients(tape, terms.unweighted))
+
+  # Helpers.
+
+  def _all_variables(self) -> list[tf.Variable]:
+    """Everything the step trains: the model's and learned loss weights."""
+    return self._model.trainable_variables + self._weighting.trainable
+
+  def _own_variables(self) -> list[tf.Variable]:
+    """Each task's own variables and learned loss weights: trained without
+    gradient aggregation."""
+    own = [v for task in self._tasks
+           for v in self._model.task_variables(task.name)]
+    return own + self._weighting.trainable
+
+  def _prepare(self, batch: Batch) -> tuple[Batch, Optional[tf.Tensor]]:
+    """The batch with checked labels, and the global label counts.
+
+    Returns:
+      (batch, counts): counts are the [T] labelled examples of each task in
+      the global batch with partial labels (one all-reduce), else None.
+    """
+    features, labels = batch
+    labels = losses_lib.checked_labels(self._tasks, labels,
+                                       self._partial_labels)
+    counts = (losses_lib.global_label_counts(self._tasks, labels)
+              if self._partial_labels else None)
+    return (features, labels), counts
+
+  def _scaled(self, loss: tf.Tensor) -> tf.Tensor:
+    return precision.scaled(self._optimizer, loss)
+
+  def _unscaled(self, gradients: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+    return precision.unscaled(self._optimizer, gradients)
+
+  def _weighting_gradients(self, tape: tf.GradientTape,
+                           task_terms: Sequence[tf.Tensor]
+                           ) -> Optional[tf.Tensor]:
+    """GradNorm's [T, |W|] local task gradients at W (unscaled), else None.
+
+    Args:
+      tape: The persistent tape that recorded `task_terms`.
+      task_terms: Each task's unweighted loss share, scaled like the
+        objective.
+    """
+    if not self._weighting.needs_task_gradients:
+      return None
+    return self._unscaled([self._weighting.task_gradients(
+        tape, task_terms, last_shared_kernel(self._model))])[0]
+
+  def _update_weighting(self, weighting_gradients: Optional[tf.Tensor],
+                        per_task: tf.Tensor, batch: Batch, finite: tf.Tensor,
+                        gradients: Sequence[tf.Tensor]) -> None:
+    """GradNorm's weight update, skipped whenever the model's update is.
+
+    With loss scaling, `finite` covers the losses only, and the optimizer
+    skips a step whose all-reduced `gradients` overflowed; the weights skip
+    it too.
+    """
+    if self._scales_losses and self._weighting.needs_task_gradients:
+      finite = tf.logical_and(finite, plumbing.all_finite(gradients))
+    self._weighting.replica_update(
+        weighting_gradients, per_task,
+        losses_lib.labelled_counts(self._tasks, batch, self._partial_labels),
+        finite)
+
+
+def last_shared_kernel(model: model_lib.SharedTrunkModel) -> tf.Variable:
+  """The weights W of the last shared layer (its last variable of rank >= 2)."""
+  kernels = [v for v in model.shared_variables if v.shape.rank >= 2]
+  if not kernels:
+    raise ValueError("the shared layers have no weight matrix for GradNorm's "
+                     "W")
+  return kernels[-1]
