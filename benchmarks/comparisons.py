@@ -15,13 +15,13 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-import mtl_dist
 from benchmarks import contenders as contenders_lib
 from benchmarks import harness
-from mtl_dist import config as config_lib
+import mtl_dist
 from mtl_dist import data as data_lib
-from mtl_dist import shapes
-from mtl_dist import tfds_data
+from mtl_dist.data import shapes
+from mtl_dist.data import tfds
+from mtl_dist.run import config as config_lib
 
 ModelSize = contenders_lib.ModelSize
 Claim = harness.Claim
@@ -217,7 +217,7 @@ def input_pipeline(settings: harness.Settings,
     files = data_lib.load(config)
     # TFDS's own per-example parsing and decoding (what the batched path
     # replaced), for the record.
-    per_example = tfds_data.load_alternate(config, batched_parsing=False)
+    per_example = tfds.load_alternate(config, batched_parsing=False)
     # The same decoded images, held in memory.
     images, labels = _shapes(examples)
     images = np.round(images * 255).astype(np.float32) / 255

@@ -23,7 +23,7 @@ from absl import flags
 import numpy as np
 
 import mtl_dist
-from mtl_dist import toy_regression
+from mtl_dist.data import toy_regression
 
 METHODS = (
     ("static", {}),

@@ -11,7 +11,6 @@ import tensorflow as tf
 
 from mtl_dist import errors
 
-
 _HELP_FLAGS = {"--help", "-help", "--helpfull", "-helpfull", "--helpshort",
                "-helpshort", "--helpxml", "-helpxml", "-?", "-h"}
 

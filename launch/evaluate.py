@@ -23,7 +23,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from absl import logging
-
 import tensorflow as tf
 
 from launch import cli

@@ -35,7 +35,7 @@ from absl import app
 from absl import flags
 
 from launch import cli
-from mtl_dist import cluster as cluster_lib
+from mtl_dist.cluster import resolver as cluster_lib
 
 _PROGRAM = "mtl-local-cluster"
 

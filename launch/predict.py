@@ -24,7 +24,7 @@ from absl import flags
 
 from launch import cli
 import mtl_dist
-from mtl_dist import serving
+from mtl_dist.run import export as export_lib
 
 _PROGRAM = "mtl-predict"
 
@@ -44,7 +44,7 @@ flags.mark_flags_as_required(["export_dir", "input", "output"])
 def main(argv: list[str]) -> None:
   cli.refuse_arguments(_PROGRAM, argv)
   with cli.library_errors(_PROGRAM):
-    inputs = serving.load_inputs(_INPUT.value)
+    inputs = export_lib.load_inputs(_INPUT.value)
     predictions = mtl_dist.predict(_EXPORT_DIR.value, inputs,
                                    signature=_SIGNATURE.value,
                                    batch_size=_BATCH_SIZE.value)

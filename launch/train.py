@@ -21,14 +21,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from absl import logging
-
 import tensorflow as tf
 
 from launch import cli
 import mtl_dist
-from mtl_dist import config as config_lib
+from mtl_dist.loop import preemption
 from mtl_dist.methods import registry
-from mtl_dist import preemption
+from mtl_dist.run import config as config_lib
 
 _PROGRAM = "mtl-train"
 

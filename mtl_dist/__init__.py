@@ -28,42 +28,42 @@ Public API:
     a function (what the joint step calls), by name.
 """
 
-from mtl_dist.config import parse_key_values
-from mtl_dist.config import TrainConfig
-from mtl_dist.controller import train
+from mtl_dist.cluster.strategy import configure_cpu_devices
+from mtl_dist.cluster.strategy import create_strategy
 from mtl_dist.data import distribute_eval
 from mtl_dist.data import distribute_train
 from mtl_dist.data import ExampleSource
 from mtl_dist.data import MultiTaskData
 from mtl_dist.data import source_from_arrays
 from mtl_dist.data import source_from_dataset
-from mtl_dist.distribution import configure_cpu_devices
-from mtl_dist.distribution import create_strategy
 from mtl_dist.errors import ClusterError
 from mtl_dist.errors import ConfigError
 from mtl_dist.errors import DataError
 from mtl_dist.errors import NonFiniteError
 from mtl_dist.errors import Preempted
-from mtl_dist.evaluation import EvalTimeout
-from mtl_dist.evaluation import evaluate
-from mtl_dist.evaluation import Evaluation
+from mtl_dist.loop.run_files import format_results
+from mtl_dist.loop.trainer import Trainer
 from mtl_dist.methods.aggregators import aggregate
+from mtl_dist.methods.optimizers import FusedAdam
+from mtl_dist.methods.optimizers import make_optimizer_factory
 from mtl_dist.methods.weightings import loss_weights
-from mtl_dist.model import build_model
-from mtl_dist.model import build_trunk
-from mtl_dist.model import HeadFn
-from mtl_dist.model import SharedTrunkModel
-from mtl_dist.model import TrunkFn
-from mtl_dist.outputs import format_results
-from mtl_dist.optimizers import FusedAdam
-from mtl_dist.optimizers import make_optimizer_factory
-from mtl_dist.report import write_report
-from mtl_dist.serving import export_run
-from mtl_dist.serving import predict
-from mtl_dist.serving import write_predictions
+from mtl_dist.model.hps import build_model
+from mtl_dist.model.hps import build_trunk
+from mtl_dist.model.hps import HeadFn
+from mtl_dist.model.hps import SharedTrunkModel
+from mtl_dist.model.hps import TrunkFn
+from mtl_dist.run.config import parse_key_values
+from mtl_dist.run.config import TrainConfig
+from mtl_dist.run.export import export_run
+from mtl_dist.run.export import predict
+from mtl_dist.run.export import write_predictions
+from mtl_dist.run.report import write_report
+from mtl_dist.run.sidecar import EvalTimeout
+from mtl_dist.run.sidecar import evaluate
+from mtl_dist.run.sidecar import Evaluation
+from mtl_dist.run.training import train
 from mtl_dist.tasks import LossFn
 from mtl_dist.tasks import TaskSpec
-from mtl_dist.trainer import Trainer
 
 __all__ = [
     "ClusterError", "ConfigError", "DataError", "EvalTimeout", "Evaluation",

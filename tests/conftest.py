@@ -19,7 +19,7 @@ tf.config.set_logical_device_configuration(
 
 import mtl_dist  # pylint: disable=g-import-not-at-top
 from mtl_dist import data as data_lib
-from mtl_dist import shapes
+from mtl_dist.data import shapes
 
 
 def make_strategy(replicas: int) -> tf.distribute.Strategy:

@@ -1,9 +1,8 @@
 """Alternate mode: one task per step, other heads and optimizers untouched."""
 
+from conftest import snapshot
 import numpy as np
 import pytest
-
-from conftest import snapshot
 
 TASKS = ("shape", "x", "y")
 

@@ -10,7 +10,7 @@ import tensorflow as tf
 import tf_keras
 
 import mtl_dist
-from mtl_dist import shapes
+from mtl_dist.data import shapes
 
 _TASKS = {task.name: task for task in shapes.TASKS}
 

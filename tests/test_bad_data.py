@@ -8,7 +8,7 @@ import pytest
 
 import mtl_dist
 from mtl_dist import data as data_lib
-from mtl_dist import shapes
+from mtl_dist.data import shapes
 
 _SPECS = {task.name: task for task in shapes.TASKS}
 

@@ -17,7 +17,7 @@ import pytest
 from benchmarks import comparisons
 from benchmarks import contenders
 from benchmarks import harness
-from mtl_dist import shapes
+from mtl_dist.data import shapes
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 

@@ -9,7 +9,7 @@ import pytest
 
 from launch import local_cluster
 import mtl_dist
-from mtl_dist import cluster as cluster_lib
+from mtl_dist.cluster import resolver as cluster_lib
 
 _SLURM_AND_TF = ("TF_CONFIG", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS",
                  "SLURM_STEP_NODELIST", "SLURM_STEP_TASKS_PER_NODE",

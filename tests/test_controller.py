@@ -2,14 +2,14 @@
 
 import dataclasses
 
+from conftest import make_strategy
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 import mtl_dist
 from mtl_dist import data as data_lib
-from mtl_dist import tfds_data
-from conftest import make_strategy
+from mtl_dist.data import tfds as tfds_data
 
 
 def _config(model_dir, **changes):

@@ -1,13 +1,13 @@
 """Data: the shapes generator, dataset splits and the input pipelines."""
 
+from conftest import make_strategy
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import mtl_dist
 from mtl_dist import data as data_lib
-from mtl_dist import shapes
-from conftest import make_strategy
+from mtl_dist.data import shapes
 
 
 def test_shapes_is_deterministic_and_prefix_stable():
@@ -126,7 +126,7 @@ def test_task_spec_validates_its_fields():
 
 
 def test_toy_regression_follows_its_formula():
-  from mtl_dist import toy_regression  # pylint: disable=g-import-not-at-top
+  from mtl_dist.data import toy_regression  # pylint: disable=g-import-not-at-top
   inputs, labels = toy_regression.generate(300, seed=4)
   again, _ = toy_regression.generate(500, seed=4)
   np.testing.assert_array_equal(inputs, again[:300])

@@ -5,7 +5,7 @@ import json
 import pytest
 
 import mtl_dist
-from mtl_dist import delta_m
+from mtl_dist.run import delta_m
 
 
 def test_delta_m_matches_formula():

@@ -7,20 +7,20 @@ import shutil
 import subprocess
 import sys
 
+from conftest import event_tags
 import numpy as np
 import pytest
 
-from conftest import event_tags
 import mtl_dist
-from mtl_dist import evaluation
-from mtl_dist import shapes
+from mtl_dist.data import shapes
+from mtl_dist.run import sidecar
 
 _ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
 
 
 def _records(model_dir: str) -> list[dict]:
-  return evaluation.read_evaluations(
-      os.path.join(model_dir, evaluation.EVALUATIONS_FILE))
+  return sidecar.read_evaluations(
+      os.path.join(model_dir, sidecar.EVALUATIONS_FILE))
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,13 @@ import glob
 import json
 import os
 
+from conftest import make_strategy
+from conftest import snapshot
 import numpy as np
 import pytest
 
 import mtl_dist
 from mtl_dist import data as data_lib
-from conftest import make_strategy
-from conftest import snapshot
 
 
 def _config(model_dir, **changes):

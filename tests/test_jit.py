@@ -3,12 +3,11 @@
 import numpy as np
 import pytest
 import tensorflow as tf
+from test_bad_data import _config
+from test_bad_data import _data
 
 import mtl_dist
 from mtl_dist import data as data_lib
-
-from test_bad_data import _config
-from test_bad_data import _data
 
 
 @pytest.mark.parametrize("replicas, mode, options", [

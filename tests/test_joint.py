@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mtl_dist import shapes
+from mtl_dist.data import shapes
 from mtl_dist.steps import losses as steps
 from mtl_dist.steps import plumbing
 

@@ -1,15 +1,15 @@
 """The mtl-train launcher end to end, in subprocesses; resumes also in process."""
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 
+from conftest import event_tags
 import pytest
 import tensorflow as tf
 
-from conftest import event_tags
 import mtl_dist
 
 pytestmark = pytest.mark.slow

@@ -9,8 +9,8 @@ import tensorflow as tf
 import tf_keras
 
 import mtl_dist
-from mtl_dist import precision
-from mtl_dist import shapes
+from mtl_dist.data import shapes
+from mtl_dist.model import precision
 
 TASKS = ("shape", "x", "y")
 

@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 from launch import local_cluster
-from mtl_dist import checkpointing
+from mtl_dist.loop import checkpointing
 
 # Tests that start clusters on localhost ports run one after the other on one
 # xdist worker (setup.cfg: --dist loadgroup): ports are picked free and

@@ -1,12 +1,12 @@
 """FusedAdam: tf_keras's Adam in one kernel, same numbers and checkpoints."""
 
+from conftest import make_strategy
 import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras
 
 import mtl_dist
-from conftest import make_strategy
 
 
 def _train(optimizer_class, replicas, steps=5):

@@ -6,7 +6,7 @@ import tf_keras
 
 import mtl_dist
 from mtl_dist import data as data_lib
-from mtl_dist import shapes
+from mtl_dist.data import shapes
 from mtl_dist.steps import losses as steps
 
 SHAPE, X = shapes.TASKS[0], shapes.TASKS[3]

@@ -7,9 +7,9 @@ import pytest
 import tensorflow as tf
 
 import mtl_dist
-from mtl_dist import controller
-from mtl_dist import profiling
-from mtl_dist import trainer as trainer_lib
+from mtl_dist.loop import profiling
+from mtl_dist.loop import trainer as trainer_lib
+from mtl_dist.run import training as training_lib
 
 
 def _config(model_dir, **changes):
@@ -34,7 +34,7 @@ def profiler_calls(monkeypatch):
 
 
 def test_loop_calls_end_at_the_profile_boundaries():
-  steps_until_next_event = controller._steps_until_next_event  # pylint: disable=protected-access
+  steps_until_next_event = training_lib._steps_until_next_event  # pylint: disable=protected-access
   config = _config("unused")
   step, calls = 0, []
   while step < config.train_steps:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mtl_dist import schedules
+from mtl_dist.methods import schedules
 
 SIZES = [8000, 2000, 500, 100]
 NUM_STEPS = 20000

@@ -12,9 +12,9 @@ import tensorflow as tf
 import tf_keras
 
 import mtl_dist
-from mtl_dist import saved_run
-from mtl_dist import serving
-from mtl_dist import shapes
+from mtl_dist.data import shapes
+from mtl_dist.run import export as export_lib
+from mtl_dist.run import saved_run
 
 _ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
 
@@ -148,7 +148,7 @@ def test_bad_exports_and_inputs_are_refused_naming_the_problem(trained,
                                 signature="nope"), "--signature=nope"),
       (lambda: mtl_dist.predict(str(tmp_path), np.zeros((2, 32, 32, 1))),
        "holds no SavedModel"),
-      (lambda: serving.load_inputs(str(tmp_path / "none.npy")),
+      (lambda: export_lib.load_inputs(str(tmp_path / "none.npy")),
        "cannot be read as .npy"),
       (lambda: mtl_dist.write_predictions(str(tmp_path / "p.csv"), {}),
        "must end in .npz or .jsonl"),

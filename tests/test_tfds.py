@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from test_launcher import run_launcher
 
 import mtl_dist
 from mtl_dist import data as data_lib
-from mtl_dist import tfds_data
-from test_launcher import run_launcher
+from mtl_dist.data import tfds as tfds_data
 
 EMPTY_DATA_DIR = "/nonexistent/mtl_dist_tfds"
 
@@ -213,6 +213,7 @@ def _readme_tfds_commands() -> list[list[str]]:
 def test_readme_tfds_commands_run_on_mock_data(tmp_path):
   """README's TFDS examples, with mock data instead of the download."""
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   from launch import train as launcher  # pylint: disable=g-import-not-at-top
   commands = _readme_tfds_commands()
   assert [c[0] for c in commands] == ["mtl-train", "mtl-train"]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mtl_dist import shapes
+from mtl_dist.data import shapes
 from mtl_dist.methods import weightings
 from mtl_dist.methods.weightings import gradnorm as gradnorm_lib
 

@@ -7,10 +7,10 @@ from typing import Sequence
 import tensorflow as tf
 import tf_keras
 
-from mtl_dist import model as model_lib
-from mtl_dist import precision
-from mtl_dist import schedules
 from mtl_dist import tasks as tasks_lib
+from mtl_dist.methods import schedules
+from mtl_dist.model import hps as model_lib
+from mtl_dist.model import precision
 from mtl_dist.steps import losses
 from mtl_dist.steps import plumbing
 

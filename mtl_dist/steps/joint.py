@@ -7,11 +7,11 @@ from typing import NamedTuple, Optional, Sequence
 import tensorflow as tf
 import tf_keras
 
-from mtl_dist import model as model_lib
-from mtl_dist import precision
 from mtl_dist import tasks as tasks_lib
 from mtl_dist.methods.aggregators import base as aggregators
 from mtl_dist.methods.weightings import base as weightings
+from mtl_dist.model import hps as model_lib
+from mtl_dist.model import precision
 from mtl_dist.steps import losses as losses_lib
 from mtl_dist.steps import plumbing
 

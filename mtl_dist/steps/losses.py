@@ -12,8 +12,8 @@ from typing import Optional, Sequence
 
 import tensorflow as tf
 
-from mtl_dist import model as model_lib
 from mtl_dist import tasks as tasks_lib
+from mtl_dist.model import hps as model_lib
 
 Batch = tuple[tf.Tensor, dict[str, tf.Tensor]]
 

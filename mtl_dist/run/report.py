@@ -14,9 +14,9 @@ from typing import Any, Optional
 import tensorflow as tf
 
 from mtl_dist import errors
-from mtl_dist import evaluation
-from mtl_dist import outputs
-from mtl_dist import saved_run
+from mtl_dist.loop import run_files
+from mtl_dist.run import saved_run
+from mtl_dist.run import sidecar
 
 REPORT_FILE = "report.png"
 
@@ -29,11 +29,11 @@ def _series(records: list[dict[str, Any]], split: str,
 
 
 def _read_metrics(model_dir: str) -> list[dict[str, Any]]:
-  path = os.path.join(model_dir, outputs.METRICS_FILE)
+  path = os.path.join(model_dir, run_files.METRICS_FILE)
   if not tf.io.gfile.exists(path):
     raise errors.ConfigError(f"--model_dir={model_dir}: has no "
                                  "metrics.jsonl; is it an mtl-train run?")
-  return outputs.read_json_lines(path)
+  return run_files.read_json_lines(path)
 
 
 def write_report(model_dir: str, output: Optional[str] = None) -> str:
@@ -56,8 +56,8 @@ def write_report(model_dir: str, output: Optional[str] = None) -> str:
                                  "\"mtl_dist[report]\"") from None
   records = _read_metrics(model_dir)
   # The sidecar's evaluations count as eval records too.
-  records += [dict(r, split="sidecar") for r in evaluation.read_evaluations(
-      os.path.join(model_dir, evaluation.EVALUATIONS_FILE))]
+  records += [dict(r, split="sidecar") for r in sidecar.read_evaluations(
+      os.path.join(model_dir, sidecar.EVALUATIONS_FILE))]
   config = saved_run.read_config(model_dir)
   tasks = [task.name for task in saved_run.read_model_spec(model_dir).tasks]
   eval_keys = {key for r in records if r["split"] != "train"

@@ -19,14 +19,14 @@ from typing import Any, Callable, Optional
 from absl import logging
 import tensorflow as tf
 
-from mtl_dist import checkpointing
 from mtl_dist import data as data_lib
-from mtl_dist import distribution
 from mtl_dist import errors
-from mtl_dist import model as model_lib
-from mtl_dist import outputs
-from mtl_dist import saved_run
-from mtl_dist import trainer as trainer_lib
+from mtl_dist.cluster import strategy as strategy_lib
+from mtl_dist.loop import checkpointing
+from mtl_dist.loop import evaluator as evaluator_lib
+from mtl_dist.loop import run_files
+from mtl_dist.model import hps as model_lib
+from mtl_dist.run import saved_run
 
 EVALUATIONS_FILE = "evaluations.jsonl"
 SIDECAR_RUN = "sidecar"
@@ -63,7 +63,7 @@ class Evaluation:
     return result
 
 
-class _Evaluator:
+class _Sidecar:
   """The model, eval pipelines and compiled eval loop of one model_dir."""
 
   def __init__(self, model_dir: str, data: Optional[data_lib.MultiTaskData],
@@ -93,7 +93,7 @@ class _Evaluator:
           f"{[(t.name, t.output_size) for t in data.tasks]} are not the "
           f"trained ones {trained} (name, output size)")
     # Its own devices: never the training cluster's (TF_CONFIG may be set).
-    self.strategy = distribution.create_strategy("mirrored", num_cpu_devices)
+    self.strategy = strategy_lib.create_strategy("mirrored", num_cpu_devices)
     if config.global_batch_size % self.strategy.num_replicas_in_sync:
       raise errors.ConfigError(
           f"--num_cpu_devices={num_cpu_devices}: the run's global batch "
@@ -101,7 +101,7 @@ class _Evaluator:
           f"{self.strategy.num_replicas_in_sync} replicas")
     with self.strategy.scope():
       self.model = spec.build(trunk_fn, head_fn)
-    self._evaluator = trainer_lib.Evaluator(self.strategy, self.model,
+    self._evaluator = evaluator_lib.Evaluator(self.strategy, self.model,
                                             data.tasks)
     steps = config.eval_steps if eval_steps is None else eval_steps
     self._datasets = [
@@ -173,7 +173,7 @@ def evaluate(model_dir: str, *, checkpoint: Optional[str] = None,
   if watch:  # A sidecar may start before the training job has begun.
     _wait_for(os.path.join(model_dir, saved_run.MODEL_FILE), poll_seconds,
               timeout)
-  evaluator = _Evaluator(model_dir, data, trunk_fn, head_fn, eval_steps,
+  evaluator = _Sidecar(model_dir, data, trunk_fn, head_fn, eval_steps,
                          num_cpu_devices)
   recorder = _Recorder(model_dir)
   results = []
@@ -255,17 +255,17 @@ class _Recorder:
   def __init__(self, model_dir: str):
     self._path = os.path.join(model_dir, EVALUATIONS_FILE)
     self._writer = tf.summary.create_file_writer(
-        outputs.tensorboard_dir(model_dir, SIDECAR_RUN))
+        run_files.tensorboard_dir(model_dir, SIDECAR_RUN))
 
   def recorded_steps(self) -> set[int]:
     """The steps evaluations.jsonl already holds."""
     return {record["step"] for record in read_evaluations(self._path)}
 
   def write(self, result: Evaluation) -> None:
-    outputs.append_json_line(self._path, {
+    run_files.append_json_line(self._path, {
         "step": result.step, "checkpoint": result.checkpoint,
         "metrics": result.metrics})
-    outputs.write_scalars(self._writer, result.step, result.metrics)
+    run_files.write_scalars(self._writer, result.step, result.metrics)
 
   def close(self) -> None:
     self._writer.close()
@@ -273,4 +273,4 @@ class _Recorder:
 
 def read_evaluations(path: str) -> list[dict[str, Any]]:
   """The records of an evaluations.jsonl (none if it does not exist)."""
-  return outputs.read_json_lines(path)
+  return run_files.read_json_lines(path)

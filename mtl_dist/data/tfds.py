@@ -24,10 +24,10 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
-from mtl_dist import config as config_lib
-from mtl_dist import data as data_lib
 from mtl_dist import errors
 from mtl_dist import tasks as tasks_lib
+from mtl_dist.data import registry
+from mtl_dist.data import sources
 
 PREFIX = "tfds:"
 _SHUFFLE_BUFFER_BYTES = 256 * 2**20
@@ -157,19 +157,29 @@ class _Preprocessing:
 class _TfdsDataset:
   """One prepared TFDS dataset, its splits and its feature spec."""
 
-  def __init__(self, name: str, config: config_lib.TrainConfig):
+  def __init__(self, name: str, data_dir: Optional[str], download: bool):
+    """Opens the dataset.
+
+    Args:
+      name: Its TFDS name.
+      data_dir: Where TFDS keeps prepared datasets (None: its default).
+      download: Download and prepare it if it is not prepared.
+
+    Raises:
+      ConfigError: If TFDS has no such dataset.
+    """
     tfds = _tfds()
     self.name = name
-    self._data_dir = config.data_dir
+    self._data_dir = data_dir
     try:
-      self.builder = tfds.builder(name, data_dir=config.data_dir)
+      self.builder = tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # pylint: disable=broad-except
       if "not found" not in str(e).lower():
         raise
       raise errors.ConfigError(
           f"--dataset: TFDS has no dataset {name!r} "
           f"({str(e).splitlines()[0][:200]})") from None
-    if config.download:
+    if download:
       logging.info("Downloading and preparing %s (--download).", name)
       self.builder.download_and_prepare()
 
@@ -237,7 +247,7 @@ def _make_source(dataset: _TfdsDataset, split: str, flag: str,
                  prep: _Preprocessing, label_paths: dict[str, str],
                  tasks: Sequence[tasks_lib.TaskSpec],
                  input_shape: tuple[int, ...],
-                 batched_parsing: bool = True) -> data_lib.ExampleSource:
+                 batched_parsing: bool = True) -> sources.ExampleSource:
   """An ExampleSource that reads, decodes and preprocesses one split."""
   dataset.open(split, flag)  # Fails now, before training, if unreadable.
   num_examples = dataset.num_examples(split, flag)
@@ -287,7 +297,7 @@ def _make_source(dataset: _TfdsDataset, split: str, flag: str,
     return to_example(parse_batch(records), batched=True)
 
   example_bytes = 4 * math.prod(input_shape)
-  source = data_lib.ExampleSource(
+  source = sources.ExampleSource(
       task_names=tuple(label_paths),
       make_dataset=lambda: source.decoded(read(None, 0, False),
                                           _BATCH_OF_CHECKS).unbatch(),
@@ -359,14 +369,14 @@ def _batch_parser(dataset: _TfdsDataset, paths: Sequence[str]):
   return parse
 
 
-def _preprocessing(config: config_lib.TrainConfig) -> _Preprocessing:
+def _preprocessing(config: registry.DataSettings) -> _Preprocessing:
   return _Preprocessing(config.resolved_input_key,
                         tuple(config.image_size) if config.image_size else None,
                         config.channels)
 
 
-def load_joint(config: config_lib.TrainConfig,
-               batched_parsing: bool = True) -> data_lib.MultiTaskData:
+def load_joint(config: registry.DataSettings,
+               batched_parsing: bool = True) -> sources.MultiTaskData:
   """Label features of one TFDS dataset as tasks (`--dataset=tfds:NAME`).
 
   Args:
@@ -382,7 +392,7 @@ def load_joint(config: config_lib.TrainConfig,
   if not config.tasks:
     raise errors.ConfigError(
         f"--tasks: name the label features of {name} to train on")
-  dataset = _TfdsDataset(name, config)
+  dataset = _TfdsDataset(name, config.data_dir, config.download)
   label_paths = {}
   for path in config.tasks:
     task_name = path.rsplit("/", 1)[-1]
@@ -404,13 +414,13 @@ def load_joint(config: config_lib.TrainConfig,
   evaluation = _make_source(dataset, config.resolved_eval_split, "eval_split",
                             prep, label_paths, tasks, input_shape,
                             batched_parsing)
-  return data_lib.MultiTaskData(tasks=tasks, input_shape=input_shape,
+  return sources.MultiTaskData(tasks=tasks, input_shape=input_shape,
                                 train=(train,), eval=(evaluation,),
                                 partial_labels=False)
 
 
-def load_alternate(config: config_lib.TrainConfig,
-                   batched_parsing: bool = True) -> data_lib.MultiTaskData:
+def load_alternate(config: registry.DataSettings,
+                   batched_parsing: bool = True) -> sources.MultiTaskData:
   """One TFDS dataset per task (`--task_datasets=a=tfds:NAME:LABEL,...`).
 
   Args:
@@ -435,7 +445,7 @@ def load_alternate(config: config_lib.TrainConfig,
   for task in names:
     name, label = specs[task]
     if name not in opened:
-      opened[name] = _TfdsDataset(name, config)
+      opened[name] = _TfdsDataset(name, config.data_dir, config.download)
     feature = _feature_at(opened[name].features, label, name)
     tasks.append(task_from_feature(task, feature))
     shapes[task] = prep.output_shape(
@@ -456,5 +466,5 @@ def load_alternate(config: config_lib.TrainConfig,
       out.append(_make_source(opened[name], split, flag, prep,
                               {task.name: label}, [task], input_shape,
                               batched_parsing))
-  return data_lib.MultiTaskData(tasks=tuple(tasks), input_shape=input_shape,
+  return sources.MultiTaskData(tasks=tuple(tasks), input_shape=input_shape,
                                 train=tuple(train), eval=tuple(evaluation))

@@ -14,18 +14,18 @@ from typing import Callable, Mapping, Optional, Sequence, TypeVar
 
 import tensorflow as tf
 
-from mtl_dist import cluster
 from mtl_dist import errors
-from mtl_dist import precision
-from mtl_dist import schedules
+from mtl_dist.cluster import resolver
 from mtl_dist.methods import registry
+from mtl_dist.methods import schedules
+from mtl_dist.model import precision
 
 MODES = ("joint", "alternate")
 SCHEDULES = schedules.NAMES
 OPTIMIZERS = ("adam", "sgd")
 TRUNKS = ("mlp", "conv")
 STRATEGIES = ("auto", "mirrored", "one_device", "multi_worker")
-CLUSTERS = cluster.CLUSTERS
+CLUSTERS = resolver.CLUSTERS
 COLLECTIVES = ("auto", "ring", "nccl")
 ON_NONFINITE = ("stop", "skip")
 # Flags that configure MultiWorkerMirroredStrategy and mean nothing without it.

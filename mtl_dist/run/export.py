@@ -23,11 +23,11 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
-from mtl_dist import config as config_lib
 from mtl_dist import errors
-from mtl_dist import model as model_lib
-from mtl_dist import saved_run
 from mtl_dist import tasks as tasks_lib
+from mtl_dist.model import hps as model_lib
+from mtl_dist.run import config as config_lib
+from mtl_dist.run import saved_run
 
 DEFAULT_SIGNATURE = "serving_default"
 INPUT_NAME = "inputs"

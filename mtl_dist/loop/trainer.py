@@ -14,17 +14,17 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from mtl_dist import model as model_lib
-from mtl_dist import optimizers as optimizers_lib
-from mtl_dist import precision
-from mtl_dist import schedules
 from mtl_dist import tasks as tasks_lib
+from mtl_dist.loop import evaluator
 from mtl_dist.methods import aggregators
+from mtl_dist.methods import optimizers as optimizers_lib
 from mtl_dist.methods import registry
+from mtl_dist.methods import schedules
 from mtl_dist.methods import weightings
+from mtl_dist.model import hps as model_lib
+from mtl_dist.model import precision
 from mtl_dist.steps import alternate
 from mtl_dist.steps import joint
-from mtl_dist.steps import losses
 
 OptimizerFactory = optimizers_lib.OptimizerFactory
 
@@ -115,7 +115,7 @@ class Trainer:
         robin).
       partial_labels: Joint mode: examples may lack some tasks' labels;
         each task's loss then averages over the examples that carry its
-        label in the global batch (see `steps.task_losses`).
+        label in the global batch (see `steps.losses.task_losses`).
       aggregator: Joint mode: how task gradients combine, a name in
         `registry.AGGREGATORS` (see `steps.JointStep`).
       weighting: Joint mode: how task losses are weighted, a name in
@@ -195,7 +195,7 @@ class Trainer:
           global_batch_size, schedule or schedules.RoundRobin(num_tasks),
           skip_nonfinite=skip_nonfinite, jit_compile=jit_compile)
     self._train_loop = tf.function(self._train_loop_fn)
-    self._evaluator = Evaluator(strategy, model, self.tasks)
+    self._evaluator = evaluator.Evaluator(strategy, model, self.tasks)
 
   def checkpoint_items(self) -> dict[str, tf.Module]:
     """The objects a `tf.train.Checkpoint` of this run holds, by name."""
@@ -358,92 +358,3 @@ def _create_methods(tasks: Sequence[tasks_lib.TaskSpec], weighting: str,
   return (weightings.create(weighting, tasks, seed, **weighting_options),
           aggregators.create(aggregator, len(tasks), seed,
                              **aggregator_options))
-
-
-class Evaluator:
-  """Evaluates a model on finite distributed datasets in one compiled call."""
-
-  def __init__(self, strategy: tf.distribute.Strategy,
-               model: model_lib.SharedTrunkModel,
-               tasks: Sequence[tasks_lib.TaskSpec]):
-    """Creates the evaluator.
-
-    Args:
-      strategy: The strategy the model was built under.
-      model: The model.
-      tasks: The model's tasks, with their losses and metrics.
-    """
-    self._strategy = strategy
-    self.model = model
-    self.tasks = tuple(tasks)
-    self._eval_loop = None
-    self._eval_groups = None
-
-  @property
-  def trace_count(self) -> int:
-    """How many times the eval loop has been traced (0 before evaluating)."""
-    if self._eval_loop is None:
-      return 0
-    return self._eval_loop.experimental_get_tracing_count()
-
-  def evaluate(self, datasets: Sequence[tf.distribute.DistributedDataset],
-               task_groups: Sequence[Sequence[str]]) -> dict[str, float]:
-    """Evaluates on finite distributed datasets, all in one compiled call.
-
-    Args:
-      datasets: Evaluation datasets.
-      task_groups: The tasks each dataset is labelled for. The same groups
-        must be passed on every call.
-
-    Returns:
-      `{"<task>/loss": mean, "<task>/<metric>": mean}` over every example.
-
-    Raises:
-      ValueError: If an eval dataset is empty.
-    """
-    groups = tuple(tuple(t for t in self.tasks if t.name in names)
-                   for names in task_groups)
-    if self._eval_loop is None:
-      self._eval_loop = tf.function(self._make_eval_loop(groups))
-      self._eval_groups = groups
-    elif groups != self._eval_groups:
-      raise ValueError("evaluate() must be called with the same task groups")
-    # Fresh iterators, so that each evaluation reads the whole split.
-    group_sums = self._eval_loop(tuple(iter(d) for d in datasets))
-    results = {}
-    for group, sums in zip(groups, group_sums):
-      sums = {k: float(v) for k, v in sums.items()}
-      for task in group:
-        count = sums.pop(f"{task.name}/count")
-        if count == 0:
-          raise ValueError(f"the eval data has no labelled example for task "
-                           f"{task.name!r}")
-        results.update({k: v / count for k, v in sums.items()
-                        if k.startswith(task.name + "/")})
-    return results
-
-  def _make_eval_loop(self, groups):
-    strategy, model = self._strategy, self.model
-
-    def eval_group(iterator, tasks):
-      keys = [f"{task.name}/{name}" for task in tasks
-              for name in ("loss", "count") + task.metric_names]
-
-      def add_batch(batch, totals):
-        sums = losses.eval_sums(model, tasks, batch)
-        return totals + tf.stack([sums[key] for key in keys])
-
-      # Each replica keeps running totals; one all-reduce per group at the
-      # end (a reduce of a nested structure in a loop fails under
-      # MultiWorkerMirroredStrategy).
-      totals = strategy.run(lambda: tf.zeros([len(keys)]))
-      for batch in iterator:
-        totals = strategy.run(add_batch, args=(batch, totals))
-      totals = strategy.reduce(tf.distribute.ReduceOp.SUM, totals, axis=None)
-      return {key: totals[i] for i, key in enumerate(keys)}
-
-    def eval_loop(iterators):
-      return [eval_group(iterator, tasks)
-              for iterator, tasks in zip(iterators, groups)]
-
-    return eval_loop

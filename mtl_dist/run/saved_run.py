@@ -15,12 +15,12 @@ from typing import Any, Optional
 
 import tensorflow as tf
 
-from mtl_dist import checkpointing
-from mtl_dist import config as config_lib
 from mtl_dist import errors
-from mtl_dist import model as model_lib
-from mtl_dist import outputs
 from mtl_dist import tasks as tasks_lib
+from mtl_dist.loop import checkpointing
+from mtl_dist.loop import run_files
+from mtl_dist.model import hps as model_lib
+from mtl_dist.run import config as config_lib
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.json"
@@ -116,7 +116,7 @@ class ModelSpec:
 
 def write_model_spec(model_dir: str, spec: ModelSpec) -> None:
   """Writes `model_dir/model.json` (atomically)."""
-  outputs.write_json_atomic(os.path.join(model_dir, MODEL_FILE),
+  run_files.write_json_atomic(os.path.join(model_dir, MODEL_FILE),
                             spec.to_json())
 
 

@@ -20,22 +20,22 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from mtl_dist import checkpointing
-from mtl_dist import config as config_lib
 from mtl_dist import data as data_lib
-from mtl_dist import delta_m as delta_m_lib
-from mtl_dist import distribution
 from mtl_dist import errors
-from mtl_dist import model as model_lib
-from mtl_dist import optimizers as optimizers_lib
-from mtl_dist import outputs
-from mtl_dist import preemption
-from mtl_dist import profiling
-from mtl_dist import saved_run
-from mtl_dist import schedules
-from mtl_dist import serving
 from mtl_dist import tasks as tasks_lib
-from mtl_dist import trainer as trainer_lib
+from mtl_dist.cluster import strategy as strategy_lib
+from mtl_dist.loop import checkpointing
+from mtl_dist.loop import preemption
+from mtl_dist.loop import profiling
+from mtl_dist.loop import run_files
+from mtl_dist.loop import trainer as trainer_lib
+from mtl_dist.methods import optimizers as optimizers_lib
+from mtl_dist.methods import schedules
+from mtl_dist.model import hps as model_lib
+from mtl_dist.run import config as config_lib
+from mtl_dist.run import delta_m as delta_m_lib
+from mtl_dist.run import export as export_lib
+from mtl_dist.run import saved_run
 
 CHECKPOINT_SUBDIR = saved_run.CHECKPOINT_SUBDIR
 
@@ -59,7 +59,7 @@ class _Run:
     self.config = config
     if trunk_fn is not None:
       config.check_user_trunk()
-    if distribution.uses_multi_worker(config.strategy, config.cluster):
+    if strategy_lib.uses_multi_worker(config.strategy, config.cluster):
       # Creating the strategy waits for every worker to join; one that never
       # starts would hang the others. TensorFlow waits holding the GIL, so
       # no Python thread or signal handler could end the wait:
@@ -69,15 +69,15 @@ class _Run:
                    "(--cluster_start_timeout).", timeout)
       faulthandler.dump_traceback_later(timeout, exit=True)
     try:
-      self.strategy = distribution.create_strategy(
+      self.strategy = strategy_lib.create_strategy(
           config.strategy, config.num_cpu_devices, cluster=config.cluster,
           collective=config.resolved_collective,
           collective_timeout=config.collective_timeout,
           port_base=config.port_base)
     finally:
       faulthandler.cancel_dump_traceback_later()
-    self.chief = distribution.is_chief(self.strategy)
-    if not distribution.is_multi_worker(self.strategy):
+    self.chief = strategy_lib.is_chief(self.strategy)
+    if not strategy_lib.is_multi_worker(self.strategy):
       config.check_single_process()
     replicas = self.strategy.num_replicas_in_sync
     if config.global_batch_size % replicas:
@@ -141,7 +141,7 @@ class _Run:
     self.restored_from = self._restore()
     if self.restored_from:
       self._apply_learning_rate()
-    if distribution.is_multi_worker(self.strategy):
+    if strategy_lib.is_multi_worker(self.strategy):
       self._check_workers_agree()
 
   def _check_workers_agree(self) -> None:
@@ -238,7 +238,7 @@ def train(config: config_lib.TrainConfig,
     DataError: When an in-graph data check fails while training.
     Preempted: When SIGTERM stopped the run after it saved a checkpoint.
   """
-  if distribution.uses_multi_worker(config.strategy, config.cluster):
+  if strategy_lib.uses_multi_worker(config.strategy, config.cluster):
     try:
       run = _Run(config, data, trunk_fn, head_fn)
     except _CLUSTER_FAILURES as e:
@@ -247,14 +247,14 @@ def train(config: config_lib.TrainConfig,
                          "command on all workers again.") from e
   else:
     run = _Run(config, data, trunk_fn, head_fn)
-  if not distribution.is_multi_worker(run.strategy):
+  if not strategy_lib.is_multi_worker(run.strategy):
     return _train(run)
   try:
     return _train(run)
   except _CLUSTER_FAILURES as e:
     latest = run.checkpointer.last_path
     raise errors.ClusterError(
-        f"worker {distribution.worker_index(run.strategy)}: the cluster "
+        f"worker {strategy_lib.worker_index(run.strategy)}: the cluster "
         f"failed near step {int(run.trainer.global_step.numpy())} "
         f"({type(e).__name__}: {_reason(e)}). Newest checkpoint: "
         f"{latest or 'none'}; run the same command on all workers to resume "
@@ -285,7 +285,7 @@ def _train(run: _Run) -> dict[str, Any]:
   trainer, strategy = run.trainer, run.strategy
   if run.chief:  # Other workers of a cluster write no files of the run.
     tf.io.gfile.makedirs(config.model_dir)
-    outputs.write_json_atomic(
+    run_files.write_json_atomic(
         os.path.join(config.model_dir, saved_run.CONFIG_FILE),
         dataclasses.asdict(config))
     saved_run.write_model_spec(config.model_dir, run.model_spec)
@@ -293,7 +293,7 @@ def _train(run: _Run) -> dict[str, Any]:
   if run.restored_from:
     logging.info("Resuming from %s at step %d.", run.restored_from, start_step)
   checkpointer = run.checkpointer
-  writer = outputs.MetricsWriter(config.model_dir, config.train_steps,
+  writer = run_files.MetricsWriter(config.model_dir, config.train_steps,
                                  start_step, active=run.chief)
   task_names = [task.name for task in trainer.tasks]
   # Each pipeline starts where the restored run left it: a joint pipeline
@@ -326,9 +326,9 @@ def _train(run: _Run) -> dict[str, Any]:
   speed = _Speed()
   last_eval: dict[str, float] = {}
   step = start_step
-  watcher = preemption.create(strategy, distribution.is_multi_worker(strategy))
+  watcher = preemption.create(strategy, strategy_lib.is_multi_worker(strategy))
   profiler = profiling.StepProfiler(
-      outputs.tensorboard_dir(config.model_dir, "train"),
+      run_files.tensorboard_dir(config.model_dir, "train"),
       config.profile_steps, active=run.chief)
   try:
     while step < config.train_steps:
@@ -387,10 +387,10 @@ def _train(run: _Run) -> dict[str, Any]:
                  summary["delta_m"]["delta_m"])
   if run.chief:
     path = os.path.join(config.model_dir, "summary.json")
-    outputs.write_json_atomic(path, summary)
+    run_files.write_json_atomic(path, summary)
     logging.info("Wrote %s", path)
     if config.export_dir:
-      serving.export_run(config.model_dir, config.export_dir,
+      export_lib.export_run(config.model_dir, config.export_dir,
                          trunk_fn=run.trunk_fn, head_fn=run.head_fn)
   return summary
 
@@ -503,7 +503,7 @@ class _Speed:
 
 
 def _log_interval(interval: _Interval, step: int,
-                  writer: outputs.MetricsWriter, trainer: trainer_lib.Trainer,
+                  writer: run_files.MetricsWriter, trainer: trainer_lib.Trainer,
                   data: data_lib.MultiTaskData,
                   config: config_lib.TrainConfig) -> None:
   """Writes and prints the interval's train record at `step`, then resets it."""
@@ -528,12 +528,12 @@ def _log_interval(interval: _Interval, step: int,
 
 def _workers_text(strategy: tf.distribute.Strategy) -> str:
   """' over N workers (this is worker I)' for multi-worker runs, else ''."""
-  if not distribution.is_multi_worker(strategy):
+  if not strategy_lib.is_multi_worker(strategy):
     return ""
   workers = (strategy.num_replicas_in_sync //
              len(strategy.extended.worker_devices))
   return (f" over {workers} workers (this is worker "
-          f"{distribution.worker_index(strategy)})")
+          f"{strategy_lib.worker_index(strategy)})")
 
 
 def _make_schedule(config: config_lib.TrainConfig,

@@ -12,7 +12,6 @@ from typing import Any, Mapping, Optional
 
 from absl import logging
 import tensorflow as tf
-
 from tensorflow.core.framework import summary_pb2
 
 # TensorBoard shows a summary as a scalar curve when its metadata names the

@@ -12,8 +12,8 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 import tensorflow as tf
 import tf_keras
 
-from mtl_dist import precision
 from mtl_dist import tasks as tasks_lib
+from mtl_dist.model import precision
 
 
 class SharedTrunkModel(tf_keras.Model):

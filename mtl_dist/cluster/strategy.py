@@ -7,8 +7,8 @@ from typing import Optional
 from absl import logging
 import tensorflow as tf
 
-from mtl_dist import cluster as cluster_lib
 from mtl_dist import errors
+from mtl_dist.cluster import resolver as cluster_lib
 
 _mirrored_strategies_made = 0
 

@@ -1,0 +1,6 @@
+"""The cluster layer: the tf.distribute strategy and where its workers are.
+
+- `strategy`: logical CPU devices and the strategy (one device,
+  `MirroredStrategy`, `MultiWorkerMirroredStrategy`);
+- `resolver`: the cluster from TF_CONFIG or SLURM.
+"""

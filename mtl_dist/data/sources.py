@@ -1,0 +1,185 @@
+"""What a run trains on: example sources and a run's data.
+
+An `ExampleSource` is an unbatched dataset of `(features, {task: label})`
+pairs. Joint mode has one source labelled for every task; alternate mode has
+one source per task, each its own pipeline. `MultiTaskData` is a run's
+tasks with their training and eval sources.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+import tensorflow as tf
+
+from mtl_dist import tasks as tasks_lib
+
+# Batches parsed and decoded at once (autotuning is off, see
+# `pipelines._options`).
+DECODE_CALLS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleSource:
+  """An unbatched dataset of `(features, {task: label})` elements.
+
+  Attributes:
+    task_names: The labels every element carries.
+    make_dataset: Builds the dataset; called once per input pipeline.
+    num_examples: The number of elements.
+    arrays: For in-memory sources, `(features, {task: labels})` NumPy arrays.
+      They allow the index-based training pipeline (see `distribute_train`),
+      whose batches are a function of (seed, step) alone.
+    read: For file-backed sources, `read(input_context, seed, shuffle)`
+      returns the input pipeline's own share of the examples (sharded by
+      file where the files allow it), decoded and preprocessed, or, with
+      `decode_batch`, still serialized.
+    shuffle_buffer: Shuffle buffer of streamed training pipelines (default:
+      all examples, at most 16384).
+    decode_batch: If set (only with `read`), `read` yields undecoded records
+      (e.g. serialized tf.train.Examples) and `decode_batch` maps a batch of
+      them to `(features, {task: labels})`. Pipelines then shuffle the small
+      records and parse and decode once per batch instead of once per
+      example. `make_dataset` always yields decoded examples.
+  """
+
+  task_names: tuple[str, ...]
+  make_dataset: Callable[[], tf.data.Dataset]
+  num_examples: int
+  arrays: Optional[tuple[np.ndarray, dict[str, np.ndarray]]] = None
+  read: Optional[Callable[[Optional[tf.distribute.InputContext], int, bool],
+                          tf.data.Dataset]] = None
+  shuffle_buffer: Optional[int] = None
+  decode_batch: Optional[Callable[[Any], tuple[tf.Tensor,
+                                               dict[str, tf.Tensor]]]] = None
+
+  def __post_init__(self):
+    if self.decode_batch is not None and self.read is None:
+      raise ValueError("ExampleSource: decode_batch applies to what `read` "
+                       "yields; make_dataset must yield decoded examples")
+
+  def decoded(self, dataset: tf.data.Dataset,
+              batch_size: int) -> tf.data.Dataset:
+    """Batches and decodes what `read` yields.
+
+    Args:
+      dataset: Elements of `read`.
+      batch_size: Examples per batch.
+
+    Returns:
+      Batches of `(features, {task: labels})`.
+    """
+    if self.decode_batch is None:
+      return dataset.batch(batch_size)
+    return dataset.batch(batch_size).map(self.decode_batch,
+                                         num_parallel_calls=DECODE_CALLS)
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiTaskData:
+  """What a run trains and evaluates on.
+
+  Attributes:
+    tasks: The trained tasks, in order.
+    input_shape: Shape of one example's features.
+    train: Joint mode: one source labelled for every task. Alternate mode:
+      one source per task, in task order.
+    eval: Sources for evaluation, laid out like `train`.
+    partial_labels: Whether training examples may lack some tasks' labels
+      (see `TaskSpec.label_mask`).
+  """
+
+  tasks: tuple[tasks_lib.TaskSpec, ...]
+  input_shape: tuple[int, ...]
+  train: tuple[ExampleSource, ...]
+  eval: tuple[ExampleSource, ...]
+  partial_labels: bool = False
+
+
+def source_from_arrays(features: np.ndarray, labels: dict[str, np.ndarray],
+                       task_names: Sequence[str]) -> ExampleSource:
+  """An in-memory source over NumPy arrays.
+
+  Args:
+    features: [N, ...] inputs.
+    labels: Task name to [N, ...] labels; may also hold `<task>_mask` arrays
+      marking which examples carry that task's label.
+    task_names: The tasks to keep labels (and masks) for.
+
+  Returns:
+    The source.
+  """
+  kept = {key: values for key, values in labels.items()
+          if key in task_names or
+          (key.endswith("_mask") and key[:-len("_mask")] in task_names)}
+  for name, values in kept.items():
+    if len(values) != len(features):
+      raise ValueError(f"labels of {name!r} have {len(values)} rows, the "
+                       f"features {len(features)}")
+  return ExampleSource(
+      task_names=tuple(task_names),
+      make_dataset=lambda: tf.data.Dataset.from_tensor_slices((features, kept)),
+      num_examples=len(features), arrays=(features, kept))
+
+
+def source_from_dataset(
+    dataset: Union[tf.data.Dataset, Callable[[], tf.data.Dataset]],
+    task_names: Sequence[str],
+    num_examples: Optional[int] = None) -> ExampleSource:
+  """A streamed source over a user's finite, unbatched tf.data dataset.
+
+  Training pipelines shard it per input pipeline, shuffle it with a seeded
+  buffer and repeat it; evaluation reads it once.
+
+  Args:
+    dataset: A dataset, or a function making one (called once per input
+      pipeline), of `(features, {task: label})` elements; for a single task
+      `(features, label)` elements are accepted too.
+    task_names: The tasks its elements are labelled for.
+    num_examples: Its size; default: its cardinality when tf.data knows it,
+      else counted by reading it once.
+
+  Returns:
+    The source.
+
+  Raises:
+    ValueError: If the elements are not `(features, labels)` pairs, or
+      lack a label of `task_names`, or the dataset is infinite.
+  """
+  task_names = tuple(task_names)
+  make = dataset if callable(dataset) else (lambda: dataset)
+  spec = make().element_spec
+  if not isinstance(spec, tuple) or len(spec) != 2:
+    raise ValueError("the dataset's elements must be (features, labels) "
+                     f"pairs, got {spec}")
+  if not isinstance(spec[1], dict):
+    if len(task_names) != 1:
+      raise ValueError("elements with one label need exactly one task, got "
+                       f"{list(task_names)}")
+    name = task_names[0]
+    plain = make
+    make = lambda: plain().map(lambda x, y: (x, {name: y}))
+  else:
+    missing = [name for name in task_names if name not in spec[1]]
+    if missing:
+      raise ValueError(f"the dataset's labels lack task(s) {missing} (it has "
+                       f"{sorted(spec[1])})")
+  if num_examples is None:
+    cardinality = int(make().cardinality())
+    if cardinality == tf.data.INFINITE_CARDINALITY:
+      raise ValueError("the dataset is infinite; give a finite one (the "
+                       "pipelines repeat it themselves)")
+    num_examples = (cardinality if cardinality >= 0 else
+                    int(make().reduce(0, lambda count, _: count + 1)))
+  return ExampleSource(task_names=task_names, make_dataset=make,
+                       num_examples=num_examples)
+
+
+def input_dtype(data: MultiTaskData) -> tf.DType:
+  """The dtype of the model's inputs (every source has the same)."""
+  source = data.train[0]
+  if source.arrays is not None:
+    return tf.as_dtype(source.arrays[0].dtype)
+  return source.make_dataset().element_spec[0].dtype

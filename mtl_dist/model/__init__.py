@@ -1,0 +1,9 @@
+"""The model layer: what a task's head is fed and what is shared.
+
+- `hps`: hard parameter sharing, the first architecture: one trunk shared by
+  every task and one head per task (`SharedTrunkModel`, `build_model`). It
+  states the architecture contract the steps rely on: `shared_variables`,
+  `task_variables(task)`, `regularization_losses(task)`, and
+  `call_with_representation` for `--rep_grad`.
+- `precision`: mixed-precision dtype policies and float16 loss scaling.
+"""
