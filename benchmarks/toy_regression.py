@@ -75,7 +75,7 @@ def table(rows: dict[str, np.ndarray], seconds: dict[str, float],
       f"{time.strftime('%Y-%m-%d')}.",
       "",
       "Ten regression tasks f_i(x) = sigma_i tanh((B + eps_i) x), sigma_i "
-      "log-spaced from 1 to 100 (see `mtl_dist/toy_regression.py`); a shared "
+      "log-spaced from 1 to 100 (see `mtl_dist/data/toy_regression.py`); a shared "
       "4-layer MLP trunk of width 100, linear heads, Adam 1e-3, global batch "
       f"100, {train_steps} steps, one replica. Each cell is the task's test "
       "MSE divided by sigma_i^2, so every task counts alike (lower is "

@@ -1,6 +1,8 @@
 """The docs run as written: README.md's and docs/api.md's Python examples,
-README.md's shell blocks, and the README's commands match CI."""
+the shell blocks of README.md and of the docs pages in DOC_PAGES, and the
+README's commands match CI."""
 
+import glob
 import json
 import os
 import re
@@ -12,6 +14,26 @@ import pytest
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 README = os.path.join(ROOT, "README.md")
 API_DOC = os.path.join(ROOT, "docs", "api.md")
+FLAGS_DOC = os.path.join(ROOT, "docs", "flags.md")
+# The pages whose shell blocks run after README.md's, in this order: a block
+# may use the runs of the blocks before it (docs/running.md uses the README's
+# /tmp/mtl_shapes).
+DOC_PAGES = [
+    "docs/modes.md",
+    "docs/methods.md",
+    "docs/data.md",
+    "docs/running.md",
+    "docs/fault_tolerance.md",
+    "docs/cluster.md",
+    "docs/speed.md",
+    "docs/flags.md",
+    "docs/api.md",
+    "docs/design.md",
+]
+# Pages with shell blocks that are not in DOC_PAGES, and what runs them.
+NOT_COLLECTED = {
+    "docs/benchmarks.md": "tests/test_benchmarks.py runs benchmarks.run --quick",
+}
 CI_SCRIPT = os.path.join(ROOT, ".ci", "run")
 # Marks a shell block the tests do not run, with the reason, right above it.
 _NOT_RUN = re.compile(r"<!-- not run by the tests: (.+?) -->\s*$")
@@ -32,9 +54,11 @@ def _fresh_machine_commands() -> list[str]:
 @pytest.mark.parametrize("path", [README, API_DOC],
                          ids=["README.md", "docs/api.md"])
 def test_python_examples_run(path, tmp_path, monkeypatch, capsys):
-  (example,) = [block for _, block in _blocks(path, "python")]
+  examples = [block for _, block in _blocks(path, "python")]
+  assert examples
   monkeypatch.chdir(tmp_path)
-  exec(compile(example, path, "exec"), {})  # pylint: disable=exec-used
+  for example in examples:  # Each in a namespace of its own.
+    exec(compile(example, path, "exec"), {})  # pylint: disable=exec-used
   printed = capsys.readouterr().out
   assert "accuracy" in printed
   assert list((tmp_path / "runs").glob("*/summary.json"))
@@ -52,52 +76,65 @@ def test_readme_shows_two_fresh_machine_commands_and_ci_runs_the_tests():
   assert 'pip install -e ".[test]"' in ci_lines
 
 
-def test_every_launcher_flag_is_in_the_readme_table():
+def test_every_launcher_flag_is_in_the_flags_doc_table():
   source = open(os.path.join(ROOT, "launch", "train.py")).read()
   names = re.findall(r'flags\.DEFINE_\w+\(\s*"(\w+)"', source)
   assert len(names) > 40
-  table = "".join(line.split("|")[1] for line in open(README)
+  table = "".join(line.split("|")[1] for line in open(FLAGS_DOC)
                   if line.startswith("| `--"))
   missing = [name for name in names
              if not re.search(rf"`--(\[no\])?{name}`", table)]
   assert not missing
 
 
-def _runnable_readme_blocks() -> tuple[list[str], list[str]]:
-  """The README's shell blocks to run, in order, and the reasons of the rest.
+def _runnable_doc_blocks() -> tuple[list[str], list[str]]:
+  """The shell blocks to run, in order, and the reasons of the rest.
 
+  README.md's blocks come first, then each page of DOC_PAGES in turn.
   Of the fresh-machine commands, what follows `pip install` runs: creating
   the environment and installing is what CI's `.ci/run` does (checked
   above), and the test command is the suite this test is part of.
   """
   runnable, reasons = [], []
-  for before, block in _blocks(README, "sh"):
-    marker = _NOT_RUN.search(before)
-    if marker:
-      reasons.append(marker.group(1))
-      continue
-    if block.strip().startswith("python3 -m venv"):
-      after_install = block.strip().split("&&")[3:]
-      if "pytest" not in block:
-        runnable.append("&&".join(after_install))
-      continue
-    runnable.append(block)
+  for path in [README] + [os.path.join(ROOT, page) for page in DOC_PAGES]:
+    for before, block in _blocks(path, "sh"):
+      marker = _NOT_RUN.search(before)
+      if marker:
+        reasons.append(marker.group(1))
+        continue
+      if block.strip().startswith("python3 -m venv"):
+        after_install = block.strip().split("&&")[3:]
+        if "pytest" not in block:
+          runnable.append("&&".join(after_install))
+        continue
+      runnable.append(block)
   return runnable, reasons
 
 
-def test_every_readme_shell_block_runs_or_says_why_not():
-  runnable, reasons = _runnable_readme_blocks()
+def test_every_doc_shell_block_runs_or_says_why_not():
+  runnable, reasons = _runnable_doc_blocks()
   assert len(runnable) >= 4
   for reason in reasons:  # Only what this machine cannot give.
     assert re.search(r"network|cluster|GPU", reason), reason
 
 
+def test_every_docs_page_with_shell_blocks_is_collected():
+  pages = sorted(os.path.relpath(path, ROOT) for path in
+                 glob.glob(os.path.join(ROOT, "docs", "*.md")))
+  with_blocks = [page for page in pages
+                 if _blocks(os.path.join(ROOT, page), "sh")]
+  assert not [page for page in with_blocks
+              if page not in DOC_PAGES and page not in NOT_COLLECTED]
+  assert all(os.path.exists(os.path.join(ROOT, page)) for page in DOC_PAGES)
+
+
 @pytest.mark.slow
 @pytest.mark.xdist_group("localhost_cluster")  # mtl-local-cluster.
-def test_readme_shell_blocks_run_as_written(tmp_path):
-  """Each block runs in the checkout with bash -e, in README order (later
-  blocks use earlier blocks' runs); /tmp/ is this test's scratch directory."""
-  runnable, _ = _runnable_readme_blocks()
+def test_doc_shell_blocks_run_as_written(tmp_path):
+  """Each block runs in the checkout with bash -e, in the order of README.md
+  and DOC_PAGES (later blocks use earlier blocks' runs); /tmp/ is this
+  test's scratch directory."""
+  runnable, _ = _runnable_doc_blocks()
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
              PATH=os.path.dirname(sys.executable) + os.pathsep +
              os.environ["PATH"])

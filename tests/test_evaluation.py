@@ -111,7 +111,7 @@ def test_bad_requests_are_refused(finished_run, tmp_path):
 
 
 def test_mtl_eval_refuses_bad_flags_in_one_line(finished_run):
-  # The sidecar itself runs beside mtl-train in the README's shell block,
+  # The sidecar itself runs beside mtl-train in docs/running.md's shell block,
   # which tests/test_docs.py runs and checks.
   model_dir, _ = finished_run
   refused = subprocess.run(

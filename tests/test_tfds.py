@@ -194,13 +194,13 @@ def test_file_sharding_falls_back_to_example_sharding(stored_data_dir):
   assert labels["label"].dtype == tf.int32
 
 
-def _readme_tfds_commands() -> list[list[str]]:
-  """The mtl-train commands of README's TFDS section, as argument lists."""
+def _doc_tfds_commands() -> list[list[str]]:
+  """The mtl-train commands of docs/data.md's TFDS section, as arguments."""
   import re  # pylint: disable=g-import-not-at-top
   import shlex  # pylint: disable=g-import-not-at-top
-  readme = open(os.path.join(os.path.dirname(__file__), "..",
-                             "README.md")).read()
-  section = readme.split("## Real datasets through TFDS", 1)[1]
+  page = open(os.path.join(os.path.dirname(__file__), "..", "docs",
+                           "data.md")).read()
+  section = page.split("## Real datasets through TFDS", 1)[1]
   block = re.search(r"```sh\n(.*?)```", section, flags=re.DOTALL).group(1)
   commands = []
   for command in block.replace("\\\n", " ").splitlines():
@@ -210,12 +210,12 @@ def _readme_tfds_commands() -> list[list[str]]:
   return commands
 
 
-def test_readme_tfds_commands_run_on_mock_data(tmp_path):
-  """README's TFDS examples, with mock data instead of the download."""
+def test_doc_tfds_commands_run_on_mock_data(tmp_path):
+  """docs/data.md's TFDS examples, with mock data instead of the download."""
   from absl import flags  # pylint: disable=g-import-not-at-top
 
   from launch import train as launcher  # pylint: disable=g-import-not-at-top
-  commands = _readme_tfds_commands()
+  commands = _doc_tfds_commands()
   assert [c[0] for c in commands] == ["mtl-train", "mtl-train"]
   for i, argv in enumerate(commands):
     flags.FLAGS.unparse_flags()
