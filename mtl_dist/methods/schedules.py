@@ -25,6 +25,8 @@ from typing import Optional, Protocol, Sequence
 import numpy as np
 import tensorflow as tf
 
+from mtl_dist import errors
+
 NAMES = ("round_robin", "proportional", "temperature", "annealed", "weights")
 
 
@@ -153,3 +155,43 @@ def default_epochs(sizes: Sequence[int], global_batch_size: int,
   """(steps_per_epoch, epochs): one epoch is one pass over every task's data."""
   steps_per_epoch = max(1, math.ceil(sum(sizes) / global_batch_size))
   return steps_per_epoch, max(1, math.ceil(train_steps / steps_per_epoch))
+
+
+def for_task_datasets(name: str, *, sizes: Sequence[int],
+                      weights: Sequence[float], seed: int,
+                      global_batch_size: int, train_steps: int,
+                      temperature: float = 2.0, mixing_cap: int = 0,
+                      steps_per_epoch: Optional[int] = None,
+                      anneal_epochs: Optional[int] = None) -> Schedule:
+  """The alternate-mode schedule `name` for task datasets of `sizes`.
+
+  Args:
+    name: One of `NAMES`.
+    sizes: Each task's dataset size, in task order.
+    weights: Each task's share (--task_weights) for the weights schedule.
+    seed: Seed of the sampled schedules' draws.
+    global_batch_size: Examples per step, for the default epoch length.
+    train_steps: The run's steps, for the default number of epochs.
+    temperature: T of the temperature schedule.
+    mixing_cap: K of the temperature schedule; 0 for no cap.
+    steps_per_epoch: Annealed schedule: steps in one epoch (default: one
+      pass over every task's data).
+    anneal_epochs: Annealed schedule: epochs E over which alpha anneals
+      (default: the epochs in `train_steps`).
+
+  Raises:
+    ConfigError: For the weights schedule with shares that are all zero.
+  """
+  if name == "weights" and not sum(weights) > 0:
+    raise errors.ConfigError("--task_weights: with --schedule=weights "
+                             "the shares must not all be zero")
+  epoch_steps, num_epochs = default_epochs(sizes, global_batch_size,
+                                           train_steps)
+  if steps_per_epoch is not None:
+    epoch_steps = steps_per_epoch
+    num_epochs = max(1, -(-train_steps // steps_per_epoch))
+  if anneal_epochs is not None:
+    num_epochs = anneal_epochs
+  return create(name, sizes=sizes, seed=seed, temperature=temperature,
+                mixing_cap=mixing_cap, weights=weights,
+                steps_per_epoch=epoch_steps, num_epochs=num_epochs)
