@@ -19,6 +19,7 @@ Schedules (n_i: task i's dataset size):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional, Protocol, Sequence
 
@@ -157,41 +158,63 @@ def default_epochs(sizes: Sequence[int], global_batch_size: int,
   return steps_per_epoch, max(1, math.ceil(train_steps / steps_per_epoch))
 
 
-def for_task_datasets(name: str, *, sizes: Sequence[int],
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig:
+  """The schedule section of a run's configuration (alternate mode).
+
+  Its defaults are the run's: a `TrainConfig` field left unset (None)
+  takes the value here.
+
+  Attributes:
+    schedule: One of `NAMES`.
+    temperature: The temperature schedule's T.
+    mixing_cap: The temperature schedule's cap K on dataset sizes (0: none).
+    steps_per_epoch: The annealed schedule's epoch length (None: one pass
+      over every task's data).
+    anneal_epochs: The annealed schedule's E (None: the epochs in the
+      run's steps).
+  """
+
+  schedule: str = "round_robin"
+  temperature: float = 2.0
+  mixing_cap: int = 0
+  steps_per_epoch: Optional[int] = None
+  anneal_epochs: Optional[int] = None
+
+  @classmethod
+  def from_settings(cls, **given) -> "ScheduleConfig":
+    """The section from settings where None means unset (the default)."""
+    return cls(**{name: value for name, value in given.items()
+                  if value is not None})
+
+
+def for_task_datasets(config: ScheduleConfig, *, sizes: Sequence[int],
                       weights: Sequence[float], seed: int,
-                      global_batch_size: int, train_steps: int,
-                      temperature: float = 2.0, mixing_cap: int = 0,
-                      steps_per_epoch: Optional[int] = None,
-                      anneal_epochs: Optional[int] = None) -> Schedule:
-  """The alternate-mode schedule `name` for task datasets of `sizes`.
+                      global_batch_size: int, train_steps: int) -> Schedule:
+  """The alternate-mode schedule `config` asks for, for task datasets of `sizes`.
 
   Args:
-    name: One of `NAMES`.
+    config: The schedule section.
     sizes: Each task's dataset size, in task order.
     weights: Each task's share (--task_weights) for the weights schedule.
     seed: Seed of the sampled schedules' draws.
     global_batch_size: Examples per step, for the default epoch length.
     train_steps: The run's steps, for the default number of epochs.
-    temperature: T of the temperature schedule.
-    mixing_cap: K of the temperature schedule; 0 for no cap.
-    steps_per_epoch: Annealed schedule: steps in one epoch (default: one
-      pass over every task's data).
-    anneal_epochs: Annealed schedule: epochs E over which alpha anneals
-      (default: the epochs in `train_steps`).
 
   Raises:
     ConfigError: For the weights schedule with shares that are all zero.
   """
-  if name == "weights" and not sum(weights) > 0:
+  if config.schedule == "weights" and not sum(weights) > 0:
     raise errors.ConfigError("--task_weights: with --schedule=weights "
                              "the shares must not all be zero")
   epoch_steps, num_epochs = default_epochs(sizes, global_batch_size,
                                            train_steps)
-  if steps_per_epoch is not None:
-    epoch_steps = steps_per_epoch
-    num_epochs = max(1, -(-train_steps // steps_per_epoch))
-  if anneal_epochs is not None:
-    num_epochs = anneal_epochs
-  return create(name, sizes=sizes, seed=seed, temperature=temperature,
-                mixing_cap=mixing_cap, weights=weights,
-                steps_per_epoch=epoch_steps, num_epochs=num_epochs)
+  if config.steps_per_epoch is not None:
+    epoch_steps = config.steps_per_epoch
+    num_epochs = max(1, -(-train_steps // epoch_steps))
+  if config.anneal_epochs is not None:
+    num_epochs = config.anneal_epochs
+  return create(config.schedule, sizes=sizes, seed=seed,
+                temperature=config.temperature, mixing_cap=config.mixing_cap,
+                weights=weights, steps_per_epoch=epoch_steps,
+                num_epochs=num_epochs)

@@ -16,6 +16,8 @@ import tensorflow as tf
 
 from mtl_dist import errors
 from mtl_dist.cluster import resolver
+from mtl_dist.cluster import settings as cluster_settings
+from mtl_dist.data import settings as data_settings
 from mtl_dist.methods import registry
 from mtl_dist.methods import schedules
 from mtl_dist.model import precision
@@ -79,9 +81,11 @@ def parse_key_values(text: str, flag: str,
 class TrainConfig:
   """Everything one training run needs; field names are the launcher's flags.
 
-  Fields left at None take a default that depends on other fields (see
-  `resolved_*` helpers), so that a flag given where it has no meaning can be
-  refused instead of silently ignored.
+  Fields left at None are unset: they take the default of their layer's
+  section (`data_config()`, `cluster_config()`, `schedule_config()`,
+  method options in `methods.registry`), so that a flag given where it has
+  no meaning can be refused instead of silently ignored. Every default
+  lives once: here, or in the section.
   """
 
   model_dir: str
@@ -104,10 +108,12 @@ class TrainConfig:
   partial_labels: bool = False
   # Task -> model_dir of its single-task run, for Delta_m in summary.json.
   baselines: Optional[Mapping[str, str]] = None
-  aggregator: str = "sum"  # joint mode: how task gradients combine.
+  # Joint mode: how task gradients combine.
+  aggregator: str = registry.AGGREGATORS.default
   cagrad_c: Optional[float] = None  # aggregator=cagrad; default 0.5.
   rep_grad: bool = False  # aggregator=mgda|cagrad: gradients at the trunk output.
-  weighting: str = "static"  # joint mode: how task losses are weighted.
+  # Joint mode: how task losses are weighted.
+  weighting: str = registry.WEIGHTINGS.default
   dwa_window: Optional[int] = None  # weighting=dwa; default 100 steps.
   gradnorm_alpha: Optional[float] = None  # weighting=gradnorm; default 1.5.
   gradnorm_lr: Optional[float] = None  # weighting=gradnorm; default 0.025.
@@ -163,49 +169,34 @@ class TrainConfig:
   export_dir: Optional[str] = None
 
   @property
-  def resolved_train_examples(self) -> int:
-    return self.train_examples or 16384
-
-  @property
-  def resolved_eval_examples(self) -> int:
-    return self.eval_examples or 2048
-
-  @property
   def uses_tfds(self) -> bool:
-    return self.dataset.startswith("tfds:") or self.task_datasets is not None
+    return self.data_config().uses_tfds
+
+  # The sections, each read by its own layer; unset (None) fields take the
+  # section's defaults.
+
+  def data_config(self) -> data_settings.DataConfig:
+    """The data section, for `data.load`."""
+    return data_settings.DataConfig.from_settings(**{
+        field.name: getattr(self, field.name)
+        for field in dataclasses.fields(data_settings.DataConfig)})
+
+  def cluster_config(self) -> cluster_settings.ClusterConfig:
+    """The cluster section, for the strategy."""
+    return cluster_settings.ClusterConfig.from_settings(**{
+        field.name: getattr(self, field.name)
+        for field in dataclasses.fields(cluster_settings.ClusterConfig)})
+
+  def schedule_config(self) -> schedules.ScheduleConfig:
+    """The schedule section, for the alternate-mode schedule."""
+    return schedules.ScheduleConfig.from_settings(**{
+        field.name: getattr(self, field.name)
+        for field in dataclasses.fields(schedules.ScheduleConfig)})
 
   @property
-  def resolved_input_key(self) -> str:
-    return self.input_key or "image"
-
-  @property
-  def resolved_split(self) -> str:
-    return self.split or "train"
-
-  @property
-  def resolved_eval_split(self) -> str:
-    return self.eval_split or "test"
-
-  @property
-  def resolved_schedule(self) -> str:
-    return self.schedule or "round_robin"
-
-  @property
-  def resolved_temperature(self) -> float:
-    return 2.0 if self.temperature is None else self.temperature
-
-  @property
-  def resolved_mixing_cap(self) -> int:
-    return 0 if self.mixing_cap is None else self.mixing_cap
-
-  @property
-  def resolved_collective(self) -> str:
-    return self.collective or "auto"
-
-  @property
-  def resolved_cluster_start_timeout(self) -> float:
-    return (900.0 if self.cluster_start_timeout is None
-            else self.cluster_start_timeout)
+  def per_task_optimizers(self) -> bool:
+    """Whether each task has its own optimizer (alternate mode only)."""
+    return self.mode == "alternate" and self.per_task_optimizer is not False
 
   def check_single_process(self) -> None:
     """Refuses multi-worker flags for a run that turned out single-process.
@@ -219,12 +210,6 @@ class TrainConfig:
             f"--{name} applies to multi-worker runs, but --strategy="
             f"{self.strategy} runs in one process (no cluster in TF_CONFIG "
             "or SLURM, or --strategy=mirrored/one_device)")
-
-  @property
-  def resolved_per_task_optimizer(self) -> bool:
-    if self.mode == "joint":
-      return False
-    return True if self.per_task_optimizer is None else self.per_task_optimizer
 
   def validate(self) -> None:
     """Checks what can be checked without data or devices.
@@ -397,7 +382,7 @@ class TrainConfig:
       raise errors.ConfigError(
           f"--aggregator={self.aggregator} applies to "
           "--mode=joint only (an alternate step has one task)")
-    schedule = self.resolved_schedule
+    schedule = self.schedule_config().schedule
     if self.task_weights is not None and schedule != "weights":
       raise errors.ConfigError(
           "--task_weights applies to --mode=joint (loss weights) or "
@@ -486,28 +471,6 @@ class TrainConfig:
           raise errors.ConfigError(f"--{flag}: {task!r} is not a trained task "
                                    f"(--tasks={','.join(tasks)})")
 
-  def validate_tasks(self, known_tasks: Sequence[str]) -> list[str]:
-    """Checks task names against a dataset's tasks.
-
-    Args:
-      known_tasks: The tasks the dataset offers.
-
-    Returns:
-      The tasks to train, in order.
-
-    Raises:
-      ConfigError: For an unknown task in --tasks, --task_weights or
-        --task_sizes.
-    """
-    tasks = list(self.tasks) if self.tasks is not None else list(known_tasks)
-    for task in tasks:
-      if task not in known_tasks:
-        raise errors.ConfigError(
-            f"--tasks={','.join(tasks)}: unknown task {task!r} for "
-            f"--dataset={self.dataset} (known: {', '.join(known_tasks)})")
-    self.check_known(tasks)
-    return tasks
-
   def check_user_data(self, task_names: Sequence[str]) -> None:
     """Refuses built-in dataset settings for a run that brings its own data.
 
@@ -567,7 +530,7 @@ class TrainConfig:
 
   def weight_of(self, task: str) -> float:
     """The loss weight of a task in joint mode (1.0 unless given)."""
-    return float((self.task_weights or {}).get(task, 1.0))
+    return self.data_config().weight_of(task)
 
 
 def check_export_dir(export_dir: str) -> None:

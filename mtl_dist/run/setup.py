@@ -72,21 +72,22 @@ class Run:
     self.config = config
     if trunk_fn is not None:
       config.check_user_trunk()
-    if strategy_lib.uses_multi_worker(config.strategy, config.cluster):
+    cluster = config.cluster_config()
+    if strategy_lib.uses_multi_worker(cluster.strategy, cluster.cluster):
       # Creating the strategy waits for every worker to join; one that never
       # starts would hang the others. TensorFlow waits holding the GIL, so
       # no Python thread or signal handler could end the wait:
       # faulthandler's C thread does (it prints the stacks, then exits 1).
-      timeout = config.resolved_cluster_start_timeout
+      timeout = cluster.cluster_start_timeout
       logging.info("Waiting up to %.0f s for every worker to join "
                    "(--cluster_start_timeout).", timeout)
       faulthandler.dump_traceback_later(timeout, exit=True)
     try:
       self.strategy = strategy_lib.create_strategy(
-          config.strategy, config.num_cpu_devices, cluster=config.cluster,
-          collective=config.resolved_collective,
-          collective_timeout=config.collective_timeout,
-          port_base=config.port_base)
+          cluster.strategy, cluster.num_cpu_devices, cluster=cluster.cluster,
+          collective=cluster.collective,
+          collective_timeout=cluster.collective_timeout,
+          port_base=cluster.port_base)
     finally:
       faulthandler.cancel_dump_traceback_later()
     self.chief = strategy_lib.is_chief(self.strategy)
@@ -98,7 +99,8 @@ class Run:
           f"--global_batch_size={config.global_batch_size}: not divisible by "
           f"the {replicas} replicas")
     if data is None:
-      self.data = data_lib.load(config)
+      self.data = data_lib.load(config.data_config())
+      config.check_known([task.name for task in self.data.tasks])
     else:
       self.data = _user_data(data, config)
     data_lib.check_layout(self.data, config.mode)
@@ -128,7 +130,7 @@ class Run:
         global_batch_size=config.global_batch_size,
         optimizer_factory=optimizers_lib.make_optimizer_factory(
             config.optimizer, config.learning_rate),
-        per_task_optimizer=config.resolved_per_task_optimizer,
+        per_task_optimizer=config.per_task_optimizers,
         schedule=schedule,
         partial_labels=self.data.partial_labels or config.partial_labels,
         aggregator=config.aggregator, rep_grad=config.rep_grad,
@@ -246,11 +248,8 @@ def _make_schedule(config: config_lib.TrainConfig,
                    data: data_lib.MultiTaskData) -> schedules.Schedule:
   """The alternate-mode schedule, from the task datasets' sizes."""
   return schedules.for_task_datasets(
-      config.resolved_schedule,
+      config.schedule_config(),
       sizes=[source.num_examples for source in data.train],
       weights=[config.weight_of(task.name) for task in data.tasks],
       seed=config.seed, global_batch_size=config.global_batch_size,
-      train_steps=config.train_steps, temperature=config.resolved_temperature,
-      mixing_cap=config.resolved_mixing_cap,
-      steps_per_epoch=config.steps_per_epoch,
-      anneal_epochs=config.anneal_epochs)
+      train_steps=config.train_steps)

@@ -85,7 +85,7 @@ class _Sidecar:
             " were trained with a loss function; evaluate from Python with "
             "the same tasks (mtl_dist.evaluate(..., data=...))")
       # The eval split of the built-in dataset, as training loaded it.
-      data = data_lib.load(config)
+      data = data_lib.load(config.data_config())
     data_lib.check_layout(data, config.mode)
     trained = [(t.name, t.output_size) for t in spec.tasks]
     if [(t.name, t.output_size) for t in data.tasks] != trained:

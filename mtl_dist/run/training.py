@@ -35,8 +35,6 @@ from mtl_dist.run import saved_run
 from mtl_dist.run import setup
 
 
-
-
 def train(config: config_lib.TrainConfig,
           data: Optional[data_lib.MultiTaskData] = None,
           trunk_fn: Optional[model_lib.TrunkFn] = None,
