@@ -7,7 +7,16 @@ the value here.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Mapping, Optional, Sequence
+
+from mtl_dist import errors
+from mtl_dist.cluster import resolver
+
+STRATEGIES = ("auto", "mirrored", "one_device", "multi_worker")
+COLLECTIVES = ("auto", "ring", "nccl")
+# Flags that configure MultiWorkerMirroredStrategy and mean nothing without it.
+MULTI_WORKER_FLAGS = ("cluster", "collective", "collective_timeout",
+                      "cluster_start_timeout", "port_base")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,3 +51,58 @@ class ClusterConfig:
     """The section from settings where None means unset (the default)."""
     return cls(**{name: value for name, value in given.items()
                   if value is not None})
+
+
+def refuse_multi_worker_flags(given: Mapping[str, Any]) -> None:
+  """Refuses multi-worker flags for a run that turned out single-process.
+
+  Args:
+    given: TrainConfig's fields by name, None where unset.
+
+  Raises:
+    ConfigError: Naming the first such flag.
+  """
+  for name in MULTI_WORKER_FLAGS:
+    if given[name] is not None:
+      raise errors.ConfigError(
+          f"--{name} applies to multi-worker runs, but --strategy="
+          f"{given['strategy']} runs in one process (no cluster in TF_CONFIG "
+          "or SLURM, or --strategy=mirrored/one_device)")
+
+
+def validate_flags(given: Mapping[str, Any]) -> None:
+  """Checks the multi-worker flags' values and that they can apply.
+
+  Args:
+    given: TrainConfig's fields by name, None where unset.
+
+  Raises:
+    ConfigError: Naming the first flag that does not apply or fit.
+  """
+  if given["strategy"] in ("mirrored", "one_device"):
+    refuse_multi_worker_flags(given)
+  if given["cluster"] is not None:
+    _check_choice("cluster", given["cluster"], resolver.CLUSTERS)
+  if given["collective"] is not None:
+    _check_choice("collective", given["collective"], COLLECTIVES)
+  for name in ("collective_timeout", "cluster_start_timeout"):
+    value = given[name]
+    if value is not None and not value > 0:
+      raise errors.ConfigError(
+          f"--{name}={value}: must be positive (seconds)")
+  if given["port_base"] is not None:
+    if not 1 <= given["port_base"] <= 65535 - 64:
+      raise errors.ConfigError(
+          f"--port_base={given['port_base']}: must be a port "
+          "number (1 to 65471)")
+    if given["cluster"] == "tf_config":
+      raise errors.ConfigError(
+          "--port_base applies to --cluster=slurm (TF_CONFIG "
+          "lists each worker's port), but --cluster=tf_config "
+          "is set")
+
+
+def _check_choice(flag: str, value: str, choices: Sequence[str]) -> None:
+  if value not in choices:
+    raise errors.ConfigError(f"--{flag}={value}: must be one of "
+                             f"{', '.join(choices)}")

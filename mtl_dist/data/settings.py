@@ -7,7 +7,7 @@ the value here. Messages name the launcher's flags, `--<field>`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from mtl_dist import errors
 
@@ -102,3 +102,62 @@ class DataConfig:
             f"--dataset={self.dataset} (known: {', '.join(known_tasks)})")
     self.check_known(tasks)
     return tasks
+
+
+def validate_flags(given: Mapping[str, Any]) -> None:
+  """Refuses data flags of one kind of dataset given with the other.
+
+  Args:
+    given: TrainConfig's fields by name, None where unset.
+
+  Raises:
+    ConfigError: Naming the first flag that does not apply or fit.
+  """
+  uses_tfds = (given["dataset"].startswith(TFDS_PREFIX) or
+               given["task_datasets"] is not None)
+  if (given["dataset"] not in ("shapes", "toy_regression") and
+      not given["dataset"].startswith("tfds:")):
+    raise errors.ConfigError(
+        f"--dataset={given['dataset']}: unknown dataset (known: "
+        "shapes, toy_regression, tfds:NAME)")
+  if given["dataset"] == "toy_regression":
+    if given["mode"] != "joint":
+      raise errors.ConfigError(
+          "--dataset=toy_regression has one input for all "
+          "tasks: use --mode=joint")
+    for name in ("task_sizes", "label_fraction"):
+      if given[name] is not None:
+        raise errors.ConfigError(f"--{name} applies to --dataset=shapes only")
+  if given["task_datasets"] is not None:
+    if given["mode"] != "alternate":
+      raise errors.ConfigError(
+          "--task_datasets applies to --mode=alternate only "
+          "(joint mode reads one --dataset=tfds:NAME)")
+    if given["dataset"] != "shapes":
+      raise errors.ConfigError(
+          f"--dataset={given['dataset']} and --task_datasets "
+          "both name data: give one of them")
+  if uses_tfds:
+    for name in ("task_sizes", "label_fraction", "train_examples",
+                 "eval_examples"):
+      if given[name] is not None:
+        raise errors.ConfigError(f"--{name} applies to --dataset=shapes only")
+    if given["dataset"].startswith("tfds:") and given["mode"] == "alternate":
+      raise errors.ConfigError(
+          f"--dataset={given['dataset']} in alternate mode: give each task its "
+          "own dataset with --task_datasets=task=tfds:NAME:LABEL,...")
+  else:
+    for name in ("data_dir", "input_key", "split", "eval_split",
+                 "image_size", "channels"):
+      if given[name] is not None:
+        raise errors.ConfigError(f"--{name} applies to TFDS datasets only "
+                                 "(--dataset=tfds:NAME or --task_datasets)")
+    if given["download"]:
+      raise errors.ConfigError("--download applies to TFDS datasets only")
+  if given["channels"] is not None and given["channels"] not in (1, 3):
+    raise errors.ConfigError(f"--channels={given['channels']}: must be 1 or 3")
+  if given["image_size"] is not None and (
+      len(given["image_size"]) != 2 or min(given["image_size"]) < 1):
+    raise errors.ConfigError(
+        f"--image_size={','.join(map(str, given['image_size']))}: must be "
+        "HEIGHT,WIDTH, both positive")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional, Protocol, Sequence
+from typing import Any, Mapping, Optional, Protocol, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -191,7 +191,7 @@ class ScheduleConfig:
 def for_task_datasets(config: ScheduleConfig, *, sizes: Sequence[int],
                       weights: Sequence[float], seed: int,
                       global_batch_size: int, train_steps: int) -> Schedule:
-  """The alternate-mode schedule `config` asks for, for task datasets of `sizes`.
+  """The alternate-mode schedule `config` names, for datasets of `sizes`.
 
   Args:
     config: The schedule section.
@@ -218,3 +218,39 @@ def for_task_datasets(config: ScheduleConfig, *, sizes: Sequence[int],
                 temperature=config.temperature, mixing_cap=config.mixing_cap,
                 weights=weights, steps_per_epoch=epoch_steps,
                 num_epochs=num_epochs)
+
+
+def validate_flags(given: Mapping[str, Any]) -> None:
+  """Refuses schedule flags that do not fit the chosen schedule (alternate).
+
+  Args:
+    given: TrainConfig's fields by name, None where unset.
+
+  Raises:
+    ConfigError: Naming the first flag that does not apply or fit.
+  """
+  schedule = given["schedule"] or ScheduleConfig.schedule
+  if given["task_weights"] is not None and schedule != "weights":
+    raise errors.ConfigError(
+        "--task_weights applies to --mode=joint (loss weights) or "
+        f"--schedule=weights (task shares), but --schedule={schedule} is "
+        "set in alternate mode")
+  for name, needs in (("temperature", "temperature"),
+                      ("mixing_cap", "temperature"),
+                      ("steps_per_epoch", "annealed"),
+                      ("anneal_epochs", "annealed")):
+    if given[name] is not None and schedule != needs:
+      raise errors.ConfigError(
+          f"--{name} applies to --schedule={needs} only, but "
+          f"--schedule={schedule} is set")
+  if given["temperature"] is not None and not given["temperature"] > 0:
+    raise errors.ConfigError(
+        f"--temperature={given['temperature']}: must be positive")
+  if given["mixing_cap"] is not None and given["mixing_cap"] < 0:
+    raise errors.ConfigError(
+        f"--mixing_cap={given['mixing_cap']}: must be >= 0 (0 "
+        "means no cap)")
+  for name in ("steps_per_epoch", "anneal_epochs"):
+    value = given[name]
+    if value is not None and value < 1:
+      raise errors.ConfigError(f"--{name}={value}: must be positive")

@@ -71,7 +71,7 @@ class Run:
     config.validate()
     self.config = config
     if trunk_fn is not None:
-      config.check_user_trunk()
+      _check_user_trunk(config)
     cluster = config.cluster_config()
     if strategy_lib.uses_multi_worker(cluster.strategy, cluster.cluster):
       # Creating the strategy waits for every worker to join; one that never
@@ -228,7 +228,7 @@ def _user_data(data: data_lib.MultiTaskData,
       that does not return one loss per example.
   """
   names = [task.name for task in data.tasks]
-  config.check_user_data(names)
+  _check_user_data(config, names)
   config.check_known(names)
   for task in data.tasks:
     try:
@@ -253,3 +253,43 @@ def _make_schedule(config: config_lib.TrainConfig,
       weights=[config.weight_of(task.name) for task in data.tasks],
       seed=config.seed, global_batch_size=config.global_batch_size,
       train_steps=config.train_steps)
+
+
+def _check_user_data(config: config_lib.TrainConfig,
+                   task_names: Sequence[str]) -> None:
+  """Refuses built-in dataset settings for a run that brings its own data.
+
+  Args:
+    task_names: The tasks of the user's data, in order.
+
+  Raises:
+    ConfigError: Naming the first setting that does not apply.
+  """
+  defaults = config_lib.TrainConfig(model_dir=config.model_dir)
+  for name in ("dataset", "task_datasets", "task_sizes", "label_fraction",
+               "train_examples", "eval_examples", "data_dir", "input_key",
+               "split", "eval_split", "download", "image_size", "channels"):
+    if getattr(config, name) != getattr(defaults, name):
+      raise errors.ConfigError(
+          f"--{name}={getattr(config, name)}: describes a "
+          "built-in dataset, but the run was given its own "
+          "data")
+  if config.tasks is not None and list(config.tasks) != list(task_names):
+    raise errors.ConfigError(
+        f"--tasks={','.join(config.tasks)}: the given data "
+        f"trains {','.join(task_names)} (leave tasks unset)")
+
+def _check_user_trunk(config: config_lib.TrainConfig) -> None:
+  """Refuses built-in trunk settings for a run that brings its own trunk.
+
+  Raises:
+    ConfigError: Naming the first setting that does not apply.
+  """
+  defaults = config_lib.TrainConfig(model_dir=config.model_dir)
+  for name in ("trunk", "trunk_width", "trunk_depth", "mixed_precision"):
+    if getattr(config, name) != getattr(defaults, name):
+      raise errors.ConfigError(
+          f"--{name}={getattr(config, name)}: describes the built-in trunk, "
+          "but the run was given its own (trunk_fn)"
+          + ("; give its layers a dtype policy instead"
+             if name == "mixed_precision" else ""))

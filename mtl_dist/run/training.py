@@ -71,9 +71,10 @@ def train(config: config_lib.TrainConfig,
     try:
       run = setup.Run(config, data, trunk_fn, head_fn)
     except failures.CLUSTER_FAILURES as e:
-      raise errors.ClusterError(f"the cluster failed while starting "
-                         f"({type(e).__name__}: {failures.reason(e)}); run the same "
-                         "command on all workers again.") from e
+      raise errors.ClusterError(
+          f"the cluster failed while starting ({type(e).__name__}: "
+          f"{failures.reason(e)}); run the same command on all workers "
+          "again.") from e
   else:
     run = setup.Run(config, data, trunk_fn, head_fn)
   if not strategy_lib.is_multi_worker(run.strategy):
