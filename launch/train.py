@@ -11,8 +11,10 @@ worker of a multi-worker run failing: rerun the same command to resume),
 resume).
 """
 
+import dataclasses
 import os
 import sys
+from typing import Any, Callable
 
 # Keep TensorFlow's C++ start-up chatter (oneDNN, CUDA probing) out of the
 # log unless the user asked for it; errors and warnings still show.
@@ -25,274 +27,292 @@ import tensorflow as tf
 
 from launch import cli
 import mtl_dist
+from mtl_dist.cluster import settings as cluster_settings
+from mtl_dist.data import settings as data_settings
 from mtl_dist.loop import preemption
 from mtl_dist.methods import registry
+from mtl_dist.methods import schedules
 from mtl_dist.run import config as config_lib
 
 _PROGRAM = "mtl-train"
+# Each flag's default is its TrainConfig field's: None for a setting whose
+# default is its section's (shown in the help from the section itself).
+_DEFAULT = {field.name: field.default
+            for field in dataclasses.fields(config_lib.TrainConfig)}
+_DATA = data_settings.DataConfig()
+_SCHEDULES = schedules.ScheduleConfig()
+_CLUSTER = cluster_settings.ClusterConfig()
 
-_MODEL_DIR = flags.DEFINE_string(
+flags.DEFINE_string(
     "model_dir", None, "Directory for checkpoints, metrics and summaries; a "
     "run on a directory that holds a checkpoint resumes from it.")
-_MODE = flags.DEFINE_enum("mode", "joint", config_lib.MODES,
-                          "joint: every example labelled for every task, one "
-                          "update on the weighted loss sum. alternate: one "
-                          "dataset per task, one task per step.")
-_DATASET = flags.DEFINE_string(
-    "dataset", "shapes", "Dataset: `shapes` (generated, no download), "
-    "`toy_regression` (the GradNorm paper's 10 synthetic regressions; joint "
-    "mode) or `tfds:NAME` (a prepared TFDS dataset; joint mode, --tasks name "
-    "its label features).")
-_TASK_DATASETS = flags.DEFINE_string(
-    "task_datasets", None, "Alternate mode: each task's own TFDS dataset and "
-    "label feature, e.g. digits=tfds:mnist:label,fashion=tfds:fashion_mnist:"
-    "label.")
-_DATA_DIR = flags.DEFINE_string(
-    "data_dir", None, "TFDS data directory (default: TFDS's own).")
-_INPUT_KEY = flags.DEFINE_string(
-    "input_key", None, "TFDS: the input feature (default image).")
-_SPLIT = flags.DEFINE_string("split", None,
-                             "TFDS: training split (default train).")
-_EVAL_SPLIT = flags.DEFINE_string("eval_split", None,
-                                  "TFDS: eval split (default test).")
-_DOWNLOAD = flags.DEFINE_bool(
-    "download", False, "TFDS: download and prepare a dataset that is not "
-    "prepared yet (never done otherwise).")
-_IMAGE_SIZE = flags.DEFINE_list(
-    "image_size", None, "TFDS: resize images to HEIGHT,WIDTH in the pipeline.")
-_CHANNELS = flags.DEFINE_integer(
-    "channels", None, "TFDS: convert images to 1 (grayscale) or 3 (RGB) "
-    "channels in the pipeline.")
-_TASKS = flags.DEFINE_list("tasks", None,
-                           "Tasks to train (default: all of the dataset's).")
-_TASK_WEIGHTS = flags.DEFINE_string(
-    "task_weights", None, "Joint mode: loss weights; alternate mode with "
-    "--schedule=weights: task shares. E.g. shape=1.0,x=0.5 (unlisted tasks "
-    "weigh 1.0).")
-_SCHEDULE = flags.DEFINE_enum(
-    "schedule", None, config_lib.SCHEDULES,
-    "Alternate mode: which task each step trains (default round_robin). "
+flags.DEFINE_enum(
+    "mode", _DEFAULT["mode"], config_lib.MODES,
+    "joint: every example labelled for every task, one update on the weighted "
+    "loss sum. alternate: one dataset per task, one task per step.")
+flags.DEFINE_string(
+    "dataset", _DEFAULT["dataset"],
+    "Dataset: `shapes` (generated, no download), `toy_regression` (the "
+    "GradNorm paper's 10 synthetic regressions; joint mode) or `tfds:NAME` (a "
+    "prepared TFDS dataset; joint mode, --tasks name its label features).")
+flags.DEFINE_string(
+    "task_datasets", _DEFAULT["task_datasets"],
+    "Alternate mode: each task's own TFDS dataset and label feature, e.g. "
+    "digits=tfds:mnist:label,fashion=tfds:fashion_mnist:label.")
+flags.DEFINE_string(
+    "data_dir", _DEFAULT["data_dir"],
+    "TFDS data directory (default: TFDS's own).")
+flags.DEFINE_string(
+    "input_key", _DEFAULT["input_key"],
+    f"TFDS: the input feature (default {_DATA.input_key}).")
+flags.DEFINE_string(
+    "split", _DEFAULT["split"],
+    f"TFDS: training split (default {_DATA.split}).")
+flags.DEFINE_string(
+    "eval_split", _DEFAULT["eval_split"],
+    f"TFDS: eval split (default {_DATA.eval_split}).")
+flags.DEFINE_bool(
+    "download", _DEFAULT["download"],
+    "TFDS: download and prepare a dataset that is not prepared yet (never done"
+    " otherwise).")
+flags.DEFINE_list(
+    "image_size", _DEFAULT["image_size"],
+    "TFDS: resize images to HEIGHT,WIDTH in the pipeline.")
+flags.DEFINE_integer(
+    "channels", _DEFAULT["channels"],
+    "TFDS: convert images to 1 (grayscale) or 3 (RGB) channels in the "
+    "pipeline.")
+flags.DEFINE_list(
+    "tasks", _DEFAULT["tasks"],
+    "Tasks to train (default: all of the dataset's).")
+flags.DEFINE_string(
+    "task_weights", _DEFAULT["task_weights"],
+    "Joint mode: loss weights; alternate mode with --schedule=weights: task "
+    "shares. E.g. shape=1.0,x=0.5 (unlisted tasks weigh 1.0).")
+flags.DEFINE_enum(
+    "schedule", _DEFAULT["schedule"], config_lib.SCHEDULES,
+    "Alternate mode: which task each step trains (default "
+    f"{_SCHEDULES.schedule}). "
     "proportional: P ~ dataset size; temperature: P ~ min(size, "
-    "--mixing_cap)^(1/--temperature); annealed: P ~ size^alpha, alpha 1.0 "
-    "to 0.2 over the epochs; weights: P ~ --task_weights.")
-_TEMPERATURE = flags.DEFINE_float(
-    "temperature", None, "--schedule=temperature: T (default 2.0).")
-_MIXING_CAP = flags.DEFINE_integer(
-    "mixing_cap", None, "--schedule=temperature: cap K on dataset sizes "
-    "(default 0: no cap).")
-_STEPS_PER_EPOCH = flags.DEFINE_integer(
-    "steps_per_epoch", None, "--schedule=annealed: steps per epoch (default: "
-    "one pass over all task datasets, sum of sizes / global batch).")
-_ANNEAL_EPOCHS = flags.DEFINE_integer(
-    "anneal_epochs", None, "--schedule=annealed: epochs E over which alpha "
-    "falls from 1.0 to 0.2 (default: the epochs in --train_steps of the "
-    "first run; kept in the checkpoint, so a resume with more steps keeps "
-    "the plan and alpha stays 0.2 after epoch E).")
-_PER_TASK_OPTIMIZER = flags.DEFINE_bool(
-    "per_task_optimizer", None, "Alternate mode: one optimizer per task "
-    "(default) instead of one shared.")
-_TASK_SIZES = flags.DEFINE_string(
-    "task_sizes", None, "Alternate mode on shapes: examples per task "
-    "dataset, e.g. shape=8000,x=500 (default: 8192 halving per task).")
-_LABEL_FRACTION = flags.DEFINE_string(
-    "label_fraction", None, "Joint mode on shapes: fraction of training "
-    "examples that keep each listed task's label, e.g. scale=0.3,x=0.5; the "
-    "others lack it (partial labels).")
-_PARTIAL_LABELS = flags.DEFINE_bool(
-    "partial_labels", False, "Joint mode: examples may lack some tasks' "
-    "labels (class -1, NaN target, or a <task>_mask entry of 0); each task "
-    "then averages over its labelled examples. On with --label_fraction.")
-_BASELINES = flags.DEFINE_string(
-    "baselines", None, "Single-task runs to compare with, task=MODEL_DIR,...: "
-    "adds LibMTL's Delta_m (mean relative improvement, %) to summary.json.")
-_AGGREGATOR = flags.DEFINE_enum(
-    "aggregator", registry.AGGREGATORS.default, config_lib.AGGREGATORS,
+    "--mixing_cap)^(1/--temperature); annealed: P ~ size^alpha, alpha 1.0 to "
+    "0.2 over the epochs; weights: P ~ --task_weights.")
+flags.DEFINE_float(
+    "temperature", _DEFAULT["temperature"],
+    f"--schedule=temperature: T (default {_SCHEDULES.temperature}).")
+flags.DEFINE_integer(
+    "mixing_cap", _DEFAULT["mixing_cap"],
+    "--schedule=temperature: cap K on dataset sizes (default "
+    f"{_SCHEDULES.mixing_cap}: no cap).")
+flags.DEFINE_integer(
+    "steps_per_epoch", _DEFAULT["steps_per_epoch"],
+    "--schedule=annealed: steps per epoch (default: one pass over all task "
+    "datasets, sum of sizes / global batch).")
+flags.DEFINE_integer(
+    "anneal_epochs", _DEFAULT["anneal_epochs"],
+    "--schedule=annealed: epochs E over which alpha falls from 1.0 to 0.2 "
+    "(default: the epochs in --train_steps of the first run; kept in the "
+    "checkpoint, so a resume with more steps keeps the plan and alpha stays "
+    "0.2 after epoch E).")
+flags.DEFINE_bool(
+    "per_task_optimizer", _DEFAULT["per_task_optimizer"],
+    "Alternate mode: one optimizer per task (default) instead of one shared.")
+flags.DEFINE_string(
+    "task_sizes", _DEFAULT["task_sizes"],
+    "Alternate mode on shapes: examples per task dataset, e.g. "
+    "shape=8000,x=500 (default: 8192 halving per task).")
+flags.DEFINE_string(
+    "label_fraction", _DEFAULT["label_fraction"],
+    "Joint mode on shapes: fraction of training examples that keep each listed"
+    " task's label, e.g. scale=0.3,x=0.5; the others lack it (partial labels).")
+flags.DEFINE_bool(
+    "partial_labels", _DEFAULT["partial_labels"],
+    "Joint mode: examples may lack some tasks' labels (class -1, NaN target, "
+    "or a <task>_mask entry of 0); each task then averages over its labelled "
+    "examples. On with --label_fraction.")
+flags.DEFINE_string(
+    "baselines", _DEFAULT["baselines"],
+    "Single-task runs to compare with, task=MODEL_DIR,...: adds LibMTL's "
+    "Delta_m (mean relative improvement, %) to summary.json.")
+flags.DEFINE_enum(
+    "aggregator", _DEFAULT["aggregator"], config_lib.AGGREGATORS,
     "Joint mode: how the tasks' gradients of the shared trunk combine: "
     f"{registry.AGGREGATORS.describe()}. Per-task gradients are summed over "
     "all replicas before aggregating.")
-_REP_GRAD = flags.DEFINE_bool(
-    "rep_grad", False, "--aggregator=mgda or cagrad: compute the task "
-    "gradients at the shared representation (the trunk's output) instead of "
-    "all trunk parameters, the cheaper MGDA-UB form.")
-_WEIGHTING = flags.DEFINE_enum(
-    "weighting", registry.WEIGHTINGS.default, config_lib.WEIGHTINGS,
+flags.DEFINE_bool(
+    "rep_grad", _DEFAULT["rep_grad"],
+    "--aggregator=mgda or cagrad: compute the task gradients at the shared "
+    "representation (the trunk's output) instead of all trunk parameters, the "
+    "cheaper MGDA-UB form.")
+flags.DEFINE_enum(
+    "weighting", _DEFAULT["weighting"], config_lib.WEIGHTINGS,
     f"Joint mode: task loss weights: {registry.WEIGHTINGS.describe()}.")
-# Each method's options, --<method>_<option>, defined where the method is.
-_METHOD_OPTIONS = {
-    flag: (flags.DEFINE_integer if isinstance(option.default, int)
-           else flags.DEFINE_float)(
-               flag, None, f"--{kind}={method}: {option.help} (default "
-               f"{option.default}).")
-    for flag, kind, method, option in config_lib.method_option_flags()}
-_TRAIN_EXAMPLES = flags.DEFINE_integer(
-    "train_examples", None, "Joint mode on shapes or toy_regression: "
-    "training examples (default 16384).")
-_EVAL_EXAMPLES = flags.DEFINE_integer(
-    "eval_examples", None, "shapes, toy_regression: held-out eval examples "
-    "(default 2048).")
-_TRAIN_STEPS = flags.DEFINE_integer("train_steps", 1000,
-                                    "Total training steps.")
-_GLOBAL_BATCH_SIZE = flags.DEFINE_integer(
-    "global_batch_size", 64, "Examples per step over all replicas.")
-_STEPS_PER_LOOP = flags.DEFINE_integer(
-    "steps_per_loop", 50, "Steps run inside one tf.function call.")
-_OPTIMIZER = flags.DEFINE_enum("optimizer", "adam", config_lib.OPTIMIZERS,
-                               "Optimizer.")
-_LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3, "Learning rate.")
-_TRUNK = flags.DEFINE_enum("trunk", "mlp", config_lib.TRUNKS,
-                           "Shared trunk architecture.")
-_TRUNK_WIDTH = flags.DEFINE_integer("trunk_width", 256,
-                                    "Units (mlp) or filters (conv) per layer.")
-_TRUNK_DEPTH = flags.DEFINE_integer("trunk_depth", 2, "Trunk layers.")
-_STRATEGY = flags.DEFINE_enum(
-    "strategy", "auto", config_lib.STRATEGIES,
-    "auto: MultiWorkerMirroredStrategy when TF_CONFIG or the SLURM step "
-    "names several workers (or --cluster is given); else MirroredStrategy "
-    "over all GPUs, or over --num_cpu_devices CPU devices when there is no "
-    "GPU; one device when there is only one. multi_worker: "
-    "MultiWorkerMirroredStrategy over the cluster --cluster names.")
-_NUM_CPU_DEVICES = flags.DEFINE_integer(
-    "num_cpu_devices", 1, "Split the host CPU into this many logical devices "
-    "(replicas when there is no GPU; one process only).")
-_CLUSTER = flags.DEFINE_enum(
-    "cluster", None, config_lib.CLUSTERS,
+flags.DEFINE_integer(
+    "train_examples", _DEFAULT["train_examples"],
+    "Joint mode on shapes or toy_regression: training examples (default "
+    f"{_DATA.train_examples}).")
+flags.DEFINE_integer(
+    "eval_examples", _DEFAULT["eval_examples"],
+    "shapes, toy_regression: held-out eval examples (default "
+    f"{_DATA.eval_examples}).")
+flags.DEFINE_integer(
+    "train_steps", _DEFAULT["train_steps"],
+    "Total training steps.")
+flags.DEFINE_integer(
+    "global_batch_size", _DEFAULT["global_batch_size"],
+    "Examples per step over all replicas.")
+flags.DEFINE_integer(
+    "steps_per_loop", _DEFAULT["steps_per_loop"],
+    "Steps run inside one tf.function call.")
+flags.DEFINE_enum(
+    "optimizer", _DEFAULT["optimizer"], config_lib.OPTIMIZERS,
+    "Optimizer.")
+flags.DEFINE_float(
+    "learning_rate", _DEFAULT["learning_rate"],
+    "Learning rate.")
+flags.DEFINE_enum(
+    "trunk", _DEFAULT["trunk"], config_lib.TRUNKS,
+    "Shared trunk architecture.")
+flags.DEFINE_integer(
+    "trunk_width", _DEFAULT["trunk_width"],
+    "Units (mlp) or filters (conv) per layer.")
+flags.DEFINE_integer(
+    "trunk_depth", _DEFAULT["trunk_depth"],
+    "Trunk layers.")
+flags.DEFINE_enum(
+    "strategy", _DEFAULT["strategy"], config_lib.STRATEGIES,
+    "auto: MultiWorkerMirroredStrategy when TF_CONFIG or the SLURM step names "
+    "several workers (or --cluster is given); else MirroredStrategy over all "
+    "GPUs, or over --num_cpu_devices CPU devices when there is no GPU; one "
+    "device when there is only one. multi_worker: MultiWorkerMirroredStrategy "
+    "over the cluster --cluster names.")
+flags.DEFINE_integer(
+    "num_cpu_devices", _DEFAULT["num_cpu_devices"],
+    "Split the host CPU into this many logical devices (replicas when there is"
+    " no GPU; one process only).")
+flags.DEFINE_enum(
+    "cluster", _DEFAULT["cluster"], config_lib.CLUSTERS,
     "Multi-worker: where the cluster is described: tf_config (the TF_CONFIG "
     "variable, as set by TFJob or mtl-local-cluster) or slurm (SLURM_PROCID "
     "and SLURM_STEP_*, in tasks started by srun). Default: whichever is set.")
-_COLLECTIVE = flags.DEFINE_enum(
-    "collective", None, config_lib.COLLECTIVES,
-    "Multi-worker: all-reduce implementation; auto (default) is NCCL on GPUs "
-    "and RING on CPUs.")
-_COLLECTIVE_TIMEOUT = flags.DEFINE_float(
-    "collective_timeout", None, "Multi-worker: seconds a collective waits "
-    "for all workers before the run fails, for workers that hang while "
-    "alive (dead ones are found by heartbeats within seconds anyway). Off by "
-    "default: TensorFlow 2.21 keeps one sleeping thread per collective for "
-    "this long, so use it with slow steps only (see docs/cluster.md).")
-_CLUSTER_START_TIMEOUT = flags.DEFINE_float(
-    "cluster_start_timeout", None, "Multi-worker: seconds to wait at start "
-    "for every worker to join before failing with exit status 1 (default "
-    "900), e.g. when a pod stays pending or a task fails to launch.")
-_PORT_BASE = flags.DEFINE_integer(
-    "port_base", None, "Multi-worker on SLURM: port of each node's first "
-    "task; the k-th task on a node uses port_base+k (default 8888).")
-_CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 500,
-                                         "Steps between checkpoints.")
-_KEEP_CHECKPOINTS = flags.DEFINE_integer("keep_checkpoints", 3,
-                                         "Checkpoints to keep.")
-_EVAL_EVERY = flags.DEFINE_integer("eval_every", 500,
-                                   "Steps between evaluations.")
-_EVAL_STEPS = flags.DEFINE_integer(
-    "eval_steps", 0, "Eval batches per task; 0 evaluates the whole split.")
-_LOG_EVERY = flags.DEFINE_integer("log_every", 100,
-                                  "Steps between progress lines and metrics.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed for data, weights and order.")
-_ON_NONFINITE = flags.DEFINE_enum(
-    "on_nonfinite", "stop", config_lib.ON_NONFINITE,
-    "A step whose loss or gradient is NaN or Inf on any replica: stop: end "
-    "the run with exit status 1 naming the step and tasks, saving nothing "
-    "after it; skip: leave everything unchanged in that step and go on, "
-    "counting skipped steps in metrics (nonfinite_skipped).")
-_DETERMINISTIC = flags.DEFINE_bool(
-    "deterministic", False, "Enable TensorFlow's op determinism, and resume "
-    "file-backed (TFDS) pipelines exactly, by re-reading the examples they "
-    "had served (in-memory data always resumes exactly). A run killed and "
-    "restarted then ends with the weights of an uninterrupted run.")
-_JIT_COMPILE = flags.DEFINE_bool(
-    "jit_compile", False, "XLA-compile each replica's forward and backward "
-    "pass (losses and gradients); the all-reduce, the NaN/Inf check and the "
-    "update run outside it. Not with --rep_grad.")
-_MIXED_PRECISION = flags.DEFINE_enum(
-    "mixed_precision", "none", config_lib.MIXED_PRECISION,
+flags.DEFINE_enum(
+    "collective", _DEFAULT["collective"], config_lib.COLLECTIVES,
+    f"Multi-worker: all-reduce implementation; {_CLUSTER.collective} "
+    "(default) is NCCL on GPUs and RING on CPUs.")
+flags.DEFINE_float(
+    "collective_timeout", _DEFAULT["collective_timeout"],
+    "Multi-worker: seconds a collective waits for all workers before the run "
+    "fails, for workers that hang while alive (dead ones are found by "
+    "heartbeats within seconds anyway). Off by default: TensorFlow 2.21 keeps "
+    "one sleeping thread per collective for this long, so use it with slow "
+    "steps only (see docs/cluster.md).")
+flags.DEFINE_float(
+    "cluster_start_timeout", _DEFAULT["cluster_start_timeout"],
+    "Multi-worker: seconds to wait at start for every worker to join before "
+    f"failing with exit status 1 (default {_CLUSTER.cluster_start_timeout:g}), "
+    "e.g. when a pod stays pending "
+    "or a task fails to launch.")
+flags.DEFINE_integer(
+    "port_base", _DEFAULT["port_base"],
+    "Multi-worker on SLURM: port of each node's first task; the k-th task on a"
+    " node uses port_base+k (default 8888).")
+flags.DEFINE_integer(
+    "checkpoint_every", _DEFAULT["checkpoint_every"],
+    "Steps between checkpoints.")
+flags.DEFINE_integer(
+    "keep_checkpoints", _DEFAULT["keep_checkpoints"],
+    "Checkpoints to keep.")
+flags.DEFINE_integer(
+    "eval_every", _DEFAULT["eval_every"],
+    "Steps between evaluations.")
+flags.DEFINE_integer(
+    "eval_steps", _DEFAULT["eval_steps"],
+    "Eval batches per task; 0 evaluates the whole split.")
+flags.DEFINE_integer(
+    "log_every", _DEFAULT["log_every"],
+    "Steps between progress lines and metrics.")
+flags.DEFINE_integer(
+    "seed", _DEFAULT["seed"],
+    "Seed for data, weights and order.")
+flags.DEFINE_enum(
+    "on_nonfinite", _DEFAULT["on_nonfinite"], config_lib.ON_NONFINITE,
+    "A step whose loss or gradient is NaN or Inf on any replica: stop: end the"
+    " run with exit status 1 naming the step and tasks, saving nothing after "
+    "it; skip: leave everything unchanged in that step and go on, counting "
+    "skipped steps in metrics (nonfinite_skipped).")
+flags.DEFINE_bool(
+    "deterministic", _DEFAULT["deterministic"],
+    "Enable TensorFlow's op determinism, and resume file-backed (TFDS) "
+    "pipelines exactly, by re-reading the examples they had served (in-memory "
+    "data always resumes exactly). A run killed and restarted then ends with "
+    "the weights of an uninterrupted run.")
+flags.DEFINE_bool(
+    "jit_compile", _DEFAULT["jit_compile"],
+    "XLA-compile each replica's forward and backward pass (losses and "
+    "gradients); the all-reduce, the NaN/Inf check and the update run outside "
+    "it. Not with --rep_grad.")
+flags.DEFINE_enum(
+    "mixed_precision", _DEFAULT["mixed_precision"], config_lib.MIXED_PRECISION,
     "none: float32. bfloat16 / float16: the trunk computes in that dtype with "
     "float32 variables, the heads in float32. float16 adds dynamic loss "
     "scaling; a step whose gradients overflow is skipped by the optimizer "
     "(which lowers the scale) and not counted as non-finite.")
-_PROFILE_STEPS = flags.DEFINE_list(
-    "profile_steps", None, "A,B: write a TensorBoard profile of training "
-    "steps A to B (1-based, inclusive) to <model_dir>/tensorboard/train/"
-    "plugins/profile/ (the chief only in a multi-worker run).")
+flags.DEFINE_list(
+    "profile_steps", _DEFAULT["profile_steps"],
+    "A,B: write a TensorBoard profile of training steps A to B (1-based, "
+    "inclusive) to <model_dir>/tensorboard/train/plugins/profile/ (the chief "
+    "only in a multi-worker run).")
+flags.DEFINE_string(
+    "export_dir", _DEFAULT["export_dir"],
+    "At the end, write the trained model here as a SavedModel with a serving "
+    "signature per task and serving_default (what mtl-export writes); an "
+    "earlier export there is replaced.")
 
-_EXPORT_DIR = flags.DEFINE_string(
-    "export_dir", None, "At the end, write the trained model here as a "
-    "SavedModel with a serving signature per task and serving_default "
-    "(what mtl-export writes); an earlier export there is replaced.")
+# Each method's options, --<method>_<option>, defined where the method is.
+for _flag, _kind, _method, _option in config_lib.method_option_flags():
+  (flags.DEFINE_integer if isinstance(_option.default, int)
+   else flags.DEFINE_float)(
+       _flag, None, f"--{_kind}={_method}: {_option.help} (default "
+       f"{_option.default}).")
 
 flags.mark_flag_as_required("model_dir")
 
 
-def _given(flag_holder: flags.FlagHolder):
-  """The flag's value if it was given on the command line or in a flagfile."""
-  return flag_holder.value if flag_holder.present else None
+def _integers(flag: str, shape: str) -> Callable[[list[str]], list[int]]:
+  """Parses a list flag's items as integers, or names the flag and `shape`."""
+  def parse(items: list[str]) -> list[int]:
+    try:
+      return [int(item) for item in items]
+    except ValueError:
+      raise mtl_dist.ConfigError(
+          f"--{flag}={','.join(items)}: must be {shape}") from None
+  return parse
+
+
+def _key_values(flag: str, parse_value: Callable[[str], Any]):
+  return lambda text: mtl_dist.parse_key_values(text, flag, parse_value)
+
+
+# Flags whose text is not the TrainConfig field's value as it stands.
+_PARSED = {
+    "task_weights": _key_values("task_weights", float),
+    "task_sizes": _key_values("task_sizes", int),
+    "label_fraction": _key_values("label_fraction", float),
+    "baselines": _key_values("baselines", str),
+    "task_datasets": _key_values("task_datasets", str),
+    "image_size": _integers("image_size", "HEIGHT,WIDTH integers"),
+    "profile_steps": _integers("profile_steps", "A,B step numbers"),
+}
 
 
 def _config_from_flags() -> mtl_dist.TrainConfig:
-  task_weights = task_sizes = label_fraction = task_datasets = None
-  baselines = None
-  if _BASELINES.value is not None:
-    baselines = mtl_dist.parse_key_values(_BASELINES.value, "baselines", str)
-  image_size = profile_steps = None
-  if _PROFILE_STEPS.value is not None:
-    try:
-      profile_steps = [int(v) for v in _PROFILE_STEPS.value]
-    except ValueError:
-      raise mtl_dist.ConfigError(
-          f"--profile_steps={','.join(_PROFILE_STEPS.value)}: must be A,B "
-          "step numbers") from None
-  if _TASK_DATASETS.value is not None:
-    task_datasets = mtl_dist.parse_key_values(_TASK_DATASETS.value,
-                                              "task_datasets", str)
-  if _IMAGE_SIZE.value is not None:
-    try:
-      image_size = [int(v) for v in _IMAGE_SIZE.value]
-    except ValueError:
-      raise mtl_dist.ConfigError(
-          f"--image_size={','.join(_IMAGE_SIZE.value)}: must be "
-          "HEIGHT,WIDTH integers") from None
-  if _TASK_WEIGHTS.value is not None:
-    task_weights = mtl_dist.parse_key_values(_TASK_WEIGHTS.value,
-                                             "task_weights", float)
-  if _TASK_SIZES.value is not None:
-    task_sizes = mtl_dist.parse_key_values(_TASK_SIZES.value, "task_sizes",
-                                           int)
-  if _LABEL_FRACTION.value is not None:
-    label_fraction = mtl_dist.parse_key_values(_LABEL_FRACTION.value,
-                                               "label_fraction", float)
-  return mtl_dist.TrainConfig(
-      model_dir=_MODEL_DIR.value, mode=_MODE.value, dataset=_DATASET.value,
-      tasks=_TASKS.value, task_weights=task_weights,
-      schedule=_given(_SCHEDULE),
-      per_task_optimizer=_given(_PER_TASK_OPTIMIZER), task_sizes=task_sizes,
-      temperature=_TEMPERATURE.value, mixing_cap=_MIXING_CAP.value,
-      steps_per_epoch=_STEPS_PER_EPOCH.value,
-      anneal_epochs=_ANNEAL_EPOCHS.value,
-      label_fraction=label_fraction, partial_labels=_PARTIAL_LABELS.value,
-      baselines=baselines, aggregator=_AGGREGATOR.value,
-      rep_grad=_REP_GRAD.value, weighting=_WEIGHTING.value,
-      train_examples=_TRAIN_EXAMPLES.value,
-      task_datasets=task_datasets, data_dir=_DATA_DIR.value,
-      input_key=_INPUT_KEY.value, split=_SPLIT.value,
-      eval_split=_EVAL_SPLIT.value, download=_DOWNLOAD.value,
-      image_size=image_size, channels=_CHANNELS.value,
-      eval_examples=_EVAL_EXAMPLES.value, train_steps=_TRAIN_STEPS.value,
-      global_batch_size=_GLOBAL_BATCH_SIZE.value,
-      steps_per_loop=_STEPS_PER_LOOP.value, optimizer=_OPTIMIZER.value,
-      learning_rate=_LEARNING_RATE.value, trunk=_TRUNK.value,
-      trunk_width=_TRUNK_WIDTH.value, trunk_depth=_TRUNK_DEPTH.value,
-      strategy=_STRATEGY.value, num_cpu_devices=_NUM_CPU_DEVICES.value,
-      cluster=_CLUSTER.value, collective=_COLLECTIVE.value,
-      collective_timeout=_COLLECTIVE_TIMEOUT.value,
-      cluster_start_timeout=_CLUSTER_START_TIMEOUT.value,
-      port_base=_PORT_BASE.value,
-      checkpoint_every=_CHECKPOINT_EVERY.value,
-      keep_checkpoints=_KEEP_CHECKPOINTS.value,
-      eval_every=_EVAL_EVERY.value, eval_steps=_EVAL_STEPS.value,
-      log_every=_LOG_EVERY.value, seed=_SEED.value,
-      deterministic=_DETERMINISTIC.value, on_nonfinite=_ON_NONFINITE.value,
-      jit_compile=_JIT_COMPILE.value,
-      mixed_precision=_MIXED_PRECISION.value, profile_steps=profile_steps,
-      export_dir=_EXPORT_DIR.value,
-      **{flag: holder.value for flag, holder in _METHOD_OPTIONS.items()})
+  """The TrainConfig the flags describe: one flag per field, same name."""
+  values = {}
+  for field in dataclasses.fields(config_lib.TrainConfig):
+    value = flags.FLAGS[field.name].value
+    if value is not None and field.name in _PARSED:
+      value = _PARSED[field.name](value)
+    values[field.name] = value
+  return mtl_dist.TrainConfig(**values)
 
 
 def main(argv: list[str]) -> None:

@@ -52,11 +52,11 @@ from mtl_dist.model.hps import build_trunk
 from mtl_dist.model.hps import HeadFn
 from mtl_dist.model.hps import SharedTrunkModel
 from mtl_dist.model.hps import TrunkFn
-from mtl_dist.run.config import parse_key_values
 from mtl_dist.run.config import TrainConfig
 from mtl_dist.run.export import export_run
 from mtl_dist.run.export import predict
 from mtl_dist.run.export import write_predictions
+from mtl_dist.run.flag_values import parse_key_values
 from mtl_dist.run.report import write_report
 from mtl_dist.run.sidecar import EvalTimeout
 from mtl_dist.run.sidecar import evaluate

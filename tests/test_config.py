@@ -108,7 +108,7 @@ def test_load_rejects_unknown_names(changes, message):
   config = mtl_dist.TrainConfig(model_dir="unused", **changes)
   config.validate()
   with pytest.raises(mtl_dist.ConfigError, match=message):
-    data_lib.load(config)
+    data_lib.load(config.data_config())
 
 
 def test_weights_schedule_accepts_task_weights_as_shares():
@@ -127,8 +127,25 @@ def test_gradnorm_alpha_zero_is_valid():
 def test_defaults_depend_on_mode():
   joint = mtl_dist.TrainConfig(model_dir="d")
   alternate = mtl_dist.TrainConfig(model_dir="d", mode="alternate")
-  assert not joint.resolved_per_task_optimizer
-  assert alternate.resolved_per_task_optimizer
+  assert not joint.per_task_optimizers
+  assert alternate.per_task_optimizers
   alternate.per_task_optimizer = False
-  assert not alternate.resolved_per_task_optimizer
-  assert alternate.resolved_schedule == "round_robin"
+  assert not alternate.per_task_optimizers
+  assert alternate.schedule_config().schedule == "round_robin"
+
+
+def test_unset_fields_take_their_sections_defaults():
+  config = mtl_dist.TrainConfig(model_dir="d", mode="alternate")
+  data = config.data_config()
+  assert (data.train_examples, data.eval_examples) == (16384, 2048)
+  assert (data.input_key, data.split, data.eval_split) == ("image", "train",
+                                                           "test")
+  schedule = config.schedule_config()
+  assert (schedule.temperature, schedule.mixing_cap) == (2.0, 0)
+  cluster = config.cluster_config()
+  assert (cluster.collective, cluster.cluster_start_timeout) == ("auto", 900.0)
+  given = mtl_dist.TrainConfig(model_dir="d", eval_examples=64, temperature=3.0,
+                               collective="ring")
+  assert given.data_config().eval_examples == 64
+  assert given.schedule_config().temperature == 3.0
+  assert given.cluster_config().collective == "ring"

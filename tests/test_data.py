@@ -46,7 +46,7 @@ def _rows(source):
 def test_joint_load_has_disjoint_train_and_eval():
   config = mtl_dist.TrainConfig(model_dir="unused", train_examples=1000,
                                 eval_examples=300, tasks=["shape", "x"])
-  data = data_lib.load(config)
+  data = data_lib.load(config.data_config())
   (train,), (evaluation,) = data.train, data.eval
   assert train.num_examples == 1000 and evaluation.num_examples == 300
   assert train.task_names == ("shape", "x")
@@ -58,7 +58,7 @@ def test_alternate_load_gives_each_task_its_own_disjoint_dataset():
   config = mtl_dist.TrainConfig(model_dir="unused", mode="alternate",
                                 tasks=["shape", "scale", "x"],
                                 eval_examples=200)
-  data = data_lib.load(config)
+  data = data_lib.load(config.data_config())
   sizes = [source.num_examples for source in data.train]
   assert sizes == [8192, 4096, 2048]  # Several-fold apart by default.
   for source, name in zip(data.train, ["shape", "scale", "x"]):
@@ -70,7 +70,7 @@ def test_alternate_load_gives_each_task_its_own_disjoint_dataset():
       assert not first & second
 
   config.task_sizes = {"shape": 300, "x": 50}
-  sizes = [source.num_examples for source in data_lib.load(config).train]
+  sizes = [source.num_examples for source in data_lib.load(config.data_config()).train]
   assert sizes == [300, 4096, 50]
 
 

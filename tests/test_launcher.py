@@ -1,5 +1,7 @@
 """The mtl-train launcher end to end, in subprocesses; resumes also in process."""
 
+import dataclasses
+import importlib
 import json
 import os
 import re
@@ -254,3 +256,17 @@ def test_nonfinite_loss_stops_with_status_1_or_is_skipped(tmp_path):
              if r["split"] == "train" and r["step"] > 10]
   assert sum(r["metrics"]["nonfinite_skipped"] for r in records) == summary[
       "nonfinite_skipped"]
+
+
+def test_every_config_field_is_a_flag_of_the_same_default():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  importlib.import_module("launch.train")  # Defines the flags.
+  fields = {field.name: field.default
+            for field in dataclasses.fields(mtl_dist.TrainConfig)}
+  defined = {name: flags.FLAGS[name].default for name in fields
+             if name in flags.FLAGS}
+  assert sorted(defined) == sorted(fields)
+  assert {name: value for name, value in defined.items()
+          if name != "model_dir"} == {
+              name: value for name, value in fields.items()
+              if name != "model_dir"}

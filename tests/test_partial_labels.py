@@ -109,7 +109,7 @@ def test_label_fraction_run_loads_partial_data():
                                 label_fraction={"x": 0.5},
                                 train_examples=1000, eval_examples=200)
   config.validate()
-  data = data_lib.load(config)
+  data = data_lib.load(config.data_config())
   assert data.partial_labels
   x_train = data.train[0].arrays[1]["x"]
   assert 0.4 < np.isfinite(x_train).mean() < 0.6

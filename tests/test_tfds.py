@@ -175,13 +175,13 @@ def test_unknown_split_names_the_flag(stored_data_dir):
   config.validate()
   with pytest.raises(mtl_dist.ConfigError,
                      match="--eval_split=validation: no such split"):
-    data_lib.load(config)
+    data_lib.load(config.data_config())
 
 
 def test_file_sharding_falls_back_to_example_sharding(stored_data_dir):
   config = mtl_dist.TrainConfig(model_dir="unused", dataset="tfds:mtl_toy_gray",
                                 data_dir=stored_data_dir, tasks=["label"])
-  (source,) = data_lib.load(config).train
+  (source,) = data_lib.load(config.data_config()).train
   assert source.num_examples == 240
   # TFRecord files of fixed-shape features: records are parsed per batch.
   assert source.decode_batch is not None
@@ -243,7 +243,7 @@ def test_batched_parsing_matches_tfds_per_example_decoding(stored_data_dir):
                                 data_dir=stored_data_dir,
                                 tasks=["label", "value", "flag"],
                                 partial_labels=True)
-  (source,) = data_lib.load(config).train
+  (source,) = data_lib.load(config.data_config()).train
   assert source.decode_batch is not None
   batches = list(source.decoded(source.read(None, 0, False), 32))
   images = np.concatenate([b[0].numpy() for b in batches])
@@ -292,8 +292,8 @@ def test_batched_parsing_reads_nested_features(nested_data_dir):
       model_dir="unused", dataset="tfds:mtl_toy_nested",
       data_dir=nested_data_dir, image_size=[8, 8],
       tasks=["attributes/Smiling", "attributes/pose", "landmarks/nose"])
-  (source,) = data_lib.load(config).train
-  (per_example,) = tfds_data.load_joint(config, batched_parsing=False).train
+  (source,) = data_lib.load(config.data_config()).train
+  (per_example,) = tfds_data.load_joint(config.data_config(), batched_parsing=False).train
   assert source.decode_batch is not None and per_example.decode_batch is None
   batched = next(iter(source.decoded(source.read(None, 0, False), 96)))
   reference = next(iter(per_example.decoded(per_example.read(None, 0, False),
@@ -328,7 +328,7 @@ def test_streamed_pipeline_with_batch_decoding_resumes_exactly(
   config = mtl_dist.TrainConfig(model_dir="unused",
                                 dataset="tfds:mtl_toy_gray",
                                 data_dir=stored_data_dir, tasks=["label"])
-  (source,) = data_lib.load(config).train
+  (source,) = data_lib.load(config.data_config()).train
   assert source.decode_batch is not None
   strategy = mtl_dist.create_strategy("mirrored", 2)
 

@@ -6,49 +6,19 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Protocol, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from mtl_dist import errors
 from mtl_dist import tasks as tasks_lib
+from mtl_dist.data import settings
 from mtl_dist.data import shapes
 from mtl_dist.data import sources
 from mtl_dist.data import toy_regression
 
 
-class DataSettings(Protocol):
-  """The settings `load` reads (a `TrainConfig` provides them)."""
-
-  dataset: str
-  mode: str
-  seed: int
-  tasks: Optional[Sequence[str]]
-  task_sizes: Optional[Mapping[str, int]]
-  label_fraction: Optional[Mapping[str, float]]
-  task_datasets: Optional[Mapping[str, str]]
-  data_dir: Optional[str]
-  download: bool
-  image_size: Optional[Sequence[int]]
-  channels: Optional[int]
-  uses_tfds: bool
-  resolved_train_examples: int
-  resolved_eval_examples: int
-  resolved_input_key: str
-  resolved_split: str
-  resolved_eval_split: str
-
-  def validate_tasks(self, known_tasks: Sequence[str]) -> list[str]:
-    """The tasks to train, checked against the dataset's."""
-
-  def check_known(self, tasks: Sequence[str]) -> None:
-    """Checks that per-task settings name only trained tasks."""
-
-  def weight_of(self, task: str) -> float:
-    """A task's loss weight."""
-
-
-def load(config: DataSettings) -> sources.MultiTaskData:
+def load(config: settings.DataConfig) -> sources.MultiTaskData:
   """Loads the dataset named by `config.dataset` for the configured mode.
 
   Args:
@@ -73,13 +43,13 @@ def load(config: DataSettings) -> sources.MultiTaskData:
         "toy_regression, tfds:NAME)")
   names, tasks = _chosen_tasks(config, shapes.TASKS)
   if config.mode == "joint":
-    sizes = [config.resolved_train_examples]
+    sizes = [config.train_examples]
   else:
     sizes_by_task = dict(shapes.default_task_sizes(names))
     sizes_by_task.update(config.task_sizes or {})
     sizes = [sizes_by_task[name] for name in names]
   # One pool cut into disjoint pieces: training sets first, then eval.
-  features, labels = shapes.generate(sum(sizes) + config.resolved_eval_examples,
+  features, labels = shapes.generate(sum(sizes) + config.eval_examples,
                                      config.seed)
   if config.label_fraction:
     labels = shapes.drop_labels(labels, config.label_fraction,
@@ -105,7 +75,7 @@ def load(config: DataSettings) -> sources.MultiTaskData:
 
 
 def _chosen_tasks(
-    config: DataSettings, known: Sequence[tasks_lib.TaskSpec]
+    config: settings.DataConfig, known: Sequence[tasks_lib.TaskSpec]
 ) -> tuple[list[str], tuple[tasks_lib.TaskSpec, ...]]:
   """The configured tasks among a dataset's, with their --task_weights."""
   names = config.validate_tasks([task.name for task in known])
@@ -114,12 +84,12 @@ def _chosen_tasks(
                       for name in names)
 
 
-def _load_toy_regression(config: DataSettings) -> sources.MultiTaskData:
+def _load_toy_regression(config: settings.DataConfig) -> sources.MultiTaskData:
   """The GradNorm paper's synthetic regression tasks (joint mode)."""
   names, tasks = _chosen_tasks(config, toy_regression.TASKS)
-  num_train = config.resolved_train_examples
+  num_train = config.train_examples
   features, labels = toy_regression.generate(
-      num_train + config.resolved_eval_examples, config.seed)
+      num_train + config.eval_examples, config.seed)
   train = sources.source_from_arrays(features[:num_train],
                              {k: v[:num_train] for k, v in labels.items()},
                              names)

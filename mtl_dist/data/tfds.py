@@ -26,7 +26,7 @@ import tensorflow as tf
 
 from mtl_dist import errors
 from mtl_dist import tasks as tasks_lib
-from mtl_dist.data import registry
+from mtl_dist.data import settings
 from mtl_dist.data import sources
 
 PREFIX = "tfds:"
@@ -369,13 +369,13 @@ def _batch_parser(dataset: _TfdsDataset, paths: Sequence[str]):
   return parse
 
 
-def _preprocessing(config: registry.DataSettings) -> _Preprocessing:
-  return _Preprocessing(config.resolved_input_key,
+def _preprocessing(config: settings.DataConfig) -> _Preprocessing:
+  return _Preprocessing(config.input_key,
                         tuple(config.image_size) if config.image_size else None,
                         config.channels)
 
 
-def load_joint(config: registry.DataSettings,
+def load_joint(config: settings.DataConfig,
                batched_parsing: bool = True) -> sources.MultiTaskData:
   """Label features of one TFDS dataset as tasks (`--dataset=tfds:NAME`).
 
@@ -409,9 +409,9 @@ def load_joint(config: registry.DataSettings,
   prep = _preprocessing(config)
   input_shape = prep.output_shape(
       _feature_at(dataset.features, prep.input_key, name), name)
-  train = _make_source(dataset, config.resolved_split, "split", prep,
+  train = _make_source(dataset, config.split, "split", prep,
                        label_paths, tasks, input_shape, batched_parsing)
-  evaluation = _make_source(dataset, config.resolved_eval_split, "eval_split",
+  evaluation = _make_source(dataset, config.eval_split, "eval_split",
                             prep, label_paths, tasks, input_shape,
                             batched_parsing)
   return sources.MultiTaskData(tasks=tasks, input_shape=input_shape,
@@ -419,7 +419,7 @@ def load_joint(config: registry.DataSettings,
                                 partial_labels=False)
 
 
-def load_alternate(config: registry.DataSettings,
+def load_alternate(config: settings.DataConfig,
                    batched_parsing: bool = True) -> sources.MultiTaskData:
   """One TFDS dataset per task (`--task_datasets=a=tfds:NAME:LABEL,...`).
 
@@ -460,8 +460,8 @@ def load_alternate(config: registry.DataSettings,
   train, evaluation = [], []
   for task in tasks:
     name, label = specs[task.name]
-    for split, flag, out in ((config.resolved_split, "split", train),
-                             (config.resolved_eval_split, "eval_split",
+    for split, flag, out in ((config.split, "split", train),
+                             (config.eval_split, "eval_split",
                               evaluation)):
       out.append(_make_source(opened[name], split, flag, prep,
                               {task.name: label}, [task], input_shape,

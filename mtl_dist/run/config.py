@@ -9,79 +9,39 @@ main way runs are configured.
 from __future__ import annotations
 
 import dataclasses
-import os
-from typing import Callable, Mapping, Optional, Sequence, TypeVar
-
-import tensorflow as tf
+from typing import Any, Mapping, Optional, Sequence
 
 from mtl_dist import errors
 from mtl_dist.cluster import resolver
+from mtl_dist.cluster import settings as cluster_settings
+from mtl_dist.data import settings as data_settings
 from mtl_dist.methods import registry
 from mtl_dist.methods import schedules
 from mtl_dist.model import precision
+from mtl_dist.run import export_dir
 
 MODES = ("joint", "alternate")
 SCHEDULES = schedules.NAMES
 OPTIMIZERS = ("adam", "sgd")
 TRUNKS = ("mlp", "conv")
-STRATEGIES = ("auto", "mirrored", "one_device", "multi_worker")
+STRATEGIES = cluster_settings.STRATEGIES
 CLUSTERS = resolver.CLUSTERS
-COLLECTIVES = ("auto", "ring", "nccl")
+COLLECTIVES = cluster_settings.COLLECTIVES
 ON_NONFINITE = ("stop", "skip")
-# Flags that configure MultiWorkerMirroredStrategy and mean nothing without it.
-MULTI_WORKER_FLAGS = ("cluster", "collective", "collective_timeout",
-                      "cluster_start_timeout", "port_base")
+MULTI_WORKER_FLAGS = cluster_settings.MULTI_WORKER_FLAGS
 AGGREGATORS = registry.AGGREGATORS.names()
 WEIGHTINGS = registry.WEIGHTINGS.names()
 MIXED_PRECISION = precision.MODES
-
-_V = TypeVar("_V")
-
-
-def parse_key_values(text: str, flag: str,
-                     parse_value: Callable[[str], _V]) -> dict[str, _V]:
-  """Parses `a=1.0,b=0.5` into `{"a": 1.0, "b": 0.5}`.
-
-  Args:
-    text: The flag's value.
-    flag: The flag's name, for error messages.
-    parse_value: Converts one value; raises ValueError on bad input.
-
-  Returns:
-    The mapping, in the order given.
-
-  Raises:
-    ConfigError: On a malformed item, an empty key or a repeated key.
-  """
-  result: dict[str, _V] = {}
-  for item in text.split(","):
-    item = item.strip()
-    if not item:
-      continue
-    key, sep, value = item.partition("=")
-    key = key.strip()
-    if not sep or not key:
-      raise errors.ConfigError(
-          f"--{flag}={text}: expected name=value items separated "
-          f"by commas, got {item!r}")
-    if key in result:
-      raise errors.ConfigError(f"--{flag}={text}: {key!r} is given twice")
-    try:
-      result[key] = parse_value(value.strip())
-    except ValueError:
-      raise errors.ConfigError(
-          f"--{flag}={text}: bad value {value.strip()!r} for "
-          f"{key!r}") from None
-  return result
-
 
 @dataclasses.dataclass
 class TrainConfig:
   """Everything one training run needs; field names are the launcher's flags.
 
-  Fields left at None take a default that depends on other fields (see
-  `resolved_*` helpers), so that a flag given where it has no meaning can be
-  refused instead of silently ignored.
+  Fields left at None are unset: they take the default of their layer's
+  section (`data_config()`, `cluster_config()`, `schedule_config()`,
+  method options in `methods.registry`), so that a flag given where it has
+  no meaning can be refused instead of silently ignored. Every default
+  lives once: here, or in the section.
   """
 
   model_dir: str
@@ -104,10 +64,13 @@ class TrainConfig:
   partial_labels: bool = False
   # Task -> model_dir of its single-task run, for Delta_m in summary.json.
   baselines: Optional[Mapping[str, str]] = None
-  aggregator: str = "sum"  # joint mode: how task gradients combine.
+  # Joint mode: how task gradients combine.
+  aggregator: str = registry.AGGREGATORS.default
   cagrad_c: Optional[float] = None  # aggregator=cagrad; default 0.5.
-  rep_grad: bool = False  # aggregator=mgda|cagrad: gradients at the trunk output.
-  weighting: str = "static"  # joint mode: how task losses are weighted.
+  # Gram-form aggregators: task gradients at the trunk output.
+  rep_grad: bool = False
+  # Joint mode: how task losses are weighted.
+  weighting: str = registry.WEIGHTINGS.default
   dwa_window: Optional[int] = None  # weighting=dwa; default 100 steps.
   gradnorm_alpha: Optional[float] = None  # weighting=gradnorm; default 1.5.
   gradnorm_lr: Optional[float] = None  # weighting=gradnorm; default 0.025.
@@ -163,49 +126,34 @@ class TrainConfig:
   export_dir: Optional[str] = None
 
   @property
-  def resolved_train_examples(self) -> int:
-    return self.train_examples or 16384
-
-  @property
-  def resolved_eval_examples(self) -> int:
-    return self.eval_examples or 2048
-
-  @property
   def uses_tfds(self) -> bool:
-    return self.dataset.startswith("tfds:") or self.task_datasets is not None
+    return self.data_config().uses_tfds
+
+  # The sections, each read by its own layer; unset (None) fields take the
+  # section's defaults.
+
+  def data_config(self) -> data_settings.DataConfig:
+    """The data section, for `data.load`."""
+    return data_settings.DataConfig.from_settings(**{
+        field.name: getattr(self, field.name)
+        for field in dataclasses.fields(data_settings.DataConfig)})
+
+  def cluster_config(self) -> cluster_settings.ClusterConfig:
+    """The cluster section, for the strategy."""
+    return cluster_settings.ClusterConfig.from_settings(**{
+        field.name: getattr(self, field.name)
+        for field in dataclasses.fields(cluster_settings.ClusterConfig)})
+
+  def schedule_config(self) -> schedules.ScheduleConfig:
+    """The schedule section, for the alternate-mode schedule."""
+    return schedules.ScheduleConfig.from_settings(**{
+        field.name: getattr(self, field.name)
+        for field in dataclasses.fields(schedules.ScheduleConfig)})
 
   @property
-  def resolved_input_key(self) -> str:
-    return self.input_key or "image"
-
-  @property
-  def resolved_split(self) -> str:
-    return self.split or "train"
-
-  @property
-  def resolved_eval_split(self) -> str:
-    return self.eval_split or "test"
-
-  @property
-  def resolved_schedule(self) -> str:
-    return self.schedule or "round_robin"
-
-  @property
-  def resolved_temperature(self) -> float:
-    return 2.0 if self.temperature is None else self.temperature
-
-  @property
-  def resolved_mixing_cap(self) -> int:
-    return 0 if self.mixing_cap is None else self.mixing_cap
-
-  @property
-  def resolved_collective(self) -> str:
-    return self.collective or "auto"
-
-  @property
-  def resolved_cluster_start_timeout(self) -> float:
-    return (900.0 if self.cluster_start_timeout is None
-            else self.cluster_start_timeout)
+  def per_task_optimizers(self) -> bool:
+    """Whether each task has its own optimizer (alternate mode only)."""
+    return self.mode == "alternate" and self.per_task_optimizer is not False
 
   def check_single_process(self) -> None:
     """Refuses multi-worker flags for a run that turned out single-process.
@@ -213,18 +161,7 @@ class TrainConfig:
     Raises:
       ConfigError: Naming the first such flag.
     """
-    for name in MULTI_WORKER_FLAGS:
-      if getattr(self, name) is not None:
-        raise errors.ConfigError(
-            f"--{name} applies to multi-worker runs, but --strategy="
-            f"{self.strategy} runs in one process (no cluster in TF_CONFIG "
-            "or SLURM, or --strategy=mirrored/one_device)")
-
-  @property
-  def resolved_per_task_optimizer(self) -> bool:
-    if self.mode == "joint":
-      return False
-    return True if self.per_task_optimizer is None else self.per_task_optimizer
+    cluster_settings.refuse_multi_worker_flags(dataclasses.asdict(self))
 
   def validate(self) -> None:
     """Checks what can be checked without data or devices.
@@ -267,8 +204,9 @@ class TrainConfig:
       if repeated:
         raise errors.ConfigError(f"--tasks={','.join(self.tasks)}: "
                                  f"{', '.join(repeated)} given twice")
-    self._validate_mode_flags()
-    self._validate_dataset_flags()
+    given = dataclasses.asdict(self)
+    self._validate_mode_flags(given)
+    data_settings.validate_flags(given)
     gram_forms = [name for name in AGGREGATORS
                   if registry.AGGREGATORS.get(name).has_gram_form]
     if self.rep_grad and self.aggregator not in gram_forms:
@@ -283,7 +221,7 @@ class TrainConfig:
           "--jit_compile cannot be combined with --rep_grad: its step "
           "all-reduces the Gram matrix between two backward passes, which "
           "one compiled function cannot hold")
-    self._validate_multi_worker_flags()
+    cluster_settings.validate_flags(given)
     if self.strategy == "one_device" and self.num_cpu_devices > 1:
       raise errors.ConfigError(
           f"--num_cpu_devices={self.num_cpu_devices} makes replicas for a "
@@ -295,7 +233,7 @@ class TrainConfig:
               f"--task_weights: weight {weight} for {name!r} "
               "must be >= 0")
     if self.export_dir is not None:
-      self._validate_export_dir()
+      export_dir.validate(self.export_dir, self.model_dir)
     if self.task_sizes is not None:
       for name, size in self.task_sizes.items():
         if size <= 0:
@@ -318,31 +256,7 @@ class TrainConfig:
       raise errors.ConfigError(f"--profile_steps={text}: need 1 <= A <= B <= "
                                f"--train_steps={self.train_steps}")
 
-  def _validate_multi_worker_flags(self) -> None:
-    """Checks the multi-worker flags' values and that they can apply."""
-    if self.strategy in ("mirrored", "one_device"):
-      self.check_single_process()
-    if self.cluster is not None:
-      _check_choice("cluster", self.cluster, CLUSTERS)
-    if self.collective is not None:
-      _check_choice("collective", self.collective, COLLECTIVES)
-    for name in ("collective_timeout", "cluster_start_timeout"):
-      value = getattr(self, name)
-      if value is not None and not value > 0:
-        raise errors.ConfigError(
-            f"--{name}={value}: must be positive (seconds)")
-    if self.port_base is not None:
-      if not 1 <= self.port_base <= 65535 - 64:
-        raise errors.ConfigError(
-            f"--port_base={self.port_base}: must be a port "
-            "number (1 to 65471)")
-      if self.cluster == "tf_config":
-        raise errors.ConfigError(
-            "--port_base applies to --cluster=slurm (TF_CONFIG "
-            "lists each worker's port), but --cluster=tf_config "
-            "is set")
-
-  def _validate_mode_flags(self) -> None:
+  def _validate_mode_flags(self, given: dict[str, Any]) -> None:
     """Refuses flags that mean nothing in the chosen mode and schedule."""
     if self.mode == "joint":
       for name, fraction in (self.label_fraction or {}).items():
@@ -397,80 +311,7 @@ class TrainConfig:
       raise errors.ConfigError(
           f"--aggregator={self.aggregator} applies to "
           "--mode=joint only (an alternate step has one task)")
-    schedule = self.resolved_schedule
-    if self.task_weights is not None and schedule != "weights":
-      raise errors.ConfigError(
-          "--task_weights applies to --mode=joint (loss weights) or "
-          f"--schedule=weights (task shares), but --schedule={schedule} is "
-          "set in alternate mode")
-    for name, needs in (("temperature", "temperature"),
-                        ("mixing_cap", "temperature"),
-                        ("steps_per_epoch", "annealed"),
-                        ("anneal_epochs", "annealed")):
-      if getattr(self, name) is not None and schedule != needs:
-        raise errors.ConfigError(
-            f"--{name} applies to --schedule={needs} only, but "
-            f"--schedule={schedule} is set")
-    if self.temperature is not None and not self.temperature > 0:
-      raise errors.ConfigError(
-          f"--temperature={self.temperature}: must be positive")
-    if self.mixing_cap is not None and self.mixing_cap < 0:
-      raise errors.ConfigError(
-          f"--mixing_cap={self.mixing_cap}: must be >= 0 (0 "
-          "means no cap)")
-    for name in ("steps_per_epoch", "anneal_epochs"):
-      value = getattr(self, name)
-      if value is not None and value < 1:
-        raise errors.ConfigError(f"--{name}={value}: must be positive")
-
-  def _validate_dataset_flags(self) -> None:
-    """Refuses flags of one kind of dataset given with the other."""
-    if (self.dataset not in ("shapes", "toy_regression") and
-        not self.dataset.startswith("tfds:")):
-      raise errors.ConfigError(
-          f"--dataset={self.dataset}: unknown dataset (known: "
-          "shapes, toy_regression, tfds:NAME)")
-    if self.dataset == "toy_regression":
-      if self.mode != "joint":
-        raise errors.ConfigError(
-            "--dataset=toy_regression has one input for all "
-            "tasks: use --mode=joint")
-      for name in ("task_sizes", "label_fraction"):
-        if getattr(self, name) is not None:
-          raise errors.ConfigError(f"--{name} applies to --dataset=shapes only")
-    if self.task_datasets is not None:
-      if self.mode != "alternate":
-        raise errors.ConfigError(
-            "--task_datasets applies to --mode=alternate only "
-            "(joint mode reads one --dataset=tfds:NAME)")
-      if self.dataset != "shapes":
-        raise errors.ConfigError(
-            f"--dataset={self.dataset} and --task_datasets "
-            "both name data: give one of them")
-    if self.uses_tfds:
-      for name in ("task_sizes", "label_fraction", "train_examples",
-                   "eval_examples"):
-        if getattr(self, name) is not None:
-          raise errors.ConfigError(f"--{name} applies to --dataset=shapes only")
-      if self.dataset.startswith("tfds:") and self.mode == "alternate":
-        raise errors.ConfigError(
-            f"--dataset={self.dataset} in alternate mode: give each task its "
-            "own dataset with --task_datasets=task=tfds:NAME:LABEL,...")
-    else:
-      for name in ("data_dir", "input_key", "split", "eval_split",
-                   "image_size", "channels"):
-        if getattr(self, name) is not None:
-          raise errors.ConfigError(f"--{name} applies to TFDS datasets only "
-                                   "(--dataset=tfds:NAME or --task_datasets)")
-      if self.download:
-        raise errors.ConfigError("--download applies to TFDS datasets only")
-    if self.channels is not None and self.channels not in (1, 3):
-      raise errors.ConfigError(f"--channels={self.channels}: must be 1 or 3")
-    if self.image_size is not None and (
-        len(self.image_size) != 2 or min(self.image_size) < 1):
-      raise errors.ConfigError(
-          f"--image_size={','.join(map(str, self.image_size))}: must be "
-          "HEIGHT,WIDTH, both positive")
+    schedules.validate_flags(given)
 
   def check_known(self, tasks: Sequence[str]) -> None:
     """Checks that per-task flags name only trained tasks.
@@ -486,79 +327,6 @@ class TrainConfig:
           raise errors.ConfigError(f"--{flag}: {task!r} is not a trained task "
                                    f"(--tasks={','.join(tasks)})")
 
-  def validate_tasks(self, known_tasks: Sequence[str]) -> list[str]:
-    """Checks task names against a dataset's tasks.
-
-    Args:
-      known_tasks: The tasks the dataset offers.
-
-    Returns:
-      The tasks to train, in order.
-
-    Raises:
-      ConfigError: For an unknown task in --tasks, --task_weights or
-        --task_sizes.
-    """
-    tasks = list(self.tasks) if self.tasks is not None else list(known_tasks)
-    for task in tasks:
-      if task not in known_tasks:
-        raise errors.ConfigError(
-            f"--tasks={','.join(tasks)}: unknown task {task!r} for "
-            f"--dataset={self.dataset} (known: {', '.join(known_tasks)})")
-    self.check_known(tasks)
-    return tasks
-
-  def check_user_data(self, task_names: Sequence[str]) -> None:
-    """Refuses built-in dataset settings for a run that brings its own data.
-
-    Args:
-      task_names: The tasks of the user's data, in order.
-
-    Raises:
-      ConfigError: Naming the first setting that does not apply.
-    """
-    defaults = TrainConfig(model_dir=self.model_dir)
-    for name in ("dataset", "task_datasets", "task_sizes", "label_fraction",
-                 "train_examples", "eval_examples", "data_dir", "input_key",
-                 "split", "eval_split", "download", "image_size", "channels"):
-      if getattr(self, name) != getattr(defaults, name):
-        raise errors.ConfigError(
-            f"--{name}={getattr(self, name)}: describes a "
-            "built-in dataset, but the run was given its own "
-            "data")
-    if self.tasks is not None and list(self.tasks) != list(task_names):
-      raise errors.ConfigError(
-          f"--tasks={','.join(self.tasks)}: the given data "
-          f"trains {','.join(task_names)} (leave tasks unset)")
-
-  def _validate_export_dir(self) -> None:
-    """Refuses an export directory whose replacement would hit the run."""
-    export = os.path.abspath(self.export_dir)
-    model = os.path.abspath(self.model_dir)
-    inside = lambda path, parent: (path + os.sep).startswith(parent + os.sep)
-    if inside(model, export) or inside(export, os.path.join(model,
-                                                            "checkpoints")):
-      raise errors.ConfigError(
-          f"--export_dir={self.export_dir}: an export replaces "
-          "its directory, which would delete the run's files "
-          f"in --model_dir={self.model_dir}; give another one")
-    check_export_dir(self.export_dir)
-
-  def check_user_trunk(self) -> None:
-    """Refuses built-in trunk settings for a run that brings its own trunk.
-
-    Raises:
-      ConfigError: Naming the first setting that does not apply.
-    """
-    defaults = TrainConfig(model_dir=self.model_dir)
-    for name in ("trunk", "trunk_width", "trunk_depth", "mixed_precision"):
-      if getattr(self, name) != getattr(defaults, name):
-        raise errors.ConfigError(
-            f"--{name}={getattr(self, name)}: describes the built-in trunk, "
-            "but the run was given its own (trunk_fn)"
-            + ("; give its layers a dtype policy instead"
-               if name == "mixed_precision" else ""))
-
   def method_options(self) -> dict[str, float]:
     """The given options of the methods, by flag (unset ones omitted)."""
     return {flag: getattr(self, flag)
@@ -567,27 +335,7 @@ class TrainConfig:
 
   def weight_of(self, task: str) -> float:
     """The loss weight of a task in joint mode (1.0 unless given)."""
-    return float((self.task_weights or {}).get(task, 1.0))
-
-
-def check_export_dir(export_dir: str) -> None:
-  """Refuses an export directory that holds something else than an export.
-
-  An existing SavedModel is replaced; any other non-empty directory is kept
-  from being overwritten.
-
-  Raises:
-    ConfigError: For a file, or a non-empty directory without a SavedModel.
-  """
-  if not tf.io.gfile.exists(export_dir):
-    return
-  if not tf.io.gfile.isdir(export_dir):
-    raise errors.ConfigError(f"--export_dir={export_dir}: is a file")
-  contents = tf.io.gfile.listdir(export_dir)
-  if contents and "saved_model.pb" not in contents:
-    raise errors.ConfigError(
-        f"--export_dir={export_dir}: a non-empty directory "
-        "that holds no SavedModel; give a new or empty one")
+    return self.data_config().weight_of(task)
 
 
 def method_option_flags() -> list[tuple[str, str, str, registry.Option]]:

@@ -26,7 +26,7 @@ import tensorflow as tf
 from mtl_dist import errors
 from mtl_dist import tasks as tasks_lib
 from mtl_dist.model import hps as model_lib
-from mtl_dist.run import config as config_lib
+from mtl_dist.run import export_dir as export_dir_lib
 from mtl_dist.run import saved_run
 
 DEFAULT_SIGNATURE = "serving_default"
@@ -77,7 +77,7 @@ def export_saved_model(model: model_lib.SharedTrunkModel,
     input_dtype: The inputs' dtype.
     export_dir: Where the SavedModel goes.
   """
-  config_lib.check_export_dir(export_dir)
+  export_dir_lib.check_export_dir(export_dir)
   module = _ServingModule(model)
   spec = tf.TensorSpec([None, *input_shape], input_dtype, name=INPUT_NAME)
 
@@ -122,7 +122,7 @@ def export_run(model_dir: str, export_dir: str,
   Raises:
     ConfigError: If the run, its checkpoint or `export_dir` cannot serve.
   """
-  config_lib.check_export_dir(export_dir)
+  export_dir_lib.check_export_dir(export_dir)
   spec = saved_run.read_model_spec(model_dir)
   path = saved_run.find_checkpoint(model_dir, checkpoint)
   model = spec.build(trunk_fn, head_fn)

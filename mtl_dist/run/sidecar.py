@@ -27,6 +27,7 @@ from mtl_dist.loop import evaluator as evaluator_lib
 from mtl_dist.loop import run_files
 from mtl_dist.model import hps as model_lib
 from mtl_dist.run import saved_run
+from mtl_dist.run import setup
 
 EVALUATIONS_FILE = "evaluations.jsonl"
 SIDECAR_RUN = "sidecar"
@@ -84,7 +85,7 @@ class _Sidecar:
             " were trained with a loss function; evaluate from Python with "
             "the same tasks (mtl_dist.evaluate(..., data=...))")
       # The eval split of the built-in dataset, as training loaded it.
-      data = data_lib.load(config)
+      data = data_lib.load(config.data_config())
     data_lib.check_layout(data, config.mode)
     trained = [(t.name, t.output_size) for t in spec.tasks]
     if [(t.name, t.output_size) for t in data.tasks] != trained:
@@ -99,16 +100,12 @@ class _Sidecar:
           f"--num_cpu_devices={num_cpu_devices}: the run's global batch "
           f"{config.global_batch_size} does not divide among "
           f"{self.strategy.num_replicas_in_sync} replicas")
-    with self.strategy.scope():
-      self.model = spec.build(trunk_fn, head_fn)
+    self.model = setup.build_model(self.strategy, spec, trunk_fn, head_fn)
     self._evaluator = evaluator_lib.Evaluator(self.strategy, self.model,
-                                            data.tasks)
-    steps = config.eval_steps if eval_steps is None else eval_steps
-    self._datasets = [
-        data_lib.distribute_eval(self.strategy, source,
-                                 config.global_batch_size, steps)
-        for source in data.eval]
-    self._groups = [source.task_names for source in data.eval]
+                                              data.tasks)
+    self._datasets, self._groups = setup.eval_inputs(
+        self.strategy, data, config.global_batch_size,
+        config.eval_steps if eval_steps is None else eval_steps)
 
   def evaluate(self, path: str) -> Evaluation:
     """Restores checkpoint `path` and evaluates it.
