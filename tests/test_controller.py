@@ -9,7 +9,7 @@ import tensorflow_datasets as tfds
 
 import mtl_dist
 from mtl_dist import data as data_lib
-from mtl_dist.data import tfds as tfds_data
+from mtl_dist.data import tfds_features
 
 
 def _config(model_dir, **changes):
@@ -51,5 +51,5 @@ def test_streamed_pipeline_resumes_with_a_new_order(shapes_arrays):
 
 def test_scalar_features_are_tasks():
   feature = tfds.features.Scalar(dtype=np.float32)
-  task = tfds_data.task_from_feature("v", feature)
+  task = tfds_features.task_from_feature("v", feature)
   assert task.kind == "regression" and task.output_size == 1

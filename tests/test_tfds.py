@@ -12,6 +12,7 @@ from test_launcher import run_launcher
 import mtl_dist
 from mtl_dist import data as data_lib
 from mtl_dist.data import tfds as tfds_data
+from mtl_dist.data import tfds_features
 
 EMPTY_DATA_DIR = "/nonexistent/mtl_dist_tfds"
 
@@ -32,16 +33,16 @@ def _features(name: str):
 ])
 def test_task_kind_and_size_come_from_the_feature_spec(dataset, path, kind,
                                                        size):
-  feature = tfds_data._feature_at(_features(dataset), path, dataset)  # pylint: disable=protected-access
-  task = tfds_data.task_from_feature(path.rsplit("/", 1)[-1], feature)
+  feature = tfds_features.feature_at(_features(dataset), path, dataset)
+  task = tfds_features.task_from_feature(path.rsplit("/", 1)[-1], feature)
   assert task.kind == kind and task.output_size == size
 
 
 def test_non_label_features_are_refused():
   with pytest.raises(mtl_dist.ConfigError, match="cannot be a task"):
-    tfds_data.task_from_feature("image", _features("mnist")["image"])
+    tfds_features.task_from_feature("image", _features("mnist")["image"])
   with pytest.raises(mtl_dist.ConfigError, match="no feature 'colour'"):
-    tfds_data._feature_at(_features("mnist"), "colour", "mnist")  # pylint: disable=protected-access
+    tfds_features.feature_at(_features("mnist"), "colour", "mnist")
 
 
 @pytest.mark.parametrize("dataset, tasks", [
@@ -221,7 +222,7 @@ def test_doc_tfds_commands_run_on_mock_data(tmp_path):
     flags.FLAGS.unparse_flags()
     flags.FLAGS(argv)
     try:
-      config = launcher._config_from_flags()  # pylint: disable=protected-access
+      config = launcher._config_from_flags()
     finally:
       flags.FLAGS.unparse_flags()
     assert config.download
@@ -293,7 +294,8 @@ def test_batched_parsing_reads_nested_features(nested_data_dir):
       data_dir=nested_data_dir, image_size=[8, 8],
       tasks=["attributes/Smiling", "attributes/pose", "landmarks/nose"])
   (source,) = data_lib.load(config.data_config()).train
-  (per_example,) = tfds_data.load_joint(config.data_config(), batched_parsing=False).train
+  (per_example,) = tfds_data.load_joint(config.data_config(),
+                                        batched_parsing=False).train
   assert source.decode_batch is not None and per_example.decode_batch is None
   batched = next(iter(source.decoded(source.read(None, 0, False), 96)))
   reference = next(iter(per_example.decoded(per_example.read(None, 0, False),

@@ -21,15 +21,15 @@ import math
 from typing import Any, Optional, Sequence
 
 from absl import logging
-import numpy as np
 import tensorflow as tf
 
 from mtl_dist import errors
 from mtl_dist import tasks as tasks_lib
 from mtl_dist.data import settings
 from mtl_dist.data import sources
+from mtl_dist.data import tfds_features
 
-PREFIX = "tfds:"
+PREFIX = settings.TFDS_PREFIX
 _SHUFFLE_BUFFER_BYTES = 256 * 2**20
 _MAX_SHUFFLE_BUFFER = 10000
 _BATCH_OF_CHECKS = 256  # Batch size when examples are decoded for checks.
@@ -42,116 +42,6 @@ _READ_FILES_PARAMETERS = frozenset({"file_instructions", "read_config",
 def _tfds():
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   return tfds
-
-
-def parse_task_dataset(task: str, spec: str) -> tuple[str, str]:
-  """Splits `tfds:NAME:LABEL` (NAME may carry `/config:version`)."""
-  if not spec.startswith(PREFIX) or spec.count(":") < 2:
-    raise errors.ConfigError(
-        f"--task_datasets: {task}={spec} must look like "
-        f"{task}=tfds:NAME:LABEL_FEATURE")
-  name, label = spec[len(PREFIX):].rsplit(":", 1)
-  if not name or not label:
-    raise errors.ConfigError(
-        f"--task_datasets: {task}={spec} must look like "
-        f"{task}=tfds:NAME:LABEL_FEATURE")
-  return name, label
-
-
-def task_from_feature(task_name: str, feature: Any) -> tasks_lib.TaskSpec:
-  """The TaskSpec a TFDS feature implies.
-
-  Args:
-    task_name: The task's name.
-    feature: A TFDS FeatureConnector.
-
-  Returns:
-    A classification for ClassLabel (its class count) and bool (2 classes),
-    a regression (size = number of elements) for integer or float tensors.
-
-  Raises:
-    ConfigError: For any other feature (images, text, dicts, variable size).
-  """
-  tfds = _tfds()
-  if isinstance(feature, tfds.features.ClassLabel):
-    return tasks_lib.TaskSpec(task_name, tasks_lib.CLASSIFICATION,
-                              num_classes=feature.num_classes)
-  if (isinstance(feature, tfds.features.Tensor) and
-      not isinstance(feature, (tfds.features.Text, tfds.features.Audio))):
-    dtype = tf.as_dtype(feature.tf_dtype)
-    shape = tuple(feature.shape)
-    if dtype == tf.bool and shape == ():
-      return tasks_lib.TaskSpec(task_name, tasks_lib.CLASSIFICATION,
-                                num_classes=2)
-    if (dtype.is_integer or dtype.is_floating) and None not in shape:
-      return tasks_lib.TaskSpec(task_name, tasks_lib.REGRESSION,
-                                size=int(np.prod(shape)) if shape else 1)
-  raise errors.ConfigError(
-      f"feature {task_name!r} ({feature!r}) cannot be a task: use a "
-      "ClassLabel, a bool, or an integer or float scalar or vector")
-
-
-def _feature_at(features: Any, path: str, dataset: str) -> Any:
-  feature = features
-  for part in path.split("/"):
-    try:
-      feature = feature[part]
-    except (KeyError, TypeError):
-      raise errors.ConfigError(
-          f"dataset {dataset} has no feature {path!r} (top-level features: "
-          f"{', '.join(sorted(features.keys()))})") from None
-  return feature
-
-
-def _value_at(example: dict[str, Any], path: str) -> tf.Tensor:
-  """The value at `path` of a nested example, or of a flat one keyed by path."""
-  if path in example:  # Batched parsing returns {"attributes/Smiling": ...}.
-    return example[path]
-  for part in path.split("/"):
-    example = example[part]
-  return example
-
-
-@dataclasses.dataclass(frozen=True)
-class _Preprocessing:
-  """How raw inputs become model inputs, applied in the input pipeline."""
-
-  input_key: str
-  image_size: Optional[tuple[int, int]]
-  channels: Optional[int]
-
-  def output_shape(self, feature: Any, dataset: str) -> tuple[int, ...]:
-    shape = list(feature.shape)
-    if self.image_size is not None:
-      if len(shape) != 3:
-        raise errors.ConfigError(
-            f"--image_size: input {self.input_key!r} of {dataset} has shape "
-            f"{tuple(shape)}, not an image")
-      shape[0], shape[1] = self.image_size
-    if self.channels is not None:
-      if len(shape) != 3 or shape[-1] not in (1, 3):
-        raise errors.ConfigError(
-            f"--channels: input {self.input_key!r} of {dataset} has shape "
-            f"{tuple(shape)}, not a 1- or 3-channel image")
-      shape[-1] = self.channels
-    if None in shape:
-      raise errors.ConfigError(
-          f"input {self.input_key!r} of {dataset} has variable shape "
-          f"{tuple(shape)}: pass --image_size=HEIGHT,WIDTH")
-    return tuple(int(d) for d in shape)
-
-  def apply(self, value: tf.Tensor) -> tf.Tensor:
-    """Integer images scaled to [0, 1] by their dtype's maximum; others cast."""
-    if value.dtype in (tf.uint8, tf.uint16):
-      value = tf.cast(value, tf.float32) / float(value.dtype.max)
-    else:
-      value = tf.cast(value, tf.float32)
-    if self.channels is not None and value.shape[-1] != self.channels:
-      value = (tf.image.grayscale_to_rgb(value) if self.channels == 3
-               else tf.image.rgb_to_grayscale(value))
-    if self.image_size is not None:
-      value = tf.image.resize(value, self.image_size)
-    return value
 
 
 class _TfdsDataset:
@@ -244,7 +134,7 @@ class _TfdsDataset:
 
 
 def _make_source(dataset: _TfdsDataset, split: str, flag: str,
-                 prep: _Preprocessing, label_paths: dict[str, str],
+                 prep: tfds_features.Preprocessing, label_paths: dict[str, str],
                  tasks: Sequence[tasks_lib.TaskSpec],
                  input_shape: tuple[int, ...],
                  batched_parsing: bool = True) -> sources.ExampleSource:
@@ -256,13 +146,13 @@ def _make_source(dataset: _TfdsDataset, split: str, flag: str,
   def to_example(raw: dict[str, Any], batched: bool = False):
     labels = {}
     for name, path in label_paths.items():
-      value = _value_at(raw, path)
+      value = tfds_features.value_at(raw, path)
       if kinds[name].kind == tasks_lib.CLASSIFICATION:
         labels[name] = tf.cast(value, tf.int32)
       else:
         labels[name] = tf.reshape(tf.cast(value, tf.float32),
                                   [tf.shape(value)[0], -1] if batched else [-1])
-    return prep.apply(_value_at(raw, prep.input_key)), labels
+    return prep.apply(tfds_features.value_at(raw, prep.input_key)), labels
 
   parse_batch = (_batch_parser(dataset, [prep.input_key,
                                          *label_paths.values()])
@@ -350,7 +240,7 @@ def _batch_parser(dataset: _TfdsDataset, paths: Sequence[str]):
   infos, connectors = {}, {}
   for path in dict.fromkeys(paths):
     tensor_info = serialized.get(path)
-    connector = _feature_at(info.features, path, dataset.name)
+    connector = tfds_features.feature_at(info.features, path, dataset.name)
     if (not isinstance(tensor_info, tensor_info_type) or
         None in tensor_info.shape or tensor_info.sequence_rank or
         None in connector.shape):
@@ -369,8 +259,8 @@ def _batch_parser(dataset: _TfdsDataset, paths: Sequence[str]):
   return parse
 
 
-def _preprocessing(config: settings.DataConfig) -> _Preprocessing:
-  return _Preprocessing(config.input_key,
+def _preprocessing(config: settings.DataConfig) -> tfds_features.Preprocessing:
+  return tfds_features.Preprocessing(config.input_key,
                         tuple(config.image_size) if config.image_size else None,
                         config.channels)
 
@@ -403,12 +293,13 @@ def load_joint(config: settings.DataConfig,
     label_paths[task_name] = path
   config.check_known(list(label_paths))
   tasks = tuple(
-      task_from_feature(task, _feature_at(dataset.features, path, name))
-      .with_weight(config.weight_of(task))
+      tfds_features.task_from_feature(
+          task, tfds_features.feature_at(dataset.features, path, name)
+      ).with_weight(config.weight_of(task))
       for task, path in label_paths.items())
   prep = _preprocessing(config)
   input_shape = prep.output_shape(
-      _feature_at(dataset.features, prep.input_key, name), name)
+      tfds_features.feature_at(dataset.features, prep.input_key, name), name)
   train = _make_source(dataset, config.split, "split", prep,
                        label_paths, tasks, input_shape, batched_parsing)
   evaluation = _make_source(dataset, config.eval_split, "eval_split",
@@ -430,7 +321,7 @@ def load_alternate(config: settings.DataConfig,
   Returns:
     The run's data.
   """
-  specs = {task: parse_task_dataset(task, spec)
+  specs = {task: tfds_features.parse_task_dataset(task, spec)
            for task, spec in config.task_datasets.items()}
   names = list(config.tasks) if config.tasks else list(specs)
   for task in names:
@@ -446,10 +337,11 @@ def load_alternate(config: settings.DataConfig,
     name, label = specs[task]
     if name not in opened:
       opened[name] = _TfdsDataset(name, config.data_dir, config.download)
-    feature = _feature_at(opened[name].features, label, name)
-    tasks.append(task_from_feature(task, feature))
+    feature = tfds_features.feature_at(opened[name].features, label, name)
+    tasks.append(tfds_features.task_from_feature(task, feature))
     shapes[task] = prep.output_shape(
-        _feature_at(opened[name].features, prep.input_key, name), name)
+        tfds_features.feature_at(opened[name].features, prep.input_key,
+                                 name), name)
   if len(set(shapes.values())) > 1:
     listed = "; ".join(f"{task} ({specs[task][0]}): {shape}"
                        for task, shape in shapes.items())
