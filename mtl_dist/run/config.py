@@ -33,15 +33,32 @@ AGGREGATORS = registry.AGGREGATORS.names()
 WEIGHTINGS = registry.WEIGHTINGS.names()
 MIXED_PRECISION = precision.MODES
 
+def method_option_flags() -> list[tuple[str, str, str, registry.Option]]:
+  """(flag, kind, method, option) of every registered method option."""
+  return [(flag, methods.kind, method, option)
+          for methods in (registry.WEIGHTINGS, registry.AGGREGATORS)
+          for flag, method, option in methods.options()]
+
+
+# One keyword-only field per method option, `<method>_<option>`, None when
+# unset: a method's options come from its module, not from this file.
+_MethodOptions = dataclasses.make_dataclass(
+    "_MethodOptions",
+    [(flag, Optional[type(option.default)], dataclasses.field(default=None))
+     for flag, _, _, option in method_option_flags()],
+    kw_only=True)
+
+
 @dataclasses.dataclass
-class TrainConfig:
+class TrainConfig(_MethodOptions):
   """Everything one training run needs; field names are the launcher's flags.
 
   Fields left at None are unset: they take the default of their layer's
-  section (`data_config()`, `cluster_config()`, `schedule_config()`,
-  method options in `methods.registry`), so that a flag given where it has
-  no meaning can be refused instead of silently ignored. Every default
-  lives once: here, or in the section.
+  section (`data_config()`, `cluster_config()`, `schedule_config()`), so
+  that a flag given where it has no meaning can be refused instead of
+  silently ignored. Every default lives once: here, or in the section.
+  Each registered method option is a keyword-only field too
+  (`cagrad_c`, `dwa_window`, ...; None: the method's default).
   """
 
   model_dir: str
@@ -66,14 +83,10 @@ class TrainConfig:
   baselines: Optional[Mapping[str, str]] = None
   # Joint mode: how task gradients combine.
   aggregator: str = registry.AGGREGATORS.default
-  cagrad_c: Optional[float] = None  # aggregator=cagrad; default 0.5.
   # Gram-form aggregators: task gradients at the trunk output.
   rep_grad: bool = False
   # Joint mode: how task losses are weighted.
   weighting: str = registry.WEIGHTINGS.default
-  dwa_window: Optional[int] = None  # weighting=dwa; default 100 steps.
-  gradnorm_alpha: Optional[float] = None  # weighting=gradnorm; default 1.5.
-  gradnorm_lr: Optional[float] = None  # weighting=gradnorm; default 0.025.
   train_examples: Optional[int] = None  # shapes, joint mode; default 16384.
   # TFDS datasets (--dataset=tfds:NAME, or --task_datasets in alternate mode).
   task_datasets: Optional[Mapping[str, str]] = None  # task -> tfds:NAME:LABEL
@@ -336,13 +349,6 @@ class TrainConfig:
   def weight_of(self, task: str) -> float:
     """The loss weight of a task in joint mode (1.0 unless given)."""
     return self.data_config().weight_of(task)
-
-
-def method_option_flags() -> list[tuple[str, str, str, registry.Option]]:
-  """(flag, kind, method, option) of every registered method option."""
-  return [(flag, methods.kind, method, option)
-          for methods in (registry.WEIGHTINGS, registry.AGGREGATORS)
-          for flag, method, option in methods.options()]
 
 
 def _check_choice(flag: str, value: str, choices: Sequence[str]) -> None:
