@@ -234,6 +234,13 @@ class TrainConfig(_MethodOptions):
           "--jit_compile cannot be combined with --rep_grad: its step "
           "all-reduces the Gram matrix between two backward passes, which "
           "one compiled function cannot hold")
+    if (self.jit_compile and self.mode == "joint" and
+        registry.WEIGHTINGS.get(self.weighting).needs_losses):
+      raise errors.ConfigError(
+          f"--jit_compile cannot be combined with --weighting="
+          f"{self.weighting}: its weights need the step's global losses, "
+          "all-reduced inside the forward pass, which one compiled function "
+          "cannot hold")
     cluster_settings.validate_flags(given)
     if self.strategy == "one_device" and self.num_cpu_devices > 1:
       raise errors.ConfigError(

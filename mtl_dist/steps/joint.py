@@ -27,6 +27,7 @@ class _Terms(NamedTuple):
 
   representation: Optional[tf.Tensor]  # The shared representation z.
   per_task: tf.Tensor  # [T] unweighted loss shares (never scaled).
+  weights: tf.Tensor  # [T] the loss weights this step used.
   weighted: list[tf.Tensor]  # Each task's weighted loss share.
   unweighted: list[tf.Tensor]  # Each task's unweighted loss share.
   regularization: tf.Tensor
@@ -94,6 +95,10 @@ class JointStep:
       raise ValueError("jit_compile cannot compile rep_grad's step: it "
                        "all-reduces the Gram matrix between its two backward "
                        "passes")
+    if weighting.needs_losses and jit_compile:
+      raise ValueError(f"jit_compile cannot compile the step of weighting "
+                       f"{weighting.name!r}: its weights need the step's "
+                       "global losses, all-reduced inside the forward pass")
     self._rep_grad = rep_grad
     self._skip_nonfinite = skip_nonfinite
     self._model = model
@@ -127,15 +132,16 @@ class JointStep:
     """
     batch = next(iterators[0])
     step = step.read_value()
-    weights = self._weighting.weights(step)  # The weights this step uses.
     if self._sums:
-      losses, applied = strategy.run(self.replica_step, args=(batch, step))
-      metrics = weights
+      losses, weights, applied = strategy.run(self.replica_step,
+                                              args=(batch, step))
+      metrics = plumbing.first_local(strategy, weights)
     else:
       replica_fn = (self.rep_grad_replica_step if self._rep_grad
                     else self.aggregated_replica_step)
-      losses, share, applied = strategy.run(replica_fn, args=(batch, step))
-      metrics = tf.concat([weights, tf.reshape(
+      losses, weights, share, applied = strategy.run(replica_fn,
+                                                     args=(batch, step))
+      metrics = tf.concat([plumbing.first_local(strategy, weights), tf.reshape(
           plumbing.first_local(strategy, share), [1])], axis=0)
     # Every replica holds the same all-reduced values.
     losses = plumbing.first_local(strategy, losses)
@@ -145,38 +151,41 @@ class JointStep:
 
   # The three replica steps.
 
-  def replica_step(self, batch: Batch,
-                   step: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+  def replica_step(self, batch: Batch, step: tf.Tensor
+                   ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """Trains on one replica's batch with the gradient of the weighted sum.
 
     Returns:
-      ([T] global-batch losses, whether the step was applied: all losses
-      and gradients finite; with float16 loss scaling only the losses are
-      checked, gradient overflow being the loss-scale optimizer's).
+      ([T] global-batch losses, the [T] loss weights used, whether the
+      step was applied: all losses and gradients finite; with float16 loss
+      scaling only the losses are checked, gradient overflow being the
+      loss-scale optimizer's).
     """
     batch, counts = self._prepare(batch)
-    gradients, per_task, weighting_gradients = self._sum_pass(batch, counts,
-                                                              step)
+    gradients, per_task, weights, weighting_gradients = self._sum_pass(
+        batch, counts, step)
     gradients, losses, finite = plumbing.reduce_and_check(
         gradients, per_task, check_gradients=not self._scales_losses)
     self._update_weighting(weighting_gradients, per_task, batch, finite,
                            gradients)
     plumbing.apply_if(self._optimizer, gradients, self._all_variables(),
                       finite if self._skip_nonfinite else None)
-    return losses, finite
+    return losses, weights, finite
 
-  def aggregated_replica_step(self, batch: Batch, step: tf.Tensor
-                              ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+  def aggregated_replica_step(
+      self, batch: Batch, step: tf.Tensor
+  ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
     """Trains with gradient aggregation.
 
     Returns:
-      ([T] losses, the conflict share, whether the step was applied).
+      ([T] losses, the [T] loss weights used, the conflict share, whether
+      the step was applied).
     """
     batch, counts = self._prepare(batch)
     shared = self._model.shared_variables
     own = self._own_variables()
-    local, per_task, weighting_gradients = self._task_pass(batch, counts,
-                                                           step)
+    local, per_task, weights, weighting_gradients = self._task_pass(
+        batch, counts, step)
     num_tasks = len(self._tasks)
     num_shared = plumbing.size(shared)
     # One all-reduce for the task gradients, the rest and the loss shares.
@@ -197,10 +206,11 @@ class JointStep:
                                       shared)
     plumbing.apply_if(self._optimizer, shared_grads + own_grads, shared + own,
                       finite if self._skip_nonfinite else None)
-    return losses, aggregators.conflict_share(matrix), finite
+    return losses, weights, aggregators.conflict_share(matrix), finite
 
-  def rep_grad_replica_step(self, batch: Batch, step: tf.Tensor
-                            ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+  def rep_grad_replica_step(
+      self, batch: Batch, step: tf.Tensor
+  ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
     """MGDA-UB style: coefficients from gradients at the representation.
 
     Each task's gradient with respect to the shared representation z is
@@ -211,7 +221,8 @@ class JointStep:
     variables get their own task's gradient.
 
     Returns:
-      ([T] losses, the conflict share, whether the step was applied).
+      ([T] losses, the [T] loss weights used, the conflict share, whether
+      the step was applied).
     """
     batch, counts = self._prepare(batch)
     shared = self._model.shared_variables
@@ -249,7 +260,8 @@ class JointStep:
                            gradients)
     plumbing.apply_if(self._optimizer, gradients, shared + own,
                       finite if self._skip_nonfinite else None)
-    return losses, aggregators.conflict_share_from_gram(gram), finite
+    return (losses, terms.weights, aggregators.conflict_share_from_gram(gram),
+            finite)
 
   # Forward and backward passes: this replica's data, no collective.
 
@@ -281,28 +293,35 @@ class JointStep:
         self._partial_labels, global_counts, check_labels=False)
     regularization = losses_lib.regularization(
         self._model.regularization_losses())
-    objective = self._weighting.objective(per_task, step) + regularization
+    global_losses = None
+    if self._weighting.needs_losses:  # Constants of the backward pass.
+      global_losses = tf.stop_gradient(
+          tf.distribute.get_replica_context().all_reduce(
+              tf.distribute.ReduceOp.SUM, per_task))
+    weights = self._weighting.weights(step, global_losses)
+    objective = (self._weighting.objective(per_task, step, global_losses) +
+                 regularization)
     num_tasks = len(self._tasks)
     weighted = unweighted = []
     if surgery:
-      weighted_losses = self._weighting.weights(step) * per_task
+      weighted_losses = weights * per_task
       weighted = [self._scaled(weighted_losses[i]) for i in range(num_tasks)]
     if surgery or self._weighting.needs_task_gradients:
       unweighted = [self._scaled(per_task[i]) for i in range(num_tasks)]
     return _Terms(representation=representation, per_task=per_task,
-                  weighted=weighted, unweighted=unweighted,
+                  weights=weights, weighted=weighted, unweighted=unweighted,
                   regularization=self._scaled(regularization),
                   objective=self._scaled(objective))
 
   def _sum_backward(self, batch: Batch, global_counts: Optional[tf.Tensor],
                     step: tf.Tensor
-                    ) -> tuple[list[tf.Tensor], tf.Tensor,
+                    ) -> tuple[list[tf.Tensor], tf.Tensor, tf.Tensor,
                                Optional[tf.Tensor]]:
     """This replica's forward and backward pass for a `SUM` aggregator.
 
     Returns:
-      (gradients of the objective, [T] loss shares, GradNorm's task
-      gradients or None).
+      (gradients of the objective, [T] loss shares, [T] loss weights,
+      GradNorm's task gradients or None).
     """
     with tf.GradientTape(
         persistent=self._weighting.needs_task_gradients) as tape:
@@ -310,20 +329,22 @@ class JointStep:
     gradients = tape.gradient(
         terms.objective, self._all_variables(),
         unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    return (self._unscaled(gradients), terms.per_task,
+    return (self._unscaled(gradients), terms.per_task, terms.weights,
             self._weighting_gradients(tape, terms.unweighted))
 
   def _task_backward(self, batch: Batch, global_counts: Optional[tf.Tensor],
                      step: tf.Tensor
-                     ) -> tuple[tf.Tensor, tf.Tensor, Optional[tf.Tensor]]:
+                     ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor,
+                                Optional[tf.Tensor]]:
     """This replica's forward and backward pass for gradient aggregation.
 
     Returns:
-      (local, per_task, weighting gradients): local concatenates each
+      (local, per_task, weights, weighting gradients): local concatenates each
       task's flattened gradient of the shared variables, then the flattened
       gradient of everything else (the tasks' own variables, learned loss
       weights, the shared variables' regularization); per_task holds the
-      [T] loss shares; GradNorm's task gradients or None.
+      [T] loss shares; weights the [T] loss weights; GradNorm's task
+      gradients or None.
     """
     shared = self._model.shared_variables
     own = self._own_variables()
@@ -338,7 +359,7 @@ class JointStep:
         tape.gradient(terms.regularization, shared,
                       unconnected_gradients=zero))
     local = self._unscaled([tf.concat(task_grads + [rest], axis=0)])[0]
-    return (local, terms.per_task,
+    return (local, terms.per_task, terms.weights,
             self._weighting_gradients(tape, terms.unweighted))
 
   # Helpers.

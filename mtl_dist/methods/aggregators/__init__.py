@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Any
+from typing import Any, Optional, Union
 
+import numpy as np
 import tensorflow as tf
 
 from mtl_dist.methods import registry
@@ -43,7 +44,8 @@ def create(name: str, num_tasks: int, seed: int = 0, **options: Any):
 
 
 def aggregate(name: str, matrix: Any, *, step: int = 0, seed: int = 0,
-              **options: Any) -> tf.Tensor:
+              state: Optional[dict[str, Any]] = None, **options: Any
+              ) -> Union[tf.Tensor, tuple[tf.Tensor, dict[str, np.ndarray]]]:
   """The update direction of aggregator `name` for a [T, P] task Jacobian.
 
   The function the joint step calls, usable on its own as TorchJD's
@@ -54,11 +56,14 @@ def aggregate(name: str, matrix: Any, *, step: int = 0, seed: int = 0,
     matrix: [T, P] task gradients (row i: task i's gradient), float32.
     step: The step number of the draw.
     seed: The run's seed.
+    state: A stateful method's state (its variables by name), as returned
+      by an earlier call; None: a fresh one.
     **options: The method's options by their own names, e.g. `c=0.4` for
       CAGrad.
 
   Returns:
-    The [P] float32 update.
+    The [P] float32 update; for a method with state, (update, its state
+    after this step).
 
   Raises:
     ValueError: For an unknown name or option, or a matrix that is not
@@ -69,4 +74,13 @@ def aggregate(name: str, matrix: Any, *, step: int = 0, seed: int = 0,
     raise ValueError(f"aggregate() needs a [T, P] matrix of task gradients, "
                      f"got shape {matrix.shape}")
   aggregator = create(name, int(matrix.shape[0]), seed, **options)
-  return aggregator(matrix, tf.constant(step, tf.int64))
+  variables = {v.name.split(":")[0]: v for v in aggregator.variables}
+  for key, value in (state or {}).items():
+    if key not in variables:
+      raise ValueError(f"aggregator {name!r} has no state {key!r} (its "
+                       f"state: {', '.join(sorted(variables)) or 'none'})")
+    variables[key].assign(value)
+  direction = aggregator(matrix, tf.constant(step, tf.int64))
+  if not variables:
+    return direction
+  return direction, {key: v.numpy() for key, v in variables.items()}

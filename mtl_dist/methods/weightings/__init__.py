@@ -111,7 +111,8 @@ def loss_weights(
                          f"state: {', '.join(sorted(variables)) or 'none'})")
       variables[key].assign(value)
   step_tensor = tf.constant(step, tf.int64)
-  weights = tf.identity(weighting.weights(step_tensor))
+  weights = tf.identity(weighting.weights(
+      step_tensor, losses if weighting.needs_losses else None))
   if weighting.needs_task_gradients:
     if task_gradients is None:
       raise ValueError(f"weighting {name!r} needs task_gradients, the [T, |W|] "

@@ -8,9 +8,12 @@ exactly. Everything it sees is global (all-reduced), so every replica
 computes the same weights.
 
 Hooks, each a no-op unless a method needs it:
-- `weights(step)`: the step's weights, known before its forward pass;
-- `objective(per_task, step)`: this replica's share of the weighted
-  objective (weights times losses, plus any term of the method's own);
+- `weights(step, losses)`: the step's weights; `losses` are this step's
+  global-batch task losses for a method that declares `needs_losses` (the
+  step all-reduces them inside its forward pass, as constants of the
+  backward pass), else None and the weights are known beforehand;
+- `objective(per_task, step, losses)`: this replica's share of the
+  weighted objective (weights times losses, plus any term of its own);
 - `trainable`: variables the model's optimizer trains with the model;
 - `needs_task_gradients` / `task_gradients` / `replica_update`: methods
   that look at each task's gradient at the last shared layer (GradNorm);
@@ -48,6 +51,10 @@ class LossWeighting(tf.Module):
   summary: ClassVar[str]  # A few words for --helpfull.
   options: ClassVar[tuple[registry.Option, ...]] = ()
   needs_task_gradients: ClassVar[bool] = False
+  # Whether `weights` needs the step's global-batch losses (then the step
+  # all-reduces them between forward and backward pass: not compilable
+  # with --jit_compile).
+  needs_losses: ClassVar[bool] = False
 
   def __init__(self, tasks: Sequence[Task], seed: int = 0):
     """Creates the weighting (subclasses create their state here).
@@ -70,22 +77,31 @@ class LossWeighting(tf.Module):
     """Variables the model's optimizer trains with the model."""
     return []
 
-  def weights(self, step: tf.Tensor) -> tf.Tensor:
-    """The [T] multipliers of the task losses at `step` (int64, 0-based)."""
+  def weights(self, step: tf.Tensor,
+              losses: Optional[tf.Tensor] = None) -> tf.Tensor:
+    """The [T] multipliers of the task losses at `step` (int64, 0-based).
+
+    Args:
+      step: The step.
+      losses: With `needs_losses`, the step's [T] global-batch losses (no
+        gradient flows through them); else None.
+    """
     raise NotImplementedError(f"{type(self).__name__} defines no weights")
 
-  def objective(self, per_task: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
+  def objective(self, per_task: tf.Tensor, step: tf.Tensor,
+                losses: Optional[tf.Tensor] = None) -> tf.Tensor:
     """This replica's share of the weighted objective.
 
     Args:
       per_task: [T] this replica's shares of the task losses (they sum over
         replicas to the global-batch losses).
       step: The step.
+      losses: As for `weights`.
 
     Returns:
       A scalar whose sum over replicas is the objective.
     """
-    return tf.reduce_sum(self.weights(step) * per_task)
+    return tf.reduce_sum(self.weights(step, losses) * per_task)
 
   def task_gradients(self, tape: tf.GradientTape,
                      task_terms: Sequence[tf.Tensor],

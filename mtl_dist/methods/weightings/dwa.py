@@ -8,7 +8,7 @@ until two windows are complete.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import tensorflow as tf
 
@@ -40,8 +40,9 @@ class DWA(base.LossWeighting):
     self.complete_windows = base.state_variable("complete_windows", [],
                                                 tf.int64)
 
-  def weights(self, step: tf.Tensor) -> tf.Tensor:
-    del step
+  def weights(self, step: tf.Tensor,
+              losses: Optional[tf.Tensor] = None) -> tf.Tensor:
+    del step, losses
     ratios = self.last_means[0] / tf.maximum(self.last_means[1], 1e-12)
     dynamic = self.num_tasks * tf.nn.softmax(ratios / self._temperature)
     return tf.where(self.complete_windows >= 2, dynamic,

@@ -109,8 +109,9 @@ class GradNorm(base.LossWeighting):
     self.adam_moments = state("adam_moments", [2, self.num_tasks])
     self.updates = state("updates", [], tf.int64)
 
-  def weights(self, step: tf.Tensor) -> tf.Tensor:
-    del step
+  def weights(self, step: tf.Tensor,
+              losses: Optional[tf.Tensor] = None) -> tf.Tensor:
+    del step, losses
     return self.task_weights.read_value()
 
   def replica_update(self, task_gradients: Optional[tf.Tensor],

@@ -9,6 +9,8 @@ every replica and worker, and a resumed run, uses the same weights.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import tensorflow as tf
 
 from mtl_dist.methods import registry
@@ -27,6 +29,8 @@ class RLW(base.LossWeighting):
   name = "rlw"
   summary = "random weights each step, Lin et al. 2022"
 
-  def weights(self, step: tf.Tensor) -> tf.Tensor:
+  def weights(self, step: tf.Tensor,
+              losses: Optional[tf.Tensor] = None) -> tf.Tensor:
+    del losses
     return rlw_weights(self.num_tasks, tf.stack(
         [tf.constant(self.seed, tf.int64), tf.cast(step, tf.int64)]))

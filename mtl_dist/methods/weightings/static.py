@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import tensorflow as tf
 
@@ -21,6 +21,7 @@ class Static(base.LossWeighting):
     super().__init__(tasks, seed)
     self._static = tf.constant([task.weight for task in tasks], tf.float32)
 
-  def weights(self, step: tf.Tensor) -> tf.Tensor:
-    del step
+  def weights(self, step: tf.Tensor,
+              losses: Optional[tf.Tensor] = None) -> tf.Tensor:
+    del step, losses
     return self._static

@@ -7,7 +7,7 @@ classification. The total can go negative; that is expected.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import tensorflow as tf
 
@@ -34,11 +34,14 @@ class Uncertainty(base.LossWeighting):
   def trainable(self) -> list[tf.Variable]:
     return [self.log_variances]
 
-  def weights(self, step: tf.Tensor) -> tf.Tensor:
-    del step
+  def weights(self, step: tf.Tensor,
+              losses: Optional[tf.Tensor] = None) -> tf.Tensor:
+    del step, losses
     return self._regression_half * tf.exp(-self.log_variances)
 
-  def objective(self, per_task: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
+  def objective(self, per_task: tf.Tensor, step: tf.Tensor,
+                losses: Optional[tf.Tensor] = None) -> tf.Tensor:
+    del losses
     replicas = tf.distribute.get_replica_context().num_replicas_in_sync
     return (tf.reduce_sum(self.weights(step) * per_task) +
             0.5 * tf.reduce_sum(self.log_variances) / replicas)

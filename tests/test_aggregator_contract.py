@@ -1,0 +1,56 @@
+"""The aggregator contract for a method with state, as a function.
+
+`mtl_dist.aggregate` takes and returns a stateful method's state, as the
+step keeps it in its checkpointed variables. Checked with an aggregator
+defined here: the sum of running means of each task's gradient.
+"""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import mtl_dist
+from mtl_dist.methods import registry
+from mtl_dist.methods.aggregators import base
+
+
+class _RunningMean(base.Aggregator):
+  """sum_i m_i, m_i <- 0.5 m_i + 0.5 g_i, m starting at 0."""
+
+  name = "test_running_mean"
+  summary = "a test aggregator"
+
+  def __init__(self, num_tasks: int, seed: int = 0):
+    super().__init__(num_tasks, seed)
+    self.means = tf.Variable(tf.zeros([num_tasks, 0]), name="means",
+                             shape=tf.TensorShape([num_tasks, None]),
+                             trainable=False)
+
+  def __call__(self, jacobian: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
+    del step
+    previous = tf.cond(tf.size(self.means) > 0, lambda: self.means.value(),
+                       lambda: tf.zeros_like(jacobian))
+    self.means.assign(0.5 * previous + 0.5 * jacobian)
+    return tf.reduce_sum(self.means, axis=0)
+
+
+if _RunningMean.name not in registry.AGGREGATORS.names():
+  registry.AGGREGATORS.register(_RunningMean)
+
+
+def test_state_is_taken_and_returned():
+  first = np.array([[2.0, 0.0], [0.0, 4.0]], np.float32)
+  second = np.array([[4.0, 0.0], [0.0, 0.0]], np.float32)
+  update, state = mtl_dist.aggregate(_RunningMean.name, first)
+  np.testing.assert_allclose(update, [1.0, 2.0])
+  np.testing.assert_allclose(state["means"], 0.5 * first)
+  update, state = mtl_dist.aggregate(_RunningMean.name, second, state=state)
+  np.testing.assert_allclose(update, [2.5, 1.0])  # 0.25 g1 + 0.5 g2, summed.
+  with pytest.raises(ValueError, match="no state 'velocity'"):
+    mtl_dist.aggregate(_RunningMean.name, first, state={"velocity": first})
+
+
+def test_a_stateless_method_returns_the_update_alone():
+  got = mtl_dist.aggregate("sum", np.ones((2, 3), np.float32))
+  assert isinstance(got, tf.Tensor)
+  np.testing.assert_allclose(got, [2.0, 2.0, 2.0])
