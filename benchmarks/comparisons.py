@@ -214,10 +214,11 @@ def input_pipeline(settings: harness.Settings,
                        "x": "tfds:mtl_bench_shapes:x"},
         data_dir=data_dir, input_key="image")
     config.validate()
-    files = data_lib.load(config)
+    files = data_lib.load(config.data_config())
     # TFDS's own per-example parsing and decoding (what the batched path
     # replaced), for the record.
-    per_example = tfds.load_alternate(config, batched_parsing=False)
+    per_example = tfds.load_alternate(config.data_config(),
+                                      batched_parsing=False)
     # The same decoded images, held in memory.
     images, labels = _shapes(examples)
     images = np.round(images * 255).astype(np.float32) / 255

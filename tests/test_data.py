@@ -139,3 +139,9 @@ def test_toy_regression_follows_its_formula():
   np.testing.assert_allclose(np.array(scales) / scales[0],
                              np.array(toy_regression.SIGMAS), rtol=0.1)
   assert toy_regression.SIGMAS[-1] / toy_regression.SIGMAS[0] == 100.0
+
+
+def test_load_takes_the_data_section_only():
+  config = mtl_dist.TrainConfig(model_dir="unused")
+  with pytest.raises(TypeError, match="DataConfig"):
+    data_lib.load(config)

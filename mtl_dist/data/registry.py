@@ -22,14 +22,18 @@ def load(config: settings.DataConfig) -> sources.MultiTaskData:
   """Loads the dataset named by `config.dataset` for the configured mode.
 
   Args:
-    config: A validated run configuration.
+    config: The run's data section (`TrainConfig.data_config()`).
 
   Returns:
     The run's data.
 
   Raises:
     ConfigError: For an unknown dataset or task.
+    TypeError: For a `config` that is not a `DataConfig`.
   """
+  if not isinstance(config, settings.DataConfig):
+    raise TypeError(f"load() takes the data section (a DataConfig, e.g. "
+                    f"TrainConfig.data_config()), not {type(config).__name__}")
   if config.uses_tfds:
     from mtl_dist.data import tfds  # pylint: disable=g-import-not-at-top
     if config.mode == "joint":
