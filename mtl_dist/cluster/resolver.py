@@ -121,7 +121,7 @@ def _read_tf_config() -> dict:
     spec = json.loads(text)
   except json.JSONDecodeError as e:
     raise errors.ConfigError(f"TF_CONFIG is not JSON ({e}): "
-                                 f"{text[:200]}") from None
+                             f"{text[:200]}") from None
   if not (isinstance(spec, dict) and isinstance(spec.get("cluster"), dict) and
           all(isinstance(v, list) for v in spec["cluster"].values())):
     raise errors.ConfigError(

@@ -71,7 +71,7 @@ def check(data: sources.MultiTaskData, partial_labels: bool) -> None:
       where = f"{split} data of task(s) {names}"
       if source.num_examples <= 0:
         raise errors.ConfigError(f"{where}: no examples (an empty "
-                                     "dataset or split)")
+                                 "dataset or split)")
       if source.arrays is not None:
         features, labels = source.arrays
       else:
@@ -91,7 +91,7 @@ def check(data: sources.MultiTaskData, partial_labels: bool) -> None:
         bad = int(np.sum(~np.isfinite(features).reshape(len(features), -1)
                          .all(axis=1)))
         raise errors.ConfigError(f"{where}: {bad} example(s) have NaN or "
-                                     "Inf inputs")
+                                 "Inf inputs")
       for name in source.task_names:
         _check_labels(specs[name], labels, where, partial_labels,
                       whole=source.arrays is not None)
@@ -103,7 +103,7 @@ def _first_examples(source: sources.ExampleSource, where: str):
     batch = next(iter(source.make_dataset().batch(_FIRST_BATCH).take(1)))
   except StopIteration:
     raise errors.ConfigError(f"{where}: no examples (an empty dataset or "
-                                 "split)") from None
+                             "split)") from None
   except tf.errors.OpError as e:
     raise errors.ConfigError(
         f"{where}: cannot read a first batch ({type(e).__name__}: "
@@ -117,7 +117,7 @@ def _check_labels(task: tasks_lib.TaskSpec, labels: dict[str, np.ndarray],
   """One task's labels: classes in range, targets finite, some labelled."""
   if task.name not in labels:
     raise errors.ConfigError(f"{where}: the examples carry no labels of "
-                                 f"task {task.name!r}")
+                             f"task {task.name!r}")
   values = labels[task.name]
   masked = np.zeros(len(values), bool)
   if task.mask_key in labels:

@@ -88,8 +88,9 @@ def _global_index_stream(num_examples: int, seed: int,
           .flat_map(epoch_indices).skip(skip))
 
 
-def distribute_train(strategy: tf.distribute.Strategy, source: sources.ExampleSource,
-                     global_batch_size: int, seed: int, start_step: int = 0,
+def distribute_train(strategy: tf.distribute.Strategy,
+                     source: sources.ExampleSource, global_batch_size: int,
+                     seed: int, start_step: int = 0,
                      exact_resume: bool = False
                     ) -> tf.distribute.DistributedDataset:
   """An endless, shuffled training pipeline for one source.
@@ -122,8 +123,8 @@ def distribute_train(strategy: tf.distribute.Strategy, source: sources.ExampleSo
     per_replica, batches = _replica_batches_per_step(ctx, global_batch_size)
     own = per_replica * batches  # This pipeline's share of a global batch.
     offset = ctx.input_pipeline_id * own
-    features, labels = (tf.constant(source.arrays[0]),
-                        {k: tf.constant(v) for k, v in source.arrays[1].items()})
+    features = tf.constant(source.arrays[0])
+    labels = {k: tf.constant(v) for k, v in source.arrays[1].items()}
 
     def gather(indices: tf.Tensor):
       return (tf.gather(features, indices),
@@ -168,8 +169,8 @@ def distribute_train(strategy: tf.distribute.Strategy, source: sources.ExampleSo
                                                     input_options(strategy))
 
 
-def distribute_eval(strategy: tf.distribute.Strategy, source: sources.ExampleSource,
-                    global_batch_size: int,
+def distribute_eval(strategy: tf.distribute.Strategy,
+                    source: sources.ExampleSource, global_batch_size: int,
                     max_batches: int) -> tf.distribute.DistributedDataset:
   """A finite evaluation pipeline: the whole source, or `max_batches` batches.
 

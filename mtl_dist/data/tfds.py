@@ -260,9 +260,9 @@ def _batch_parser(dataset: _TfdsDataset, paths: Sequence[str]):
 
 
 def _preprocessing(config: settings.DataConfig) -> tfds_features.Preprocessing:
-  return tfds_features.Preprocessing(config.input_key,
-                        tuple(config.image_size) if config.image_size else None,
-                        config.channels)
+  image_size = tuple(config.image_size) if config.image_size else None
+  return tfds_features.Preprocessing(config.input_key, image_size,
+                                     config.channels)
 
 
 def load_joint(config: settings.DataConfig,

@@ -296,9 +296,9 @@ class Trainer:
     """Runs `num_steps` steps in one tf.function call.
 
     A step whose loss or gradient is not finite (on any replica) changes
-    nothing; such steps are reported in the result's `skipped`. With loss scaling
-    only the losses count here: the LossScaleOptimizer skips a step whose
-    gradients overflowed by itself, unreported.
+    nothing; such steps are reported in the result's `skipped`. With loss
+    scaling only the losses count here: the LossScaleOptimizer skips a step
+    whose gradients overflowed by itself, unreported.
 
     Args:
       iterators: Joint mode: one iterator over examples labelled for every
@@ -341,10 +341,9 @@ def _create_methods(tasks: Sequence[tasks_lib.TaskSpec], weighting: str,
   Raises:
     ValueError: For an unknown method, or an option of another method.
   """
-  allowed = {f"{method}_{option.name}"
-             for method, cls in ((weighting, registry.WEIGHTINGS.get(weighting)),
-                                 (aggregator,
-                                  registry.AGGREGATORS.get(aggregator)))
+  chosen = ((weighting, registry.WEIGHTINGS.get(weighting)),
+            (aggregator, registry.AGGREGATORS.get(aggregator)))
+  allowed = {f"{method}_{option.name}" for method, cls in chosen
              for option in cls.options}
   unknown = sorted(set(options) - allowed)
   if unknown:

@@ -153,7 +153,7 @@ def predict(export_dir: str, inputs: np.ndarray,
   """
   if not tf.saved_model.contains_saved_model(export_dir):
     raise errors.ConfigError(f"--export_dir={export_dir}: holds no "
-                                 "SavedModel")
+                             "SavedModel")
   loaded = tf.saved_model.load(export_dir)
   if signature not in loaded.signatures:
     raise errors.ConfigError(
@@ -174,7 +174,7 @@ def predict(export_dir: str, inputs: np.ndarray,
         f"the inputs are {inputs.dtype}: the model takes {spec.dtype.name}")
   if batch_size <= 0:
     raise errors.ConfigError(f"--batch_size={batch_size}: must be "
-                                 "positive")
+                             "positive")
   parts: dict[str, list[np.ndarray]] = {}
   for start in range(0, len(inputs), batch_size):
     batch = tf.constant(inputs[start:start + batch_size].astype(wanted))
@@ -198,7 +198,7 @@ def load_inputs(path: str) -> np.ndarray:
   except (OSError, ValueError, tf.errors.OpError) as e:
     reason = getattr(e, "message", None) or str(e)
     raise errors.ConfigError(f"--input={path}: cannot be read as .npy "
-                                 f"({reason})") from None
+                             f"({reason})") from None
 
 
 def write_predictions(path: str, predictions: dict[str, np.ndarray]) -> None:
@@ -219,7 +219,7 @@ def write_predictions(path: str, predictions: dict[str, np.ndarray]) -> None:
         + "\n" for i in range(count)), "w"
   else:
     raise errors.ConfigError(f"--output={path}: must end in .npz or "
-                                 ".jsonl")
+                             ".jsonl")
   partial = path + ".partial"  # A reader never sees half a file.
   with tf.io.gfile.GFile(partial, mode) as f:
     f.write(content)

@@ -32,7 +32,7 @@ def _read_metrics(model_dir: str) -> list[dict[str, Any]]:
   path = os.path.join(model_dir, run_files.METRICS_FILE)
   if not tf.io.gfile.exists(path):
     raise errors.ConfigError(f"--model_dir={model_dir}: has no "
-                                 "metrics.jsonl; is it an mtl-train run?")
+                             "metrics.jsonl; is it an mtl-train run?")
   return run_files.read_json_lines(path)
 
 
@@ -53,7 +53,7 @@ def write_report(model_dir: str, output: Optional[str] = None) -> str:
     from matplotlib import figure  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise errors.ConfigError("the report needs matplotlib: pip install "
-                                 "\"mtl_dist[report]\"") from None
+                             "\"mtl_dist[report]\"") from None
   records = _read_metrics(model_dir)
   # The sidecar's evaluations count as eval records too.
   records += [dict(r, split="sidecar") for r in sidecar.read_evaluations(

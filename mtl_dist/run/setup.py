@@ -26,6 +26,7 @@ from mtl_dist.loop import trainer as trainer_lib
 from mtl_dist.methods import optimizers as optimizers_lib
 from mtl_dist.methods import schedules
 from mtl_dist.model import hps as model_lib
+from mtl_dist.model import spec as model_spec
 from mtl_dist.run import config as config_lib
 from mtl_dist.run import delta_m as delta_m_lib
 from mtl_dist.run import saved_run
@@ -33,7 +34,7 @@ from mtl_dist.run import saved_run
 CHECKPOINT_SUBDIR = saved_run.CHECKPOINT_SUBDIR
 
 
-def build_model(strategy: tf.distribute.Strategy, spec: saved_run.ModelSpec,
+def build_model(strategy: tf.distribute.Strategy, spec: model_spec.ModelSpec,
                 trunk_fn: Optional[model_lib.TrunkFn],
                 head_fn: Optional[model_lib.HeadFn]
                 ) -> model_lib.SharedTrunkModel:
@@ -105,10 +106,10 @@ class Run:
       self.data = _user_data(data, config)
     data_lib.check_layout(self.data, config.mode)
     data_lib.check(self.data, self.data.partial_labels or config.partial_labels)
-    self.model_spec = saved_run.ModelSpec(
+    self.model_spec = model_spec.ModelSpec(
         tasks=self.data.tasks, input_shape=tuple(self.data.input_shape),
         input_dtype=data_lib.input_dtype(self.data).name,
-        trunk=saved_run.CUSTOM if trunk_fn else config.trunk,
+        trunk=model_spec.CUSTOM if trunk_fn else config.trunk,
         trunk_width=config.trunk_width, trunk_depth=config.trunk_depth,
         mixed_precision=config.mixed_precision,
         custom_heads=head_fn is not None, custom_data=data is not None,

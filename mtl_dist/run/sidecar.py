@@ -166,7 +166,7 @@ def evaluate(model_dir: str, *, checkpoint: Optional[str] = None,
   """
   if watch and checkpoint is not None:
     raise errors.ConfigError(f"--checkpoint={checkpoint}: cannot be "
-                                 "combined with --watch")
+                             "combined with --watch")
   if watch:  # A sidecar may start before the training job has begun.
     _wait_for(os.path.join(model_dir, saved_run.MODEL_FILE), poll_seconds,
               timeout)

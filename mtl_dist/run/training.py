@@ -106,7 +106,7 @@ def _train(run: setup.Run) -> dict[str, Any]:
     logging.info("Resuming from %s at step %d.", run.restored_from, start_step)
   checkpointer = run.checkpointer
   writer = run_files.MetricsWriter(config.model_dir, config.train_steps,
-                                 start_step, active=run.chief)
+                                   start_step, active=run.chief)
   task_names = [task.name for task in trainer.tasks]
   # Each pipeline starts where the restored run left it: a joint pipeline
   # has served one batch per step, a task's pipeline one per step of its task.
@@ -201,7 +201,7 @@ def _train(run: setup.Run) -> dict[str, Any]:
     logging.info("Wrote %s", path)
     if config.export_dir:
       export_lib.export_run(config.model_dir, config.export_dir,
-                         trunk_fn=run.trunk_fn, head_fn=run.head_fn)
+                            trunk_fn=run.trunk_fn, head_fn=run.head_fn)
   return summary
 
 

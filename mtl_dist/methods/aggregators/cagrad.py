@@ -34,8 +34,8 @@ def cagrad_weights(gram: tf.Tensor, c: float) -> tf.Tensor:
   num_tasks = gram.shape[0]
   gram = tf.cast(gram, tf.float32)
   g0_norm = tf.sqrt(tf.maximum(tf.reduce_sum(gram), 0.0)) / num_tasks
-  weights, _ = simplex.simplex_barrier(gram, tf.reduce_sum(gram, axis=1) / num_tasks,
-                               c * g0_norm, False)
+  weights, _ = simplex.simplex_barrier(
+      gram, tf.reduce_sum(gram, axis=1) / num_tasks, c * g0_norm, False)
   return tf.cast(weights, tf.float32)
 
 

@@ -1,4 +1,4 @@
-"""`mgda`: MGDA (Sener & Koltun 2018), the min-norm point of the gradients' hull.
+"""`mgda`: MGDA (Sener & Koltun 2018), the min-norm point of the gradients.
 
 The update is g_w = sum_i w_i g_i with w minimising |g_w| over the task
 simplex: the common descent direction of every task (zero when the origin is

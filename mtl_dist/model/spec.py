@@ -1,0 +1,104 @@
+"""How a run's model is built, as data: what model.json holds.
+
+Training builds its model from a `ModelSpec`, writes it as `model.json`,
+and the sidecar and the exporter rebuild the same model from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import tensorflow as tf
+
+from mtl_dist import errors
+from mtl_dist import tasks as tasks_lib
+from mtl_dist.model import hps
+
+CUSTOM = "custom"  # A trunk or heads made by user code, not by flags.
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """How a run's model was built.
+
+  Attributes:
+    tasks: The tasks, in order. A task trained with a loss function has
+      `loss=None` here and is listed in `custom_losses`.
+    input_shape: Shape of one example.
+    input_dtype: The inputs' dtype name.
+    trunk: "mlp", "conv", or "custom" (a user's `trunk_fn`).
+    trunk_width: Units or filters per built-in trunk layer.
+    trunk_depth: Built-in trunk layers.
+    mixed_precision: The built-in trunk's compute dtype ("none" for float32).
+    custom_heads: Whether the heads came from a user's `head_fn`.
+    custom_data: Whether the run was given its data from Python (so the
+      launchers cannot load it again).
+    custom_losses: Tasks trained with a loss function.
+  """
+
+  tasks: tuple[tasks_lib.TaskSpec, ...]
+  input_shape: tuple[int, ...]
+  input_dtype: str = "float32"
+  trunk: str = "mlp"
+  trunk_width: int = 256
+  trunk_depth: int = 2
+  mixed_precision: str = "none"
+  custom_heads: bool = False
+  custom_data: bool = False
+  custom_losses: tuple[str, ...] = ()
+
+  def to_json(self) -> dict[str, Any]:
+    """The spec as JSON values (a loss function becomes "custom")."""
+    value = dataclasses.asdict(self)
+    value["tasks"] = [dict(dataclasses.asdict(task), loss=task.loss_name)
+                      for task in self.tasks]
+    return value
+
+  @classmethod
+  def from_json(cls, value: dict[str, Any]) -> "ModelSpec":
+    """The spec `to_json` wrote.
+
+    Raises:
+      KeyError, TypeError, ValueError: If `value` is not such a spec.
+    """
+    tasks = []
+    for task in value["tasks"]:
+      task = dict(task)
+      if task.get("loss") == tasks_lib.CUSTOM_LOSS:
+        task["loss"] = None
+      if task.get("metrics") is not None:
+        task["metrics"] = tuple(task["metrics"])
+      tasks.append(tasks_lib.TaskSpec(**task))
+    value = dict(value, tasks=tuple(tasks),
+                 input_shape=tuple(value["input_shape"]),
+                 custom_losses=tuple(value.get("custom_losses", ())))
+    return cls(**value)
+
+  def build(self, trunk_fn: Optional[hps.TrunkFn] = None,
+            head_fn: Optional[hps.HeadFn] = None
+            ) -> hps.SharedTrunkModel:
+    """Builds the model (call inside a strategy's scope to distribute it).
+
+    Args:
+      trunk_fn: Makes the trunk of a run trained with a user trunk.
+      head_fn: Makes the heads of a run trained with user heads.
+
+    Raises:
+      ConfigError: If the run used a user trunk or heads and the matching
+        function is not given.
+    """
+    if self.trunk == CUSTOM and trunk_fn is None:
+      raise errors.ConfigError(
+          "the run was trained with a trunk made in Python (trunk_fn); "
+          "rebuild it from Python with the same trunk_fn (see docs/api.md)")
+    if self.custom_heads and head_fn is None:
+      raise errors.ConfigError(
+          "the run was trained with heads made in Python (head_fn); rebuild "
+          "it from Python with the same head_fn (see docs/api.md)")
+    return hps.build_model(
+        self.tasks, self.input_shape,
+        trunk=trunk_fn if self.trunk == CUSTOM else self.trunk,
+        trunk_width=self.trunk_width, trunk_depth=self.trunk_depth,
+        mixed_precision=self.mixed_precision, head_fn=head_fn,
+        input_dtype=tf.as_dtype(self.input_dtype))
