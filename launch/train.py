@@ -292,27 +292,27 @@ def _key_values(flag: str, parse_value: Callable[[str], Any]):
   return lambda text: mtl_dist.parse_key_values(text, flag, parse_value)
 
 
-# Flags whose text is not the TrainConfig field's value as it stands.
+# Flags whose text is not the TrainConfig field's value as it stands, in the
+# order they are parsed (the first malformed one is reported).
 _PARSED = {
+    "baselines": _key_values("baselines", str),
+    "profile_steps": _integers("profile_steps", "A,B step numbers"),
+    "task_datasets": _key_values("task_datasets", str),
+    "image_size": _integers("image_size", "HEIGHT,WIDTH integers"),
     "task_weights": _key_values("task_weights", float),
     "task_sizes": _key_values("task_sizes", int),
     "label_fraction": _key_values("label_fraction", float),
-    "baselines": _key_values("baselines", str),
-    "task_datasets": _key_values("task_datasets", str),
-    "image_size": _integers("image_size", "HEIGHT,WIDTH integers"),
-    "profile_steps": _integers("profile_steps", "A,B step numbers"),
 }
 
 
 def _config_from_flags() -> mtl_dist.TrainConfig:
   """The TrainConfig the flags describe: one flag per field, same name."""
-  values = {}
-  for field in dataclasses.fields(config_lib.TrainConfig):
-    value = flags.FLAGS[field.name].value
-    if value is not None and field.name in _PARSED:
-      value = _PARSED[field.name](value)
-    values[field.name] = value
-  return mtl_dist.TrainConfig(**values)
+  parsed = {name: parse(flags.FLAGS[name].value)
+            for name, parse in _PARSED.items()
+            if flags.FLAGS[name].value is not None}
+  return mtl_dist.TrainConfig(**{
+      field.name: parsed.get(field.name, flags.FLAGS[field.name].value)
+      for field in dataclasses.fields(config_lib.TrainConfig)})
 
 
 def main(argv: list[str]) -> None:

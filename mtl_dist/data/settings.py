@@ -39,6 +39,9 @@ class DataConfig:
     download: TFDS: download and prepare a dataset that is not prepared.
     image_size: TFDS: resize images to (height, width).
     channels: TFDS: convert images to 1 or 3 channels.
+    baselines: Task to the model_dir of its single-task run (Δm). Not
+      data, but a per-task setting: checked against the trained tasks with
+      the others, before any data is read.
   """
 
   dataset: str = "shapes"
@@ -58,6 +61,7 @@ class DataConfig:
   download: bool = False
   image_size: Optional[Sequence[int]] = None
   channels: Optional[int] = None
+  baselines: Optional[Mapping[str, str]] = None
 
   @classmethod
   def from_settings(cls, **given) -> "DataConfig":
@@ -78,10 +82,10 @@ class DataConfig:
     """Checks that the per-task settings name only trained tasks.
 
     Raises:
-      ConfigError: For a task in --task_weights, --task_sizes or
-        --label_fraction that is not trained.
+      ConfigError: For a task in --task_weights, --task_sizes,
+        --label_fraction or --baselines that is not trained.
     """
-    for flag in ("task_weights", "task_sizes", "label_fraction"):
+    for flag in ("task_weights", "task_sizes", "label_fraction", "baselines"):
       for task in getattr(self, flag) or {}:
         if task not in tasks:
           raise errors.ConfigError(f"--{flag}: {task!r} is not a trained "
@@ -92,7 +96,7 @@ class DataConfig:
 
     Raises:
       ConfigError: For an unknown task in --tasks, --task_weights,
-        --task_sizes or --label_fraction.
+        --task_sizes, --label_fraction or --baselines.
     """
     tasks = list(self.tasks) if self.tasks is not None else list(known_tasks)
     for task in tasks:

@@ -10,7 +10,7 @@ alone.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterator, Optional, TypeVar
+from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
 
 from mtl_dist import errors
 
@@ -53,15 +53,18 @@ class Option:
 class Registry:
   """Method classes of one kind (`aggregator` or `weighting`) by name."""
 
-  def __init__(self, kind: str, default: str):
+  def __init__(self, kind: str, first: Sequence[str]):
     """Creates an empty registry.
 
     Args:
       kind: The flag that picks a method, without dashes.
-      default: The flag's default method; listed first.
+      first: The names listed first, in this order (the flag's default,
+        then the methods it has offered longest); the rest follow
+        alphabetically.
     """
     self.kind = kind
-    self.default = default
+    self.default = first[0]
+    self._first = tuple(first)
     self._classes: dict[str, type] = {}
 
   def register(self, cls: _C) -> _C:
@@ -72,9 +75,9 @@ class Registry:
     return cls
 
   def names(self) -> tuple[str, ...]:
-    """The registered names: the default first, then alphabetical."""
-    rest = sorted(name for name in self._classes if name != self.default)
-    return (self.default, *rest)
+    """The registered names: `first`, then the others alphabetically."""
+    first = [name for name in self._first if name in self._classes]
+    return (*first, *sorted(set(self._classes) - set(first)))
 
   def get(self, name: str) -> type:
     """The class registered as `name`.
@@ -124,5 +127,12 @@ class Registry:
     return values
 
 
-AGGREGATORS = Registry("aggregator", "sum")
-WEIGHTINGS = Registry("weighting", "static")
+AGGREGATORS = Registry("aggregator", ("sum", "pcgrad", "cagrad", "mgda"))
+WEIGHTINGS = Registry("weighting", ("static", "uncertainty", "dwa",
+                                    "gradnorm"))
+
+
+def gram_forms() -> list[str]:
+  """The aggregators with a Gram-matrix form (usable with --rep_grad)."""
+  return [name for name in AGGREGATORS.names()
+          if AGGREGATORS.get(name).has_gram_form]

@@ -166,7 +166,8 @@ class TrainConfig(_MethodOptions):
   @property
   def per_task_optimizers(self) -> bool:
     """Whether each task has its own optimizer (alternate mode only)."""
-    return self.mode == "alternate" and self.per_task_optimizer is not False
+    return self.mode == "alternate" and (self.per_task_optimizer is None or
+                                         bool(self.per_task_optimizer))
 
   def check_single_process(self) -> None:
     """Refuses multi-worker flags for a run that turned out single-process.
@@ -220,8 +221,7 @@ class TrainConfig(_MethodOptions):
     given = dataclasses.asdict(self)
     self._validate_mode_flags(given)
     data_settings.validate_flags(given)
-    gram_forms = [name for name in AGGREGATORS
-                  if registry.AGGREGATORS.get(name).has_gram_form]
+    gram_forms = registry.gram_forms()
     if self.rep_grad and self.aggregator not in gram_forms:
       raise errors.ConfigError(
           f"--rep_grad is valid for --aggregator={' or '.join(gram_forms)} "

@@ -101,7 +101,6 @@ class Run:
           f"the {replicas} replicas")
     if data is None:
       self.data = data_lib.load(config.data_config())
-      config.check_known([task.name for task in self.data.tasks])
     else:
       self.data = _user_data(data, config)
     data_lib.check_layout(self.data, config.mode)

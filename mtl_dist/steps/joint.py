@@ -8,6 +8,7 @@ import tensorflow as tf
 import tf_keras
 
 from mtl_dist import tasks as tasks_lib
+from mtl_dist.methods import registry
 from mtl_dist.methods.aggregators import base as aggregators
 from mtl_dist.methods.weightings import base as weightings
 from mtl_dist.model import hps as model_lib
@@ -89,8 +90,9 @@ class JointStep:
         or with `jit_compile`.
     """
     if rep_grad and not aggregator.has_gram_form:
-      raise ValueError(f"rep_grad needs an aggregator with a Gram-matrix "
-                       f"form, not {aggregator.name!r}")
+      raise ValueError(f"rep_grad needs an aggregator with a Gram-matrix form "
+                       f"({', '.join(registry.gram_forms())}), not "
+                       f"{aggregator.name!r}")
     if rep_grad and jit_compile:
       raise ValueError("jit_compile cannot compile rep_grad's step: it "
                        "all-reduces the Gram matrix between its two backward "
@@ -431,6 +433,5 @@ def last_shared_kernel(model: model_lib.SharedTrunkModel) -> tf.Variable:
   """The weights W of the last shared layer (its last variable of rank >= 2)."""
   kernels = [v for v in model.shared_variables if v.shape.rank >= 2]
   if not kernels:
-    raise ValueError("the shared layers have no weight matrix for GradNorm's "
-                     "W")
+    raise ValueError("the trunk has no weight matrix for GradNorm's W")
   return kernels[-1]
