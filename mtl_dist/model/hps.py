@@ -80,6 +80,17 @@ class SharedTrunkModel(tf_keras.Model):
       return list(self.losses)
     return list(self.trunk.losses) + list(self.heads[task].losses)
 
+  def last_shared_kernel(self) -> tf.Variable:
+    """The weights W of the last shared layer, where GradNorm looks.
+
+    Raises:
+      ValueError: If the shared layers have no variable of rank >= 2.
+    """
+    kernels = [v for v in self.shared_variables if v.shape.rank >= 2]
+    if not kernels:
+      raise ValueError("the trunk has no weight matrix for GradNorm's W")
+    return kernels[-1]
+
   def call_with_representation(
       self, inputs: tf.Tensor, training: Optional[bool] = None
   ) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:

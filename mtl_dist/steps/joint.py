@@ -163,7 +163,8 @@ class JointStep:
       scaling only the losses are checked, gradient overflow being the
       loss-scale optimizer's).
     """
-    batch, counts = self._prepare(batch)
+    batch, counts = losses_lib.prepared(self._tasks, batch,
+                                        self._partial_labels)
     gradients, per_task, weights, weighting_gradients = self._sum_pass(
         batch, counts, step)
     gradients, losses, finite = plumbing.reduce_and_check(
@@ -183,7 +184,8 @@ class JointStep:
       ([T] losses, the [T] loss weights used, the conflict share, whether
       the step was applied).
     """
-    batch, counts = self._prepare(batch)
+    batch, counts = losses_lib.prepared(self._tasks, batch,
+                                        self._partial_labels)
     shared = self._model.shared_variables
     own = self._own_variables()
     local, per_task, weights, weighting_gradients = self._task_pass(
@@ -226,7 +228,8 @@ class JointStep:
       ([T] losses, the [T] loss weights used, the conflict share, whether
       the step was applied).
     """
-    batch, counts = self._prepare(batch)
+    batch, counts = losses_lib.prepared(self._tasks, batch,
+                                        self._partial_labels)
     shared = self._model.shared_variables
     own = self._own_variables()
     with tf.GradientTape(persistent=True) as tape:
@@ -377,20 +380,6 @@ class JointStep:
            for v in self._model.task_variables(task.name)]
     return own + self._weighting.trainable
 
-  def _prepare(self, batch: Batch) -> tuple[Batch, Optional[tf.Tensor]]:
-    """The batch with checked labels, and the global label counts.
-
-    Returns:
-      (batch, counts): counts are the [T] labelled examples of each task in
-      the global batch with partial labels (one all-reduce), else None.
-    """
-    features, labels = batch
-    labels = losses_lib.checked_labels(self._tasks, labels,
-                                       self._partial_labels)
-    counts = (losses_lib.global_label_counts(self._tasks, labels)
-              if self._partial_labels else None)
-    return (features, labels), counts
-
   def _scaled(self, loss: tf.Tensor) -> tf.Tensor:
     return precision.scaled(self._optimizer, loss)
 
@@ -410,7 +399,7 @@ class JointStep:
     if not self._weighting.needs_task_gradients:
       return None
     return self._unscaled([self._weighting.task_gradients(
-        tape, task_terms, last_shared_kernel(self._model))])[0]
+        tape, task_terms, self._model.last_shared_kernel())])[0]
 
   def _update_weighting(self, weighting_gradients: Optional[tf.Tensor],
                         per_task: tf.Tensor, batch: Batch, finite: tf.Tensor,
@@ -427,11 +416,3 @@ class JointStep:
         weighting_gradients, per_task,
         losses_lib.labelled_counts(self._tasks, batch, self._partial_labels),
         finite)
-
-
-def last_shared_kernel(model: model_lib.SharedTrunkModel) -> tf.Variable:
-  """The weights W of the last shared layer (its last variable of rank >= 2)."""
-  kernels = [v for v in model.shared_variables if v.shape.rank >= 2]
-  if not kernels:
-    raise ValueError("the trunk has no weight matrix for GradNorm's W")
-  return kernels[-1]

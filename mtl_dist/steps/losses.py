@@ -136,6 +136,20 @@ def checked_labels(tasks: Sequence[tasks_lib.TaskSpec],
   return checked
 
 
+def prepared(tasks: Sequence[tasks_lib.TaskSpec], batch: Batch,
+             partial_labels: bool) -> tuple[Batch, Optional[tf.Tensor]]:
+  """`batch` with checked labels, and the global label counts.
+
+  Returns:
+    (batch, counts): counts are the [T] labelled examples of each task in
+    the global batch with partial labels (one all-reduce), else None.
+  """
+  features, labels = batch
+  labels = checked_labels(tasks, labels, partial_labels)
+  counts = (global_label_counts(tasks, labels) if partial_labels else None)
+  return (features, labels), counts
+
+
 def regularization(losses: Sequence[tf.Tensor]) -> tf.Tensor:
   """This replica's share of the summed regularization losses."""
   if not losses:
