@@ -9,7 +9,7 @@ while running), `Preempted` 143 (SIGTERM, after a checkpoint was saved).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 
 class ConfigError(ValueError):
@@ -41,3 +41,9 @@ class Preempted(Exception):
                      f"{checkpoint}; run the same command to resume from it")
     self.step = step
     self.checkpoint = checkpoint
+
+
+def check_choice(flag: str, value: str, choices: Sequence[str]) -> None:
+  """Raises ConfigError naming `--flag=value` unless it is one of `choices`."""
+  if value not in choices:
+    raise ConfigError(f"--{flag}={value}: must be one of {', '.join(choices)}")

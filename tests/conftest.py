@@ -103,3 +103,23 @@ def event_tags(directory: str) -> set[str]:
 def snapshot(variables) -> list[np.ndarray]:
   """Copies of the variables' current values."""
   return [np.array(v.numpy(), copy=True) for v in variables]
+
+
+def whole_batch_task_gradients(trainer, features, labels, variables):
+  """Each task's mean loss on the whole batch and its gradient of
+  `variables`, computed on one device without the step's code: the
+  reference the methods' training tests compare an update with.
+
+  Returns:
+    ([T] float64 losses, per task the list of gradients, as NumPy arrays).
+  """
+  losses, gradients = [], []
+  for task in trainer.tasks:
+    with tf.GradientTape() as tape:
+      outputs = trainer.model(features, training=True)
+      loss = tf.reduce_mean(task.per_example_loss(labels[task.name],
+                                                  outputs[task.name]))
+    losses.append(float(loss))
+    gradients.append([g.numpy() for g in tape.gradient(
+        loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)])
+  return np.array(losses, np.float64), gradients

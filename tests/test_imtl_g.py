@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+from conftest import whole_batch_task_gradients
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -119,20 +120,6 @@ def test_all_zero_and_single_task():
                              rtol=1e-6)
 
 
-def _global_task_jacobian(trainer, features, labels) -> np.ndarray:
-  """Each task's gradient of the trunk on the whole batch, on one device."""
-  trunk = trainer.model.trunk.trainable_variables
-  rows = []
-  for task in trainer.tasks:
-    with tf.GradientTape() as tape:
-      outputs = trainer.model(features, training=True)
-      loss = tf.reduce_mean(task.per_example_loss(labels[task.name],
-                                                  outputs[task.name]))
-    rows.append(np.concatenate([g.numpy().ravel()
-                                for g in tape.gradient(loss, trunk)]))
-  return np.stack(rows)
-
-
 @pytest.mark.parametrize("replicas", [1, 2, 4])
 @pytest.mark.parametrize("rep_grad", [False, True])
 def test_training_step_is_the_papers_update_on_every_replica_count(
@@ -157,7 +144,9 @@ def test_training_step_is_the_papers_update_on_every_replica_count(
     at_z = np.stack([tape.gradient(loss, representation).numpy().ravel()
                      for loss in losses])
     weights = paper_weights(at_z)
-  jacobian = _global_task_jacobian(trainer, features, labels)
+  _, gradients = whole_batch_task_gradients(trainer, features, labels, trunk)
+  jacobian = np.stack([np.concatenate([g.ravel() for g in task_gradients])
+                       for task_gradients in gradients])
   if not rep_grad:
     weights = paper_weights(jacobian)
   want = before - 0.1 * (weights @ jacobian)

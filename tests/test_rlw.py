@@ -2,6 +2,7 @@
 (seed, step); checked against a NumPy reference of the paper's update on 1,
 2 and 4 replicas, and for its distribution."""
 
+from conftest import whole_batch_task_gradients
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -42,20 +43,6 @@ def test_weight_distribution():
   assert abs(differences.var() - 2.0) < 0.2
 
 
-def _whole_batch_gradients(trainer, features, labels) -> list[np.ndarray]:
-  """Each task's gradient of every model variable, on one device."""
-  rows = []
-  for task in trainer.tasks:
-    with tf.GradientTape() as tape:
-      outputs = trainer.model(features, training=True)
-      loss = tf.reduce_mean(task.per_example_loss(labels[task.name],
-                                                  outputs[task.name]))
-    rows.append([g.numpy() for g in tape.gradient(
-        loss, trainer.model.trainable_variables,
-        unconnected_gradients=tf.UnconnectedGradients.ZERO)])
-  return rows
-
-
 @pytest.mark.parametrize("replicas", [1, 2, 4])
 def test_training_steps_are_the_papers_update_on_every_replica_count(
     build_trainer, shapes_arrays, replicas):
@@ -68,7 +55,8 @@ def test_training_steps_are_the_papers_update_on_every_replica_count(
       arrays=(features, labels))
   for step in range(3):
     weights = reference_weights(3, 0, step)  # build_trainer's seed is 0.
-    gradients = _whole_batch_gradients(trainer, features, labels)
+    _, gradients = whole_batch_task_gradients(
+        trainer, features, labels, trainer.model.trainable_variables)
     want = [v.numpy() - 0.1 * sum(w * g[i] for w, g in zip(weights, gradients))
             for i, v in enumerate(trainer.model.trainable_variables)]
     result = trainer.train(iterators, 1)

@@ -9,6 +9,7 @@ SGD step on 1, 2 and 4 replicas.
 
 from typing import Optional
 
+from conftest import whole_batch_task_gradients
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -36,21 +37,6 @@ if _InverseLoss.name not in registry.WEIGHTINGS.names():
   registry.WEIGHTINGS.register(_InverseLoss)
 
 
-def _whole_batch(trainer, features, labels):
-  """Each task's loss and its gradient of every variable, on one device."""
-  losses, gradients = [], []
-  for task in trainer.tasks:
-    with tf.GradientTape() as tape:
-      outputs = trainer.model(features, training=True)
-      loss = tf.reduce_mean(task.per_example_loss(labels[task.name],
-                                                  outputs[task.name]))
-    losses.append(float(loss))
-    gradients.append([g.numpy() for g in tape.gradient(
-        loss, trainer.model.trainable_variables,
-        unconnected_gradients=tf.UnconnectedGradients.ZERO)])
-  return np.array(losses, np.float64), gradients
-
-
 @pytest.mark.parametrize("replicas", [1, 2, 4])
 @pytest.mark.parametrize("aggregator", ["sum", "mgda"])
 def test_weights_from_the_steps_global_losses(build_trainer, shapes_arrays,
@@ -62,7 +48,8 @@ def test_weights_from_the_steps_global_losses(build_trainer, shapes_arrays,
       replicas, "joint", ("shape", "x", "y"), weighting=_InverseLoss.name,
       aggregator=aggregator, optimizer="sgd", learning_rate=0.1,
       global_batch_size=64, arrays=(features, labels))
-  losses, gradients = _whole_batch(trainer, features, labels)
+  losses, gradients = whole_batch_task_gradients(
+      trainer, features, labels, trainer.model.trainable_variables)
   weights = 3 * (1 / losses) / (1 / losses).sum()
   before = [v.numpy() for v in trainer.model.trainable_variables]
   result = trainer.train(iterators, 1)

@@ -7,7 +7,7 @@ the value here.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 from mtl_dist import errors
 from mtl_dist.cluster import resolver
@@ -46,11 +46,6 @@ class ClusterConfig:
   cluster_start_timeout: float = 900.0
   port_base: Optional[int] = None
 
-  @classmethod
-  def from_settings(cls, **given) -> "ClusterConfig":
-    """The section from settings where None means unset (the default)."""
-    return cls(**{name: value for name, value in given.items()
-                  if value is not None})
 
 
 def refuse_multi_worker_flags(given: Mapping[str, Any]) -> None:
@@ -82,9 +77,9 @@ def validate_flags(given: Mapping[str, Any]) -> None:
   if given["strategy"] in ("mirrored", "one_device"):
     refuse_multi_worker_flags(given)
   if given["cluster"] is not None:
-    _check_choice("cluster", given["cluster"], resolver.CLUSTERS)
+    errors.check_choice("cluster", given["cluster"], resolver.CLUSTERS)
   if given["collective"] is not None:
-    _check_choice("collective", given["collective"], COLLECTIVES)
+    errors.check_choice("collective", given["collective"], COLLECTIVES)
   for name in ("collective_timeout", "cluster_start_timeout"):
     value = given[name]
     if value is not None and not value > 0:
@@ -100,9 +95,3 @@ def validate_flags(given: Mapping[str, Any]) -> None:
           "--port_base applies to --cluster=slurm (TF_CONFIG "
           "lists each worker's port), but --cluster=tf_config "
           "is set")
-
-
-def _check_choice(flag: str, value: str, choices: Sequence[str]) -> None:
-  if value not in choices:
-    raise errors.ConfigError(f"--{flag}={value}: must be one of "
-                             f"{', '.join(choices)}")

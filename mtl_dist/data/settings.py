@@ -63,11 +63,6 @@ class DataConfig:
   channels: Optional[int] = None
   baselines: Optional[Mapping[str, str]] = None
 
-  @classmethod
-  def from_settings(cls, **given) -> "DataConfig":
-    """The section from settings where None means unset (the default)."""
-    return cls(**{name: value for name, value in given.items()
-                  if value is not None})
 
   @property
   def uses_tfds(self) -> bool:

@@ -1,12 +1,13 @@
 """Training methods: how task losses are weighted and task gradients combined.
 
 - `registry`: the name registries behind `--aggregator` and `--weighting`,
-  each method's hyperparameters (`--<method>_<option>` flags), and
-  `aggregate` / `loss_weights`, every method as a function.
+  each method's hyperparameters (`--<method>_<option>` flags), creating a
+  method by name, and reading and setting a method's state.
 - `aggregators/`: one module per gradient aggregator (the [T, P] task
-  Jacobian of the shared variables, or its Gram matrix, to one update).
+  Jacobian of the shared variables, or its Gram matrix, to one update), and
+  `aggregate`, any of them as a function.
 - `weightings/`: one module per loss weighting (the [T] task losses to the
-  [T] weights of a step).
+  [T] weights of a step), and `loss_weights`, any of them as a function.
 
 A method registers itself where it is defined; the steps look methods up
 by what they declare they need, never by name.

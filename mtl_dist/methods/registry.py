@@ -10,7 +10,10 @@ alone.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, TypeVar
+
+import numpy as np
+import tensorflow as tf
 
 from mtl_dist import errors
 
@@ -95,6 +98,22 @@ class Registry:
     return ", ".join(f"{name} ({self._classes[name].summary})"
                      for name in self.names())
 
+  def create(self, name: str, *args: Any, **options: Any) -> Any:
+    """A new instance of method `name`: `cls(*args, **options)`.
+
+    Raises:
+      ValueError: For an unknown name, or an option the method does not
+        have (naming the ones it has).
+    """
+    cls = self.get(name)
+    known = {option.name for option in cls.options}
+    unknown = sorted(set(options) - known)
+    if unknown:
+      raise ValueError(f"{self.kind} {name!r} has no option "
+                       f"{', '.join(unknown)} (its options: "
+                       f"{', '.join(sorted(known)) or 'none'})")
+    return cls(*args, **options)
+
   def options(self) -> Iterator[tuple[str, str, Option]]:
     """(flag, method, option) for every option of every method, by flag."""
     found = [(f"{name}_{option.name}", name, option)
@@ -136,3 +155,28 @@ def gram_forms() -> list[str]:
   """The aggregators with a Gram-matrix form (usable with --rep_grad)."""
   return [name for name in AGGREGATORS.names()
           if AGGREGATORS.get(name).has_gram_form]
+
+
+def state_of(method: tf.Module) -> dict[str, np.ndarray]:
+  """A method's state: each of its variables' value by the variable's name."""
+  return {v.name.split(":")[0]: v.numpy() for v in method.variables}
+
+
+def assign_state(method: tf.Module, state: Mapping[str, Any],
+                 what: str) -> None:
+  """Sets a method's variables from `state` (as `state_of` returned it).
+
+  Args:
+    method: The method's module.
+    state: Variable name to value.
+    what: The method, as messages name it (e.g. "aggregator 'gradvac'").
+
+  Raises:
+    ValueError: For a name that is not one of the method's variables.
+  """
+  variables = {v.name.split(":")[0]: v for v in method.variables}
+  for key, value in state.items():
+    if key not in variables:
+      raise ValueError(f"{what} has no state {key!r} (its state: "
+                       f"{', '.join(sorted(variables)) or 'none'})")
+    variables[key].assign(value)

@@ -181,11 +181,6 @@ class ScheduleConfig:
   steps_per_epoch: Optional[int] = None
   anneal_epochs: Optional[int] = None
 
-  @classmethod
-  def from_settings(cls, **given) -> "ScheduleConfig":
-    """The section from settings where None means unset (the default)."""
-    return cls(**{name: value for name, value in given.items()
-                  if value is not None})
 
 
 def for_task_datasets(config: ScheduleConfig, *, sizes: Sequence[int],

@@ -9,7 +9,7 @@ main way runs are configured.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, TypeVar
 
 from mtl_dist import errors
 from mtl_dist.cluster import resolver
@@ -32,6 +32,9 @@ MULTI_WORKER_FLAGS = cluster_settings.MULTI_WORKER_FLAGS
 AGGREGATORS = registry.AGGREGATORS.names()
 WEIGHTINGS = registry.WEIGHTINGS.names()
 MIXED_PRECISION = precision.MODES
+
+_Section = TypeVar("_Section")
+
 
 def method_option_flags() -> list[tuple[str, str, str, registry.Option]]:
   """(flag, kind, method, option) of every registered method option."""
@@ -145,23 +148,23 @@ class TrainConfig(_MethodOptions):
   # The sections, each read by its own layer; unset (None) fields take the
   # section's defaults.
 
+  def _section(self, section: type[_Section]) -> _Section:
+    """`section` from the fields of the same names; unset ones default."""
+    return section(**{field.name: getattr(self, field.name)
+                      for field in dataclasses.fields(section)
+                      if getattr(self, field.name) is not None})
+
   def data_config(self) -> data_settings.DataConfig:
     """The data section, for `data.load`."""
-    return data_settings.DataConfig.from_settings(**{
-        field.name: getattr(self, field.name)
-        for field in dataclasses.fields(data_settings.DataConfig)})
+    return self._section(data_settings.DataConfig)
 
   def cluster_config(self) -> cluster_settings.ClusterConfig:
     """The cluster section, for the strategy."""
-    return cluster_settings.ClusterConfig.from_settings(**{
-        field.name: getattr(self, field.name)
-        for field in dataclasses.fields(cluster_settings.ClusterConfig)})
+    return self._section(cluster_settings.ClusterConfig)
 
   def schedule_config(self) -> schedules.ScheduleConfig:
     """The schedule section, for the alternate-mode schedule."""
-    return schedules.ScheduleConfig.from_settings(**{
-        field.name: getattr(self, field.name)
-        for field in dataclasses.fields(schedules.ScheduleConfig)})
+    return self._section(schedules.ScheduleConfig)
 
   @property
   def per_task_optimizers(self) -> bool:
@@ -185,16 +188,16 @@ class TrainConfig(_MethodOptions):
     """
     if not self.model_dir:
       raise errors.ConfigError("--model_dir is required")
-    _check_choice("mode", self.mode, MODES)
-    _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-    _check_choice("trunk", self.trunk, TRUNKS)
-    _check_choice("strategy", self.strategy, STRATEGIES)
-    _check_choice("aggregator", self.aggregator, AGGREGATORS)
-    _check_choice("weighting", self.weighting, WEIGHTINGS)
-    _check_choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE)
-    _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+    errors.check_choice("mode", self.mode, MODES)
+    errors.check_choice("optimizer", self.optimizer, OPTIMIZERS)
+    errors.check_choice("trunk", self.trunk, TRUNKS)
+    errors.check_choice("strategy", self.strategy, STRATEGIES)
+    errors.check_choice("aggregator", self.aggregator, AGGREGATORS)
+    errors.check_choice("weighting", self.weighting, WEIGHTINGS)
+    errors.check_choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE)
+    errors.check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
     if self.schedule is not None:
-      _check_choice("schedule", self.schedule, SCHEDULES)
+      errors.check_choice("schedule", self.schedule, SCHEDULES)
     for name in ("train_steps", "global_batch_size", "steps_per_loop",
                  "trunk_width", "trunk_depth", "num_cpu_devices",
                  "checkpoint_every", "keep_checkpoints", "eval_every",
@@ -356,9 +359,3 @@ class TrainConfig(_MethodOptions):
   def weight_of(self, task: str) -> float:
     """The loss weight of a task in joint mode (1.0 unless given)."""
     return self.data_config().weight_of(task)
-
-
-def _check_choice(flag: str, value: str, choices: Sequence[str]) -> None:
-  if value not in choices:
-    raise errors.ConfigError(
-        f"--{flag}={value}: must be one of {', '.join(choices)}")

@@ -33,14 +33,7 @@ def create(name: str, num_tasks: int, seed: int = 0, **options: Any):
   Raises:
     ValueError: For an unknown name or option.
   """
-  cls = registry.AGGREGATORS.get(name)
-  known = {option.name for option in cls.options}
-  unknown = sorted(set(options) - known)
-  if unknown:
-    raise ValueError(f"aggregator {name!r} has no option "
-                     f"{', '.join(unknown)} (its options: "
-                     f"{', '.join(sorted(known)) or 'none'})")
-  return cls(num_tasks, seed, **options)
+  return registry.AGGREGATORS.create(name, num_tasks, seed, **options)
 
 
 def aggregate(name: str, matrix: Any, *, step: int = 0, seed: int = 0,
@@ -74,13 +67,8 @@ def aggregate(name: str, matrix: Any, *, step: int = 0, seed: int = 0,
     raise ValueError(f"aggregate() needs a [T, P] matrix of task gradients, "
                      f"got shape {matrix.shape}")
   aggregator = create(name, int(matrix.shape[0]), seed, **options)
-  variables = {v.name.split(":")[0]: v for v in aggregator.variables}
-  for key, value in (state or {}).items():
-    if key not in variables:
-      raise ValueError(f"aggregator {name!r} has no state {key!r} (its "
-                       f"state: {', '.join(sorted(variables)) or 'none'})")
-    variables[key].assign(value)
+  registry.assign_state(aggregator, state or {}, f"aggregator {name!r}")
   direction = aggregator(matrix, tf.constant(step, tf.int64))
-  if not variables:
+  if not aggregator.variables:
     return direction
-  return direction, {key: v.numpy() for key, v in variables.items()}
+  return direction, registry.state_of(aggregator)

@@ -37,24 +37,12 @@ def create(name: str, tasks: Sequence[base.Task], seed: int = 0,
   Raises:
     ValueError: For an unknown name or option.
   """
-  cls = registry.WEIGHTINGS.get(name)
-  known = {option.name for option in cls.options}
-  unknown = sorted(set(options) - known)
-  if unknown:
-    raise ValueError(f"weighting {name!r} has no option "
-                     f"{', '.join(unknown)} (its options: "
-                     f"{', '.join(sorted(known)) or 'none'})")
-  return cls(tasks, seed, **options)
+  return registry.WEIGHTINGS.create(name, tasks, seed, **options)
 
 
 class _Task(NamedTuple):
   weight: float
   kind: str
-
-
-def state_of(weighting: base.LossWeighting) -> dict[str, np.ndarray]:
-  """A weighting's state: each variable's value by its name."""
-  return {v.name.split(":")[0]: v.numpy() for v in weighting.variables}
 
 
 def loss_weights(
@@ -103,13 +91,7 @@ def loss_weights(
                      "one per loss")
   tasks = [_Task(float(w), k) for w, k in zip(weights_given, kinds)]
   weighting = create(name, tasks, seed, **options)
-  if state is not None:
-    variables = {v.name.split(":")[0]: v for v in weighting.variables}
-    for key, value in state.items():
-      if key not in variables:
-        raise ValueError(f"weighting {name!r} has no state {key!r} (its "
-                         f"state: {', '.join(sorted(variables)) or 'none'})")
-      variables[key].assign(value)
+  registry.assign_state(weighting, state or {}, f"weighting {name!r}")
   step_tensor = tf.constant(step, tf.int64)
   weights = tf.identity(weighting.weights(
       step_tensor, losses if weighting.needs_losses else None))
@@ -123,4 +105,4 @@ def loss_weights(
   weighting.update(losses)
   if not weighting.variables:
     return weights
-  return weights, state_of(weighting)
+  return weights, registry.state_of(weighting)
