@@ -1,4 +1,4 @@
-"""mtl-train: trains a shared-trunk multi-task model.
+"""mtl-train: trains a multi-task model (shared trunk, experts or columns).
 
 Examples:
   mtl-train --model_dir=/tmp/mtl --num_cpu_devices=2
@@ -32,6 +32,7 @@ from mtl_dist.data import settings as data_settings
 from mtl_dist.loop import preemption
 from mtl_dist.methods import registry
 from mtl_dist.methods import schedules
+from mtl_dist.model import settings as model_settings
 from mtl_dist.run import config as config_lib
 
 _PROGRAM = "mtl-train"
@@ -42,6 +43,7 @@ _DEFAULT = {field.name: field.default
 _DATA = data_settings.DataConfig()
 _SCHEDULES = schedules.ScheduleConfig()
 _CLUSTER = cluster_settings.ClusterConfig()
+_ARCH = model_settings.ArchitectureConfig()
 
 flags.DEFINE_string(
     "model_dir", None, "Directory for checkpoints, metrics and summaries; a "
@@ -178,6 +180,39 @@ flags.DEFINE_integer(
 flags.DEFINE_integer(
     "trunk_depth", _DEFAULT["trunk_depth"],
     "Trunk layers.")
+flags.DEFINE_enum(
+    "architecture", _DEFAULT["architecture"], config_lib.ARCHITECTURES,
+    "hps: one shared trunk, a head per task. mmoe: --num_experts trunks as "
+    "experts, a softmax gate per task. cgc: --num_shared_experts plus "
+    "--num_task_experts private experts per task. ple: CGC stacked "
+    "--num_levels times with shared gates. dselect_k: MMoE with DSelect-k "
+    "gates. cross_stitch: a trunk column per task, cross-stitch units after "
+    "each block. mtan: a shared trunk with per-task attention at each layer.")
+flags.DEFINE_integer(
+    "num_experts", _DEFAULT["num_experts"],
+    f"mmoe, dselect_k: shared experts (default {_ARCH.num_experts}).")
+flags.DEFINE_integer(
+    "num_shared_experts", _DEFAULT["num_shared_experts"],
+    f"cgc, ple: shared experts per level (default "
+    f"{_ARCH.num_shared_experts}).")
+flags.DEFINE_integer(
+    "num_task_experts", _DEFAULT["num_task_experts"],
+    f"cgc, ple: private experts per task and level (default "
+    f"{_ARCH.num_task_experts}).")
+flags.DEFINE_integer(
+    "num_levels", _DEFAULT["num_levels"],
+    f"ple: extraction levels (default {_ARCH.num_levels}).")
+flags.DEFINE_integer(
+    "num_selected_experts", _DEFAULT["num_selected_experts"],
+    f"dselect_k: experts each gate selects, k (default "
+    f"{_ARCH.num_selected_experts}).")
+flags.DEFINE_float(
+    "dselect_k_gamma", _DEFAULT["dselect_k_gamma"],
+    f"dselect_k: width of the smooth step (default {_ARCH.dselect_k_gamma}).")
+flags.DEFINE_float(
+    "dselect_k_entropy_reg", _DEFAULT["dselect_k_entropy_reg"],
+    "dselect_k: coefficient of the selectors' entropy, per example (default "
+    f"{_ARCH.dselect_k_entropy_reg}).")
 flags.DEFINE_enum(
     "strategy", _DEFAULT["strategy"], config_lib.STRATEGIES,
     "auto: MultiWorkerMirroredStrategy when TF_CONFIG or the SLURM step names "

@@ -20,6 +20,8 @@ tf.config.set_logical_device_configuration(
 import mtl_dist  # pylint: disable=g-import-not-at-top
 from mtl_dist import data as data_lib
 from mtl_dist.data import shapes
+from mtl_dist.model import architectures
+from mtl_dist.model import settings as model_settings
 
 
 def make_strategy(replicas: int) -> tf.distribute.Strategy:
@@ -48,15 +50,25 @@ def build_trainer(shapes_arrays):
             dwa_window: int = 100, method_options=None,
             rep_grad: bool = False,
             jit_compile: bool = False, mixed_precision: str = "none",
-            optimizer_factory=None, skip_nonfinite: bool = True):
+            optimizer_factory=None, skip_nonfinite: bool = True,
+            architecture: str = "hps", architecture_options=None,
+            trunk_width: int = 16, trunk_depth: int = 2):
     strategy = make_strategy(replicas)
     specs = {task.name: task for task in shapes.TASKS}
     tasks = [specs[name].with_weight((weights or {}).get(name, 1.0))
              for name in task_names]
     features, labels = arrays if arrays is not None else shapes_arrays
     with strategy.scope():
-      model = mtl_dist.build_model(tasks, features.shape[1:], "mlp", 16, 2,
-                                   mixed_precision=mixed_precision)
+      if architecture == "hps":
+        model = mtl_dist.build_model(tasks, features.shape[1:], "mlp",
+                                     trunk_width, trunk_depth,
+                                     mixed_precision=mixed_precision)
+      else:
+        model = architectures.build(
+            tasks, features.shape[1:], model_settings.ArchitectureConfig(
+                architecture=architecture, **(architecture_options or {})),
+            trunk="mlp", trunk_width=trunk_width, trunk_depth=trunk_depth,
+            mixed_precision=mixed_precision)
     if initial_weights is not None:
       model.set_weights(initial_weights)
     trainer = mtl_dist.Trainer(

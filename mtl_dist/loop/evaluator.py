@@ -13,7 +13,7 @@ from typing import Sequence
 import tensorflow as tf
 
 from mtl_dist import tasks as tasks_lib
-from mtl_dist.model import hps
+from mtl_dist.model import base as model_base
 from mtl_dist.steps import losses
 
 
@@ -21,7 +21,7 @@ class Evaluator:
   """Evaluates a model on finite distributed datasets in one compiled call."""
 
   def __init__(self, strategy: tf.distribute.Strategy,
-               model: hps.SharedTrunkModel,
+               model: model_base.MultiTaskModel,
                tasks: Sequence[tasks_lib.TaskSpec]):
     """Creates the evaluator.
 

@@ -21,7 +21,7 @@ from mtl_dist.methods import optimizers as optimizers_lib
 from mtl_dist.methods import registry
 from mtl_dist.methods import schedules
 from mtl_dist.methods import weightings
-from mtl_dist.model import hps as model_lib
+from mtl_dist.model import base as model_base
 from mtl_dist.model import precision
 from mtl_dist.steps import alternate
 from mtl_dist.steps import joint
@@ -53,7 +53,11 @@ class LoopResult(NamedTuple):
       steps that trained it; loss_sums[i] / counts[i] is its mean.
     counts: [T] the applied steps that trained each task.
     step_metrics: The step's own metrics (task weights, the aggregator's
-      conflict share), averaged over the applied steps.
+      conflict share, the model's diagnostics), each averaged over the
+      applied steps that measured it (a step marks a metric it did not
+      measure NaN: an alternate step measures its task's gates only);
+      metrics no step measured are left out.
+    step_metric_counts: The applied steps each of `step_metrics` averages.
     skipped: The steps skipped for non-finite values.
     loss_scales: The loss scale(s) after the call (see
       `Trainer.loss_scales`), {} without loss scaling.
@@ -64,6 +68,7 @@ class LoopResult(NamedTuple):
   loss_sums: np.ndarray
   counts: np.ndarray
   step_metrics: dict[str, float]
+  step_metric_counts: dict[str, int]
   skipped: SkippedSteps
   loss_scales: dict[str, float]
   learning_rates: dict[str, float]
@@ -84,7 +89,7 @@ class Trainer:
   """
 
   def __init__(self, strategy: tf.distribute.Strategy,
-               model: model_lib.SharedTrunkModel,
+               model: model_base.MultiTaskModel,
                tasks: Sequence[tasks_lib.TaskSpec], *, mode: str,
                global_batch_size: int, optimizer_factory: OptimizerFactory,
                per_task_optimizer: bool = True,
@@ -266,6 +271,7 @@ class Trainer:
     loss_sums = tf.zeros([num_tasks])
     trained_counts = tf.zeros([num_tasks])
     metric_sums = tf.zeros([len(self._step.metric_names)])
+    metric_counts = tf.zeros([len(self._step.metric_names)])
     skipped = tf.constant(0, tf.int64)
     first_skipped = tf.constant(-1, tf.int64)
     first_skipped_losses = tf.zeros([num_tasks])
@@ -278,7 +284,10 @@ class Trainer:
       self.global_step.assign_add(1)
       loss_sums += tf.where(applied, losses, 0.0)
       trained_counts += tf.where(applied, trained, 0.0)
-      metric_sums += tf.where(applied, metrics, 0.0)
+      measured = tf.logical_and(applied, tf.logical_not(tf.math.is_nan(
+          metrics)))
+      metric_sums += tf.where(measured, metrics, 0.0)
+      metric_counts += tf.cast(measured, tf.float32)
       first = tf.logical_and(tf.logical_not(applied), first_skipped < 0)
       first_skipped = tf.where(first, self.global_step.read_value(),
                                first_skipped)
@@ -286,7 +295,7 @@ class Trainer:
       first_skipped_trained = tf.where(first, trained, first_skipped_trained)
       skipped += tf.cast(tf.logical_not(applied), tf.int64)
     self.nonfinite_skipped.assign_add(skipped)
-    return (loss_sums, trained_counts, metric_sums,
+    return (loss_sums, trained_counts, (metric_sums, metric_counts),
             (skipped, first_skipped, first_skipped_losses,
              first_skipped_trained),
             self._read_loss_scales(), self._read_learning_rates())
@@ -310,14 +319,16 @@ class Trainer:
     """
     outputs = self._train_loop(tuple(iterators),
                                tf.constant(num_steps, tf.int64))
-    (loss_sums, counts, metric_sums, skipped, loss_scales,
+    (loss_sums, counts, (metric_sums, metric_counts), skipped, loss_scales,
      learning_rates) = tf.nest.map_structure(lambda t: t.numpy(), outputs)
     count, first_step, losses, trained = skipped
-    applied_steps = max(num_steps - int(count), 1)
+    measured = [(name, float(total), int(steps)) for name, total, steps in
+                zip(self._step.metric_names, metric_sums, metric_counts)
+                if steps]
     return LoopResult(
         loss_sums=loss_sums, counts=counts,
-        step_metrics={name: float(value) / applied_steps for name, value in
-                      zip(self._step.metric_names, metric_sums)},
+        step_metrics={name: total / steps for name, total, steps in measured},
+        step_metric_counts={name: steps for name, _, steps in measured},
         skipped=SkippedSteps(
             count=int(count), first_step=int(first_step),
             nonfinite_losses=[t.name for t, v in zip(self.tasks, losses)

@@ -13,17 +13,19 @@ import tensorflow as tf
 import tf_keras
 
 from mtl_dist import tasks as tasks_lib
+from mtl_dist.model import base
 from mtl_dist.model import precision
 
 
-class SharedTrunkModel(tf_keras.Model):
+class SharedTrunkModel(base.MultiTaskModel):
   """A trunk shared by all tasks and a dict of task-specific heads.
 
-  Calling the model returns a dict of every head's output; `call_task` runs
-  the trunk and a single head, which is what an alternate-mode step needs.
-  It is hard parameter sharing: the trunk's variables are shared by every
-  task, each head's belong to its task.
+  Hard parameter sharing: the trunk's variables are shared by every task,
+  each head's belong to its task. The trunk's output is the representation
+  every task reads (`--rep_grad`).
   """
+
+  has_representation = True
 
   def __init__(self, trunk: tf_keras.layers.Layer,
                heads: Mapping[str, tf_keras.layers.Layer], **kwargs):
@@ -39,83 +41,27 @@ class SharedTrunkModel(tf_keras.Model):
     self.trunk = trunk
     self.heads = dict(heads)
 
-  @property
-  def task_names(self) -> list[str]:
-    return list(self.heads)
-
-  def call(self, inputs: tf.Tensor, training: Optional[bool] = None,
-           tasks: Optional[Sequence[str]] = None) -> dict[str, tf.Tensor]:
-    """Returns `{task: output}` for `tasks` (default: every head)."""
+  def forward(self, inputs: tf.Tensor, training: Optional[bool] = None,
+              tasks: Optional[Sequence[str]] = None) -> base.Forward:
     representation = self.trunk(inputs, training=training)
-    return {name: self.heads[name](representation, training=training)
-            for name in (tasks if tasks is not None else self.heads)}
+    outputs = {name: self.heads[name](representation, training=training)
+               for name in (tasks if tasks is not None else self.heads)}
+    return base.Forward(outputs, representation, {})
 
-  def call_task(self, inputs: tf.Tensor, task: str,
-                training: Optional[bool] = None) -> tf.Tensor:
-    """The output of one task's head; other heads are not run."""
-    return self.heads[task](self.trunk(inputs, training=training),
-                            training=training)
+  def shared_layers(self) -> list[tf.Module]:
+    return [self.trunk]
 
-  # The architecture contract the steps rely on: which variables are
-  # shared, which belong to a task, and (for --rep_grad) the shared
-  # representation every task reads.
-
-  @property
-  def shared_variables(self) -> list[tf.Variable]:
-    """The trainable variables every task trains (the trunk's)."""
-    return list(self.trunk.trainable_variables)
-
-  def task_variables(self, task: str) -> list[tf.Variable]:
-    """The trainable variables only `task` trains (its head's)."""
-    return list(self.heads[task].trainable_variables)
-
-  def trunk_and_head_variables(self, task: str) -> list[tf.Variable]:
-    """The trainable variables one task's update may change."""
-    return self.shared_variables + self.task_variables(task)
-
-  def regularization_losses(self, task: Optional[str] = None
-                            ) -> list[tf.Tensor]:
-    """The shared layers' regularization losses and `task`'s (None: all)."""
-    if task is None:
-      return list(self.losses)
-    return list(self.trunk.losses) + list(self.heads[task].losses)
-
-  def last_shared_kernel(self) -> tf.Variable:
-    """The weights W of the last shared layer, where GradNorm looks.
-
-    Raises:
-      ValueError: If the shared layers have no variable of rank >= 2.
-    """
-    kernels = [v for v in self.shared_variables if v.shape.rank >= 2]
-    if not kernels:
-      raise ValueError("the trunk has no weight matrix for GradNorm's W")
-    return kernels[-1]
-
-  def call_with_representation(
-      self, inputs: tf.Tensor, training: Optional[bool] = None
-  ) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
-    """(the trunk's output z, `{task: output}` computed from z)."""
-    representation = self.trunk(inputs, training=training)
-    return representation, {
-        name: head(representation, training=training)
-        for name, head in self.heads.items()}
+  def task_layers(self, task: str) -> list[tf.Module]:
+    return [self.heads[task]]
 
 
-def build_trunk(kind: str, width: int, depth: int,
-                dtype: Optional[tf_keras.mixed_precision.Policy] = None
-                ) -> tf_keras.layers.Layer:
-  """A built-in trunk.
+def trunk_layers(kind: str, width: int, depth: int,
+                 dtype: Optional[tf_keras.mixed_precision.Policy] = None
+                 ) -> list[tf_keras.layers.Layer]:
+  """The layers of a built-in trunk, in order (see `build_trunk`).
 
-  Args:
-    kind: "mlp" (flatten, then `depth` ReLU dense layers of `width` units) or
-      "conv" (`depth` blocks of 3x3 ReLU convolution with `width` filters and
-      2x2 max pooling, then global average pooling).
-    width: Units or filters per layer.
-    depth: Number of layers or blocks.
-    dtype: Every layer's dtype policy (None: the global policy).
-
-  Returns:
-    The (unbuilt) trunk.
+  Raises:
+    ValueError: For an unknown kind.
   """
   if kind == "mlp":
     layers = [tf_keras.layers.Flatten(dtype=dtype)]
@@ -130,7 +76,59 @@ def build_trunk(kind: str, width: int, depth: int,
     layers.append(tf_keras.layers.GlobalAveragePooling2D(dtype=dtype))
   else:
     raise ValueError(f"unknown trunk {kind!r} (known: mlp, conv)")
-  return tf_keras.Sequential(layers, name="trunk")
+  return layers
+
+
+def build_trunk(kind: str, width: int, depth: int,
+                dtype: Optional[tf_keras.mixed_precision.Policy] = None,
+                name: str = "trunk") -> tf_keras.layers.Layer:
+  """A built-in trunk.
+
+  Args:
+    kind: "mlp" (flatten, then `depth` ReLU dense layers of `width` units) or
+      "conv" (`depth` blocks of 3x3 ReLU convolution with `width` filters and
+      2x2 max pooling, then global average pooling).
+    width: Units or filters per layer.
+    depth: Number of layers or blocks.
+    dtype: Every layer's dtype policy (None: the global policy).
+    name: The layer's name.
+
+  Returns:
+    The (unbuilt) trunk.
+  """
+  return tf_keras.Sequential(trunk_layers(kind, width, depth, dtype),
+                             name=name)
+
+
+def default_heads(tasks: Sequence[tasks_lib.TaskSpec],
+                  head_fn: Optional["HeadFn"], dtype: Optional[str]
+                  ) -> dict[str, tf_keras.layers.Layer]:
+  """Each task's head: `head_fn(task)`, or a linear layer of its size."""
+  if head_fn is not None:
+    return {task.name: head_fn(task) for task in tasks}
+  return {task.name: tf_keras.layers.Dense(task.output_size,
+                                           name=f"head_{task.name}",
+                                           dtype=dtype)
+          for task in tasks}
+
+
+def build_and_check(model: base.MultiTaskModel,
+                    tasks: Sequence[tasks_lib.TaskSpec],
+                    input_shape: Sequence[int],
+                    input_dtype: tf.DType) -> base.MultiTaskModel:
+  """Creates every variable of `model` and checks its output sizes.
+
+  Raises:
+    ValueError: For a head whose output does not have `task.output_size`
+      units.
+  """
+  outputs = model(tf.zeros((1, *input_shape), input_dtype))
+  for task in tasks:
+    if outputs[task.name].shape[-1] != task.output_size:
+      raise ValueError(
+          f"task {task.name!r}: its head outputs {outputs[task.name].shape[-1]}"
+          f" units, the task needs {task.output_size}")
+  return model
 
 
 # Makes a user's trunk: any tf_keras layer or model.
@@ -185,19 +183,6 @@ def build_model(tasks: Sequence[tasks_lib.TaskSpec], input_shape: Sequence[int],
     trunk_layer = trunk()
   else:
     trunk_layer = build_trunk(trunk, trunk_width, trunk_depth, dtype=policy)
-  if head_fn is None:
-    heads = {task.name: tf_keras.layers.Dense(task.output_size,
-                                              name=f"head_{task.name}",
-                                              dtype=head_dtype)
-             for task in tasks}
-  else:
-    heads = {task.name: head_fn(task) for task in tasks}
+  heads = default_heads(tasks, head_fn, head_dtype)
   model = SharedTrunkModel(trunk_layer, heads, name="shared_trunk_model")
-  # Creates every variable.
-  outputs = model(tf.zeros((1, *input_shape), input_dtype))
-  for task in tasks:
-    if outputs[task.name].shape[-1] != task.output_size:
-      raise ValueError(
-          f"task {task.name!r}: its head outputs {outputs[task.name].shape[-1]}"
-          f" units, the task needs {task.output_size}")
-  return model
+  return build_and_check(model, tasks, input_shape, input_dtype)

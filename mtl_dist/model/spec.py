@@ -13,9 +13,14 @@ import tensorflow as tf
 
 from mtl_dist import errors
 from mtl_dist import tasks as tasks_lib
-from mtl_dist.model import hps
+from mtl_dist.model import architectures
+from mtl_dist.model import base
+from mtl_dist.model import settings as settings_lib
 
 CUSTOM = "custom"  # A trunk or heads made by user code, not by flags.
+# What each user function makes, for messages.
+_PIECES = {"trunk_fn": "a trunk", "head_fn": "heads", "expert_fn": "experts",
+           "gate_fn": "gates", "column_fn": "columns"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +40,9 @@ class ModelSpec:
     custom_data: Whether the run was given its data from Python (so the
       launchers cannot load it again).
     custom_losses: Tasks trained with a loss function.
+    architecture: The architecture and its options (older runs: hps).
+    custom_pieces: The other pieces made by user functions ("expert_fn",
+      "gate_fn", "column_fn").
   """
 
   tasks: tuple[tasks_lib.TaskSpec, ...]
@@ -47,12 +55,16 @@ class ModelSpec:
   custom_heads: bool = False
   custom_data: bool = False
   custom_losses: tuple[str, ...] = ()
+  architecture: settings_lib.ArchitectureConfig = (
+      settings_lib.ArchitectureConfig())
+  custom_pieces: tuple[str, ...] = ()
 
   def to_json(self) -> dict[str, Any]:
     """The spec as JSON values (a loss function becomes "custom")."""
     value = dataclasses.asdict(self)
     value["tasks"] = [dict(dataclasses.asdict(task), loss=task.loss_name)
                       for task in self.tasks]
+    value["architecture"] = self.architecture.to_json()
     return value
 
   @classmethod
@@ -72,33 +84,38 @@ class ModelSpec:
       tasks.append(tasks_lib.TaskSpec(**task))
     value = dict(value, tasks=tuple(tasks),
                  input_shape=tuple(value["input_shape"]),
-                 custom_losses=tuple(value.get("custom_losses", ())))
+                 custom_losses=tuple(value.get("custom_losses", ())),
+                 architecture=settings_lib.ArchitectureConfig.from_json(
+                     value.get("architecture", {})),
+                 custom_pieces=tuple(value.get("custom_pieces", ())))
     return cls(**value)
 
-  def build(self, trunk_fn: Optional[hps.TrunkFn] = None,
-            head_fn: Optional[hps.HeadFn] = None
-            ) -> hps.SharedTrunkModel:
+  def build(self, functions: architectures.ModelFunctions = (
+      architectures.ModelFunctions())) -> base.MultiTaskModel:
     """Builds the model (call inside a strategy's scope to distribute it).
 
     Args:
-      trunk_fn: Makes the trunk of a run trained with a user trunk.
-      head_fn: Makes the heads of a run trained with user heads.
+      functions: The functions that made the run's custom pieces.
 
     Raises:
-      ConfigError: If the run used a user trunk or heads and the matching
-        function is not given.
+      ConfigError: If the run used a piece made in Python and its function
+        is not given.
     """
-    if self.trunk == CUSTOM and trunk_fn is None:
-      raise errors.ConfigError(
-          "the run was trained with a trunk made in Python (trunk_fn); "
-          "rebuild it from Python with the same trunk_fn (see docs/api.md)")
-    if self.custom_heads and head_fn is None:
-      raise errors.ConfigError(
-          "the run was trained with heads made in Python (head_fn); rebuild "
-          "it from Python with the same head_fn (see docs/api.md)")
-    return hps.build_model(
-        self.tasks, self.input_shape,
-        trunk=trunk_fn if self.trunk == CUSTOM else self.trunk,
-        trunk_width=self.trunk_width, trunk_depth=self.trunk_depth,
-        mixed_precision=self.mixed_precision, head_fn=head_fn,
+    needed = list(self.custom_pieces)
+    if self.trunk == CUSTOM:
+      needed.insert(0, "trunk_fn")
+    if self.custom_heads:
+      needed.append("head_fn")
+    for name in needed:
+      if getattr(functions, name) is None:
+        raise errors.ConfigError(
+            f"the run was trained with {_PIECES[name]} made in Python "
+            f"({name}); "
+            f"rebuild it from Python with the same {name} (see docs/api.md)")
+    return architectures.build(
+        self.tasks, self.input_shape, self.architecture,
+        functions=architectures.ModelFunctions(
+            **{name: getattr(functions, name) for name in needed}),
+        trunk=self.trunk, trunk_width=self.trunk_width,
+        trunk_depth=self.trunk_depth, mixed_precision=self.mixed_precision,
         input_dtype=tf.as_dtype(self.input_dtype))

@@ -18,6 +18,7 @@ from mtl_dist.data import settings as data_settings
 from mtl_dist.methods import registry
 from mtl_dist.methods import schedules
 from mtl_dist.model import precision
+from mtl_dist.model import settings as model_settings
 from mtl_dist.run import export_dir
 
 MODES = ("joint", "alternate")
@@ -32,6 +33,7 @@ MULTI_WORKER_FLAGS = cluster_settings.MULTI_WORKER_FLAGS
 AGGREGATORS = registry.AGGREGATORS.names()
 WEIGHTINGS = registry.WEIGHTINGS.names()
 MIXED_PRECISION = precision.MODES
+ARCHITECTURES = model_settings.ARCHITECTURES
 
 _Section = TypeVar("_Section")
 
@@ -109,6 +111,16 @@ class TrainConfig(_MethodOptions):
   trunk: str = "mlp"
   trunk_width: int = 256
   trunk_depth: int = 2
+  # The model: hps (one shared trunk), mmoe, cgc, ple, cross_stitch,
+  # dselect_k or mtan; its options default in model/settings.py.
+  architecture: str = "hps"
+  num_experts: Optional[int] = None  # mmoe, dselect_k
+  num_shared_experts: Optional[int] = None  # cgc, ple
+  num_task_experts: Optional[int] = None  # cgc, ple
+  num_levels: Optional[int] = None  # ple
+  num_selected_experts: Optional[int] = None  # dselect_k
+  dselect_k_gamma: Optional[float] = None
+  dselect_k_entropy_reg: Optional[float] = None
   strategy: str = "auto"
   num_cpu_devices: int = 1
   # Multi-worker: the cluster's source (default: whichever the environment
@@ -161,6 +173,10 @@ class TrainConfig(_MethodOptions):
   def cluster_config(self) -> cluster_settings.ClusterConfig:
     """The cluster section, for the strategy."""
     return self._section(cluster_settings.ClusterConfig)
+
+  def architecture_config(self) -> model_settings.ArchitectureConfig:
+    """The architecture section, for the model."""
+    return self._section(model_settings.ArchitectureConfig)
 
   def schedule_config(self) -> schedules.ScheduleConfig:
     """The schedule section, for the alternate-mode schedule."""
@@ -224,6 +240,7 @@ class TrainConfig(_MethodOptions):
     given = dataclasses.asdict(self)
     self._validate_mode_flags(given)
     data_settings.validate_flags(given)
+    model_settings.validate_flags(given)
     gram_forms = registry.gram_forms()
     if self.rep_grad and self.aggregator not in gram_forms:
       raise errors.ConfigError(

@@ -25,6 +25,8 @@ import tensorflow as tf
 
 from mtl_dist import errors
 from mtl_dist import tasks as tasks_lib
+from mtl_dist.model import architectures
+from mtl_dist.model import base as model_base
 from mtl_dist.model import hps as model_lib
 from mtl_dist.run import export_dir as export_dir_lib
 from mtl_dist.run import saved_run
@@ -42,7 +44,7 @@ def _task_outputs(task: tasks_lib.TaskSpec,
   return {"prediction": output}
 
 
-def _task_function(model: model_lib.SharedTrunkModel, task: tasks_lib.TaskSpec
+def _task_function(model: model_base.MultiTaskModel, task: tasks_lib.TaskSpec
                    ) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
   """One task's serving function: the trunk, then that task's head."""
   def serve_task(inputs: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -54,13 +56,13 @@ def _task_function(model: model_lib.SharedTrunkModel, task: tasks_lib.TaskSpec
 class _ServingModule(tf.Module):
   """Tracks the model's variables (not the Keras model) for saving."""
 
-  def __init__(self, model: model_lib.SharedTrunkModel):
+  def __init__(self, model: model_base.MultiTaskModel):
     super().__init__(name="mtl_dist_serving")
     # A plain list: saving then does not serialise the Keras model itself.
     self.model_variables = list(model.variables)
 
 
-def export_saved_model(model: model_lib.SharedTrunkModel,
+def export_saved_model(model: model_base.MultiTaskModel,
                        tasks: Sequence[tasks_lib.TaskSpec],
                        input_shape: Sequence[int], input_dtype: tf.DType,
                        export_dir: str) -> None:
@@ -105,7 +107,10 @@ def export_saved_model(model: model_lib.SharedTrunkModel,
 def export_run(model_dir: str, export_dir: str,
                checkpoint: Optional[str] = None,
                trunk_fn: Optional[model_lib.TrunkFn] = None,
-               head_fn: Optional[model_lib.HeadFn] = None) -> str:
+               head_fn: Optional[model_lib.HeadFn] = None, *,
+               expert_fn: Optional[architectures.ExpertFn] = None,
+               gate_fn: Optional[architectures.GateFn] = None,
+               column_fn: Optional[architectures.ColumnFn] = None) -> str:
   """Exports a run's checkpoint as a SavedModel with serving signatures.
 
   Args:
@@ -115,6 +120,9 @@ def export_run(model_dir: str, export_dir: str,
       checkpoint prefix.
     trunk_fn: The trunk function of a run trained with one.
     head_fn: The head function of a run trained with one.
+    expert_fn: The expert function of a run trained with one.
+    gate_fn: The gate function of a run trained with one.
+    column_fn: The column function of a run trained with one.
 
   Returns:
     The exported checkpoint's prefix.
@@ -125,7 +133,9 @@ def export_run(model_dir: str, export_dir: str,
   export_dir_lib.check_export_dir(export_dir)
   spec = saved_run.read_model_spec(model_dir)
   path = saved_run.find_checkpoint(model_dir, checkpoint)
-  model = spec.build(trunk_fn, head_fn)
+  model = spec.build(architectures.ModelFunctions(
+      trunk_fn=trunk_fn, head_fn=head_fn, expert_fn=expert_fn,
+      gate_fn=gate_fn, column_fn=column_fn))
   saved_run.restore_model(model, path)
   export_saved_model(model, spec.tasks, spec.input_shape,
                      tf.as_dtype(spec.input_dtype), export_dir)

@@ -18,7 +18,7 @@ import tensorflow as tf
 from mtl_dist import errors
 from mtl_dist.loop import checkpointing
 from mtl_dist.loop import run_files
-from mtl_dist.model import hps as model_lib
+from mtl_dist.model import base as model_base
 from mtl_dist.model import spec as model_spec
 from mtl_dist.run import config as config_lib
 
@@ -114,7 +114,7 @@ def find_checkpoint(model_dir: str, checkpoint: Optional[str] = None) -> str:
   return path
 
 
-def restore_model(model: model_lib.SharedTrunkModel, path: str) -> None:
+def restore_model(model: model_base.MultiTaskModel, path: str) -> None:
   """Restores a training checkpoint's model weights into `model`.
 
   The optimizers, counters and schedules in the checkpoint are left out.

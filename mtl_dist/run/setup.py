@@ -25,7 +25,8 @@ from mtl_dist.loop import checkpointing
 from mtl_dist.loop import trainer as trainer_lib
 from mtl_dist.methods import optimizers as optimizers_lib
 from mtl_dist.methods import schedules
-from mtl_dist.model import hps as model_lib
+from mtl_dist.model import architectures
+from mtl_dist.model import base as model_base
 from mtl_dist.model import spec as model_spec
 from mtl_dist.run import config as config_lib
 from mtl_dist.run import delta_m as delta_m_lib
@@ -35,18 +36,17 @@ CHECKPOINT_SUBDIR = saved_run.CHECKPOINT_SUBDIR
 
 
 def build_model(strategy: tf.distribute.Strategy, spec: model_spec.ModelSpec,
-                trunk_fn: Optional[model_lib.TrunkFn],
-                head_fn: Optional[model_lib.HeadFn]
-                ) -> model_lib.SharedTrunkModel:
+                functions: architectures.ModelFunctions
+                ) -> model_base.MultiTaskModel:
   """The model `spec` describes, its variables made in the strategy's scope.
 
   Raises:
-    ConfigError: For a user trunk or head that does not fit the tasks.
+    ConfigError: For user pieces that do not fit the tasks or each other.
   """
   with strategy.scope():
     try:
-      return spec.build(trunk_fn, head_fn)
-    except ValueError as e:  # A user trunk or head that does not fit.
+      return spec.build(functions)
+    except ValueError as e:  # User pieces that do not fit.
       raise errors.ConfigError(str(e)) from None
 
 
@@ -67,12 +67,11 @@ class Run:
 
   def __init__(self, config: config_lib.TrainConfig,
                data: Optional[data_lib.MultiTaskData] = None,
-               trunk_fn: Optional[model_lib.TrunkFn] = None,
-               head_fn: Optional[model_lib.HeadFn] = None):
+               functions: architectures.ModelFunctions = (
+                   architectures.ModelFunctions())):
     config.validate()
     self.config = config
-    if trunk_fn is not None:
-      _check_user_trunk(config)
+    _check_user_functions(config, functions)
     cluster = config.cluster_config()
     if strategy_lib.uses_multi_worker(cluster.strategy, cluster.cluster):
       # Creating the strategy waits for every worker to join; one that never
@@ -108,20 +107,23 @@ class Run:
     self.model_spec = model_spec.ModelSpec(
         tasks=self.data.tasks, input_shape=tuple(self.data.input_shape),
         input_dtype=data_lib.input_dtype(self.data).name,
-        trunk=model_spec.CUSTOM if trunk_fn else config.trunk,
+        trunk=model_spec.CUSTOM if functions.trunk_fn else config.trunk,
         trunk_width=config.trunk_width, trunk_depth=config.trunk_depth,
         mixed_precision=config.mixed_precision,
-        custom_heads=head_fn is not None, custom_data=data is not None,
+        custom_heads=functions.head_fn is not None,
+        custom_data=data is not None,
         custom_losses=tuple(task.name for task in self.data.tasks
-                            if task.loss_name == tasks_lib.CUSTOM_LOSS))
-    self.trunk_fn, self.head_fn = trunk_fn, head_fn
+                            if task.loss_name == tasks_lib.CUSTOM_LOSS),
+        architecture=config.architecture_config(),
+        custom_pieces=tuple(name for name in functions.given()
+                            if name not in ("trunk_fn", "head_fn")))
+    self.functions = functions
     self.baselines = (delta_m_lib.read_baselines(config.baselines)
                       if config.baselines else None)
     tf_keras.utils.set_random_seed(config.seed)
     if config.deterministic:
       tf.config.experimental.enable_op_determinism()
-    self.model = build_model(self.strategy, self.model_spec, trunk_fn,
-                             head_fn)
+    self.model = build_model(self.strategy, self.model_spec, functions)
     with self.strategy.scope():  # Schedules hold variables.
       schedule = (_make_schedule(config, self.data)
                   if config.mode == "alternate" else None)
@@ -279,17 +281,28 @@ def _check_user_data(config: config_lib.TrainConfig,
         f"--tasks={','.join(config.tasks)}: the given data "
         f"trains {','.join(task_names)} (leave tasks unset)")
 
-def _check_user_trunk(config: config_lib.TrainConfig) -> None:
-  """Refuses built-in trunk settings for a run that brings its own trunk.
+def _check_user_functions(config: config_lib.TrainConfig,
+                          functions: architectures.ModelFunctions) -> None:
+  """Refuses user functions the architecture does not use, and built-in
+  trunk settings for a run whose trunk is the user's.
 
   Raises:
-    ConfigError: Naming the first setting that does not apply.
+    ConfigError: Naming the first function or setting that does not apply.
   """
+  try:
+    architectures.check_functions(config.architecture_config().architecture,
+                                  functions)
+  except ValueError as e:
+    raise errors.ConfigError(str(e)) from None
+  made = [name for name in ("trunk_fn", "expert_fn", "column_fn")
+          if name in functions.given()]
+  if not made:
+    return
   defaults = config_lib.TrainConfig(model_dir=config.model_dir)
   for name in ("trunk", "trunk_width", "trunk_depth", "mixed_precision"):
     if getattr(config, name) != getattr(defaults, name):
       raise errors.ConfigError(
           f"--{name}={getattr(config, name)}: describes the built-in trunk, "
-          "but the run was given its own (trunk_fn)"
+          f"but the run was given its own ({made[0]})"
           + ("; give its layers a dtype policy instead"
              if name == "mixed_precision" else ""))

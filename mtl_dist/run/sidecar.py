@@ -25,6 +25,7 @@ from mtl_dist.cluster import strategy as strategy_lib
 from mtl_dist.loop import checkpointing
 from mtl_dist.loop import evaluator as evaluator_lib
 from mtl_dist.loop import run_files
+from mtl_dist.model import architectures
 from mtl_dist.model import hps as model_lib
 from mtl_dist.run import saved_run
 from mtl_dist.run import setup
@@ -68,9 +69,8 @@ class _Sidecar:
   """The model, eval pipelines and compiled eval loop of one model_dir."""
 
   def __init__(self, model_dir: str, data: Optional[data_lib.MultiTaskData],
-               trunk_fn: Optional[model_lib.TrunkFn],
-               head_fn: Optional[model_lib.HeadFn], eval_steps: Optional[int],
-               num_cpu_devices: int):
+               functions: architectures.ModelFunctions,
+               eval_steps: Optional[int], num_cpu_devices: int):
     config = saved_run.read_config(model_dir)
     spec = saved_run.read_model_spec(model_dir)
     if data is None:
@@ -100,7 +100,7 @@ class _Sidecar:
           f"--num_cpu_devices={num_cpu_devices}: the run's global batch "
           f"{config.global_batch_size} does not divide among "
           f"{self.strategy.num_replicas_in_sync} replicas")
-    self.model = setup.build_model(self.strategy, spec, trunk_fn, head_fn)
+    self.model = setup.build_model(self.strategy, spec, functions)
     self._evaluator = evaluator_lib.Evaluator(self.strategy, self.model,
                                               data.tasks)
     self._datasets, self._groups = setup.eval_inputs(
@@ -127,6 +127,9 @@ def evaluate(model_dir: str, *, checkpoint: Optional[str] = None,
              data: Optional[data_lib.MultiTaskData] = None,
              trunk_fn: Optional[model_lib.TrunkFn] = None,
              head_fn: Optional[model_lib.HeadFn] = None,
+             expert_fn: Optional[architectures.ExpertFn] = None,
+             gate_fn: Optional[architectures.GateFn] = None,
+             column_fn: Optional[architectures.ColumnFn] = None,
              eval_steps: Optional[int] = None, num_cpu_devices: int = 1,
              poll_seconds: float = 10.0, timeout: Optional[float] = 3600.0,
              on_result: Optional[Callable[[Evaluation], None]] = None
@@ -145,8 +148,8 @@ def evaluate(model_dir: str, *, checkpoint: Optional[str] = None,
       is followed) has been evaluated.
     data: The data of a run trained on data given from Python; default:
       the built-in dataset its config.json names.
-    trunk_fn: The trunk function of a run trained with one.
-    head_fn: The head function of a run trained with one.
+    trunk_fn, head_fn, expert_fn, gate_fn, column_fn: The functions of a
+      run whose pieces were made by them.
     eval_steps: Eval batches per task; default the run's `--eval_steps`
       (0: the whole split).
     num_cpu_devices: Logical CPU devices to evaluate on when there is no
@@ -170,8 +173,9 @@ def evaluate(model_dir: str, *, checkpoint: Optional[str] = None,
   if watch:  # A sidecar may start before the training job has begun.
     _wait_for(os.path.join(model_dir, saved_run.MODEL_FILE), poll_seconds,
               timeout)
-  evaluator = _Sidecar(model_dir, data, trunk_fn, head_fn, eval_steps,
-                         num_cpu_devices)
+  evaluator = _Sidecar(model_dir, data, architectures.ModelFunctions(
+      trunk_fn=trunk_fn, head_fn=head_fn, expert_fn=expert_fn,
+      gate_fn=gate_fn, column_fn=column_fn), eval_steps, num_cpu_devices)
   recorder = _Recorder(model_dir)
   results = []
 

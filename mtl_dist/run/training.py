@@ -26,6 +26,7 @@ from mtl_dist.loop import preemption
 from mtl_dist.loop import profiling
 from mtl_dist.loop import run_files
 from mtl_dist.loop import trainer as trainer_lib
+from mtl_dist.model import architectures
 from mtl_dist.model import hps as model_lib
 from mtl_dist.run import config as config_lib
 from mtl_dist.run import delta_m as delta_m_lib
@@ -38,7 +39,11 @@ from mtl_dist.run import setup
 def train(config: config_lib.TrainConfig,
           data: Optional[data_lib.MultiTaskData] = None,
           trunk_fn: Optional[model_lib.TrunkFn] = None,
-          head_fn: Optional[model_lib.HeadFn] = None) -> dict[str, Any]:
+          head_fn: Optional[model_lib.HeadFn] = None, *,
+          expert_fn: Optional[architectures.ExpertFn] = None,
+          gate_fn: Optional[architectures.GateFn] = None,
+          column_fn: Optional[architectures.ColumnFn] = None
+          ) -> dict[str, Any]:
   """Trains, evaluates and checkpoints a multi-task model.
 
   Args:
@@ -51,8 +56,16 @@ def train(config: config_lib.TrainConfig,
     trunk_fn: Makes the shared trunk (any tf_keras layer or model), called
       inside the strategy's scope; default: the built-in trunk that
       `config.trunk` names.
-    head_fn: Makes each task's head from its `TaskSpec`, also inside the
-      scope; default: a linear layer of `task.output_size` units.
+    head_fn: Makes each task's head (tower) from its `TaskSpec`, also
+      inside the scope; default: a linear layer of `task.output_size` units.
+    expert_fn: mmoe, cgc, ple, dselect_k: makes one expert (any tf_keras
+      layer; called once per expert); default: the built-in trunk.
+    gate_fn: mmoe, cgc, ple: makes one gate's logits for n experts (a layer
+      mapping the gate's input to [batch, n]); default: a linear layer of
+      the flattened input. A softmax follows it.
+    column_fn: cross_stitch: makes one task's column, a tf_keras.Sequential
+      or a list of layers, with a cross-stitch unit after each layer;
+      default: the built-in trunk's blocks.
 
   Returns:
     The run summary, also written to `model_dir/summary.json`: `step`,
@@ -67,16 +80,19 @@ def train(config: config_lib.TrainConfig,
     DataError: When an in-graph data check fails while training.
     Preempted: When SIGTERM stopped the run after it saved a checkpoint.
   """
+  functions = architectures.ModelFunctions(
+      trunk_fn=trunk_fn, head_fn=head_fn, expert_fn=expert_fn,
+      gate_fn=gate_fn, column_fn=column_fn)
   if strategy_lib.uses_multi_worker(config.strategy, config.cluster):
     try:
-      run = setup.Run(config, data, trunk_fn, head_fn)
+      run = setup.Run(config, data, functions)
     except failures.CLUSTER_FAILURES as e:
       raise errors.ClusterError(
           f"the cluster failed while starting ({type(e).__name__}: "
           f"{failures.reason(e)}); run the same command on all workers "
           "again.") from e
   else:
-    run = setup.Run(config, data, trunk_fn, head_fn)
+    run = setup.Run(config, data, functions)
   if not strategy_lib.is_multi_worker(run.strategy):
     return _train(run)
   try:
@@ -201,7 +217,7 @@ def _train(run: setup.Run) -> dict[str, Any]:
     logging.info("Wrote %s", path)
     if config.export_dir:
       export_lib.export_run(config.model_dir, config.export_dir,
-                            trunk_fn=run.trunk_fn, head_fn=run.head_fn)
+                            **run.functions.as_kwargs())
   return summary
 
 
@@ -217,6 +233,7 @@ class _Interval:
     self.counts = np.zeros(len(self.task_names))
     self.seconds, self.steps, self.skipped = 0.0, 0, 0
     self.step_metric_sums: dict[str, float] = {}
+    self.step_metric_counts: dict[str, int] = {}
     self.loss_scales: dict[str, float] = {}
     self.learning_rates: dict[str, float] = {}
 
@@ -228,10 +245,12 @@ class _Interval:
     self.seconds += seconds
     self.steps += num_steps
     self.skipped += result.skipped.count
-    applied = num_steps - result.skipped.count
-    for name, mean in result.step_metrics.items():  # Means over applied steps.
+    for name, mean in result.step_metrics.items():
+      steps = result.step_metric_counts[name]
       self.step_metric_sums[name] = (self.step_metric_sums.get(name, 0.0) +
-                                     mean * applied)
+                                     mean * steps)
+      self.step_metric_counts[name] = (
+          self.step_metric_counts.get(name, 0) + steps)
     self.loss_scales = result.loss_scales
     self.learning_rates = result.learning_rates
 
@@ -273,8 +292,7 @@ def _log_interval(interval: _Interval, step: int,
   metrics.update(_task_step_metrics(trainer, data, config.global_batch_size))
   metrics.update({f"{name}/share": interval.counts[i] / interval.steps
                   for i, name in enumerate(interval.task_names)})
-  applied = max(interval.steps - interval.skipped, 1)
-  metrics.update({name: total / applied
+  metrics.update({name: total / interval.step_metric_counts[name]
                   for name, total in interval.step_metric_sums.items()})
   metrics["nonfinite_skipped"] = interval.skipped
   metrics.update(interval.loss_scales)

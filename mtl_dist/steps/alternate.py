@@ -9,7 +9,7 @@ import tf_keras
 
 from mtl_dist import tasks as tasks_lib
 from mtl_dist.methods import schedules
-from mtl_dist.model import hps as model_lib
+from mtl_dist.model import base as model_base
 from mtl_dist.model import precision
 from mtl_dist.steps import losses
 from mtl_dist.steps import plumbing
@@ -28,7 +28,7 @@ class AlternateStep:
   task's optimizer.
   """
 
-  def __init__(self, model: model_lib.SharedTrunkModel,
+  def __init__(self, model: model_base.MultiTaskModel,
                tasks: Sequence[tasks_lib.TaskSpec],
                optimizers: Sequence[tf_keras.optimizers.Optimizer],
                global_batch_size: int, schedule: schedules.Schedule,
@@ -53,49 +53,71 @@ class AlternateStep:
     self._schedule = schedule
     self._skip_nonfinite = skip_nonfinite
     self._pass = plumbing.compiled(self._backward, jit_compile)
-
-  metric_names = ()
+    # The model's diagnostics: each task's are measured in its own steps.
+    self.metric_names = model.diagnostic_names()
+    self._task_diagnostics = [
+        [self.metric_names.index(name)
+         for name in model.diagnostic_names([task.name])]
+        for task in self._tasks]
 
   def _backward(self, task_index: int, features: tf.Tensor,
-                labels: tf.Tensor) -> tuple[list[tf.Tensor], tf.Tensor]:
+                labels: tf.Tensor
+                ) -> tuple[list[tf.Tensor], tf.Tensor, tf.Tensor]:
     """This replica's forward and backward pass for task `task_index`.
 
     Returns:
       (gradients of the shared and the task's own variables, the loss
-      share).
+      share, the model's diagnostics for the task).
     """
     task = self._tasks[task_index]
     variables = self._model.trunk_and_head_variables(task.name)
     with tf.GradientTape() as tape:
-      outputs = self._model.call_task(features, task.name, training=True)
+      forward = self._model.forward(features, training=True,
+                                    tasks=[task.name])
       loss = losses.average_loss(
-          task.per_example_loss(labels, outputs, check=False),
+          task.per_example_loss(labels, forward.outputs[task.name],
+                                check=False),
           self._global_batch_size)
       total = loss + losses.regularization(
           self._model.regularization_losses(task.name))
       total = precision.scaled(self._optimizers[task_index], total)
     gradients = tape.gradient(
         total, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    return precision.unscaled(self._optimizers[task_index], gradients), loss
+    return (precision.unscaled(self._optimizers[task_index], gradients), loss,
+            plumbing.stacked(forward.diagnostics))
 
   def replica_step(self, task_index: int,
-                   batch: Batch) -> tuple[tf.Tensor, tf.Tensor]:
+                   batch: Batch) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """Trains task `task_index` on one replica's batch.
 
     Returns:
-      (the global-batch loss, whether the step was applied).
+      (the global-batch loss, the metrics vector: the task's diagnostics
+      averaged over replicas, NaN for the other tasks', whether the step
+      was applied).
     """
     task = self._tasks[task_index]
     features, labels = batch
     labels = losses.checked_labels([task], labels, partial_labels=False)
-    gradients, loss = self._pass(task_index, features, labels[task.name])
+    gradients, loss, diagnostics = self._pass(task_index, features,
+                                              labels[task.name])
     optimizer = self._optimizers[task_index]
     gradients, loss, finite = plumbing.reduce_and_check(
         gradients, loss, check_gradients=not precision.scales_losses(optimizer))
     plumbing.apply_if(optimizer, gradients,
               self._model.trunk_and_head_variables(task.name),
               finite if self._skip_nonfinite else None)
-    return loss, finite
+    return loss, self._metrics(task_index, diagnostics), finite
+
+  def _metrics(self, task_index: int, diagnostics: tf.Tensor) -> tf.Tensor:
+    """All of `metric_names`: the task's diagnostics, NaN (absent) else."""
+    positions = self._task_diagnostics[task_index]
+    if not self.metric_names:
+      return tf.zeros([0])
+    metrics = tf.fill([len(self.metric_names)], float("nan"))
+    if not positions:
+      return metrics
+    return tf.tensor_scatter_nd_update(
+        metrics, [[i] for i in positions], plumbing.replica_mean(diagnostics))
 
   def __call__(self, strategy: tf.distribute.Strategy,
                iterators: Sequence[tf.distribute.DistributedIterator],
@@ -104,22 +126,23 @@ class AlternateStep:
 
     Returns:
       (losses, trained, metrics, applied): [T] vectors, zero except at the
-      trained task, an empty metrics vector, and whether the update was
-      applied (False: the loss or a gradient was not finite).
+      trained task, the metrics vector (NaN where absent), and whether the
+      update was applied (False: the loss or a gradient was not finite).
     """
     task_index = self._schedule.task_index(step)
 
     def branch(index: int):
-      def run_task() -> tuple[tf.Tensor, tf.Tensor]:
-        loss, applied = strategy.run(self.replica_step,
-                                     args=(index, next(iterators[index])))
+      def run_task() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        loss, metrics, applied = strategy.run(
+            self.replica_step, args=(index, next(iterators[index])))
         return (plumbing.first_local(strategy, loss),
+                plumbing.first_local(strategy, metrics),
                 plumbing.first_local(strategy, applied))
       return run_task
 
-    loss, applied = tf.switch_case(
+    loss, metrics, applied = tf.switch_case(
         task_index, [branch(i) for i in range(len(self._tasks))])
     trained = tf.one_hot(task_index, len(self._tasks))
     # 0 * NaN is NaN: keep a non-finite loss at its task only.
     losses = tf.where(trained > 0, loss, 0.0)
-    return losses, trained, tf.zeros([0]), applied
+    return losses, trained, metrics, applied

@@ -11,7 +11,7 @@ from mtl_dist import tasks as tasks_lib
 from mtl_dist.methods import registry
 from mtl_dist.methods.aggregators import base as aggregators
 from mtl_dist.methods.weightings import base as weightings
-from mtl_dist.model import hps as model_lib
+from mtl_dist.model import base as model_base
 from mtl_dist.model import precision
 from mtl_dist.steps import losses as losses_lib
 from mtl_dist.steps import plumbing
@@ -33,6 +33,7 @@ class _Terms(NamedTuple):
   unweighted: list[tf.Tensor]  # Each task's unweighted loss share.
   regularization: tf.Tensor
   objective: tf.Tensor  # Weighted losses plus regularization.
+  diagnostics: tf.Tensor  # The model's diagnostics on this replica's batch.
 
 
 class JointStep:
@@ -61,7 +62,7 @@ class JointStep:
   `plumbing.reduce_and_check`).
   """
 
-  def __init__(self, model: model_lib.SharedTrunkModel,
+  def __init__(self, model: model_base.MultiTaskModel,
                tasks: Sequence[tasks_lib.TaskSpec],
                optimizer: tf_keras.optimizers.Optimizer,
                global_batch_size: int, partial_labels: bool,
@@ -119,7 +120,9 @@ class JointStep:
   def metric_names(self) -> tuple[str, ...]:
     """Names of the per-step metrics `__call__` returns besides losses."""
     names = tuple(f"{task.name}/weight" for task in self._tasks)
-    return names if self._sums else names + ("conflict_share",)
+    if not self._sums:
+      names += ("conflict_share",)
+    return names + self._model.diagnostic_names()
 
   def __call__(self, strategy: tf.distribute.Strategy,
                iterators: Sequence[tf.distribute.DistributedIterator],
@@ -135,16 +138,18 @@ class JointStep:
     batch = next(iterators[0])
     step = step.read_value()
     if self._sums:
-      losses, weights, applied = strategy.run(self.replica_step,
-                                              args=(batch, step))
-      metrics = plumbing.first_local(strategy, weights)
+      losses, weights, diagnostics, applied = strategy.run(
+          self.replica_step, args=(batch, step))
+      metrics = [plumbing.first_local(strategy, weights)]
     else:
       replica_fn = (self.rep_grad_replica_step if self._rep_grad
                     else self.aggregated_replica_step)
-      losses, weights, share, applied = strategy.run(replica_fn,
-                                                     args=(batch, step))
-      metrics = tf.concat([plumbing.first_local(strategy, weights), tf.reshape(
-          plumbing.first_local(strategy, share), [1])], axis=0)
+      losses, weights, share, diagnostics, applied = strategy.run(
+          replica_fn, args=(batch, step))
+      metrics = [plumbing.first_local(strategy, weights),
+                 tf.reshape(plumbing.first_local(strategy, share), [1])]
+    metrics = tf.concat(
+        metrics + [plumbing.first_local(strategy, diagnostics)], axis=0)
     # Every replica holds the same all-reduced values.
     losses = plumbing.first_local(strategy, losses)
     applied = plumbing.first_local(strategy, applied)
@@ -154,42 +159,44 @@ class JointStep:
   # The three replica steps.
 
   def replica_step(self, batch: Batch, step: tf.Tensor
-                   ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+                   ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
     """Trains on one replica's batch with the gradient of the weighted sum.
 
     Returns:
-      ([T] global-batch losses, the [T] loss weights used, whether the
-      step was applied: all losses and gradients finite; with float16 loss
-      scaling only the losses are checked, gradient overflow being the
-      loss-scale optimizer's).
+      ([T] global-batch losses, the [T] loss weights used, the model's
+      diagnostics averaged over replicas, whether the step was applied: all
+      losses and gradients finite; with float16 loss scaling only the
+      losses are checked, gradient overflow being the loss-scale
+      optimizer's).
     """
     batch, counts = losses_lib.prepared(self._tasks, batch,
                                         self._partial_labels)
-    gradients, per_task, weights, weighting_gradients = self._sum_pass(
-        batch, counts, step)
+    gradients, per_task, weights, weighting_gradients, diagnostics = (
+        self._sum_pass(batch, counts, step))
     gradients, losses, finite = plumbing.reduce_and_check(
         gradients, per_task, check_gradients=not self._scales_losses)
     self._update_weighting(weighting_gradients, per_task, batch, finite,
                            gradients)
     plumbing.apply_if(self._optimizer, gradients, self._all_variables(),
                       finite if self._skip_nonfinite else None)
-    return losses, weights, finite
+    return losses, weights, plumbing.replica_mean(diagnostics), finite
 
   def aggregated_replica_step(
       self, batch: Batch, step: tf.Tensor
-  ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+  ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
     """Trains with gradient aggregation.
 
     Returns:
-      ([T] losses, the [T] loss weights used, the conflict share, whether
-      the step was applied).
+      ([T] losses, the [T] loss weights used, the conflict share, the
+      model's diagnostics averaged over replicas, whether the step was
+      applied).
     """
     batch, counts = losses_lib.prepared(self._tasks, batch,
                                         self._partial_labels)
     shared = self._model.shared_variables
     own = self._own_variables()
-    local, per_task, weights, weighting_gradients = self._task_pass(
-        batch, counts, step)
+    local, per_task, weights, weighting_gradients, diagnostics = (
+        self._task_pass(batch, counts, step))
     num_tasks = len(self._tasks)
     num_shared = plumbing.size(shared)
     # One all-reduce for the task gradients, the rest and the loss shares.
@@ -210,11 +217,12 @@ class JointStep:
                                       shared)
     plumbing.apply_if(self._optimizer, shared_grads + own_grads, shared + own,
                       finite if self._skip_nonfinite else None)
-    return losses, weights, aggregators.conflict_share(matrix), finite
+    return (losses, weights, aggregators.conflict_share(matrix),
+            plumbing.replica_mean(diagnostics), finite)
 
   def rep_grad_replica_step(
       self, batch: Batch, step: tf.Tensor
-  ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+  ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
     """MGDA-UB style: coefficients from gradients at the representation.
 
     Each task's gradient with respect to the shared representation z is
@@ -225,8 +233,9 @@ class JointStep:
     variables get their own task's gradient.
 
     Returns:
-      ([T] losses, the [T] loss weights used, the conflict share, whether
-      the step was applied).
+      ([T] losses, the [T] loss weights used, the conflict share, the
+      model's diagnostics averaged over replicas, whether the step was
+      applied).
     """
     batch, counts = losses_lib.prepared(self._tasks, batch,
                                         self._partial_labels)
@@ -266,7 +275,7 @@ class JointStep:
     plumbing.apply_if(self._optimizer, gradients, shared + own,
                       finite if self._skip_nonfinite else None)
     return (losses, terms.weights, aggregators.conflict_share_from_gram(gram),
-            finite)
+            plumbing.replica_mean(terms.diagnostics), finite)
 
   # Forward and backward passes: this replica's data, no collective.
 
@@ -288,11 +297,8 @@ class JointStep:
         unweighted loss when the weighting needs task gradients.
     """
     features, labels = batch
-    if surgery:
-      representation, outputs = self._model.call_with_representation(
-          features, training=True)
-    else:
-      representation, outputs = None, self._model(features, training=True)
+    forward = self._model.forward(features, training=True)
+    outputs = forward.outputs
     _, per_task = losses_lib.task_losses(
         self._tasks, labels, outputs, self._global_batch_size,
         self._partial_labels, global_counts, check_labels=False)
@@ -313,20 +319,21 @@ class JointStep:
       weighted = [self._scaled(weighted_losses[i]) for i in range(num_tasks)]
     if surgery or self._weighting.needs_task_gradients:
       unweighted = [self._scaled(per_task[i]) for i in range(num_tasks)]
-    return _Terms(representation=representation, per_task=per_task,
+    return _Terms(representation=forward.representation, per_task=per_task,
                   weights=weights, weighted=weighted, unweighted=unweighted,
                   regularization=self._scaled(regularization),
-                  objective=self._scaled(objective))
+                  objective=self._scaled(objective),
+                  diagnostics=plumbing.stacked(forward.diagnostics))
 
   def _sum_backward(self, batch: Batch, global_counts: Optional[tf.Tensor],
                     step: tf.Tensor
                     ) -> tuple[list[tf.Tensor], tf.Tensor, tf.Tensor,
-                               Optional[tf.Tensor]]:
+                               Optional[tf.Tensor], tf.Tensor]:
     """This replica's forward and backward pass for a `SUM` aggregator.
 
     Returns:
       (gradients of the objective, [T] loss shares, [T] loss weights,
-      GradNorm's task gradients or None).
+      GradNorm's task gradients or None, the model's diagnostics).
     """
     with tf.GradientTape(
         persistent=self._weighting.needs_task_gradients) as tape:
@@ -335,12 +342,13 @@ class JointStep:
         terms.objective, self._all_variables(),
         unconnected_gradients=tf.UnconnectedGradients.ZERO)
     return (self._unscaled(gradients), terms.per_task, terms.weights,
-            self._weighting_gradients(tape, terms.unweighted))
+            self._weighting_gradients(tape, terms.unweighted),
+            terms.diagnostics)
 
   def _task_backward(self, batch: Batch, global_counts: Optional[tf.Tensor],
                      step: tf.Tensor
                      ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor,
-                                Optional[tf.Tensor]]:
+                                Optional[tf.Tensor], tf.Tensor]:
     """This replica's forward and backward pass for gradient aggregation.
 
     Returns:
@@ -349,7 +357,7 @@ class JointStep:
       gradient of everything else (the tasks' own variables, learned loss
       weights, the shared variables' regularization); per_task holds the
       [T] loss shares; weights the [T] loss weights; GradNorm's task
-      gradients or None.
+      gradients or None; the model's diagnostics.
     """
     shared = self._model.shared_variables
     own = self._own_variables()
@@ -365,7 +373,8 @@ class JointStep:
                       unconnected_gradients=zero))
     local = self._unscaled([tf.concat(task_grads + [rest], axis=0)])[0]
     return (local, terms.per_task, terms.weights,
-            self._weighting_gradients(tape, terms.unweighted))
+            self._weighting_gradients(tape, terms.unweighted),
+            terms.diagnostics)
 
   # Helpers.
 

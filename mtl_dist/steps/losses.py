@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import tensorflow as tf
 
 from mtl_dist import tasks as tasks_lib
-from mtl_dist.model import hps as model_lib
+from mtl_dist.model import base as model_base
 
 Batch = tuple[tf.Tensor, dict[str, tf.Tensor]]
 
@@ -157,7 +157,7 @@ def regularization(losses: Sequence[tf.Tensor]) -> tf.Tensor:
   return tf.nn.scale_regularization_loss(tf.add_n(losses))
 
 
-def eval_sums(model: model_lib.SharedTrunkModel,
+def eval_sums(model: model_base.MultiTaskModel,
               tasks: Sequence[tasks_lib.TaskSpec],
               batch: Batch) -> dict[str, tf.Tensor]:
   """Sums of per-example loss and metrics over one replica's batch.

@@ -9,7 +9,7 @@ replica and worker), and applies the update only then (`apply_if`).
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import tensorflow as tf
 import tf_keras
@@ -56,6 +56,25 @@ def reduce_and_check(
   if check_gradients:
     checked += list(reduced_gradients)
   return list(reduced_gradients), reduced_losses, all_finite(checked)
+
+
+def stacked(scalars: Mapping[str, tf.Tensor]) -> tf.Tensor:
+  """The float32 scalars of a dict as one vector, in order ([0] if empty)."""
+  if not scalars:
+    return tf.zeros([0])
+  return tf.stack([tf.cast(value, tf.float32) for value in scalars.values()])
+
+
+def replica_mean(values: tf.Tensor) -> tf.Tensor:
+  """The mean of a vector over all replicas (no collective when empty).
+
+  With equal per-replica batches, the mean of per-replica batch means is
+  the global batch's mean.
+  """
+  if values.shape.num_elements() == 0:
+    return values
+  return tf.distribute.get_replica_context().all_reduce(
+      tf.distribute.ReduceOp.MEAN, values)
 
 
 def apply_if(optimizer: tf_keras.optimizers.Optimizer,

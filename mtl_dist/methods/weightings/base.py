@@ -22,7 +22,7 @@ Hooks, each a no-op unless a method needs it:
 
 from __future__ import annotations
 
-from typing import ClassVar, Optional, Protocol, Sequence
+from typing import ClassVar, Optional, Protocol, Sequence, Union
 
 import tensorflow as tf
 
@@ -105,7 +105,8 @@ class LossWeighting(tf.Module):
 
   def task_gradients(self, tape: tf.GradientTape,
                      task_terms: Sequence[tf.Tensor],
-                     shared_kernel: tf.Variable) -> tf.Tensor:
+                     shared_kernel: Union[tf.Variable, Sequence[tf.Variable]]
+                     ) -> tf.Tensor:
     """This replica's gradient of each task's loss at W, the last shared layer.
 
     It needs nothing from other replicas, so it can be taken with the rest
@@ -115,14 +116,19 @@ class LossWeighting(tf.Module):
       tape: A persistent tape that recorded `task_terms`.
       task_terms: Each task's unweighted loss share, formed inside the tape
         (a slice taken after the tape would not be recorded).
-      shared_kernel: The last shared layer's weights W.
+      shared_kernel: The last shared layer's weights W: a variable, or a
+        list of them (one per shared expert), taken together.
 
     Returns:
       [T, size of W] local gradients.
     """
-    return tf.stack([tf.reshape(tape.gradient(
-        term, shared_kernel,
-        unconnected_gradients=tf.UnconnectedGradients.ZERO), [-1])
+    kernels = tf.nest.flatten(shared_kernel)
+    return tf.stack([tf.concat([tf.reshape(gradient, [-1]) for gradient in
+                                tape.gradient(
+                                    term, kernels,
+                                    unconnected_gradients=(
+                                        tf.UnconnectedGradients.ZERO))],
+                               axis=0)
                      for term in task_terms])
 
   def replica_update(self, task_gradients: Optional[tf.Tensor],

@@ -1,0 +1,379 @@
+"""Every architecture: its contract, replicas, ownership, resume and export.
+
+The properties the steps rely on are checked on each architecture itself
+(which variables each task's loss reaches, the representation of
+`--rep_grad`), then end to end: 1, 2 and 4 replicas give one device's
+weights in both modes; an alternate step leaves other tasks' variables and
+optimizer slots bit for bit; a restored checkpoint continues bit for bit;
+every export serves each task.
+"""
+
+import os
+import subprocess
+import sys
+
+import architecture_runs
+from conftest import make_strategy
+from conftest import snapshot
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from launch import local_cluster
+import mtl_dist
+from mtl_dist.data import shapes
+from mtl_dist.model import architectures
+from mtl_dist.model import settings as model_settings
+from mtl_dist.run import export as export_lib
+
+ARCHITECTURES = model_settings.ARCHITECTURES
+TASKS = ("shape", "x", "y")
+# Small settings that still exercise each architecture's parts: two PLE
+# levels with private experts, DSelect-k with a number of experts that is
+# not a power of two (its extra regularizer).
+OPTIONS = {
+    "mmoe": {"num_experts": 3},
+    "cgc": {"num_shared_experts": 2, "num_task_experts": 1},
+    "ple": {"num_shared_experts": 1, "num_task_experts": 1, "num_levels": 2},
+    "dselect_k": {"num_experts": 3, "num_selected_experts": 2},
+}
+# Where another task's loss reaches a task's own variables (through PLE's
+# shared gates and cross-stitch units).
+CROSS_TASK = ("ple", "cross_stitch")
+# Joint mode: each architecture trains with an aggregator and a weighting;
+# together they cover every method, both ways of summing (the optimizer's
+# all-reduce and an aggregator's), GradNorm on three kinds of W and
+# --rep_grad on every architecture that has a representation.
+JOINT_METHODS = {
+    "hps": ("imtl_g", "rlw", False),
+    "mmoe": ("mgda", "gradnorm", True),
+    "cgc": ("sum", "uncertainty", False),
+    "ple": ("pcgrad", "dwa", False),
+    "cross_stitch": ("sum", "gradnorm", False),
+    "dselect_k": ("imtl_g", "static", True),
+    "mtan": ("cagrad", "static", False),
+}
+# Tasks of the trained tests (two keep their traces short).
+TRAINED = ("shape", "x")
+
+
+def _specs():
+  specs = {task.name: task for task in shapes.TASKS}
+  return [specs[name] for name in TASKS]
+
+
+def _model(architecture: str, trunk: str = "mlp", **kwargs):
+  return architectures.build(
+      _specs(), (32, 32, 1), model_settings.ArchitectureConfig(
+          architecture=architecture, **OPTIONS.get(architecture, {})),
+      trunk=trunk, trunk_width=8, trunk_depth=2, **kwargs)
+
+
+def _loss(task, labels, outputs):
+  return tf.reduce_mean(task.per_example_loss(labels[task.name],
+                                              outputs[task.name]))
+
+
+def _nonzero(gradients) -> bool:
+  return any(np.any(np.asarray(g) != 0) for g in gradients)
+
+
+@pytest.mark.parametrize("trunk", ["mlp", "conv"])
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_variables_split_and_each_loss_reaches_what_it_should(
+    shapes_arrays, architecture, trunk):
+  model = _model(architecture, trunk)
+  shared = model.shared_variables
+  own = {name: model.task_variables(name) for name in TASKS}
+  ids = [id(v) for v in shared] + [id(v) for vs in own.values() for v in vs]
+  assert len(ids) == len(set(ids)), "a variable is in two groups"
+  assert set(ids) == {id(v) for v in model.trainable_variables}
+  assert shared and all(own.values())
+
+  features, labels = shapes_arrays
+  features = tf.constant(features[:16])
+  labels = {k: tf.constant(v[:16]) for k, v in labels.items()}
+  zero = tf.UnconnectedGradients.ZERO
+  with tf.GradientTape(persistent=True) as tape:
+    forward = model.forward(features, training=True)
+    losses = {task.name: _loss(task, labels, forward.outputs)
+              for task in _specs()}
+  for name in TASKS:
+    # Every shared variable and the task's own are trained by its loss...
+    assert all(_nonzero([g]) for g in tape.gradient(
+        losses[name], shared + own[name], unconnected_gradients=zero))
+    # ...and other tasks' losses reach its own only through shared mixing.
+    for other in TASKS:
+      if other != name:
+        reached = _nonzero(tape.gradient(losses[other], own[name],
+                                         unconnected_gradients=zero))
+        assert reached == (architecture in CROSS_TASK), (name, other)
+
+  assert model.has_representation == (
+      architecture in model_settings.WITH_REPRESENTATION)
+  if model.has_representation:
+    # --rep_grad's premise: the shared variables reach every loss only
+    # through the representation, so backpropagating dL/dz gives dL/dW.
+    for name in TASKS:
+      direct = tape.gradient(losses[name], shared, unconnected_gradients=zero)
+      through = tape.gradient(
+          forward.representation, shared, unconnected_gradients=zero,
+          output_gradients=tape.gradient(losses[name],
+                                         forward.representation))
+      for d, t in zip(direct, through):
+        np.testing.assert_allclose(d, t, rtol=1e-4, atol=1e-6)
+  else:
+    with pytest.raises(ValueError, match="no representation"):
+      model.call_with_representation(features)
+
+  outputs = model(features, training=False)
+  for name in TASKS:
+    np.testing.assert_allclose(model.call_task(features, name), outputs[name],
+                               rtol=1e-5, atol=1e-6)
+  assert tuple(forward.diagnostics) == model.diagnostic_names()
+
+
+@pytest.mark.parametrize("architecture", ["mmoe", "cgc", "ple", "dselect_k"])
+def test_gate_diagnostics_are_each_tasks_mean_weights(shapes_arrays,
+                                                      architecture):
+  model = _model(architecture)
+  features = tf.constant(shapes_arrays[0][:16])
+  diagnostics = model.forward(features).diagnostics
+  for name in TASKS:
+    gates = [value for key, value in diagnostics.items()
+             if key.startswith(f"{name}/gate/")]
+    levels = OPTIONS[architecture].get("num_levels", 1)
+    total = float(tf.add_n(gates))
+    if architecture == "dselect_k":
+      # 3 experts in 2 bits: the fourth code holds the rest of the weight
+      # until the regularizer moves it (see the test below).
+      assert 0.5 < total <= 1.0
+    else:  # Per level a task's gate weights sum to one on every example.
+      np.testing.assert_allclose(total, levels, rtol=1e-5)
+    assert all(0.0 <= float(g) <= 1.0 for g in gates)
+  # The first gate, recomputed from its layer.
+  first = model.task_gates[0]["shape"](features)
+  np.testing.assert_allclose(
+      diagnostics[model.diagnostic_names(["shape"])[0]],
+      tf.reduce_mean(first[:, 0]), rtol=1e-6)
+
+
+def test_cross_stitch_units_start_near_the_identity_and_are_logged():
+  model = _model("cross_stitch")
+  expected = np.full((3, 3), 0.05, np.float32)
+  np.fill_diagonal(expected, 0.9)
+  for unit in model.units:
+    np.testing.assert_allclose(unit.alpha.numpy(), expected)
+  diagnostics = model.forward(tf.zeros((2, 32, 32, 1))).diagnostics
+  assert float(diagnostics["cross_stitch/unit1/x/shape"]) == pytest.approx(0.05)
+  assert float(diagnostics["cross_stitch/unit0/y/y"]) == pytest.approx(0.9)
+
+
+def test_dselect_k_gate_selects_at_most_k_experts_once_saturated():
+  gate = architectures.experts.DSelectKGate(5, 2, gamma=1.0, entropy_reg=0.0)
+  features = tf.random.stateless_normal((8, 6), seed=(1, 2))
+  gate(features)
+  # Saturated bits: each selector picks one expert exactly.
+  gate.z_logits.kernel.assign(tf.zeros_like(gate.z_logits.kernel))
+  gate.z_logits.bias.assign([5.0, -5.0, -5.0, -5.0, 5.0, -5.0])  # 4 and 2.
+  weights = gate(features).numpy()
+  np.testing.assert_allclose(weights.sum(axis=1), 1.0, rtol=1e-6)
+  assert np.all(np.count_nonzero(weights, axis=1) <= 2)
+  assert np.all(weights[:, [0, 1, 3]] == 0.0)
+  # The non-power-of-two term keeps unreachable codes from the weight; with
+  # reachable selections it is its minimum, k.
+  gate(features, training=True)
+  assert float(gate.losses[-1]) == pytest.approx(2.0)
+
+
+def _weights(trainer):
+  return snapshot(trainer.model.trainable_variables)
+
+
+def _build(build_trainer, replicas, mode, architecture, **kwargs):
+  return build_trainer(replicas, mode, TRAINED, architecture=architecture,
+                       architecture_options=OPTIONS.get(architecture),
+                       trunk_width=8, trunk_depth=1, global_batch_size=16,
+                       **kwargs)
+
+
+def _assert_replicas_equal_one_device(replicas_weights) -> None:
+  """Weights after training on 1, 2 and 4 replicas: all equal."""
+  reference = replicas_weights[0]
+  for replicas, weights in zip((2, 4), replicas_weights[1:]):
+    for expected, value in zip(reference, weights):
+      np.testing.assert_allclose(value, expected, atol=1e-5, rtol=1e-5,
+                                 err_msg=f"{replicas} replicas")
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_joint_replicas_equal_one_device(build_trainer, architecture):
+  # SGD: Adam's first steps divide tiny gradients (of input pixels that
+  # are almost always 0) by their own size, amplifying round-off.
+  aggregator, weighting, rep_grad = JOINT_METHODS[architecture]
+  initial, weights = None, []
+  for replicas in (1, 2, 4):
+    trainer, iterators, _, _ = _build(
+        build_trainer, replicas, "joint", architecture, optimizer="sgd",
+        learning_rate=0.1, aggregator=aggregator, weighting=weighting,
+        rep_grad=rep_grad, initial_weights=initial)
+    initial = initial or trainer.model.get_weights()
+    result = trainer.train(iterators, 3)
+    assert result.skipped.count == 0
+    weights.append(_weights(trainer))
+  _assert_replicas_equal_one_device(weights)
+
+
+def _optimizer_slots(optimizer, variables):
+  """Adam's m and v of each of `variables` in `optimizer`."""
+  slots = []
+  for variable in variables:
+    index = optimizer._index_dict[optimizer._var_key(variable)]  # pylint: disable=protected-access
+    slots += [optimizer._momentums[index], optimizer._velocities[index]]  # pylint: disable=protected-access
+  return slots
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_alternate_replicas_equal_one_device_other_tasks_stay_put(
+    build_trainer, architecture):
+  initial, weights = None, []
+  for replicas in (1, 2, 4):
+    trainer, iterators, _, _ = _build(
+        build_trainer, replicas, "alternate", architecture, optimizer="adam",
+        learning_rate=0.01, initial_weights=initial)
+    initial = initial or trainer.model.get_weights()
+    model, optimizers = trainer.model, trainer.optimizers
+    for task in TRAINED + TRAINED[:1]:  # Round robin: a step per task.
+      others = [t for t in TRAINED if t != task]
+      frozen = [v for t in others for v in model.task_variables(t)]
+      frozen += [v for t in others for v in optimizers[t].variables]
+      before = snapshot(frozen)
+      trained_before = snapshot(model.trunk_and_head_variables(task))
+      trainer.train(iterators, 1)
+      assert all(np.array_equal(b, a) for b, a in zip(before,
+                                                      snapshot(frozen))), (
+                                                          task, replicas)
+      assert not any(np.array_equal(b, a) for b, a in zip(
+          trained_before, snapshot(model.trunk_and_head_variables(task))))
+    weights.append(_weights(trainer))
+  _assert_replicas_equal_one_device(weights)
+
+  # One Adam for every task: a step leaves other tasks' slots alone.
+  trainer, iterators, _, _ = _build(build_trainer, 1, "alternate",
+                                    architecture, optimizer="adam",
+                                    per_task_optimizer=False)
+  model, optimizer = trainer.model, trainer.optimizers["shape"]
+  frozen = [v for t in TRAINED[1:] for v in model.task_variables(t)]
+  frozen += _optimizer_slots(optimizer, frozen)
+  before = snapshot(frozen)
+  trained = _optimizer_slots(optimizer,
+                             model.trunk_and_head_variables("shape"))
+  trained_before = snapshot(trained)
+  trainer.train(iterators, 1)  # Step 0 trains "shape".
+  assert all(np.array_equal(b, a) for b, a in zip(before, snapshot(frozen)))
+  assert not any(np.array_equal(b, a)
+                 for b, a in zip(trained_before, snapshot(trained)))
+
+
+@pytest.mark.parametrize("architecture", ["cgc", "ple", "cross_stitch",
+                                          "mtan"])
+def test_joint_aggregation_gives_own_variables_the_objectives_gradient(
+    build_trainer, shapes_arrays, architecture):
+  learning_rate = 0.1
+  trainer, iterators, _, _ = _build(build_trainer, 1, "joint", architecture,
+                                    aggregator="pcgrad",
+                                    learning_rate=learning_rate)
+  model = trainer.model
+  own = [v for t in TRAINED for v in model.task_variables(t)]
+  before = snapshot(own)
+  batch = next(iter(mtl_dist.distribute_train(
+      make_strategy(1), mtl_dist.source_from_arrays(*shapes_arrays, TRAINED),
+      16, seed=7)))
+  features, labels = batch
+  with tf.GradientTape() as tape:
+    outputs = model(features, training=True)
+    objective = tf.add_n([_loss(task, labels, outputs)
+                          for task in trainer.tasks])
+    objective += tf.add_n(model.regularization_losses() or [0.0])
+  gradients = tape.gradient(objective, own)
+  trainer.train(iterators, 1)
+  for b, g, v in zip(before, gradients, own):
+    np.testing.assert_allclose(v.numpy(), b - learning_rate * g.numpy(),
+                               atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_restored_checkpoint_continues_bit_for_bit(build_trainer, tmp_path,
+                                                   architecture):
+  mode = "alternate" if architecture in CROSS_TASK else "joint"
+
+  def build(initial):
+    return _build(build_trainer, 1, mode, architecture, optimizer="adam",
+                  learning_rate=0.01, initial_weights=initial)
+
+  whole, iterators, _, _ = build(None)
+  initial = whole.model.get_weights()
+  whole.train(iterators, 4)
+  expected = _weights(whole)
+
+  first, iterators, _, _ = build(initial)
+  first.train(iterators, 2)
+  path = tf.train.Checkpoint(**first.checkpoint_items()).write(
+      str(tmp_path / "ckpt"))
+  resumed, iterators, _, _ = build(None)  # Other initial weights.
+  tf.train.Checkpoint(**resumed.checkpoint_items()).read(
+      path).assert_consumed()
+  # The batches the first two steps read (round robin: shape, then x).
+  for iterator, used in zip(iterators, [2] if mode == "joint" else [1, 1]):
+    for _ in range(used):
+      next(iterator)
+  resumed.train(iterators, 2)
+  for want, got in zip(expected, _weights(resumed)):
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_export_serves_every_task(tmp_path, shapes_arrays, architecture):
+  model = _model(architecture)
+  features = tf.constant(shapes_arrays[0][:4])
+  expected = model(features, training=False)
+  export_dir = str(tmp_path / "export")
+  export_lib.export_saved_model(model, _specs(), (32, 32, 1), tf.float32,
+                                export_dir)
+  loaded = tf.saved_model.load(export_dir)
+  assert set(loaded.signatures) == {"serving_default", *TASKS}
+  served = loaded.signatures["serving_default"](inputs=features)
+  for name in TASKS:
+    single = loaded.signatures[name](inputs=features)
+    key = "logits" if name == "shape" else "prediction"
+    np.testing.assert_allclose(single[key], expected[name], rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(served[f"{name}_{key}"], expected[name],
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("localhost_cluster")
+def test_two_workers_equal_two_mirrored_replicas(tmp_path):
+  output = tmp_path / "workers.npz"
+  scratch = tmp_path / "tmp"
+  scratch.mkdir()
+  ports = local_cluster.free_ports(2)
+  script = os.path.join(os.path.dirname(__file__), "architecture_runs.py")
+  workers = [subprocess.Popen(
+      [sys.executable, script, str(output)],
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TMPDIR=str(scratch),
+               TF_CONFIG=local_cluster.tf_config(ports, i),
+               PYTHONPATH=os.pathsep.join(sys.path)),
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+  # Generous: two processes trace 14 trainers each on a shared CPU.
+  outputs = [worker.communicate(timeout=900)[0] for worker in workers]
+  for worker, text in zip(workers, outputs):
+    assert worker.returncode == 0, text[-4000:]
+  expected = architecture_runs.train_all(make_strategy(2))
+  got = np.load(output)
+  assert sorted(got.files) == sorted(expected)
+  for name, value in expected.items():
+    np.testing.assert_allclose(got[name], value, atol=1e-5, rtol=1e-5,
+                               err_msg=name)
