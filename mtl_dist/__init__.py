@@ -1,4 +1,4 @@
-"""mtl_dist: shared-trunk multi-task training on many devices.
+"""mtl_dist: multi-task training on many devices and hosts.
 
 Public API:
   TrainConfig, train, parse_key_values: configure and run a training job
@@ -7,8 +7,12 @@ Public API:
   ConfigError (exit 2), ClusterError, DataError, NonFiniteError (exit 1),
     Preempted (exit 143): how a run ends early.
   TaskSpec, LossFn: one task (its head, loss and metrics), a loss function.
-  SharedTrunkModel, build_model, build_trunk, TrunkFn, HeadFn: the model,
-    and the functions that make a user's trunk and heads.
+  SharedTrunkModel, build_model, build_trunk, TrunkFn, HeadFn: the
+    shared-trunk model, and the functions that make a user's trunk and
+    heads.
+  MultiTaskModel, ArchitectureConfig, ModelFunctions, build_architecture,
+    ExpertFn, GateFn, ColumnFn: every architecture (hps, mmoe, cgc, ple,
+    cross_stitch, dselect_k, mtan), its settings and the user's pieces.
   Trainer: a run's state and its compiled train and eval loops.
   make_optimizer_factory, FusedAdam: optimizers (tf_keras's Adam with a fused
     update kernel, SGD).
@@ -47,11 +51,18 @@ from mtl_dist.methods.aggregators import aggregate
 from mtl_dist.methods.optimizers import FusedAdam
 from mtl_dist.methods.optimizers import make_optimizer_factory
 from mtl_dist.methods.weightings import loss_weights
+from mtl_dist.model.architectures import build as build_architecture
+from mtl_dist.model.architectures import ColumnFn
+from mtl_dist.model.architectures import ExpertFn
+from mtl_dist.model.architectures import GateFn
+from mtl_dist.model.architectures import ModelFunctions
+from mtl_dist.model.base import MultiTaskModel
 from mtl_dist.model.hps import build_model
 from mtl_dist.model.hps import build_trunk
 from mtl_dist.model.hps import HeadFn
 from mtl_dist.model.hps import SharedTrunkModel
 from mtl_dist.model.hps import TrunkFn
+from mtl_dist.model.settings import ArchitectureConfig
 from mtl_dist.run.config import TrainConfig
 from mtl_dist.run.export import export_run
 from mtl_dist.run.export import predict
@@ -66,6 +77,8 @@ from mtl_dist.tasks import LossFn
 from mtl_dist.tasks import TaskSpec
 
 __all__ = [
+    "ArchitectureConfig", "ColumnFn", "ExpertFn", "GateFn", "ModelFunctions",
+    "MultiTaskModel", "build_architecture",
     "ClusterError", "ConfigError", "DataError", "EvalTimeout", "Evaluation",
     "ExampleSource", "FusedAdam", "HeadFn", "LossFn", "MultiTaskData",
     "NonFiniteError", "Preempted", "SharedTrunkModel", "TaskSpec",

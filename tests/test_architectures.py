@@ -8,16 +8,20 @@ optimizer slots bit for bit; a restored checkpoint continues bit for bit;
 every export serves each task.
 """
 
+import json
 import os
+import re
 import subprocess
 import sys
 
 import architecture_runs
+from conftest import event_tags
 from conftest import make_strategy
 from conftest import snapshot
 import numpy as np
 import pytest
 import tensorflow as tf
+import tf_keras
 
 from launch import local_cluster
 import mtl_dist
@@ -377,3 +381,131 @@ def test_two_workers_equal_two_mirrored_replicas(tmp_path):
   for name, value in expected.items():
     np.testing.assert_allclose(got[name], value, atol=1e-5, rtol=1e-5,
                                err_msg=name)
+
+
+def _records(model_dir: str) -> list[dict]:
+  with open(os.path.join(model_dir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_api_trains_evaluates_and_exports_with_the_users_pieces(tmp_path):
+  made = {"experts": 0, "gates": [], "towers": []}
+
+  def expert_fn():
+    made["experts"] += 1
+    return tf_keras.Sequential([tf_keras.layers.Flatten(),
+                                tf_keras.layers.Dense(12, activation="tanh")])
+
+  def gate_fn(num_experts):
+    made["gates"].append(num_experts)
+    return tf_keras.Sequential([tf_keras.layers.Flatten(),
+                                tf_keras.layers.Dense(num_experts)])
+
+  def head_fn(task):
+    made["towers"].append(task.name)
+    return tf_keras.Sequential([tf_keras.layers.Dense(8, activation="relu"),
+                                tf_keras.layers.Dense(task.output_size)])
+
+  model_dir, export_dir = str(tmp_path / "cgc"), str(tmp_path / "export")
+  pieces = {"expert_fn": expert_fn, "gate_fn": gate_fn, "head_fn": head_fn}
+  summary = mtl_dist.train(mtl_dist.TrainConfig(
+      model_dir=model_dir, architecture="cgc", mode="alternate",
+      tasks=["shape", "x"], train_steps=20, steps_per_loop=10, log_every=10,
+      eval_every=20, eval_examples=64, strategy="mirrored",
+      num_cpu_devices=2, global_batch_size=16, export_dir=export_dir),
+                           **pieces)
+  # Two shared experts and one of each task's, a gate per task over three;
+  # once for training, once for the export at its end.
+  assert made == {"experts": 2 * 4, "gates": [3] * 4,
+                  "towers": ["shape", "x"] * 2}
+  assert summary["step"] == 20 and set(summary["eval"]) == {"shape", "x"}
+  assert set(tf.saved_model.load(export_dir).signatures) == {
+      "serving_default", "shape", "x"}
+
+  # The gates' mean weights, per logged interval, in both logs.
+  train = [r for r in _records(model_dir) if r["split"] == "train"]
+  gates = {k: v for k, v in train[-1]["metrics"].items() if "/gate/" in k}
+  assert sorted(gates) == sorted(
+      f"{task}/gate/{expert}" for task in ("shape", "x")
+      for expert in ("shared0", "shared1", "own0"))
+  for task in ("shape", "x"):
+    assert sum(v for k, v in gates.items()
+               if k.startswith(task)) == pytest.approx(1.0, rel=1e-5)
+  assert set(gates) <= event_tags(os.path.join(model_dir, "tensorboard",
+                                               "train"))
+
+  # Rebuilding the run needs the same pieces.
+  with pytest.raises(mtl_dist.ConfigError, match="experts made in Python"):
+    mtl_dist.export_run(model_dir, str(tmp_path / "again"),
+                        head_fn=head_fn, gate_fn=gate_fn)
+  mtl_dist.export_run(model_dir, str(tmp_path / "again"), **pieces)
+  evaluated = mtl_dist.evaluate(model_dir, **pieces)
+  assert evaluated[-1].metrics == pytest.approx(
+      {f"{task}/{name}": value for task, metrics in summary["eval"].items()
+       for name, value in metrics.items()}, rel=1e-5)
+
+
+def test_api_cross_stitch_columns_from_the_user(tmp_path):
+  def column_fn():
+    return [tf_keras.layers.Flatten(),
+            tf_keras.layers.Dense(10, activation="relu"),
+            tf_keras.layers.Dense(10, activation="relu")]
+
+  model_dir = str(tmp_path / "cross_stitch")
+  mtl_dist.train(mtl_dist.TrainConfig(
+      model_dir=model_dir, architecture="cross_stitch", tasks=["shape", "x"],
+      train_steps=10, steps_per_loop=10, log_every=10, eval_every=10,
+      eval_examples=64, train_examples=256, strategy="one_device"),
+                 column_fn=column_fn)
+  metrics = [r for r in _records(model_dir)
+             if r["split"] == "train"][-1]["metrics"]
+  # A unit after each of the column's three layers, [2, 2] coefficients.
+  stitched = sorted(k for k in metrics if k.startswith("cross_stitch/"))
+  assert stitched == sorted(f"cross_stitch/unit{i}/{a}/{b}" for i in range(3)
+                            for a in ("shape", "x") for b in ("shape", "x"))
+  assert metrics["cross_stitch/unit0/shape/shape"] == pytest.approx(0.9,
+                                                                    abs=0.05)
+
+
+@pytest.mark.parametrize("architecture, pieces, message", [
+    ("hps", ["gate_fn"], "gate_fn makes a piece of --architecture=mmoe"),
+    ("mmoe", ["trunk_fn"], "trunk_fn makes a piece of --architecture=hps"),
+    ("dselect_k", ["gate_fn"], "gate_fn"),
+    ("cross_stitch", ["expert_fn"], "expert_fn"),
+    ("mmoe", ["expert_fn", "trunk_width"], "--trunk_width=8: describes the "
+     "built-in trunk, but the run was given its own (expert_fn)"),
+])
+def test_api_refuses_pieces_the_architecture_does_not_use(
+    tmp_path, architecture, pieces, message):
+  layer = lambda *_: tf_keras.layers.Dense(4)  # noqa: E731
+  functions = {name: layer for name in pieces if name.endswith("_fn")}
+  settings = {"trunk_width": 8} if "trunk_width" in pieces else {}
+  model_dir = tmp_path / "run"
+  with pytest.raises(mtl_dist.ConfigError, match=re.escape(message)):
+    mtl_dist.train(mtl_dist.TrainConfig(
+        model_dir=str(model_dir), architecture=architecture,
+        strategy="one_device", **settings), **functions)
+  assert not model_dir.exists()
+
+
+def test_launcher_trains_a_gated_architecture_and_exports_it(tmp_path):
+  model_dir, export_dir = tmp_path / "run", tmp_path / "export"
+  result = subprocess.run(
+      [sys.executable, "-m", "launch.train", f"--model_dir={model_dir}",
+       "--architecture=dselect_k", "--num_experts=3", "--mode=joint",
+       "--tasks=shape,x", "--train_steps=20", "--steps_per_loop=10",
+       "--log_every=10", "--eval_every=20", "--eval_examples=64",
+       "--trunk_width=8", "--num_cpu_devices=2", f"--export_dir={export_dir}"],
+      capture_output=True, text=True, timeout=600, check=False,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  spec = json.load(open(model_dir / "model.json"))
+  assert spec["architecture"] == {
+      "architecture": "dselect_k", "num_experts": 3,
+      "num_selected_experts": 2, "dselect_k_gamma": 1.0,
+      "dselect_k_entropy_reg": 1e-6}
+  assert set(tf.saved_model.load(str(export_dir)).signatures) == {
+      "serving_default", "shape", "x"}
+  train = [r for r in _records(str(model_dir)) if r["split"] == "train"]
+  assert [r["step"] for r in train] == [10, 20]
+  assert {f"x/gate/expert{i}" for i in range(3)} <= set(train[-1]["metrics"])

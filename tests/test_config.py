@@ -88,6 +88,28 @@ def test_parse_key_values():
     ({"mode": "alternate", "partial_labels": True}, "--partial_labels"),
     ({"task_weights": {"x": -1.0}}, "--task_weights"),
     ({"model_dir": ""}, "--model_dir"),
+    ({"architecture": "transformer"}, "--architecture=transformer"),
+    ({"num_experts": 3}, "--num_experts"),  # hps has no experts.
+    ({"architecture": "cgc", "num_experts": 3}, "--num_experts"),
+    ({"architecture": "mmoe", "num_levels": 3}, "--num_levels"),
+    ({"architecture": "mmoe", "num_experts": 0}, "--num_experts=0"),
+    ({"architecture": "ple", "num_levels": 0}, "--num_levels=0"),
+    ({"architecture": "cgc", "num_task_experts": -1},
+     "--num_task_experts=-1"),
+    ({"architecture": "cgc", "num_shared_experts": 0},
+     "--num_shared_experts=0"),
+    ({"architecture": "dselect_k", "num_experts": 1}, "--num_experts=1"),
+    ({"architecture": "dselect_k", "num_selected_experts": 5},
+     "--num_selected_experts=5"),
+    ({"architecture": "dselect_k", "dselect_k_gamma": 0.0},
+     "--dselect_k_gamma=0.0"),
+    ({"architecture": "dselect_k", "dselect_k_entropy_reg": -1.0},
+     "--dselect_k_entropy_reg=-1.0"),
+    ({"architecture": "mmoe", "dselect_k_gamma": 2.0}, "--dselect_k_gamma"),
+    ({"architecture": "ple", "aggregator": "mgda", "rep_grad": True},
+     "--rep_grad"),
+    ({"architecture": "cross_stitch", "aggregator": "mgda", "rep_grad": True},
+     "--rep_grad"),
 ])
 def test_validate_names_the_bad_flag(changes, flag):
   config = mtl_dist.TrainConfig(model_dir="unused")

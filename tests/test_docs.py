@@ -20,6 +20,7 @@ FLAGS_DOC = os.path.join(ROOT, "docs", "flags.md")
 # /tmp/mtl_shapes).
 DOC_PAGES = [
     "docs/modes.md",
+    "docs/architectures.md",
     "docs/methods.md",
     "docs/data.md",
     "docs/running.md",

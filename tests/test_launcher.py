@@ -211,6 +211,7 @@ def test_toy_regression_table_script_runs(tmp_path):
     (["--mode=sideways"], "--mode"),  # absl enum.
     (["--no-such-flag=1"], "no-such-flag"),  # absl, unknown flag.
     (["--profile_steps=1,x"], "--profile_steps=1,x"),  # The launcher.
+    (["--architecture=cgc", "--num_levels=3"], "--num_levels"),  # The model.
 ])
 def test_bad_input_exits_2_naming_the_flag(tmp_path, flags, named):
   model_dir = tmp_path / "run"

@@ -54,7 +54,10 @@ def _train_steps(model_dir: str) -> list[int]:
 @pytest.mark.parametrize("mode_flags", [
     ["--mode=joint"],
     ["--mode=alternate", "--tasks=shape,x,y", "--schedule=proportional"],
-], ids=["joint", "alternate"])
+    # Shared gates, private experts and per-task Adam slots.
+    ["--mode=alternate", "--tasks=shape,x,y", "--schedule=proportional",
+     "--architecture=ple", "--num_shared_experts=1"],
+], ids=["joint", "alternate", "alternate_ple"])
 def test_sigkill_and_restart_ends_bit_for_bit_like_an_uninterrupted_run(
     tmp_path, mode_flags):
   flags = ["--deterministic", "--num_cpu_devices=2", "--train_steps=600",

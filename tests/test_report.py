@@ -1,5 +1,6 @@
 """report.png: mtl_dist.write_report and mtl-report."""
 
+import json
 import os
 import subprocess
 import sys
@@ -8,6 +9,7 @@ from matplotlib import image
 import pytest
 
 import mtl_dist
+from mtl_dist.run import report
 
 
 def _train(model_dir: str, **settings) -> None:
@@ -55,3 +57,20 @@ def test_without_matplotlib_or_metrics_the_report_is_refused(tmp_path,
   assert done.stderr.strip().splitlines()[-1] == (
       f"mtl-report: error: --model_dir={tmp_path}: has no metrics.jsonl; is "
       "it an mtl-train run?")
+
+
+def test_gated_runs_get_an_expert_utilisation_row(tmp_path):
+  model_dir = str(tmp_path / "cgc")
+  _train(model_dir, mode="alternate", architecture="cgc",
+         num_shared_experts=2, num_task_experts=1)
+  records = [json.loads(line)
+             for line in open(os.path.join(model_dir, "metrics.jsonl"))]
+  experts, utilisation = report.expert_utilisation(records, ["shape", "x"])
+  assert experts == ["shared0", "shared1", "own0"]
+  last = [r for r in records if r["split"] == "train"][-1]["metrics"]
+  assert utilisation == [[last[f"{task}/gate/{expert}"] for expert in experts]
+                         for task in ("shape", "x")]
+  for weights in utilisation:  # Each task's gate mixes its experts.
+    assert sum(weights) == pytest.approx(1.0, rel=1e-5)
+  # shape, x, the step shares, the experts.
+  assert _rows(mtl_dist.write_report(model_dir)) == pytest.approx(4)

@@ -7,7 +7,7 @@ and the sidecar and the exporter rebuild the same model from it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any
 
 import tensorflow as tf
 

@@ -2,7 +2,9 @@
 
 One row per task: its training and eval loss (left) and its eval metrics
 (right). Below them, in alternate mode, each task's share of the steps of
-every logged interval, and, when they change, the task weights. Needs
+every logged interval; when they change, the task weights; and for gated
+architectures (mmoe, cgc, ple, dselect_k) each task's mean gate weight per
+expert over the last logged interval (are the experts used at all?). Needs
 matplotlib (`pip install "mtl_dist[report]"`); training does not.
 """
 
@@ -26,6 +28,32 @@ def _series(records: list[dict[str, Any]], split: str,
   points = sorted({r["step"]: r["metrics"][key] for r in records
                    if r.get("split") == split and key in r["metrics"]}.items())
   return [p[0] for p in points], [p[1] for p in points]
+
+
+def expert_utilisation(records: list[dict[str, Any]], tasks: list[str]
+                       ) -> tuple[list[str], list[list[float]]]:
+  """Each task's mean gate weight per expert in the last train record.
+
+  Args:
+    records: metrics.jsonl's records.
+    tasks: The tasks, in order.
+
+  Returns:
+    (the experts, in order of first appearance; per task, its weight of each
+    expert, NaN for an expert its gates do not mix). Empty without gates.
+  """
+  gated = [r for r in records if r.get("split") == "train" and any(
+      "/gate/" in key for key in r["metrics"])]
+  if not gated:
+    return [], []
+  metrics = max(gated, key=lambda r: r["step"])["metrics"]
+  experts = []
+  for key in metrics:
+    task, _, expert = key.partition("/gate/")
+    if expert and task in tasks and expert not in experts:
+      experts.append(expert)
+  return experts, [[metrics.get(f"{task}/gate/{expert}", float("nan"))
+                    for expert in experts] for task in tasks]
 
 
 def _read_metrics(model_dir: str) -> list[dict[str, Any]]:
@@ -69,8 +97,11 @@ def write_report(model_dir: str, output: Optional[str] = None) -> str:
   weights_change = any(
       len(set(_series(records, "train", f"{task}/weight")[1])) > 1
       for task in tasks)
+  experts, utilisation = expert_utilisation(
+      [r for r in records if r["split"] == "train"], tasks)
   extra = [name for name, shown in (("shares", config.mode == "alternate"),
-                                    ("weights", weights_change)) if shown]
+                                    ("weights", weights_change),
+                                    ("experts", bool(experts))) if shown]
   rows = len(tasks) + len(extra)
   fig = figure.Figure(figsize=(11, 2.6 * rows), layout="constrained")
   grid = fig.add_gridspec(rows, 2)
@@ -99,6 +130,9 @@ def write_report(model_dir: str, output: Optional[str] = None) -> str:
       metric_axes.legend(fontsize="small")
   for offset, name in enumerate(extra):
     axes = fig.add_subplot(grid[len(tasks) + offset, :])
+    if name == "experts":
+      _draw_utilisation(fig, axes, experts, utilisation, tasks)
+      continue
     key = "share" if name == "shares" else "weight"
     series = [_series(records, "train", f"{task}/{key}") for task in tasks]
     if key == "share":  # Shares add up to 1: stacked, every task shows.
@@ -113,9 +147,30 @@ def write_report(model_dir: str, output: Optional[str] = None) -> str:
     # Beside the panel: stacked shares fill it.
     axes.legend(fontsize="small", loc="center left", bbox_to_anchor=(1, 0.5))
   for axes in fig.axes:
-    axes.set_xlabel("step")
-    axes.grid(alpha=0.3)
+    if axes.get_label() not in ("experts", "<colorbar>"):
+      axes.set_xlabel("step")
+      axes.grid(alpha=0.3)
   output = output or os.path.join(model_dir, REPORT_FILE)
   with tf.io.gfile.GFile(output, "wb") as f:
     fig.savefig(f, format="png", dpi=90)
   return output
+
+
+def _draw_utilisation(fig, axes, experts: list[str],
+                      utilisation: list[list[float]], tasks: list[str]
+                      ) -> None:
+  """A tasks x experts heat map of mean gate weights, values written in."""
+  axes.set_label("experts")
+  image = axes.imshow(utilisation, vmin=0.0, vmax=1.0, cmap="viridis",
+                      aspect="auto")
+  axes.set_xticks(range(len(experts)), experts, fontsize="small",
+                  rotation=30 if len(experts) > 6 else 0)
+  axes.set_yticks(range(len(tasks)), tasks)
+  for row, weights in enumerate(utilisation):
+    for column, weight in enumerate(weights):
+      if weight == weight:  # Not NaN.
+        axes.text(column, row, f"{weight:.2f}", ha="center", va="center",
+                  fontsize="small", color="white" if weight < 0.5 else "black")
+  axes.set_title("mean gate weight per expert, last logged interval "
+                 "(expert utilisation)")
+  fig.colorbar(image, ax=axes)
