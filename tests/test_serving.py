@@ -42,7 +42,7 @@ def _in_memory_outputs(model_dir: str, inputs: np.ndarray,
                        trunk_fn=None) -> dict:
   """The trained model's head outputs, computed in this process."""
   spec = saved_run.read_model_spec(model_dir)
-  model = spec.build(trunk_fn)
+  model = spec.build(mtl_dist.ModelFunctions(trunk_fn=trunk_fn))
   saved_run.restore_model(model, saved_run.find_checkpoint(model_dir))
   return {name: value.numpy() for name, value in model(inputs).items()}
 

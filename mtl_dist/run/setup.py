@@ -210,8 +210,8 @@ class Run:
       raise errors.ConfigError(
           f"{where}: checkpoint {path} was "
           "written by a different model or optimizer set-up (check --mode, "
-          "--tasks, --trunk*, --optimizer, --per_task_optimizer, "
-          f"--mixed_precision): "
+          "--tasks, --architecture and its options, --trunk*, --optimizer, "
+          f"--per_task_optimizer, --mixed_precision): "
           f"{first_line}") from None
     saved = self.task_order.numpy().decode()
     if saved != self.task_names:
