@@ -190,6 +190,104 @@ def test_dselect_k_gate_selects_at_most_k_experts_once_saturated():
   assert float(gate.losses[-1]) == pytest.approx(2.0)
 
 
+def _smooth_step(x, gamma):
+  """The official DSelect-k smooth step, in NumPy."""
+  cubic = -2.0 / gamma**3 * x**3 + 3.0 / (2.0 * gamma) * x + 0.5
+  return np.where(x <= -gamma / 2, 0.0, np.where(x >= gamma / 2, 1.0, cubic))
+
+
+@pytest.mark.parametrize("num_experts", [3, 4])
+def test_dselect_k_gate_matches_a_numpy_reference(num_experts):
+  k, gamma, entropy_reg = 2, 1.5, 0.01
+  gate = architectures.experts.DSelectKGate(num_experts, k, gamma=gamma,
+                                            entropy_reg=entropy_reg)
+  features = tf.random.stateless_normal((6, 5), seed=(3, 4))
+  gate(features)
+  rng = np.random.default_rng(0)  # Unsaturated bits, distinct logits.
+  for variable in gate.trainable_variables:
+    variable.assign(rng.normal(0.0, 0.5, variable.shape))
+  weights = gate(features, training=True).numpy()
+  loss = float(gate.losses[-1])
+
+  x = features.numpy().astype(np.float64)
+  # Each expert's binary code, most significant bit first.
+  num_bits = int(np.ceil(np.log2(num_experts)))
+  codes = np.array([[(i >> (num_bits - 1 - b)) & 1 for b in range(num_bits)]
+                    for i in range(num_experts)], bool)
+  z = (x @ gate.z_logits.kernel.numpy() + gate.z_logits.bias.numpy())
+  z = _smooth_step(z.reshape(-1, k, 1, num_bits), gamma)
+  selectors = np.prod(np.where(codes[None, None], z, 1 - z), axis=3)
+  logits = x @ gate.w_logits.kernel.numpy() + gate.w_logits.bias.numpy()
+  softmax = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+  expected = (softmax[:, :, None] * selectors).sum(axis=1)
+  np.testing.assert_allclose(weights, expected, rtol=1e-5, atol=1e-7)
+  # The regularizers, as means over the examples.
+  entropy = -(selectors * np.log(selectors + 1e-6)).sum(axis=(1, 2))
+  expected_loss = entropy_reg * entropy.mean()
+  if num_experts != 2**num_bits:
+    expected_loss += (1.0 / selectors.sum(axis=-1)).sum(axis=-1).mean()
+  assert loss == pytest.approx(expected_loss, rel=1e-5)
+
+
+def test_cross_stitch_unit_mixes_rows_into_tasks():
+  unit = architectures.cross_stitch.CrossStitchUnit(3)
+  alpha = np.array([[0.7, 0.2, 0.1], [0.0, 1.0, 0.0], [0.5, -0.3, 0.8]],
+                   np.float32)
+  unit.alpha.assign(alpha)
+  activations = [np.full((2, 4), value, np.float32) for value in (1.0, 10.0,
+                                                                  100.0)]
+  mixed = unit([tf.constant(a) for a in activations])
+  for t in range(3):  # Task t takes sum_j alpha[t, j] x_j.
+    np.testing.assert_allclose(
+        mixed[t], sum(alpha[t, j] * activations[j] for j in range(3)),
+        rtol=1e-6)
+
+
+def test_ple_wiring_follows_the_paper(shapes_arrays):
+  model = _model("ple")  # 2 levels, 1 shared and 1 private expert each.
+  x = tf.constant(shapes_arrays[0][:8])
+  names = model.task_names
+
+  def mix(weights, experts):
+    return sum(weights[:, i:i + 1] * tf.cast(e, tf.float32)
+               for i, e in enumerate(experts))
+
+  # Level 0: everything reads the input.
+  shared0 = [e(x) for e in model.shared_experts[0]]
+  own0 = {t: [e(x) for e in model.task_experts[0][t]] for t in names}
+  paths = {t: mix(model.task_gates[0][t](x), shared0 + own0[t])
+           for t in names}
+  # The shared gate, fed by the shared path (the input), mixes every expert.
+  shared_path = mix(model.shared_gates[0](x),
+                    shared0 + [e for t in names for e in own0[t]])
+  # Level 1: shared experts read the shared path, a task's its own path.
+  shared1 = [e(shared_path) for e in model.shared_experts[1]]
+  for t in names:
+    own1 = [e(paths[t]) for e in model.task_experts[1][t]]
+    final = mix(model.task_gates[1][t](paths[t]), shared1 + own1)
+    np.testing.assert_allclose(model.heads[t](final), model(x)[t],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_mtan_attention_follows_the_paper(shapes_arrays):
+  model = _model("mtan")  # Flatten, Dense, Dense.
+  x = tf.constant(shapes_arrays[0][:8])
+  flatten, first, second = model.trunk
+  s1 = first(flatten(x))
+  s2 = second(s1)
+  for t in model.task_names:
+    a1, a2 = model.attention[t]
+    # The first module reads the shared feature alone.
+    g1 = tf.nn.relu(tf.matmul(s1, a1.g.kernel) + a1.g.bias)
+    f1 = tf.sigmoid(tf.matmul(g1, a1.h.kernel) + a1.h.bias) * s1
+    # Later ones read it with the task's previous feature.
+    g2 = tf.nn.relu(tf.matmul(tf.concat([s2, f1], -1), a2.g.kernel) +
+                    a2.g.bias)
+    f2 = tf.sigmoid(tf.matmul(g2, a2.h.kernel) + a2.h.bias) * s2
+    np.testing.assert_allclose(model.heads[t](f2), model(x)[t], rtol=1e-5,
+                               atol=1e-6)
+
+
 def _weights(trainer):
   return snapshot(trainer.model.trainable_variables)
 
@@ -199,6 +297,17 @@ def _build(build_trainer, replicas, mode, architecture, **kwargs):
                        architecture_options=OPTIONS.get(architecture),
                        trunk_width=8, trunk_depth=1, global_batch_size=16,
                        **kwargs)
+
+
+def _assert_same_metrics(replicas_metrics) -> None:
+  """Step metrics (task weights, gate weights, ...) on 1, 2 and 4 replicas:
+  the same names and values (diagnostics are global-batch means)."""
+  reference = replicas_metrics[0]
+  for replicas, metrics in zip((2, 4), replicas_metrics[1:]):
+    assert sorted(metrics) == sorted(reference)
+    for name, value in reference.items():
+      assert metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-6), (
+          name, replicas)
 
 
 def _assert_replicas_equal_one_device(replicas_weights) -> None:
@@ -212,10 +321,11 @@ def _assert_replicas_equal_one_device(replicas_weights) -> None:
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_joint_replicas_equal_one_device(build_trainer, architecture):
-  # SGD: Adam's first steps divide tiny gradients (of input pixels that
-  # are almost always 0) by their own size, amplifying round-off.
+  # SGD: Adam divides each gradient by its own size, so where terms cancel
+  # to a gradient near its epsilon (1e-7) it turns round-off of the
+  # replicas' different summation orders into differences of lr * 1e-3.
   aggregator, weighting, rep_grad = JOINT_METHODS[architecture]
-  initial, weights = None, []
+  initial, weights, metrics = None, [], []
   for replicas in (1, 2, 4):
     trainer, iterators, _, _ = _build(
         build_trainer, replicas, "joint", architecture, optimizer="sgd",
@@ -225,7 +335,9 @@ def test_joint_replicas_equal_one_device(build_trainer, architecture):
     result = trainer.train(iterators, 3)
     assert result.skipped.count == 0
     weights.append(_weights(trainer))
+    metrics.append(result.step_metrics)
   _assert_replicas_equal_one_device(weights)
+  _assert_same_metrics(metrics)
 
 
 def _optimizer_slots(optimizer, variables):
@@ -240,11 +352,13 @@ def _optimizer_slots(optimizer, variables):
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_alternate_replicas_equal_one_device_other_tasks_stay_put(
     build_trainer, architecture):
-  initial, weights = None, []
+  initial, weights, metrics = None, [], []
   for replicas in (1, 2, 4):
+    # SGD, as in the joint test; Adam's slots are checked below.
     trainer, iterators, _, _ = _build(
-        build_trainer, replicas, "alternate", architecture, optimizer="adam",
-        learning_rate=0.01, initial_weights=initial)
+        build_trainer, replicas, "alternate", architecture, optimizer="sgd",
+        learning_rate=0.1, initial_weights=initial)
+    step_metrics = {}
     initial = initial or trainer.model.get_weights()
     model, optimizers = trainer.model, trainer.optimizers
     for task in TRAINED + TRAINED[:1]:  # Round robin: a step per task.
@@ -252,15 +366,28 @@ def test_alternate_replicas_equal_one_device_other_tasks_stay_put(
       frozen = [v for t in others for v in model.task_variables(t)]
       frozen += [v for t in others for v in optimizers[t].variables]
       before = snapshot(frozen)
-      trained_before = snapshot(model.trunk_and_head_variables(task))
-      trainer.train(iterators, 1)
+      shared_before = snapshot(model.shared_variables)
+      own_before = snapshot(model.task_variables(task))
+      result = trainer.train(iterators, 1)
+      # Each step measures its own task's gates (and every stitch) only.
+      assert all(not name.startswith(tuple(f"{t}/" for t in others))
+                 for name in result.step_metrics)
+      step_metrics.update({f"{task}@{name}": value for name, value in
+                           result.step_metrics.items()})
       assert all(np.array_equal(b, a) for b, a in zip(before,
                                                       snapshot(frozen))), (
                                                           task, replicas)
-      assert not any(np.array_equal(b, a) for b, a in zip(
-          trained_before, snapshot(model.trunk_and_head_variables(task))))
+      # The step trains the shared variables and the task's own (each
+      # one's gradient is non-zero: see the first test; with SGD a tiny one
+      # may leave a variable's float32 value as it was).
+      for before_step, variables in ((shared_before, model.shared_variables),
+                                     (own_before, model.task_variables(task))):
+        assert not all(np.array_equal(b, a) for b, a in zip(
+            before_step, snapshot(variables)))
     weights.append(_weights(trainer))
+    metrics.append(step_metrics)
   _assert_replicas_equal_one_device(weights)
+  _assert_same_metrics(metrics)
 
   # One Adam for every task: a step leaves other tasks' slots alone.
   trainer, iterators, _, _ = _build(build_trainer, 1, "alternate",
@@ -306,10 +433,10 @@ def test_joint_aggregation_gives_own_variables_the_objectives_gradient(
                                atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["joint", "alternate"])
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_restored_checkpoint_continues_bit_for_bit(build_trainer, tmp_path,
-                                                   architecture):
-  mode = "alternate" if architecture in CROSS_TASK else "joint"
+                                                   architecture, mode):
 
   def build(initial):
     return _build(build_trainer, 1, mode, architecture, optimizer="adam",
@@ -509,3 +636,27 @@ def test_launcher_trains_a_gated_architecture_and_exports_it(tmp_path):
   train = [r for r in _records(str(model_dir)) if r["split"] == "train"]
   assert [r["step"] for r in train] == [10, 20]
   assert {f"x/gate/expert{i}" for i in range(3)} <= set(train[-1]["metrics"])
+
+
+@pytest.mark.parametrize("pieces, message", [
+    ("same_expert", "must return new layers"),
+    ("none_expert", "its pieces do not fit together"),
+    ("bad_column", "column_fn must return"),
+    ("mtan_trunk", "trunk_fn must return a tf_keras.Sequential"),
+])
+def test_pieces_that_cannot_work_are_refused_in_one_line(tmp_path, pieces,
+                                                         message):
+  shared = tf_keras.layers.Dense(4)
+  architecture, functions = {
+      "same_expert": ("cgc", {"expert_fn": lambda: shared}),
+      "none_expert": ("mmoe", {"expert_fn": lambda: None}),
+      "bad_column": ("cross_stitch", {"column_fn": lambda: "dense"}),
+      "mtan_trunk": ("mtan", {"trunk_fn": lambda: tf_keras.layers.Dense(4)}),
+  }[pieces]
+  model_dir = tmp_path / "run"
+  with pytest.raises(mtl_dist.ConfigError) as error:
+    mtl_dist.train(mtl_dist.TrainConfig(
+        model_dir=str(model_dir), architecture=architecture,
+        strategy="one_device"), **functions)
+  assert message in str(error.value) and "\n" not in str(error.value)
+  assert not model_dir.exists()

@@ -141,6 +141,14 @@ def test_weights_schedule_accepts_task_weights_as_shares():
   assert config.weight_of("shape") == 3.0 and config.weight_of("y") == 1.0
 
 
+def test_rep_grad_is_valid_where_one_representation_feeds_every_task():
+  for architecture, levels in (("mmoe", None), ("cgc", None), ("ple", 1),
+                               ("dselect_k", None)):
+    mtl_dist.TrainConfig(model_dir="unused", architecture=architecture,
+                         num_levels=levels, aggregator="mgda",
+                         rep_grad=True).validate()
+
+
 def test_gradnorm_alpha_zero_is_valid():
   mtl_dist.TrainConfig(model_dir="d", weighting="gradnorm",
                        gradnorm_alpha=0.0).validate()

@@ -74,3 +74,18 @@ def test_gated_runs_get_an_expert_utilisation_row(tmp_path):
     assert sum(weights) == pytest.approx(1.0, rel=1e-5)
   # shape, x, the step shares, the experts.
   assert _rows(mtl_dist.write_report(model_dir)) == pytest.approx(4)
+
+
+def test_each_tasks_utilisation_comes_from_its_latest_measurement():
+  records = [
+      {"step": 10, "split": "train", "metrics": {
+          "a/gate/expert0": 0.25, "a/gate/expert1": 0.75,
+          "b/gate/expert0": 0.5, "b/gate/expert1": 0.5}},
+      {"step": 20, "split": "train", "metrics": {  # b not trained here.
+          "a/gate/expert0": 0.125, "a/gate/expert1": 0.875}},
+      {"step": 20, "split": "eval", "metrics": {"a/loss": 1.0}},
+  ]
+  assert report.expert_utilisation(records, ["a", "b", "c"]) == (
+      ["expert0", "expert1"],
+      [[0.125, 0.875], [0.5, 0.5], [pytest.approx(float("nan"), nan_ok=True)] * 2])
+  assert report.expert_utilisation(records[2:], ["a"]) == ([], [])

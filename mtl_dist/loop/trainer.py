@@ -54,9 +54,8 @@ class LoopResult(NamedTuple):
     counts: [T] the applied steps that trained each task.
     step_metrics: The step's own metrics (task weights, the aggregator's
       conflict share, the model's diagnostics), each averaged over the
-      applied steps that measured it (a step marks a metric it did not
-      measure NaN: an alternate step measures its task's gates only);
-      metrics no step measured are left out.
+      applied steps that measured it (an alternate step measures only its
+      task's gates); metrics no step measured are left out.
     step_metric_counts: The applied steps each of `step_metrics` averages.
     skipped: The steps skipped for non-finite values.
     loss_scales: The loss scale(s) after the call (see
@@ -277,15 +276,14 @@ class Trainer:
     first_skipped_losses = tf.zeros([num_tasks])
     first_skipped_trained = tf.zeros([num_tasks])
     for _ in tf.range(num_steps):
-      losses, trained, metrics, applied = self._step(self._strategy, iterators,
-                                                     self.global_step)
+      losses, trained, metrics, measured, applied = self._step(
+          self._strategy, iterators, self.global_step)
       # Counters count steps run (batches read), applied or not.
       self.task_steps.assign_add(tf.cast(trained, tf.int64))
       self.global_step.assign_add(1)
       loss_sums += tf.where(applied, losses, 0.0)
       trained_counts += tf.where(applied, trained, 0.0)
-      measured = tf.logical_and(applied, tf.logical_not(tf.math.is_nan(
-          metrics)))
+      measured = tf.logical_and(applied, measured > 0)
       metric_sums += tf.where(measured, metrics, 0.0)
       metric_counts += tf.cast(measured, tf.float32)
       first = tf.logical_and(tf.logical_not(applied), first_skipped < 0)

@@ -132,47 +132,89 @@ def build(tasks: Sequence[tasks_lib.TaskSpec], input_shape: Sequence[int],
   """
   name = settings.architecture
   check_functions(name, functions, mixed_precision)
+  task_names = [task.name for task in tasks]
   if name == "hps":
-    return hps.build_model(
+    model = hps.build_model(
         tasks, input_shape,
         trunk=functions.trunk_fn or trunk, trunk_width=trunk_width,
         trunk_depth=trunk_depth, mixed_precision=mixed_precision,
         head_fn=functions.head_fn, input_dtype=input_dtype)
+    _check_ownership(model, task_names, functions)
+    return model
   policy = precision.layer_policy(mixed_precision)
   heads = hps.default_heads(tasks, functions.head_fn,
                             None if policy is None else "float32")
-  task_names = [task.name for task in tasks]
-  if name in _MIXTURES:
-    model = _mixture(name, task_names, settings, functions, heads, trunk,
-                     trunk_width, trunk_depth, policy)
-  elif name == "cross_stitch":
-    model = cross_stitch.CrossStitchModel(
-        {task: (_column(functions.column_fn) if functions.column_fn else
-                cross_stitch.column_blocks(trunk, trunk_width, trunk_depth,
-                                           policy))
-         for task in task_names}, heads, name="cross_stitch_model")
-  else:
-    shared = (functions.trunk_fn() if functions.trunk_fn else
-              hps.build_trunk(trunk, trunk_width, trunk_depth, policy))
-    model = mtan.build(task_names, shared, input_shape, input_dtype, heads)
   try:
-    return hps.build_and_check(model, tasks, input_shape, input_dtype)
-  except (tf.errors.InvalidArgumentError, ValueError) as e:
-    if "head outputs" in str(e):
+    if name in _MIXTURES:
+      model = _mixture(name, task_names, settings, functions, heads, trunk,
+                       trunk_width, trunk_depth, policy)
+    elif name == "cross_stitch":
+      model = cross_stitch.CrossStitchModel(
+          {task: (_column(functions.column_fn) if functions.column_fn else
+                  cross_stitch.column_blocks(trunk, trunk_width, trunk_depth,
+                                             policy))
+           for task in task_names}, heads, name="cross_stitch_model")
+    elif name == "mtan":
+      shared = (functions.trunk_fn() if functions.trunk_fn else
+                hps.build_trunk(trunk, trunk_width, trunk_depth, policy))
+      model = mtan.build(task_names, shared, input_shape, input_dtype, heads)
+    else:
+      raise ValueError(f"unknown architecture {name!r} (known: "
+                       f"{', '.join(settings_lib.ARCHITECTURES)})")
+    hps.build_and_check(model, tasks, input_shape, input_dtype)
+  except (tf.errors.InvalidArgumentError, ValueError, TypeError) as e:
+    if "head outputs" in str(e) or str(e).startswith(
+        ("unknown architecture", "--architecture=")):
       raise
     raise ValueError(f"--architecture={name}: its pieces do not fit together "
-                     f"({str(e).splitlines()[0]})") from None
+                     f"({_cause(e)})") from None
+  _check_ownership(model, task_names, functions)
+  return model
+
+
+def _cause(error: Exception) -> str:
+  """The innermost line of a (Keras-wrapped) error that says what failed."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  useful = [line for line in lines
+            if not line.startswith(("Exception encountered when calling",
+                                    "Call arguments received", "•"))]
+  return (useful or lines or [type(error).__name__])[0][:300]
+
+
+def _check_ownership(model: base.MultiTaskModel, task_names: Sequence[str],
+                     functions: ModelFunctions) -> None:
+  """Checks that shared and per-task variables split the model's variables.
+
+  Raises:
+    ValueError: If a variable is both shared and a task's, or two tasks',
+      e.g. when a user function returns the same layer on every call.
+  """
+  groups = [("shared", model.shared_variables)] + [
+      (task, model.task_variables(task)) for task in task_names]
+  owner = {}
+  for group, variables in groups:
+    for variable in variables:
+      if id(variable) in owner:
+        raise ValueError(
+            f"variable {variable.name} belongs to both {owner[id(variable)]}"
+            f" and {group}: each call of "
+            f"{' / '.join(functions.given()) or 'the piece functions'} must "
+            "return new layers")
+      owner[id(variable)] = group
+  missing = [v.name for v in model.trainable_variables if id(v) not in owner]
+  if missing:
+    raise ValueError(f"variables {missing[:3]} are neither shared nor a "
+                     "task's")
 
 
 def _column(column_fn: ColumnFn) -> list[tf_keras.layers.Layer]:
   column = column_fn()
   layers = column.layers if isinstance(column, tf_keras.Sequential) else column
-  layers = list(layers)
-  if not layers or not all(isinstance(layer, tf_keras.layers.Layer)
-                           for layer in layers):
+  if not isinstance(layers, (list, tuple)) or not layers or not all(
+      isinstance(layer, tf_keras.layers.Layer) for layer in layers):
     raise ValueError("column_fn must return a tf_keras.Sequential or a "
                      "non-empty list of tf_keras layers")
-  return layers
+  return list(layers)
 
 
 def _mixture(name: str, task_names: Sequence[str],

@@ -64,13 +64,18 @@ class MTANModel(base.MultiTaskModel):
     """Initialises the model.
 
     Args:
-      trunk: The shared layers, in order, already built.
+      trunk: The shared layers, in order, already built; each one with
+        trainable weights gets an attention module per task. Layers with
+        weights after the first must keep the spatial size of their input
+        (the task's previous feature is concatenated with their output).
       attention: Task name to one module per trunk layer that has weights.
       heads: Task name to its head.
       **kwargs: Passed to `tf_keras.Model`.
     """
     super().__init__(**kwargs)
     self.trunk = list(trunk)
+    # Fixed when built: freezing a layer later must not move the modules.
+    self._attended = [_has_weights(layer) for layer in self.trunk]
     self.attention = {task: list(modules)
                       for task, modules in attention.items()}
     self.heads = dict(heads)
@@ -81,9 +86,9 @@ class MTANModel(base.MultiTaskModel):
     shared = inputs
     features = {task: None for task in wanted}
     index = 0
-    for layer in self.trunk:
+    for layer, attended in zip(self.trunk, self._attended):
       shared = layer(shared, training=training)
-      if _has_weights(layer):
+      if attended:
         for task in wanted:
           previous = features[task]
           features[task] = self.attention[task][index](

@@ -53,6 +53,23 @@ class ArchitectureConfig:
   dselect_k_gamma: float = 1.0
   dselect_k_entropy_reg: float = 1e-6
 
+  def __post_init__(self):
+    """Checks the settings (the launcher's checks, for the Python API).
+
+    Raises:
+      ValueError: Naming the first bad setting.
+    """
+    try:
+      _check_values(self)
+    except errors.ConfigError as e:
+      raise ValueError(str(e)) from None
+
+  @property
+  def has_representation(self) -> bool:
+    """Whether one representation feeds every task (for --rep_grad)."""
+    return self.architecture in WITH_REPRESENTATION or (
+        self.architecture == "ple" and self.num_levels == 1)
+
   def to_json(self) -> dict[str, Any]:
     """The architecture and the options it reads."""
     return {"architecture": self.architecture,
@@ -74,13 +91,30 @@ def validate_flags(given: Mapping[str, Any]) -> None:
   architecture = given.get("architecture") or "hps"
   errors.check_choice("architecture", architecture, ARCHITECTURES)
   for name, used in OPTIONS.items():
-    value = given.get(name)
-    if value is None:
-      continue
-    if architecture not in used:
+    if given.get(name) is not None and architecture not in used:
       raise errors.ConfigError(
           f"--{name} applies to --architecture={' or '.join(used)} only, but "
           f"--architecture={architecture} is set")
+  config = _unchecked({name: given[name] for name in ("architecture", *OPTIONS)
+                      if given.get(name) is not None})
+  _check_values(config)
+  if given.get("rep_grad") and not config.has_representation:
+    raise errors.ConfigError(
+        f"--rep_grad needs one representation every task reads; "
+        f"--architecture={architecture} has none (it has with "
+        f"--architecture={', '.join(WITH_REPRESENTATION)}, and ple with "
+        "--num_levels=1)")
+
+
+def _check_values(config: ArchitectureConfig) -> None:
+  """Checks the architecture's name and every option's range.
+
+  Raises:
+    ConfigError: Naming the first bad setting.
+  """
+  errors.check_choice("architecture", config.architecture, ARCHITECTURES)
+  for name in OPTIONS:
+    value = getattr(config, name)
     if name.startswith("num_"):
       lowest = 0 if name == "num_task_experts" else 1
       if not isinstance(value, int) or isinstance(value, bool) or (
@@ -91,10 +125,7 @@ def validate_flags(given: Mapping[str, Any]) -> None:
       raise errors.ConfigError(f"--{name}={value}: must be positive")
     elif name == "dselect_k_entropy_reg" and not value >= 0:
       raise errors.ConfigError(f"--{name}={value}: must be >= 0")
-  config = ArchitectureConfig(**{
-      name: given[name] for name in ("architecture", *OPTIONS)
-      if given.get(name) is not None})
-  if architecture == "dselect_k":
+  if config.architecture == "dselect_k":
     if config.num_experts < 2:
       raise errors.ConfigError(
           f"--num_experts={config.num_experts}: dselect_k selects among at "
@@ -103,8 +134,12 @@ def validate_flags(given: Mapping[str, Any]) -> None:
       raise errors.ConfigError(
           f"--num_selected_experts={config.num_selected_experts}: more than "
           f"the --num_experts={config.num_experts}")
-  if given.get("rep_grad") and architecture not in WITH_REPRESENTATION:
-    raise errors.ConfigError(
-        f"--rep_grad needs one representation every task reads; "
-        f"--architecture={architecture} has none (it has with "
-        f"--architecture={', '.join(WITH_REPRESENTATION)})")
+
+
+def _unchecked(values: Mapping[str, Any]) -> ArchitectureConfig:
+  """An ArchitectureConfig of `values` without `__post_init__`'s check."""
+  config = object.__new__(ArchitectureConfig)
+  for field in dataclasses.fields(ArchitectureConfig):
+    object.__setattr__(config, field.name,
+                       values.get(field.name, field.default))
+  return config

@@ -32,7 +32,10 @@ def _series(records: list[dict[str, Any]], split: str,
 
 def expert_utilisation(records: list[dict[str, Any]], tasks: list[str]
                        ) -> tuple[list[str], list[list[float]]]:
-  """Each task's mean gate weight per expert in the last train record.
+  """Each task's mean gate weight per expert in its latest train record.
+
+  In alternate mode a task's gates are measured only in intervals that
+  trained it, so each task's row comes from the latest record that has it.
 
   Args:
     records: metrics.jsonl's records.
@@ -40,19 +43,24 @@ def expert_utilisation(records: list[dict[str, Any]], tasks: list[str]
 
   Returns:
     (the experts, in order of first appearance; per task, its weight of each
-    expert, NaN for an expert its gates do not mix). Empty without gates.
+    expert, NaN for an expert its gates do not mix or a task never
+    measured). Empty without gates.
   """
-  gated = [r for r in records if r.get("split") == "train" and any(
-      "/gate/" in key for key in r["metrics"])]
-  if not gated:
-    return [], []
-  metrics = max(gated, key=lambda r: r["step"])["metrics"]
+  train = sorted((r for r in records if r.get("split") == "train"),
+                 key=lambda r: r["step"])
+  latest = {}
   experts = []
-  for key in metrics:
-    task, _, expert = key.partition("/gate/")
-    if expert and task in tasks and expert not in experts:
-      experts.append(expert)
-  return experts, [[metrics.get(f"{task}/gate/{expert}", float("nan"))
+  for record in train:
+    for key in record["metrics"]:
+      task, _, expert = key.partition("/gate/")
+      if expert and task in tasks:
+        latest[task] = record["metrics"]
+        if expert not in experts:
+          experts.append(expert)
+  if not experts:
+    return [], []
+  return experts, [[latest.get(task, {}).get(f"{task}/gate/{expert}",
+                                             float("nan"))
                     for expert in experts] for task in tasks]
 
 

@@ -46,8 +46,8 @@ def build_model(strategy: tf.distribute.Strategy, spec: model_spec.ModelSpec,
   with strategy.scope():
     try:
       return spec.build(functions)
-    except ValueError as e:  # User pieces that do not fit.
-      raise errors.ConfigError(str(e)) from None
+    except (ValueError, TypeError) as e:  # User pieces that do not fit.
+      raise errors.ConfigError(str(e).splitlines()[0]) from None
 
 
 def eval_inputs(strategy: tf.distribute.Strategy,

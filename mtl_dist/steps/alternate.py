@@ -92,7 +92,7 @@ class AlternateStep:
 
     Returns:
       (the global-batch loss, the metrics vector: the task's diagnostics
-      averaged over replicas, NaN for the other tasks', whether the step
+      averaged over replicas, zero for the other tasks', whether the step
       was applied).
     """
     task = self._tasks[task_index]
@@ -109,15 +109,20 @@ class AlternateStep:
     return loss, self._metrics(task_index, diagnostics), finite
 
   def _metrics(self, task_index: int, diagnostics: tf.Tensor) -> tf.Tensor:
-    """All of `metric_names`: the task's diagnostics, NaN (absent) else."""
+    """All of `metric_names`: the task's diagnostics, zero for the rest."""
     positions = self._task_diagnostics[task_index]
-    if not self.metric_names:
-      return tf.zeros([0])
-    metrics = tf.fill([len(self.metric_names)], float("nan"))
+    metrics = tf.zeros([len(self.metric_names)])
     if not positions:
       return metrics
     return tf.tensor_scatter_nd_update(
         metrics, [[i] for i in positions], plumbing.replica_mean(diagnostics))
+
+  def _measured(self, task_index: int) -> tf.Tensor:
+    """1 for the metrics a step for task `task_index` measures, else 0."""
+    positions = set(self._task_diagnostics[task_index])
+    return tf.constant([float(i in positions)
+                        for i in range(len(self.metric_names))], tf.float32,
+                       shape=[len(self.metric_names)])
 
   def __call__(self, strategy: tf.distribute.Strategy,
                iterators: Sequence[tf.distribute.DistributedIterator],
@@ -125,24 +130,26 @@ class AlternateStep:
     """Runs one step of the scheduled task on every replica.
 
     Returns:
-      (losses, trained, metrics, applied): [T] vectors, zero except at the
-      trained task, the metrics vector (NaN where absent), and whether the
-      update was applied (False: the loss or a gradient was not finite).
+      (losses, trained, metrics, measured, applied): [T] vectors, zero
+      except at the trained task; the metrics vector and which of its
+      entries this step measured (the trained task's diagnostics); whether
+      the update was applied (False: the loss or a gradient was not finite).
     """
     task_index = self._schedule.task_index(step)
 
     def branch(index: int):
-      def run_task() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+      def run_task() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
         loss, metrics, applied = strategy.run(
             self.replica_step, args=(index, next(iterators[index])))
         return (plumbing.first_local(strategy, loss),
                 plumbing.first_local(strategy, metrics),
+                self._measured(index),
                 plumbing.first_local(strategy, applied))
       return run_task
 
-    loss, metrics, applied = tf.switch_case(
+    loss, metrics, measured, applied = tf.switch_case(
         task_index, [branch(i) for i in range(len(self._tasks))])
     trained = tf.one_hot(task_index, len(self._tasks))
     # 0 * NaN is NaN: keep a non-finite loss at its task only.
     losses = tf.where(trained > 0, loss, 0.0)
-    return losses, trained, metrics, applied
+    return losses, trained, metrics, measured, applied

@@ -130,10 +130,11 @@ class JointStep:
     """Runs one step on every replica (cross-replica context).
 
     Returns:
-      (losses, trained, metrics, applied): [T] global-batch losses, a [T]
-      0/1 mask of the tasks this step trained (all of them), a
-      [len(metric_names)] vector of step metrics, and whether the update was
-      applied (False: a loss or gradient was not finite, nothing changed).
+      (losses, trained, metrics, measured, applied): [T] global-batch
+      losses, a [T] 0/1 mask of the tasks this step trained (all of them),
+      a [len(metric_names)] vector of step metrics and which of them it
+      measured (all), and whether the update was applied (False: a loss or
+      gradient was not finite, nothing changed).
     """
     batch = next(iterators[0])
     step = step.read_value()
@@ -154,7 +155,8 @@ class JointStep:
     losses = plumbing.first_local(strategy, losses)
     applied = plumbing.first_local(strategy, applied)
     self._weighting.update(losses, applied)
-    return losses, tf.ones([len(self._tasks)]), metrics, applied
+    return (losses, tf.ones([len(self._tasks)]), metrics,
+            tf.ones([len(self.metric_names)]), applied)
 
   # The three replica steps.
 
