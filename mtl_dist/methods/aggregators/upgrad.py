@@ -1,0 +1,53 @@
+"""`upgrad`: UPGrad (Quinton & Rey 2024, "Jacobian Descent for Multi-Objective
+Optimization").
+
+Each task gradient g_i is projected onto the dual cone of all the task
+gradients (the directions that conflict with none of them), and the
+projections are summed with the mean's weights 1/T: the update is
+J^T sum_i v_i, v_i solving min v^T G v s.t. v >= e_i / T
+(`dual_cone.project_weights`). It never conflicts with a task (up to the
+regularisation of G), is invariant to the order of the tasks, scales
+linearly with the gradients, and equals the mean when no gradients
+conflict. Its weights come from the Gram matrix alone, so it also runs with
+`--rep_grad`. The defaults are TorchJD's (norm_eps = reg_eps = 1e-4).
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from mtl_dist.methods import registry
+from mtl_dist.methods.aggregators import base
+from mtl_dist.methods.aggregators import dual_cone
+
+REG_OPTION = registry.Option(
+    "reg_eps", dual_cone.REG_EPS, "added to the diagonal of the trace-"
+    "normalised Gram matrix, so that it is positive definite", minimum=0.0,
+    strict=True)
+
+
+def upgrad_weights(gram: tf.Tensor, reg_eps: float = dual_cone.REG_EPS
+                   ) -> tf.Tensor:
+  """UPGrad's [T] coefficients from the [T, T] Gram matrix (float32)."""
+  num_tasks = gram.shape[0]
+  lower = tf.eye(num_tasks, dtype=tf.float64) / num_tasks
+  projected = dual_cone.project_weights(lower, gram, reg_eps=reg_eps)
+  return tf.cast(tf.reduce_sum(projected, axis=0), tf.float32)
+
+
+@registry.AGGREGATORS.register
+class UPGrad(base.GramAggregator):
+  """UPGrad: the mean of every gradient's projection onto the dual cone."""
+
+  name = "upgrad"
+  summary = "projections onto the dual cone, Quinton & Rey 2024"
+  options = (REG_OPTION,)
+
+  def __init__(self, num_tasks: int, seed: int = 0,
+               reg_eps: float = dual_cone.REG_EPS):
+    super().__init__(num_tasks, seed)
+    self.reg_eps = reg_eps
+
+  def gram_coefficients(self, gram: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
+    del step
+    return upgrad_weights(gram, self.reg_eps)
