@@ -56,7 +56,8 @@ def _train_steps(model_dir: str) -> list[int]:
     ["--mode=alternate", "--tasks=shape,x,y", "--schedule=proportional"],
     # Shared gates, private experts and per-task Adam slots.
     ["--mode=alternate", "--tasks=shape,x,y", "--schedule=proportional",
-     "--architecture=ple", "--num_shared_experts=1"],
+     "--architecture=ple", "--num_shared_experts=1", "--trunk_width=16",
+     "--trunk_depth=1"],  # Later flags win: eight experts, kept small.
 ], ids=["joint", "alternate", "alternate_ple"])
 def test_sigkill_and_restart_ends_bit_for_bit_like_an_uninterrupted_run(
     tmp_path, mode_flags):
