@@ -152,3 +152,17 @@ def test_what_does_not_fit_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(mtl_dist.ConfigError, match=message):
       mtl_dist.train(config, data=data, **functions)
     assert not os.path.exists(config.model_dir)
+
+
+def test_source_from_arrays_takes_one_tasks_label_array_or_says_why_not():
+  features, labels = shapes.generate(64, seed=2)
+  source = mtl_dist.source_from_arrays(features, labels["shape"], ["shape"])
+  _, kept = source.arrays
+  assert list(kept) == ["shape"]
+  np.testing.assert_array_equal(kept["shape"], labels["shape"])
+  with pytest.raises(mtl_dist.ConfigError, match="must be a dict of task "
+                     "name to label array for the 2 tasks"):
+    mtl_dist.source_from_arrays(features, labels["shape"], ["shape", "x"])
+  with pytest.raises(mtl_dist.ConfigError, match=r"must be a list of task "
+                     r"names, e.g. \['shape'\]"):
+    mtl_dist.source_from_arrays(features, labels, "shape")

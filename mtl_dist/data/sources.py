@@ -9,11 +9,12 @@ tasks with their training and eval sources.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import tensorflow as tf
 
+from mtl_dist import errors
 from mtl_dist import tasks as tasks_lib
 
 # Batches parsed and decoded at once (autotuning is off, see
@@ -98,19 +99,38 @@ class MultiTaskData:
   partial_labels: bool = False
 
 
-def source_from_arrays(features: np.ndarray, labels: dict[str, np.ndarray],
-                       task_names: Sequence[str]) -> ExampleSource:
+def source_from_arrays(
+    features: np.ndarray,
+    labels: Union[Mapping[str, np.ndarray], np.ndarray],
+    task_names: Sequence[str]) -> ExampleSource:
   """An in-memory source over NumPy arrays.
 
   Args:
     features: [N, ...] inputs.
     labels: Task name to [N, ...] labels; may also hold `<task>_mask` arrays
-      marking which examples carry that task's label.
-    task_names: The tasks to keep labels (and masks) for.
+      marking which examples carry that task's label. For one task, its
+      [N, ...] label array alone.
+    task_names: The tasks to keep labels (and masks) for, a list of names.
 
   Returns:
     The source.
+
+  Raises:
+    ConfigError: For task names given as one string, or one label array
+      for several tasks. (A task without labels is named by the data
+      check before training.)
   """
+  if isinstance(task_names, str):
+    raise errors.ConfigError(
+        f"source_from_arrays: task_names={task_names!r} must be a list of "
+        f"task names, e.g. [{task_names!r}]")
+  if not isinstance(labels, Mapping):
+    if len(task_names) != 1:
+      raise errors.ConfigError(
+          f"source_from_arrays: labels must be a dict of task name to label "
+          f"array for the {len(task_names)} tasks {list(task_names)} (a "
+          "single array is taken for one task only)")
+    labels = {task_names[0]: np.asarray(labels)}
   kept = {key: values for key, values in labels.items()
           if key in task_names or
           (key.endswith("_mask") and key[:-len("_mask")] in task_names)}
