@@ -16,7 +16,12 @@ trace makes G zero (see NORM_EPS).
 
 from __future__ import annotations
 
+from typing import Callable, ClassVar
+
 import tensorflow as tf
+
+from mtl_dist.methods import registry
+from mtl_dist.methods.aggregators import base
 
 # TorchJD adds 1e-4 to the diagonal (REG_EPS, its default). It also treats
 # a trace below norm_eps = 1e-4 as 0, which turns UPGrad and DualProj into
@@ -107,3 +112,28 @@ def project_weights(lower: tf.Tensor, gram: tf.Tensor,
   """
   return _barrier(prepared_gram(gram, norm_eps, reg_eps),
                   tf.cast(lower, tf.float64))
+
+
+REG_OPTION = registry.Option(
+    "reg_eps", REG_EPS, "added to the diagonal of the trace-normalised Gram "
+    "matrix, so that it is positive definite", minimum=0.0, strict=True)
+
+
+class DualConeAggregator(base.GramAggregator):
+  """An aggregator whose coefficients are dual-cone projections.
+
+  Subclasses set `name`, `summary` and `weights`, a function of the Gram
+  matrix and `reg_eps` (their `--<name>_reg_eps`) giving the [T] float32
+  coefficients.
+  """
+
+  options = (REG_OPTION,)
+  weights: ClassVar[Callable[[tf.Tensor, float], tf.Tensor]]
+
+  def __init__(self, num_tasks: int, seed: int = 0, reg_eps: float = REG_EPS):
+    super().__init__(num_tasks, seed)
+    self.reg_eps = reg_eps
+
+  def gram_coefficients(self, gram: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
+    del step
+    return self.weights(gram, self.reg_eps)

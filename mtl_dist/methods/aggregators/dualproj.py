@@ -14,9 +14,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from mtl_dist.methods import registry
-from mtl_dist.methods.aggregators import base
 from mtl_dist.methods.aggregators import dual_cone
-from mtl_dist.methods.aggregators import upgrad
 
 
 def dualproj_weights(gram: tf.Tensor, reg_eps: float = dual_cone.REG_EPS
@@ -29,18 +27,9 @@ def dualproj_weights(gram: tf.Tensor, reg_eps: float = dual_cone.REG_EPS
 
 
 @registry.AGGREGATORS.register
-class DualProj(base.GramAggregator):
+class DualProj(dual_cone.DualConeAggregator):
   """DualProj: the mean gradient projected onto the dual cone."""
 
   name = "dualproj"
   summary = "the mean projected onto the dual cone, TorchJD"
-  options = (upgrad.REG_OPTION,)
-
-  def __init__(self, num_tasks: int, seed: int = 0,
-               reg_eps: float = dual_cone.REG_EPS):
-    super().__init__(num_tasks, seed)
-    self.reg_eps = reg_eps
-
-  def gram_coefficients(self, gram: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
-    del step
-    return dualproj_weights(gram, self.reg_eps)
+  weights = staticmethod(dualproj_weights)

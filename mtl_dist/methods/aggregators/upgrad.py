@@ -17,14 +17,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from mtl_dist.methods import registry
-from mtl_dist.methods.aggregators import base
 from mtl_dist.methods.aggregators import dual_cone
-
-REG_OPTION = registry.Option(
-    "reg_eps", dual_cone.REG_EPS, "added to the diagonal of the trace-"
-    "normalised Gram matrix, so that it is positive definite", minimum=0.0,
-    strict=True)
-
 
 def upgrad_weights(gram: tf.Tensor, reg_eps: float = dual_cone.REG_EPS
                    ) -> tf.Tensor:
@@ -36,18 +29,9 @@ def upgrad_weights(gram: tf.Tensor, reg_eps: float = dual_cone.REG_EPS
 
 
 @registry.AGGREGATORS.register
-class UPGrad(base.GramAggregator):
+class UPGrad(dual_cone.DualConeAggregator):
   """UPGrad: the mean of every gradient's projection onto the dual cone."""
 
   name = "upgrad"
   summary = "projections onto the dual cone, Quinton & Rey 2024"
-  options = (REG_OPTION,)
-
-  def __init__(self, num_tasks: int, seed: int = 0,
-               reg_eps: float = dual_cone.REG_EPS):
-    super().__init__(num_tasks, seed)
-    self.reg_eps = reg_eps
-
-  def gram_coefficients(self, gram: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
-    del step
-    return upgrad_weights(gram, self.reg_eps)
+  weights = staticmethod(upgrad_weights)
