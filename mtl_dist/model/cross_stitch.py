@@ -21,6 +21,7 @@ import tensorflow as tf
 import tf_keras
 
 from mtl_dist.model import base
+from mtl_dist.model import hps
 
 # The paper's initial weight of a task's own activation.
 SELF_WEIGHT = 0.9
@@ -114,25 +115,20 @@ class CrossStitchModel(base.MultiTaskModel):
 def column_blocks(kind: str, width: int, depth: int,
                   dtype: Optional[tf_keras.mixed_precision.Policy] = None
                   ) -> list[tf_keras.layers.Layer]:
-  """A built-in trunk as `depth` blocks, each ending where a unit goes.
-
-  mlp: the first block flattens; each block is one ReLU dense layer. conv:
-  each block is a 3x3 ReLU convolution and 2x2 max pooling; the last block
-  ends with global average pooling.
+  """A built-in trunk (`hps.trunk_layers`) as `depth` blocks, each ending
+  where a unit goes: a new block starts at each layer with weights after the
+  first, so weightless layers (flattening, pooling) stay with the layer
+  before them (mlp: one dense layer per block, the first flattening; conv:
+  a convolution and its pooling, the last also global average pooling).
   """
-  blocks = []
-  for i in range(depth):
-    if kind == "mlp":
-      layers = [tf_keras.layers.Flatten(dtype=dtype)] if i == 0 else []
-      layers.append(tf_keras.layers.Dense(width, activation="relu",
-                                          dtype=dtype))
-    elif kind == "conv":
-      layers = [tf_keras.layers.Conv2D(width, 3, padding="same",
-                                       activation="relu", dtype=dtype),
-                tf_keras.layers.MaxPooling2D(2, padding="same", dtype=dtype)]
-      if i == depth - 1:
-        layers.append(tf_keras.layers.GlobalAveragePooling2D(dtype=dtype))
-    else:
-      raise ValueError(f"unknown trunk {kind!r} (known: mlp, conv)")
-    blocks.append(tf_keras.Sequential(layers, name=f"block_{i}"))
-  return blocks
+  blocks, last_has_weights = [], False
+  for layer in hps.trunk_layers(kind, width, depth, dtype):
+    weighted = isinstance(layer, (tf_keras.layers.Dense,
+                                  tf_keras.layers.Conv2D))
+    if not blocks or (weighted and last_has_weights):
+      blocks.append([])
+      last_has_weights = False
+    blocks[-1].append(layer)
+    last_has_weights = last_has_weights or weighted
+  return [tf_keras.Sequential(layers, name=f"block_{i}")
+          for i, layers in enumerate(blocks)]
