@@ -131,7 +131,8 @@ def test_conflict_share(grads, share):
   assert float(got) == pytest.approx(share)
 
 
-@pytest.mark.parametrize("aggregator", ["pcgrad", "cagrad", "mgda"])
+@pytest.mark.parametrize("aggregator", ["pcgrad", "cagrad", "mgda", "upgrad",
+                                        "dualproj"])
 def test_aggregated_training_is_the_same_on_1_2_and_4_replicas(
     build_trainer, aggregator):
   tasks = ("shape", "x", "y")
@@ -203,7 +204,8 @@ def test_only_combinations_from_the_gram_matrix_have_a_gram_form():
     pcgrad.gram_coefficients(tf.eye(2), 0)
 
 
-@pytest.mark.parametrize("aggregator", ["mgda", "cagrad"])
+@pytest.mark.parametrize("aggregator", ["mgda", "cagrad", "upgrad",
+                                        "dualproj"])
 def test_rep_grad_training_is_the_same_on_1_2_and_4_replicas(
     build_trainer, aggregator):
   tasks = ("shape", "x", "y")

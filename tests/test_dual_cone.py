@@ -1,7 +1,8 @@
 """UPGrad and DualProj (`--aggregator=upgrad|dualproj`): TorchJD's published
 values, exact solutions of their quadratic programs found another way, their
-promised properties on degenerate and badly scaled inputs, and training on
-1, 2 and 4 replicas."""
+promised properties on degenerate and badly scaled inputs, and the launcher.
+Training on 1, 2 and 4 replicas, with and without --rep_grad, is checked
+with the other aggregators' in tests/test_aggregation.py."""
 
 import itertools
 import json
@@ -158,27 +159,6 @@ def test_the_solver_is_exact_on_random_small_problems():
       assert solution @ prepared @ solution == pytest.approx(
           want @ prepared @ want, rel=1e-9, abs=1e-15)
       np.testing.assert_allclose(solution, want, atol=1e-5)
-
-
-@pytest.mark.parametrize("rep_grad", [False, True])
-@pytest.mark.parametrize("name", METHODS)
-def test_training_is_the_same_on_1_2_and_4_replicas(build_trainer, name,
-                                                    rep_grad):
-  tasks = ("shape", "x", "y")
-  single, single_its, _, _ = build_trainer(1, "joint", tasks, aggregator=name,
-                                           rep_grad=rep_grad)
-  initial = single.model.get_weights()
-  single.train(single_its, 3)
-  for replicas in (2, 4):
-    multi, multi_its, _, _ = build_trainer(replicas, "joint", tasks,
-                                           aggregator=name, rep_grad=rep_grad,
-                                           initial_weights=initial)
-    multi.train(multi_its, 3)
-    for got, want in zip(multi.model.get_weights(),
-                         single.model.get_weights()):
-      np.testing.assert_allclose(got, want, atol=1e-5)
-  assert any(not np.allclose(w, i) for w, i in zip(
-      single.model.get_weights(), initial)), "training changed nothing"
 
 
 def test_cli_trains_with_upgrad_on_a_representation_and_refuses_bad_options(
