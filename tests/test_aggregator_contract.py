@@ -26,8 +26,9 @@ class _RunningMean(base.Aggregator):
                              shape=tf.TensorShape([num_tasks, None]),
                              trainable=False)
 
-  def __call__(self, jacobian: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
-    del step
+  def __call__(self, jacobian: tf.Tensor, step: tf.Tensor,
+               losses=None) -> tf.Tensor:
+    del step, losses
     previous = tf.cond(tf.size(self.means) > 0, lambda: self.means.value(),
                        lambda: tf.zeros_like(jacobian))
     self.means.assign(0.5 * previous + 0.5 * jacobian)

@@ -139,13 +139,13 @@ class JointStep:
     batch = next(iterators[0])
     step = step.read_value()
     if self._sums:
-      losses, weights, diagnostics, applied = strategy.run(
+      losses, weights, diagnostics, applied, updated = strategy.run(
           self.replica_step, args=(batch, step))
       metrics = [plumbing.first_local(strategy, weights)]
     else:
       replica_fn = (self.rep_grad_replica_step if self._rep_grad
                     else self.aggregated_replica_step)
-      losses, weights, share, diagnostics, applied = strategy.run(
+      losses, weights, share, diagnostics, applied, updated = strategy.run(
           replica_fn, args=(batch, step))
       metrics = [plumbing.first_local(strategy, weights),
                  tf.reshape(plumbing.first_local(strategy, share), [1])]
@@ -154,7 +154,9 @@ class JointStep:
     # Every replica holds the same all-reduced values.
     losses = plumbing.first_local(strategy, losses)
     applied = plumbing.first_local(strategy, applied)
-    self._weighting.update(losses, applied)
+    self._weighting.update(
+        losses, applied, plumbing.first_local(strategy, updated)
+        if self._weighting.needs_updated_losses else None)
     return (losses, tf.ones([len(self._tasks)]), metrics,
             tf.ones([len(self.metric_names)]), applied)
 
@@ -169,7 +171,8 @@ class JointStep:
       diagnostics averaged over replicas, whether the step was applied: all
       losses and gradients finite; with float16 loss scaling only the
       losses are checked, gradient overflow being the loss-scale
-      optimizer's).
+      optimizer's; the batch's [T] global losses after the update, for a
+      weighting that `needs_updated_losses`, else zeros).
     """
     batch, counts = losses_lib.prepared(self._tasks, batch,
                                         self._partial_labels)
@@ -181,7 +184,8 @@ class JointStep:
                            gradients)
     plumbing.apply_if(self._optimizer, gradients, self._all_variables(),
                       finite if self._skip_nonfinite else None)
-    return losses, weights, plumbing.replica_mean(diagnostics), finite
+    return (losses, weights, plumbing.replica_mean(diagnostics), finite,
+            self._updated_losses(batch, counts))
 
   def aggregated_replica_step(
       self, batch: Batch, step: tf.Tensor
@@ -191,7 +195,7 @@ class JointStep:
     Returns:
       ([T] losses, the [T] loss weights used, the conflict share, the
       model's diagnostics averaged over replicas, whether the step was
-      applied).
+      applied, the losses after the update as for `replica_step`).
     """
     batch, counts = losses_lib.prepared(self._tasks, batch,
                                         self._partial_labels)
@@ -208,7 +212,8 @@ class JointStep:
                         [num_tasks, num_shared])
     rest = fused[num_shared * num_tasks:-num_tasks]
     losses = fused[-num_tasks:]
-    direction = self._aggregator(matrix, step)
+    direction = self._aggregator(
+        matrix, step, losses if self._aggregator.needs_losses else None)
     # With loss scaling, overflowing gradients are the optimizer's to skip.
     finite = plumbing.all_finite([losses] if self._scales_losses
                                  else [fused, direction])
@@ -220,7 +225,8 @@ class JointStep:
     plumbing.apply_if(self._optimizer, shared_grads + own_grads, shared + own,
                       finite if self._skip_nonfinite else None)
     return (losses, weights, aggregators.conflict_share(matrix),
-            plumbing.replica_mean(diagnostics), finite)
+            plumbing.replica_mean(diagnostics), finite,
+            self._updated_losses(batch, counts))
 
   def rep_grad_replica_step(
       self, batch: Batch, step: tf.Tensor
@@ -237,7 +243,7 @@ class JointStep:
     Returns:
       ([T] losses, the [T] loss weights used, the conflict share, the
       model's diagnostics averaged over replicas, whether the step was
-      applied).
+      applied, the losses after the update as for `replica_step`).
     """
     batch, counts = losses_lib.prepared(self._tasks, batch,
                                         self._partial_labels)
@@ -277,7 +283,8 @@ class JointStep:
     plumbing.apply_if(self._optimizer, gradients, shared + own,
                       finite if self._skip_nonfinite else None)
     return (losses, terms.weights, aggregators.conflict_share_from_gram(gram),
-            plumbing.replica_mean(terms.diagnostics), finite)
+            plumbing.replica_mean(terms.diagnostics), finite,
+            self._updated_losses(batch, counts))
 
   # Forward and backward passes: this replica's data, no collective.
 
@@ -379,6 +386,24 @@ class JointStep:
             terms.diagnostics)
 
   # Helpers.
+
+  def _updated_losses(self, batch: Batch,
+                      global_counts: Optional[tf.Tensor]) -> tf.Tensor:
+    """The batch's [T] global losses after the update (FAMO), else zeros.
+
+    One more forward pass on this replica's batch with the updated
+    variables, in inference mode (batch-norm statistics and dropout are
+    left alone), and one [T] all-reduce.
+    """
+    if not self._weighting.needs_updated_losses:
+      return tf.zeros([len(self._tasks)])
+    features, labels = batch
+    outputs = self._model.forward(features, training=False).outputs
+    _, per_task = losses_lib.task_losses(
+        self._tasks, labels, outputs, self._global_batch_size,
+        self._partial_labels, global_counts, check_labels=False)
+    return tf.distribute.get_replica_context().all_reduce(
+        tf.distribute.ReduceOp.SUM, tf.cast(per_task, tf.float32))
 
   def _all_variables(self) -> list[tf.Variable]:
     """Everything the step trains: the model's and learned loss weights."""

@@ -37,7 +37,8 @@ def create(name: str, num_tasks: int, seed: int = 0, **options: Any):
 
 
 def aggregate(name: str, matrix: Any, *, step: int = 0, seed: int = 0,
-              state: Optional[dict[str, Any]] = None, **options: Any
+              state: Optional[dict[str, Any]] = None, losses: Any = None,
+              **options: Any
               ) -> Union[tf.Tensor, tuple[tf.Tensor, dict[str, np.ndarray]]]:
   """The update direction of aggregator `name` for a [T, P] task Jacobian.
 
@@ -51,6 +52,8 @@ def aggregate(name: str, matrix: Any, *, step: int = 0, seed: int = 0,
     seed: The run's seed.
     state: A stateful method's state (its variables by name), as returned
       by an earlier call; None: a fresh one.
+    losses: The [T] task losses, for a method that needs them (MoCo,
+      DB-MTL: `needs_losses`).
     **options: The method's options by their own names, e.g. `c=0.4` for
       CAGrad.
 
@@ -59,16 +62,27 @@ def aggregate(name: str, matrix: Any, *, step: int = 0, seed: int = 0,
     after this step).
 
   Raises:
-    ValueError: For an unknown name or option, or a matrix that is not
-      [T, P].
+    ValueError: For an unknown name or option, a matrix that is not
+      [T, P], or missing or misshapen losses.
   """
   matrix = tf.convert_to_tensor(matrix, tf.float32)
   if matrix.shape.rank != 2 or matrix.shape[0] is None:
     raise ValueError(f"aggregate() needs a [T, P] matrix of task gradients, "
                      f"got shape {matrix.shape}")
-  aggregator = create(name, int(matrix.shape[0]), seed, **options)
+  num_tasks = int(matrix.shape[0])
+  aggregator = create(name, num_tasks, seed, **options)
   registry.assign_state(aggregator, state or {}, f"aggregator {name!r}")
-  direction = aggregator(matrix, tf.constant(step, tf.int64))
+  if aggregator.needs_losses:
+    if losses is None:
+      raise ValueError(f"aggregator {name!r} needs losses, the [T] task "
+                       "losses of the step")
+    losses = tf.convert_to_tensor(losses, tf.float32)
+    if losses.shape != [num_tasks]:
+      raise ValueError(f"aggregate() needs [{num_tasks}] losses, one per "
+                       f"row of the matrix, got shape {losses.shape}")
+  else:
+    losses = None
+  direction = aggregator(matrix, tf.constant(step, tf.int64), losses)
   if not aggregator.variables:
     return direction
   return direction, registry.state_of(aggregator)

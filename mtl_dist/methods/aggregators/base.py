@@ -10,7 +10,8 @@ An aggregator declares what the step must compute for it (`needs`):
 - `SUM`: one backward pass of the weighted loss sum (the Jacobian is never
   formed);
 - `JACOBIAN`: every task's gradient of the shared variables.
-One that also has a Gram-matrix form (`has_gram_form`: its update is
+One that declares `needs_losses` also gets the step's [T] global-batch task
+losses (MoCo, DB-MTL). One that also has a Gram-matrix form (`has_gram_form`: its update is
 sum_i a_i g_i with coefficients a that depend only on G G^T) can run from
 task gradients at the shared representation instead (`--rep_grad`, the
 MGDA-UB form), through `gram_coefficients`.
@@ -18,11 +19,12 @@ MGDA-UB form), through `gram_coefficients`.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import tensorflow as tf
 
 from mtl_dist.methods import registry
+from mtl_dist.methods import state
 
 SUM = "sum"
 JACOBIAN = "jacobian"
@@ -47,6 +49,9 @@ class Aggregator(tf.Module):
   summary: ClassVar[str]  # A few words for --helpfull.
   needs: ClassVar[str] = JACOBIAN
   has_gram_form: ClassVar[bool] = False
+  # Whether `__call__` needs the step's [T] global-batch losses (the
+  # unweighted task losses; a Gram form never gets them).
+  needs_losses: ClassVar[bool] = False
   options: ClassVar[tuple[registry.Option, ...]] = ()
 
   def __init__(self, num_tasks: int, seed: int = 0):
@@ -65,12 +70,18 @@ class Aggregator(tf.Module):
     return tf.stack([tf.constant(self.seed, tf.int64),
                      tf.cast(step, tf.int64)])
 
-  def __call__(self, jacobian: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
+  def __call__(self, jacobian: tf.Tensor, step: tf.Tensor,
+               losses: Optional[tf.Tensor] = None) -> tf.Tensor:
     """The [P] update direction from the [T, P] global task Jacobian.
+
+    A method with state updates it here, and only where `inputs_finite` of
+    its inputs holds (a step the trainer skips must not move it).
 
     Args:
       jacobian: [T, P] task gradients, summed over replicas.
       step: The int64 global step (0-based) of this update.
+      losses: With `needs_losses`, the step's [T] global-batch task losses;
+        else None.
     """
     raise NotImplementedError(f"{type(self).__name__} defines no update")
 
@@ -87,7 +98,9 @@ class GramAggregator(Aggregator):
 
   has_gram_form = True
 
-  def __call__(self, jacobian: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
+  def __call__(self, jacobian: tf.Tensor, step: tf.Tensor,
+               losses: Optional[tf.Tensor] = None) -> tf.Tensor:
+    del losses
     gram = tf.linalg.matmul(jacobian, jacobian, transpose_b=True)
     return tf.linalg.matvec(jacobian, self.gram_coefficients(gram, step),
                             transpose_a=True)
@@ -112,3 +125,9 @@ def conflict_share_from_gram(gram: tf.Tensor) -> tf.Tensor:
 def task_norms(gram: tf.Tensor) -> tf.Tensor:
   """[T] |g_i| from the Gram matrix (rounding negatives count as 0)."""
   return tf.sqrt(tf.maximum(tf.linalg.diag_part(gram), 0.0))
+
+
+# A method's state variables, and keeping them through a skipped step.
+state_variable = state.state_variable
+inputs_finite = state.inputs_finite
+assign_if = state.assign_if

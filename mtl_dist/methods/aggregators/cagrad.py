@@ -10,6 +10,8 @@ Gram matrix, so CAGrad also runs from gradients at the shared representation
 
 from __future__ import annotations
 
+from typing import Optional
+
 import tensorflow as tf
 
 from mtl_dist.methods import registry
@@ -107,7 +109,9 @@ class CAGrad(base.GramAggregator):
     super().__init__(num_tasks, seed)
     self.c = c
 
-  def __call__(self, jacobian: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
+  def __call__(self, jacobian: tf.Tensor, step: tf.Tensor,
+               losses: Optional[tf.Tensor] = None) -> tf.Tensor:
+    del losses
     del step
     return cagrad(jacobian, self.c)
 

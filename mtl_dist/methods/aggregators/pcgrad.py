@@ -8,6 +8,8 @@ run, draws the same ones.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import tensorflow as tf
 
 from mtl_dist.methods import registry
@@ -54,5 +56,7 @@ class PCGrad(base.Aggregator):
   name = "pcgrad"
   summary = "project out conflicts, Yu et al. 2020"
 
-  def __call__(self, jacobian: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
+  def __call__(self, jacobian: tf.Tensor, step: tf.Tensor,
+               losses: Optional[tf.Tensor] = None) -> tf.Tensor:
+    del losses
     return pcgrad(jacobian, self.step_seed(step))

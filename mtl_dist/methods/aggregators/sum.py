@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import tensorflow as tf
 
 from mtl_dist.methods import registry
@@ -21,6 +23,8 @@ class Sum(base.Aggregator):
   summary = "the plain sum"
   needs = base.SUM
 
-  def __call__(self, jacobian: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
+  def __call__(self, jacobian: tf.Tensor, step: tf.Tensor,
+               losses: Optional[tf.Tensor] = None) -> tf.Tensor:
+    del losses
     del step
     return tf.reduce_sum(jacobian, axis=0)

@@ -50,7 +50,7 @@ def loss_weights(
     task_weights: Optional[Sequence[float]] = None,
     task_kinds: Optional[Sequence[str]] = None,
     state: Optional[dict[str, Any]] = None,
-    task_gradients: Any = None, **options: Any
+    task_gradients: Any = None, updated_losses: Any = None, **options: Any
 ) -> Union[tf.Tensor, tuple[tf.Tensor, dict[str, np.ndarray]]]:
   """The [T] weights weighting `name` gives the task losses at `step`.
 
@@ -69,6 +69,8 @@ def loss_weights(
     state: A stateful method's state, as returned by an earlier call.
     task_gradients: gradnorm: the [T, |W|] task gradients at the last
       shared layer W.
+    updated_losses: famo: the [T] losses of the same batch after the
+      step's update.
     **options: The method's options by their own names, e.g. `window=2`
       for DWA.
 
@@ -102,7 +104,16 @@ def loss_weights(
     weighting.replica_update(
         tf.convert_to_tensor(task_gradients, tf.float32), losses,
         tf.ones([num_tasks]))
-  weighting.update(losses)
+  if weighting.needs_updated_losses:
+    if updated_losses is None:
+      raise ValueError(f"weighting {name!r} needs updated_losses, the [T] "
+                       "losses of the same batch after the step's update")
+    updated_losses = tf.convert_to_tensor(updated_losses, tf.float32)
+    if updated_losses.shape != [num_tasks]:
+      raise ValueError(f"loss_weights() needs [{num_tasks}] updated_losses, "
+                       f"got shape {updated_losses.shape}")
+  weighting.update(losses, True, updated_losses
+                   if weighting.needs_updated_losses else None)
   if not weighting.variables:
     return weights
   return weights, registry.state_of(weighting)

@@ -17,7 +17,9 @@ Hooks, each a no-op unless a method needs it:
 - `trainable`: variables the model's optimizer trains with the model;
 - `needs_task_gradients` / `task_gradients` / `replica_update`: methods
   that look at each task's gradient at the last shared layer (GradNorm);
-- `update(losses, applied)`: after a step, with its global losses.
+- `update(losses, applied, updated_losses)`: after a step, with its global
+  losses (and, for `needs_updated_losses`, the same batch's losses after
+  the update: one more forward pass).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import ClassVar, Optional, Protocol, Sequence, Union
 import tensorflow as tf
 
 from mtl_dist.methods import registry
+from mtl_dist.methods import state
 
 CLASSIFICATION = "classification"
 REGRESSION = "regression"
@@ -55,6 +58,9 @@ class LossWeighting(tf.Module):
   # all-reduces them between forward and backward pass: not compilable
   # with --jit_compile).
   needs_losses: ClassVar[bool] = False
+  # Whether `update` needs the losses of the step's batch after its update
+  # (FAMO): the step then runs one more forward pass (training=False).
+  needs_updated_losses: ClassVar[bool] = False
 
   def __init__(self, tasks: Sequence[Task], seed: int = 0):
     """Creates the weighting (subclasses create their state here).
@@ -146,24 +152,19 @@ class LossWeighting(tf.Module):
     """
     del task_gradients, per_task, labelled, applied
 
-  def update(self, losses: tf.Tensor, applied: tf.Tensor = True) -> None:
+  def update(self, losses: tf.Tensor, applied: tf.Tensor = True,
+             updated_losses: Optional[tf.Tensor] = None) -> None:
     """Records a step's global [T] losses (cross-replica context).
 
     Args:
       losses: The step's global-batch task losses.
       applied: Whether the step's update was applied; the losses of a
         skipped step (not finite) are not recorded.
+      updated_losses: With `needs_updated_losses`, the same batch's global
+        losses after the step's update; else None.
     """
-    del losses, applied
+    del losses, applied, updated_losses
 
 
-def state_variable(name: str, shape: Sequence[int],
-                   dtype: tf.DType = tf.float32, initial=0) -> tf.Variable:
-  """A zero-filled (or `initial`) non-trainable state variable.
-
-  Every replica assigns the same global values to it, so the first
-  replica's is kept.
-  """
-  return tf.Variable(tf.fill(shape, tf.cast(initial, dtype)), trainable=False,
-                     name=name,
-                     aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+# A method's state variables (see `methods/state.py`).
+state_variable = state.state_variable

@@ -48,7 +48,9 @@ class DWA(base.LossWeighting):
     return tf.where(self.complete_windows >= 2, dynamic,
                     tf.ones([self.num_tasks]))
 
-  def update(self, losses: tf.Tensor, applied: tf.Tensor = True) -> None:
+  def update(self, losses: tf.Tensor, applied: tf.Tensor = True,
+             updated_losses: Optional[tf.Tensor] = None) -> None:
+    del updated_losses
     applied = tf.convert_to_tensor(applied)
     window_sum = self.window_sum + tf.where(applied, losses, 0.0)
     steps = self.window_steps + tf.cast(applied, self.window_steps.dtype)
