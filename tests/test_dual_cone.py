@@ -1,8 +1,9 @@
 """UPGrad and DualProj (`--aggregator=upgrad|dualproj`): TorchJD's published
 values, exact solutions of their quadratic programs found another way, their
 promised properties on degenerate and badly scaled inputs, and the launcher.
-Training on 1, 2 and 4 replicas, with and without --rep_grad, is checked
-with the other aggregators' in tests/test_aggregation.py."""
+Training on 1, 2 and 4 replicas and on 2 workers, with and without
+--rep_grad, is checked with every method's in
+tests/test_method_distribution.py."""
 
 import itertools
 import json

@@ -1,7 +1,6 @@
 """Loss weighting: formulas against NumPy, replica equality, state."""
 
 import numpy as np
-import pytest
 import tensorflow as tf
 
 from mtl_dist.data import shapes
@@ -49,40 +48,6 @@ def test_dwa_weights_follow_window_loss_ratios():
   # A partial third window does not change the weights yet.
   weighting.update(tf.constant([10.0, 10.0, 10.0]))
   np.testing.assert_allclose(weighting.weights(0), expected, rtol=1e-6)
-
-
-@pytest.mark.parametrize("method", ["uncertainty", "dwa", "gradnorm"])
-@pytest.mark.parametrize("aggregator", ["sum", "pcgrad"])
-def test_weights_are_the_same_on_1_2_and_4_replicas(build_trainer, method,
-                                                    aggregator):
-  tasks = ("shape", "x", "y")
-  single, single_its, _, _ = build_trainer(
-      1, "joint", tasks, weighting=method, dwa_window=2,
-      aggregator=aggregator)
-  initial = single.model.get_weights()
-  single_metrics = single.train(single_its, 7).step_metrics
-  want = [v.numpy() for v in single.weighting.variables]
-  assert want, "no weighting state"
-  for replicas in (2, 4):
-    multi, multi_its, _, _ = build_trainer(
-        replicas, "joint", tasks, weighting=method, dwa_window=2,
-        aggregator=aggregator, initial_weights=initial)
-    multi_metrics = multi.train(multi_its, 7).step_metrics
-    for got, expected in zip(multi.weighting.variables, want):
-      np.testing.assert_allclose(got.numpy(), expected, atol=1e-5)
-    for name in ("shape/weight", "x/weight", "y/weight"):
-      np.testing.assert_allclose(multi_metrics[name], single_metrics[name],
-                                 rtol=1e-5)
-    for got, expected in zip(multi.model.get_weights(),
-                             single.model.get_weights()):
-      np.testing.assert_allclose(got, expected, atol=1e-5)
-  if method == "uncertainty":  # The log-variances were trained.
-    assert np.abs(want[0]).max() > 0
-  elif method == "dwa":  # Three complete windows of 2 steps: dynamic weights.
-    assert int(single.weighting.complete_windows.numpy()) == 3
-  else:  # GradNorm moved the weights and kept their sum at T.
-    weights = single.weighting.task_weights.numpy()
-    assert not np.allclose(weights, 1.0) and abs(weights.sum() - 3) < 1e-4
 
 
 def test_weighting_state_is_checkpointed(build_trainer, tmp_path):
