@@ -119,6 +119,6 @@ class STCH(base.LossWeighting):
     done = count >= self._warmup_steps
     # The nadir is set once, by the warm-up's last recorded step.
     state.assign_if(tf.logical_and(record, done), self.nadir,
-                   total / tf.cast(count, tf.float32))
+                    total / tf.cast(count, tf.float32))
     state.assign_if(record, self.warmup_sum, total)
     state.assign_if(record, self.warmup_count, count)
