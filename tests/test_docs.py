@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from mtl_dist.methods import registry
+
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 README = os.path.join(ROOT, "README.md")
 API_DOC = os.path.join(ROOT, "docs", "api.md")
@@ -83,9 +85,20 @@ def test_every_launcher_flag_is_in_the_flags_doc_table():
   assert len(names) > 40
   table = "".join(line.split("|")[1] for line in open(FLAGS_DOC)
                   if line.startswith("| `--"))
+  # Method options are defined in a loop over the registries.
+  names += [flag for kind in (registry.AGGREGATORS, registry.WEIGHTINGS)
+            for flag, _, _ in kind.options()]
   missing = [name for name in names
              if not re.search(rf"`--(\[no\])?{name}`", table)]
   assert not missing
+
+
+def test_every_method_has_a_row_in_the_methods_doc():
+  text = open(os.path.join(ROOT, "docs", "methods.md")).read()
+  rows = set(re.findall(r"^\| `(\w+)` \|", text, re.MULTILINE))
+  registered = [name for kind in (registry.AGGREGATORS, registry.WEIGHTINGS)
+                for name in kind.names() if not name.startswith("test_")]
+  assert [name for name in registered if name not in rows] == []
 
 
 def _runnable_doc_blocks() -> tuple[list[str], list[str]]:
