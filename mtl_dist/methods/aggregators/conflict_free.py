@@ -20,7 +20,11 @@ the norms n_i = sqrt(M_ii), the cosine matrix C = U U^T = M_ij / (n_i n_j)
 
 The pseudo-inverse keeps the eigenvalues l > l_max * T * 2^-23 (float32's
 epsilon: C comes from a float32 Gram matrix, so smaller ones are its
-rounding).
+rounding). In singular values s of U that drops s <= s_max sqrt(T 2^-23)
+(6e-4 s_max for T = 3), where TorchJD's float32 `torch.linalg.pinv` drops
+s <= s_max max(T, P) 2^-23: unit gradients dependent up to ~1e-3 (a sum of
+two gradients rounded to float32, a near-duplicate) are treated as
+dependent, and d is the least-squares solution.
 
 Degenerate inputs:
 - a zero gradient (n_i = 0 exactly) has no unit vector: as TorchJD's
