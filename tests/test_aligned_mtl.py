@@ -158,6 +158,7 @@ def _degenerate_jacobians():
       "zero": np.zeros((3, 6)),
       "one_zero_task": np.concatenate([base[:2], np.zeros((1, 6))]),
       "duplicated": np.stack([base[0], base[0], base[1]]),
+      "near_duplicate": np.stack([base[0], base[0] * (1 + 1e-6), base[1]]),
       "opposite": np.stack([base[0], -base[0]]),
       "opposite_scaled": np.stack([base[0], -1e3 * base[0], base[1]]),
       "rank_deficient": np.stack([base[0], base[1], base[0] + base[1]]),
