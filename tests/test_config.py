@@ -72,6 +72,8 @@ def test_parse_key_values():
     ({"mode": "alternate", "aggregator": "pcgrad"}, "--aggregator=pcgrad"),
     ({"cagrad_c": 0.3}, "--cagrad_c"),
     ({"aggregator": "cagrad", "cagrad_c": -1.0}, "--cagrad_c=-1.0"),
+    ({"aggregator": "graddrop", "graddrop_leak": 1.5},
+     "--graddrop_leak=1.5: must be <= 1"),
     ({"data_dir": "/d"}, "--data_dir"),
     ({"split": "train[:5%]"}, "--split"),
     ({"download": True}, "--download"),

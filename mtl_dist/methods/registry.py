@@ -30,6 +30,7 @@ class Option:
     help: What it sets, for `--helpfull`.
     minimum: The least allowed value (None: any).
     strict: The value must exceed `minimum` (a "positive" option).
+    maximum: The largest allowed value (None: any).
   """
 
   name: str
@@ -37,12 +38,15 @@ class Option:
   help: str
   minimum: Optional[float] = None
   strict: bool = False
+  maximum: Optional[float] = None
 
   def check(self, flag: str, value: Any) -> None:
     """Raises ConfigError naming `--flag=value` if the value is not allowed."""
     kind = type(self.default)
     if kind is int and (not isinstance(value, int) or isinstance(value, bool)):
       raise errors.ConfigError(f"--{flag}={value}: must be an integer")
+    if self.maximum is not None and not value <= self.maximum:
+      raise errors.ConfigError(f"--{flag}={value}: must be <= {self.maximum:g}")
     if self.minimum is None:
       return
     if self.strict and not value > self.minimum:
