@@ -97,6 +97,7 @@ class AlignedMTL(base.GramAggregator):
 
   name = "aligned_mtl"
   summary = "aligned gradient components, Senushkin et al. 2023"
+  promises = frozenset({base.ORDER_INVARIANT, base.HOMOGENEOUS})
 
   def gram_coefficients(self, gram: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
     del step

@@ -29,6 +29,15 @@ from mtl_dist.methods import state
 SUM = "sum"
 JACOBIAN = "jacobian"
 
+# What an aggregator may promise (`Aggregator.promises`), each checked for
+# every aggregator that declares it by tests/test_aggregator_properties.py:
+# the update does not depend on the order of the tasks (rows) ...
+ORDER_INVARIANT = "order-invariant"
+# ... its inner product with every task gradient is >= 0 ...
+NON_CONFLICTING = "non-conflicting"
+# ... and scaling every gradient by c > 0 scales the update by c.
+HOMOGENEOUS = "homogeneous"
+
 FLOAT32_EPSILON = 2.0**-23
 # |v| / max_i |g_i| below which a combination v of task gradients counts as 0
 # (the residue of a solver, far below any gradient that trains).
@@ -52,6 +61,9 @@ class Aggregator(tf.Module):
   # Whether `__call__` needs the step's [T] global-batch losses (the
   # unweighted task losses; a Gram form never gets them).
   needs_losses: ClassVar[bool] = False
+  # The properties it guarantees on every input (ORDER_INVARIANT, ...), for
+  # a fresh state and one step; docs/methods.md lists them.
+  promises: ClassVar[frozenset[str]] = frozenset()
   options: ClassVar[tuple[registry.Option, ...]] = ()
 
   def __init__(self, num_tasks: int, seed: int = 0):

@@ -101,6 +101,7 @@ class CAGrad(base.GramAggregator):
 
   name = "cagrad"
   summary = "conflict-averse, Liu et al. 2021"
+  promises = frozenset({base.ORDER_INVARIANT, base.HOMOGENEOUS})
   options = (registry.Option(
       "c", 0.5, "c (the update stays within c |g0| / (1 + c^2) of "
       "g0 / (1 + c^2))", minimum=0.0),)

@@ -94,6 +94,7 @@ class ConflictFree(base.GramAggregator):
 
   name = "conflict_free"
   summary = "ConFIG, equal cosine with every task, Liu et al. 2024"
+  promises = frozenset({base.ORDER_INVARIANT, base.HOMOGENEOUS})
 
   def gram_coefficients(self, gram: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
     del step

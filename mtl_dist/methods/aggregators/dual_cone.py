@@ -128,6 +128,8 @@ class DualConeAggregator(base.GramAggregator):
   """
 
   options = (REG_OPTION,)
+  promises = frozenset({
+      base.ORDER_INVARIANT, base.NON_CONFLICTING, base.HOMOGENEOUS})
   weights: ClassVar[Callable[[tf.Tensor, float], tf.Tensor]]
 
   def __init__(self, num_tasks: int, seed: int = 0, reg_eps: float = REG_EPS):

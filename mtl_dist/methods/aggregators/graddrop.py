@@ -75,6 +75,7 @@ class GradDrop(base.Aggregator):
 
   name = "graddrop"
   summary = "gradient sign dropout, Chen et al. 2020"
+  promises = frozenset({base.ORDER_INVARIANT, base.HOMOGENEOUS})
   options = (registry.Option(
       "leak", 0.0, "the rate (in [0, 1]) at which a task's dropped gradient "
       "components still pass", minimum=0.0, maximum=1.0),)

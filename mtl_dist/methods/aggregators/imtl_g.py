@@ -68,6 +68,7 @@ class IMTLG(base.GramAggregator):
 
   name = "imtl_g"
   summary = "equal projections on every task, Liu et al. 2021"
+  promises = frozenset({base.ORDER_INVARIANT, base.HOMOGENEOUS})
 
   def gram_coefficients(self, gram: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
     del step

@@ -46,6 +46,8 @@ class MGDA(base.GramAggregator):
 
   name = "mgda"
   summary = "min-norm point, Sener & Koltun 2018"
+  promises = frozenset({
+      base.ORDER_INVARIANT, base.NON_CONFLICTING, base.HOMOGENEOUS})
 
   def gram_coefficients(self, gram: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
     del step

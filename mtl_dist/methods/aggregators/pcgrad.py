@@ -15,7 +15,6 @@ import tensorflow as tf
 from mtl_dist.methods import registry
 from mtl_dist.methods.aggregators import base
 
-_EPSILON = 1e-12
 
 
 def pcgrad(grads: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
@@ -41,9 +40,12 @@ def pcgrad(grads: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
       j = order[k]
       g_j = tf.gather(grads, j)
       dot = tf.reduce_sum(g_i * g_j)
+      squared_norm = tf.gather(squared_norms, j)
+      # A conflict needs g_j != 0; no floor on |g_j|^2, which would break
+      # the update's scaling for gradients below ~1e-6.
       coefficient = tf.where(
-          dot < 0, dot / tf.maximum(tf.gather(squared_norms, j), _EPSILON),
-          0.0)
+          tf.logical_and(dot < 0, squared_norm > 0),
+          dot / tf.where(squared_norm > 0, squared_norm, 1.0), 0.0)
       g_i = g_i - coefficient * g_j
     projected.append(g_i)
   return tf.add_n(projected)
@@ -55,6 +57,7 @@ class PCGrad(base.Aggregator):
 
   name = "pcgrad"
   summary = "project out conflicts, Yu et al. 2020"
+  promises = frozenset({base.HOMOGENEOUS})
 
   def __call__(self, jacobian: tf.Tensor, step: tf.Tensor,
                losses: Optional[tf.Tensor] = None) -> tf.Tensor:

@@ -21,6 +21,7 @@ class Sum(base.Aggregator):
 
   name = "sum"
   summary = "the plain sum"
+  promises = frozenset({base.ORDER_INVARIANT, base.HOMOGENEOUS})
   needs = base.SUM
 
   def __call__(self, jacobian: tf.Tensor, step: tf.Tensor,
