@@ -36,7 +36,8 @@ def project_to_simplex(values: tf.Tensor) -> tf.Tensor:
   The sort-based algorithm (Held et al. 1974; Duchi et al. 2008): with u
   the values sorted in decreasing order, r the largest j with
   u_j > (sum_{l<=j} u_l - 1) / j, the projection is max(v - theta, 0) for
-  theta = (sum_{l<=r} u_l - 1) / r. Computed in float64.
+  theta = (sum_{l<=r} u_l - 1) / r. Computed in float64, after shifting
+  the largest value to 0.
 
   Args:
     values: [T] finite values.
@@ -45,6 +46,10 @@ def project_to_simplex(values: tf.Tensor) -> tf.Tensor:
     The [T] float64 projection.
   """
   values = tf.cast(values, tf.float64)
+  # The projection ignores shifts along (1, ..., 1). Shifted to a largest
+  # entry of 0, the sums below stay exact however large the values are
+  # (otherwise u_1 - 1 rounds to u_1 above 2^53 and everything to 0).
+  values = values - tf.reduce_max(values)
   ordered = tf.sort(values, direction="DESCENDING")
   partial_sums = tf.cumsum(ordered)
   ranks = tf.range(1, tf.shape(values)[0] + 1, dtype=tf.float64)
