@@ -36,7 +36,8 @@ class _Capture(base.Aggregator):
 
   def __call__(self, jacobian, step, losses=None):
     del step, losses
-    self.seen.assign(jacobian)
+    if self.seen.shape == jacobian.shape:  # Not when other tests train it.
+      self.seen.assign(jacobian)
     return tf.reduce_sum(jacobian, axis=0) / self.sub_batches
 
 
