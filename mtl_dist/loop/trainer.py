@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
+from mtl_dist import errors
 from mtl_dist import tasks as tasks_lib
 from mtl_dist.loop import evaluator
 from mtl_dist.methods import aggregators
@@ -140,8 +141,11 @@ class Trainer:
         update stay outside. Not with `rep_grad`.
 
     Raises:
-      ValueError: For `jit_compile` with `rep_grad`, an unknown method, or
-        an option of a method that is not chosen.
+      ValueError: For `jit_compile` with `rep_grad` or with an aggregator
+        that needs sub-batches, an unknown method, or an option of a
+        method that is not chosen.
+      errors.ConfigError: For a `global_batch_size` not divisible by the
+        aggregator's sub-batches times the replicas.
     """
     self._strategy = strategy
     self.model = model
@@ -188,6 +192,8 @@ class Trainer:
                             for optimizer in self.optimizers.values())
     self.schedule = schedule
     if mode == "joint":
+      _check_sub_batches(self.aggregator, global_batch_size,
+                         strategy.num_replicas_in_sync)
       self._step = joint.JointStep(
           model, self.tasks, shared, global_batch_size, partial_labels,
           aggregator=self.aggregator, weighting=self.weighting,
@@ -339,6 +345,25 @@ class Trainer:
                task_groups: Sequence[Sequence[str]]) -> dict[str, float]:
     """Evaluates on finite distributed datasets; see `Evaluator.evaluate`."""
     return self._evaluator.evaluate(datasets, task_groups)
+
+
+def _check_sub_batches(aggregator: aggregators.base.Aggregator,
+                       global_batch_size: int, replicas: int) -> None:
+  """Refuses a global batch that K sub-batches x the replicas do not divide.
+
+  Sub-batch k holds the examples at global index k mod K; each replica
+  can assign its examples so only when K divides its batch.
+
+  Raises:
+    ConfigError: Naming --global_batch_size, --aggregator and the replicas.
+  """
+  sub_batches = aggregator.sub_batches
+  if sub_batches > 1 and global_batch_size % (sub_batches * replicas):
+    raise errors.ConfigError(
+        f"--global_batch_size={global_batch_size}: --aggregator="
+        f"{aggregator.name} splits the batch into {sub_batches} strided "
+        f"sub-batches, so the global batch must be divisible by "
+        f"{sub_batches} x the {replicas} replica(s) = {sub_batches * replicas}")
 
 
 def _create_methods(tasks: Sequence[tasks_lib.TaskSpec], weighting: str,

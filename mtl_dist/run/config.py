@@ -254,6 +254,19 @@ class TrainConfig(_MethodOptions):
           "--jit_compile cannot be combined with --rep_grad: its step "
           "all-reduces the Gram matrix between two backward passes, which "
           "one compiled function cannot hold")
+    sub_batches = registry.AGGREGATORS.get(self.aggregator).sub_batches
+    if self.mode == "joint" and sub_batches > 1:
+      if self.jit_compile:
+        raise errors.ConfigError(
+            f"--jit_compile cannot be combined with --aggregator="
+            f"{self.aggregator}: its step's {sub_batches} sub-batch "
+            "gradients per task are not supported compiled")
+      if self.global_batch_size % sub_batches:
+        raise errors.ConfigError(
+            f"--global_batch_size={self.global_batch_size}: --aggregator="
+            f"{self.aggregator} splits the batch into {sub_batches} "
+            f"sub-batches, so it must be divisible by {sub_batches} (and by "
+            f"{sub_batches} x the replicas)")
     if (self.jit_compile and self.mode == "joint" and
         registry.WEIGHTINGS.get(self.weighting).needs_losses):
       raise errors.ConfigError(

@@ -7,6 +7,7 @@ from typing import NamedTuple, Optional, Sequence
 import tensorflow as tf
 import tf_keras
 
+from mtl_dist import errors
 from mtl_dist import tasks as tasks_lib
 from mtl_dist.methods import registry
 from mtl_dist.methods.aggregators import base as aggregators
@@ -34,6 +35,9 @@ class _Terms(NamedTuple):
   regularization: tf.Tensor
   objective: tf.Tensor  # Weighted losses plus regularization.
   diagnostics: tf.Tensor  # The model's diagnostics on this replica's batch.
+  # With K > 1 sub-batches: task i's weighted loss share on sub-batch k at
+  # k*T + i (scaled), else empty.
+  sub_batch_weighted: list[tf.Tensor]
 
 
 class JointStep:
@@ -46,7 +50,10 @@ class JointStep:
   all-reduce sums them (and the task variables' gradients) over all
   replicas, every replica aggregates the same global [T, P] matrix, and the
   result is applied with `skip_gradients_aggregation=True`
-  (`aggregated_replica_step`). With `rep_grad` an aggregator with a
+  (`aggregated_replica_step`). An aggregator with `sub_batches` K > 1
+  gets each task's gradient on each of K strided sub-batches of the global
+  batch instead, [K*T, P] (K*T backward passes of the shared variables,
+  still one all-reduce). With `rep_grad` an aggregator with a
   Gram-matrix form gets the Gram matrix of the tasks' gradients at the
   shared representation instead (`rep_grad_replica_step`).
 
@@ -88,7 +95,10 @@ class JointStep:
 
     Raises:
       ValueError: For `rep_grad` with an aggregator without a Gram form,
-        or with `jit_compile`.
+        or with `jit_compile`; `jit_compile` with an aggregator that needs
+        sub-batches.
+      errors.ConfigError: For a `global_batch_size` that the aggregator's
+        sub-batches do not divide.
     """
     if rep_grad and not aggregator.has_gram_form:
       raise ValueError(f"rep_grad needs an aggregator with a Gram-matrix form "
@@ -98,6 +108,15 @@ class JointStep:
       raise ValueError("jit_compile cannot compile rep_grad's step: it "
                        "all-reduces the Gram matrix between its two backward "
                        "passes")
+    sub_batches = aggregator.sub_batches
+    if sub_batches > 1 and jit_compile:
+      raise ValueError(f"jit_compile cannot compile the step of aggregator "
+                       f"{aggregator.name!r}: its {sub_batches} sub-batch "
+                       "gradients per task are not supported compiled")
+    if global_batch_size % sub_batches:
+      raise errors.ConfigError(
+          f"--global_batch_size={global_batch_size}: not divisible by the "
+          f"{sub_batches} sub-batches of --aggregator={aggregator.name}")
     if weighting.needs_losses and jit_compile:
       raise ValueError(f"jit_compile cannot compile the step of weighting "
                        f"{weighting.name!r}: its weights need the step's "
@@ -110,6 +129,7 @@ class JointStep:
     self._global_batch_size = global_batch_size
     self._partial_labels = partial_labels
     self._aggregator = aggregator
+    self._sub_batches = sub_batches
     self._weighting = weighting
     self._scales_losses = precision.scales_losses(optimizer)
     self._sums = aggregator.needs == aggregators.SUM
@@ -197,20 +217,21 @@ class JointStep:
       model's diagnostics averaged over replicas, whether the step was
       applied, the losses after the update as for `replica_step`).
     """
+    sub_batches = self._sub_batches
     batch, counts = losses_lib.prepared(self._tasks, batch,
-                                        self._partial_labels)
+                                        self._partial_labels, sub_batches)
     shared = self._model.shared_variables
     own = self._own_variables()
     local, per_task, weights, weighting_gradients, diagnostics = (
         self._task_pass(batch, counts, step))
     num_tasks = len(self._tasks)
     num_shared = plumbing.size(shared)
+    rows = sub_batches * num_tasks
     # One all-reduce for the task gradients, the rest and the loss shares.
     fused = tf.distribute.get_replica_context().all_reduce(
         tf.distribute.ReduceOp.SUM, tf.concat([local, per_task], axis=0))
-    matrix = tf.reshape(fused[:num_shared * num_tasks],
-                        [num_tasks, num_shared])
-    rest = fused[num_shared * num_tasks:-num_tasks]
+    matrix = tf.reshape(fused[:num_shared * rows], [rows, num_shared])
+    rest = fused[num_shared * rows:-num_tasks]
     losses = fused[-num_tasks:]
     direction = self._aggregator(
         matrix, step, losses if self._aggregator.needs_losses else None)
@@ -224,6 +245,10 @@ class JointStep:
                                       shared)
     plumbing.apply_if(self._optimizer, shared_grads + own_grads, shared + own,
                       finite if self._skip_nonfinite else None)
+    if sub_batches > 1:  # The full batch's: the sub-batch estimates' mean.
+      matrix = tf.reduce_mean(
+          tf.reshape(matrix, [sub_batches, num_tasks, num_shared]), axis=0)
+      counts = None if counts is None else tf.reduce_sum(counts, axis=0)
     return (losses, weights, aggregators.conflict_share(matrix),
             plumbing.replica_mean(diagnostics), finite,
             self._updated_losses(batch, counts))
@@ -289,7 +314,8 @@ class JointStep:
   # Forward and backward passes: this replica's data, no collective.
 
   def _forward(self, batch: Batch, global_counts: Optional[tf.Tensor],
-               step: tf.Tensor, surgery: bool) -> _Terms:
+               step: tf.Tensor, surgery: bool,
+               sub_batch_counts: Optional[tf.Tensor] = None) -> _Terms:
     """The forward pass and every term the backward pass differentiates.
 
     Call inside the tape (persistent when more than the objective is
@@ -302,8 +328,11 @@ class JointStep:
         global batch, else None.
       step: The step, for the weighting.
       surgery: Record the representation and each task's weighted loss
-        (for aggregation); otherwise only the objective, and each task's
-        unweighted loss when the weighting needs task gradients.
+        (for aggregation), on each sub-batch too if the aggregator has
+        K > 1; otherwise only the objective, and each task's unweighted
+        loss when the weighting needs task gradients.
+      sub_batch_counts: Partial labels with K > 1 sub-batches: [K, T]
+        labelled examples of each task in each global sub-batch.
     """
     features, labels = batch
     forward = self._model.forward(features, training=True)
@@ -322,17 +351,25 @@ class JointStep:
     objective = (self._weighting.objective(per_task, step, global_losses) +
                  regularization)
     num_tasks = len(self._tasks)
-    weighted = unweighted = []
+    weighted = unweighted = sub_batch_weighted = []
     if surgery:
       weighted_losses = weights * per_task
       weighted = [self._scaled(weighted_losses[i]) for i in range(num_tasks)]
+    if surgery and self._sub_batches > 1:  # [K, T], flattened k*T + i.
+      sub_batch_losses = tf.reshape(weights * losses_lib.sub_batch_losses(
+          self._tasks, labels, outputs, self._global_batch_size,
+          self._sub_batches, self._partial_labels, sub_batch_counts,
+          check_labels=False), [-1])
+      sub_batch_weighted = [self._scaled(sub_batch_losses[j])
+                            for j in range(self._sub_batches * num_tasks)]
     if surgery or self._weighting.needs_task_gradients:
       unweighted = [self._scaled(per_task[i]) for i in range(num_tasks)]
     return _Terms(representation=forward.representation, per_task=per_task,
                   weights=weights, weighted=weighted, unweighted=unweighted,
                   regularization=self._scaled(regularization),
                   objective=self._scaled(objective),
-                  diagnostics=plumbing.stacked(forward.diagnostics))
+                  diagnostics=plumbing.stacked(forward.diagnostics),
+                  sub_batch_weighted=sub_batch_weighted)
 
   def _sum_backward(self, batch: Batch, global_counts: Optional[tf.Tensor],
                     step: tf.Tensor
@@ -360,6 +397,10 @@ class JointStep:
                                 Optional[tf.Tensor], tf.Tensor]:
     """This replica's forward and backward pass for gradient aggregation.
 
+    With K > 1 sub-batches, `global_counts` are the [K, T] counts of each
+    sub-batch (partial labels), and local has each task's gradient on each
+    sub-batch instead (at k*T + i) of its full-batch one.
+
     Returns:
       (local, per_task, weights, weighting gradients): local concatenates each
       task's flattened gradient of the shared variables, then the flattened
@@ -370,12 +411,22 @@ class JointStep:
     """
     shared = self._model.shared_variables
     own = self._own_variables()
-    with tf.GradientTape(persistent=True) as tape:
-      terms = self._forward(batch, global_counts, step, surgery=True)
+    if self._sub_batches > 1:
+      sub_batch_counts = global_counts
+      if global_counts is not None:
+        global_counts = tf.reduce_sum(global_counts, axis=0)
+      with tf.GradientTape(persistent=True) as tape:
+        terms = self._forward(batch, global_counts, step, surgery=True,
+                              sub_batch_counts=sub_batch_counts)
+      jacobian_terms = terms.sub_batch_weighted
+    else:
+      with tf.GradientTape(persistent=True) as tape:
+        terms = self._forward(batch, global_counts, step, surgery=True)
+      jacobian_terms = terms.weighted
     zero = tf.UnconnectedGradients.ZERO
     task_grads = [plumbing.flatten(tape.gradient(term, shared,
                                                  unconnected_gradients=zero))
-                  for term in terms.weighted]
+                  for term in jacobian_terms]
     rest = plumbing.flatten(
         tape.gradient(terms.objective, own, unconnected_gradients=zero) +
         tape.gradient(terms.regularization, shared,

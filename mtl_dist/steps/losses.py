@@ -68,6 +68,71 @@ def task_losses(tasks: Sequence[tasks_lib.TaskSpec],
   return tf.reduce_sum(weights * per_task), per_task
 
 
+def sub_batch_losses(tasks: Sequence[tasks_lib.TaskSpec],
+                     labels: dict[str, tf.Tensor],
+                     outputs: dict[str, tf.Tensor], global_batch_size: int,
+                     sub_batches: int, partial_labels: bool = False,
+                     global_counts: Optional[tf.Tensor] = None,
+                     check_labels: bool = True) -> tf.Tensor:
+  """This replica's share of each task's mean loss on each sub-batch.
+
+  Example n of this replica's batch belongs to sub-batch n mod K. A
+  replica's batch is a contiguous slice of the global batch, and K divides
+  its size, so this is the example's global index mod K on any number of
+  replicas (strided sub-batches).
+
+  Args:
+    tasks: The tasks.
+    labels: Task name to labels (and optionally `<task>_mask` entries).
+    outputs: Task name to head outputs.
+    global_batch_size: Examples per step over all replicas (K divides it).
+    sub_batches: K.
+    partial_labels: Whether examples may lack labels; then a sub-batch's
+      loss divides by its labelled examples (over all replicas), and is 0
+      without any.
+    global_counts: Partial labels: the [K, T] labelled examples of each
+      task in each global sub-batch (`global_label_counts` with
+      `sub_batches`); None counts them here (one all-reduce).
+    check_labels: Check class labels in-graph; False for labels checked
+      already.
+
+  Returns:
+    [K, T]: entry (k, i) is this replica's share of task i's mean
+    (unweighted) loss on sub-batch k: the sum of its per-example losses
+    there divided by global batch / K (partial labels: by the sub-batch's
+    labelled examples). Summed over replicas, each row estimates the
+    global-batch losses.
+  """
+  if partial_labels and global_counts is None:
+    global_counts = global_label_counts(tasks, labels, sub_batches)
+  columns = []
+  for i, task in enumerate(tasks):
+    if partial_labels:
+      mask = task.label_mask(labels)
+      per_example = mask * task.per_example_loss(
+          task.fill_missing(labels, mask), outputs[task.name],
+          check=check_labels)
+    else:
+      per_example = task.per_example_loss(labels[task.name],
+                                          outputs[task.name],
+                                          check=check_labels)
+    sums = tf.linalg.matvec(_membership(per_example, sub_batches),
+                            per_example, transpose_a=True)
+    if partial_labels:
+      columns.append(sums / tf.maximum(
+          tf.cast(global_counts[:, i], sums.dtype), 1.0))
+    else:
+      columns.append(tf.math.divide_no_nan(
+          sums, tf.constant(global_batch_size / sub_batches, sums.dtype)))
+  return tf.stack(columns, axis=1)
+
+
+def _membership(per_example: tf.Tensor, sub_batches: int) -> tf.Tensor:
+  """[batch, K] one-hot sub-batch of each example: its index mod K."""
+  return tf.one_hot(tf.range(tf.shape(per_example)[0]) % sub_batches,
+                    sub_batches, dtype=per_example.dtype)
+
+
 def average_loss(per_example_loss: tf.Tensor,
                  global_batch_size: int) -> tf.Tensor:
   """This replica's share of the global-batch mean: sum / global batch size.
@@ -108,11 +173,23 @@ def labelled_counts(tasks: Sequence[tasks_lib.TaskSpec], batch: Batch,
 
 
 def global_label_counts(tasks: Sequence[tasks_lib.TaskSpec],
-                        labels: dict[str, tf.Tensor]) -> tf.Tensor:
-  """[T] examples labelled for each task in the global batch (all-reduced)."""
+                        labels: dict[str, tf.Tensor],
+                        sub_batches: int = 1) -> tf.Tensor:
+  """Examples labelled for each task in the global batch (all-reduced).
+
+  Returns:
+    [T]; with `sub_batches` K > 1, [K, T]: row k counts sub-batch k's
+    examples (see `sub_batch_losses`), and the rows sum to the [T] counts.
+  """
+  if sub_batches == 1:
+    local = labelled_counts(tasks, (None, labels), partial_labels=True)
+  else:
+    local = tf.stack([
+        tf.linalg.matvec(_membership(mask, sub_batches), mask,
+                         transpose_a=True)
+        for mask in (task.label_mask(labels) for task in tasks)], axis=1)
   return tf.distribute.get_replica_context().all_reduce(
-      tf.distribute.ReduceOp.SUM,
-      labelled_counts(tasks, (None, labels), partial_labels=True))
+      tf.distribute.ReduceOp.SUM, local)
 
 
 def checked_labels(tasks: Sequence[tasks_lib.TaskSpec],
@@ -137,16 +214,20 @@ def checked_labels(tasks: Sequence[tasks_lib.TaskSpec],
 
 
 def prepared(tasks: Sequence[tasks_lib.TaskSpec], batch: Batch,
-             partial_labels: bool) -> tuple[Batch, Optional[tf.Tensor]]:
+             partial_labels: bool, sub_batches: int = 1
+             ) -> tuple[Batch, Optional[tf.Tensor]]:
   """`batch` with checked labels, and the global label counts.
 
   Returns:
     (batch, counts): counts are the [T] labelled examples of each task in
-    the global batch with partial labels (one all-reduce), else None.
+    the global batch with partial labels (one all-reduce), else None; with
+    `sub_batches` K > 1, [K, T] per sub-batch (summed over axis 0: the [T]
+    counts).
   """
   features, labels = batch
   labels = checked_labels(tasks, labels, partial_labels)
-  counts = (global_label_counts(tasks, labels) if partial_labels else None)
+  counts = (global_label_counts(tasks, labels, sub_batches)
+            if partial_labels else None)
   return (features, labels), counts
 
 

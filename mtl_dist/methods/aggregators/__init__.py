@@ -47,7 +47,9 @@ def aggregate(name: str, matrix: Any, *, step: int = 0, seed: int = 0,
 
   Args:
     name: A registered aggregator, e.g. "mgda", "cagrad", "imtl_g".
-    matrix: [T, P] task gradients (row i: task i's gradient), float32.
+    matrix: [T, P] task gradients (row i: task i's gradient), float32; for
+      a method with `sub_batches` K > 1 (MoDo, SDMGrad), [K*T, P]: row
+      k*T + i is task i's gradient on sub-batch k.
     step: The step number of the draw.
     seed: The run's seed.
     state: A stateful method's state (its variables by name), as returned
@@ -63,13 +65,21 @@ def aggregate(name: str, matrix: Any, *, step: int = 0, seed: int = 0,
 
   Raises:
     ValueError: For an unknown name or option, a matrix that is not
-      [T, P], or missing or misshapen losses.
+      [T, P] (or [K*T, P] with K sub-batches), or missing or misshapen
+      losses.
   """
   matrix = tf.convert_to_tensor(matrix, tf.float32)
   if matrix.shape.rank != 2 or matrix.shape[0] is None:
     raise ValueError(f"aggregate() needs a [T, P] matrix of task gradients, "
                      f"got shape {matrix.shape}")
-  num_tasks = int(matrix.shape[0])
+  sub_batches = registry.AGGREGATORS.get(name).sub_batches
+  if sub_batches > 1 and (matrix.shape[0] == 0 or
+                          matrix.shape[0] % sub_batches):
+    raise ValueError(
+        f"aggregator {name!r} takes {sub_batches} sub-batch gradients per "
+        f"task: a [{sub_batches}T, P] matrix whose row k*T + i is task i's "
+        f"gradient on sub-batch k, got shape {matrix.shape}")
+  num_tasks = int(matrix.shape[0]) // sub_batches
   aggregator = create(name, num_tasks, seed, **options)
   registry.assign_state(aggregator, state or {}, f"aggregator {name!r}")
   if aggregator.needs_losses:

@@ -15,6 +15,20 @@ losses (MoCo, DB-MTL). One that also has a Gram-matrix form (`has_gram_form`: it
 sum_i a_i g_i with coefficients a that depend only on G G^T) can run from
 task gradients at the shared representation instead (`--rep_grad`, the
 MGDA-UB form), through `gram_coefficients`.
+
+An aggregator that needs independent stochastic gradients (MoDo, SDMGrad:
+products of gradients from different samples are unbiased estimates of
+products of expected gradients) declares `sub_batches` K > 1. The step then
+splits the global batch into K sub-batches, the same on any replica count
+(example n of a replica's batch belongs to sub-batch n mod K; each
+replica's batch is a contiguous slice of the global batch whose size K
+divides, so this is the global index mod K), and passes a [K*T, P] matrix:
+row k*T + i is task i's gradient on sub-batch k, each an estimate of the
+full-batch gradient (of the sub-batch's mean loss: its examples' losses
+summed, divided by global batch / K), summed over replicas. The tasks' own
+variables still get the full-batch gradient, and the conflict share is
+taken from the mean of the K estimates. Such an aggregator has no Gram form
+and cannot run with `--jit_compile`.
 """
 
 from __future__ import annotations
@@ -64,6 +78,10 @@ class Aggregator(tf.Module):
   # The properties it guarantees on every input (ORDER_INVARIANT, ...), for
   # a fresh state and one step; docs/methods.md lists them.
   promises: ClassVar[frozenset[str]] = frozenset()
+  # K: how many independent sub-batch gradients of each task `__call__`
+  # gets (a [K*T, P] matrix, row k*T + i: task i on sub-batch k); 1: the
+  # full-batch [T, P] Jacobian.
+  sub_batches: ClassVar[int] = 1
   options: ClassVar[tuple[registry.Option, ...]] = ()
 
   def __init__(self, num_tasks: int, seed: int = 0):
@@ -90,7 +108,9 @@ class Aggregator(tf.Module):
     its inputs holds (a step the trainer skips must not move it).
 
     Args:
-      jacobian: [T, P] task gradients, summed over replicas.
+      jacobian: [T, P] task gradients, summed over replicas; with
+        `sub_batches` K > 1, [K*T, P]: row k*T + i is task i's gradient
+        on sub-batch k (see the module docstring).
       step: The int64 global step (0-based) of this update.
       losses: With `needs_losses`, the step's [T] global-batch task losses;
         else None.
