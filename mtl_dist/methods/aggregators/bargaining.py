@@ -156,7 +156,8 @@ def solve(gram: tf.Tensor, power: float, reg_eps: float = REG_EPS
   y = _newton(matrix, scales, tf.constant(power, tf.float64))
   weights = (active_f * y / relative *
              safe_top**(-2.0 / (1.0 + power)))
-  return tf.where(finite, weights, tf.fill([num_tasks], tf.constant(float("nan"), tf.float64)))
+  nan = tf.constant(float("nan"), tf.float64)
+  return tf.where(finite, weights, tf.fill([num_tasks], nan))
 
 
 def clip_to_norm(coefficients: tf.Tensor, gram: tf.Tensor,
