@@ -25,7 +25,8 @@ every p > 0). `solve` finds it in float64 from the Gram matrix alone:
   matrix), so the matrix solved is always positive definite and the
   solution always exists. On such inputs the weights grow like
   reg_eps^(-1/2) along the vanishing combination while the update stays
-  bounded (for p = 1, |sum_i y_i g_i / |g_i||^2 <= T). Elsewhere the
+  bounded (for p = 1, |sum_i y_i g_i / |g_i||^2 <= T up to the float32
+  rounding of G). Elsewhere the
   ridge adds reg_eps y_i to equation i: a share reg_eps of its terms for
   orthogonal gradients, about 1e-8..1e-7 for p = 1 and up to a few 1e-6
   for p = 2 with norms spanning 1e-3..1e3 (the default 1e-8).
@@ -38,7 +39,9 @@ The solver is damped Newton with a backtracking (Armijo) line search on
 the convex objective, every step kept inside w > 0 (at most 99% of the way
 to the boundary), from the solution of the diagonal part, XLA-compiled,
 stopping when every equation holds to 1e-13 of the size of its terms,
-when no step improves the objective (rounding), or after 100 steps.
+when no step improves the objective (rounding), or after 100 steps (it
+takes 3 to 10 on random gradients with norms spanning 1e-3..1e3, at most
+16 on the degenerate inputs of tests/test_nash_mtl.py).
 """
 
 from __future__ import annotations
