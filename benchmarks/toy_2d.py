@@ -158,8 +158,8 @@ def pareto_set(num: int = 2001) -> np.ndarray:
 
   For x1 in [-7, 7] the two gradients' x1 components have opposite signs,
   so a point is Pareto-stationary where they are parallel: det [g1; g2] = 0
-  (the losses' scale does not move that). That curve, x2 from -8.437 at
-  x1 = +-7 to -8.3565 at x1 = 0, is found by bisection on x2 in [-9.5, -7.5]
+  (the losses' scale does not move that). That curve, x2 from -8.4345 at
+  x1 = +-7 to -8.3551 at x1 = 0, is found by bisection on x2 in [-9.5, -7.5]
   (one sign change there for every x1). The papers draw the straight line
   x2 = -8.3552 instead, which meets the set only near x1 = 0.
 
@@ -375,7 +375,7 @@ def report(results: dict[str, list[Result]], command: str, steps: int,
       "x2 < 0 both losses are tanh(-x2/2) q_i(x) with q_i quadratic, and for "
       "x1 in [-7, 7] their gradients point opposite ways in x1, so the set "
       "is where the two gradients are antiparallel, det [g1; g2] = 0: a curve "
-      "from x2 = -8.437 at x1 = +-7 to x2 = -8.3565 at x1 = 0 "
+      "from x2 = -8.4345 at x1 = +-7 to x2 = -8.3551 at x1 = 0 "
       "(`pareto_set`, bisection in float64; the papers draw the straight "
       "line x2 = -8.3552, which is this curve only near x1 = 0). A run "
       f"**reaches the front** if its last iterate is within {TOLERANCE:g} "
