@@ -387,6 +387,16 @@ def report(results: dict[str, list[Result]], command: str, steps: int,
       "one loss's log term is clamped has that loss's gradient 0 (s = 0) "
       "without being on the front.",
       "",
+  ]
+  if steps < 35000:
+    lines += [
+        f"**{steps} steps is fewer than any paper's (35000 to 100000):** "
+        "a run still moving towards the set (small d, falling s) counts as "
+        "not reached. Re-run with the default `--steps` for the papers' "
+        "length.",
+        "",
+    ]
+  lines += [
       "| aggregator | " + starts + " | reached | the papers |",
       "|---|" + "---|" * (len(STARTS) + 2),
   ]
