@@ -48,7 +48,7 @@ def test_a_sequence_of_steps_matches_the_reference(num_tasks, options):
     np.testing.assert_allclose(got, want, rtol=1e-4,
                                atol=1e-5 * np.abs(want).max())
     np.testing.assert_allclose(state["y"], y, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(state["lambda"], lam, rtol=1e-4)
+    np.testing.assert_allclose(state["lambd"], lam, rtol=1e-4)
     assert state["steps"] == step + 1
   assert not np.allclose(lam, 1.0 / num_tasks)  # The weights moved.
 
@@ -67,7 +67,7 @@ def test_closed_forms():
   got, state = mtl_dist.aggregate("moco", g, losses=losses)
   z = 0.5 - 0.05 * np.array([1.0, 1.0 / 16])
   lam = np.exp(z) / np.exp(z).sum()
-  np.testing.assert_allclose(state["lambda"], lam, rtol=1e-6)
+  np.testing.assert_allclose(state["lambd"], lam, rtol=1e-6)
   np.testing.assert_allclose(got, (h / 2).T @ lam, rtol=1e-6)
   # The second step's sizes decay as 1/sqrt(2): y = h/2 - (0.5/sqrt 2)(h/2 - h)
   # = h (1/2 + 1/(4 sqrt 2)).
@@ -89,7 +89,7 @@ def test_task_order_does_not_matter():
         "moco", grads[perm] * (step + 1), step=step, state=state_p,
         losses=losses[perm])
     np.testing.assert_allclose(permuted, got, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(state_p["lambda"], state["lambda"][perm],
+  np.testing.assert_allclose(state_p["lambd"], state["lambd"][perm],
                              rtol=1e-5)
 
 
@@ -122,7 +122,7 @@ def test_degenerate_inputs_stay_finite_and_match_the_reference(case):
                                     losses=losses)
     want, y, lam = reference(grads, losses, y, lam, step + 1)
     assert np.isfinite(got).all() and np.isfinite(state["y"]).all()
-    assert np.isfinite(state["lambda"]).all()
+    assert np.isfinite(state["lambd"]).all()
     np.testing.assert_allclose(got, want, rtol=1e-4,
                                atol=1e-5 * max(np.abs(want).max(), 1e-30))
 
@@ -139,12 +139,12 @@ def test_non_finite_input_moves_no_state():
                                                  np.float32))):
     _, after = mtl_dist.aggregate("moco", bad_grads, step=1, state=state,
                                   losses=bad_losses)
-    for key in ("y", "lambda", "steps"):
+    for key in ("y", "lambd", "steps"):
       np.testing.assert_array_equal(after[key], state[key])
   # A non-finite first step leaves the fresh state (y still empty).
   _, fresh = mtl_dist.aggregate("moco", broken_grads, losses=losses)
   assert fresh["y"].shape == (3, 0) and fresh["steps"] == 0
-  np.testing.assert_allclose(fresh["lambda"], 1 / 3)
+  np.testing.assert_allclose(fresh["lambd"], 1 / 3)
 
 
 def test_options_and_contract():

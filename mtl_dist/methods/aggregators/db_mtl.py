@@ -22,7 +22,9 @@ LibMTL.
 Row i is the gradient of task i's weighted loss w_i L_i, so h_i is w_i times
 the log gradient; the magnitude balancing (a_i) removes any constant w_i
 again. k counts the applied steps only: a step whose gradients or losses are
-not finite moves no state (b, k). No Gram form: b is per parameter.
+not finite moves no state (b, k). No Gram form: b is per parameter. State:
+`buffer` [T, P] (P taken at the first applied step, see `parameter_state`)
+and `steps` (k - 1).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ Differences from LibMTL, for finite results on degenerate inputs:
 
 beta defaults to the paper's 0.01 (its experiments); LibMTL's default is
 0.5. A step whose gradients are not finite moves no target. No Gram form
-(`--rep_grad`) is offered, as in LibMTL.
+(`--rep_grad`) is offered, as in LibMTL. State: `rho` [T, T].
 """
 
 from __future__ import annotations
@@ -131,12 +131,12 @@ class GradVac(base.Aggregator):
     if beta > 1.0:
       raise ValueError(f"gradvac_beta must be in [0, 1], got {beta}")
     self._beta = beta
-    self.targets = base.state_variable("rho", [num_tasks, num_tasks])
+    self.rho = base.state_variable("rho", [num_tasks, num_tasks])
 
   def __call__(self, jacobian: tf.Tensor, step: tf.Tensor,
                losses: Optional[tf.Tensor] = None) -> tf.Tensor:
     del losses
-    update, targets = gradvac(jacobian, self.targets.value(),
+    update, targets = gradvac(jacobian, self.rho.value(),
                               self.step_seed(step), self._beta)
-    base.assign_if(base.inputs_finite(jacobian), self.targets, targets)
+    base.assign_if(base.inputs_finite(jacobian), self.rho, targets)
     return update

@@ -103,8 +103,8 @@ class MoCo(base.Aggregator):
     super().__init__(num_tasks, seed)
     self._hyper = dict(beta=beta, beta_sigma=beta_sigma, gamma=gamma,
                        gamma_sigma=gamma_sigma, rho=rho)
-    self.tracked = parameter_state.parameter_state_variable("y", num_tasks)
-    self.task_weights = base.state_variable("lambda", [num_tasks],
+    self.y = parameter_state.parameter_state_variable("y", num_tasks)
+    self.lambd = base.state_variable("lambd", [num_tasks],
                                        initial=1.0 / num_tasks)
     self.steps = base.state_variable("steps", [], tf.int64)
 
@@ -116,10 +116,10 @@ class MoCo(base.Aggregator):
     steps = self.steps.value()
     update, tracked, weights = moco_step(
         jacobian, losses,
-        parameter_state.previous(self.tracked, steps > 0, jacobian),
-        self.task_weights.value(), steps + 1, **self._hyper)
+        parameter_state.previous(self.y, steps > 0, jacobian),
+        self.lambd.value(), steps + 1, **self._hyper)
     finite = base.inputs_finite(jacobian, losses)
-    parameter_state.assign_if(finite, self.tracked, tracked)
-    base.assign_if(finite, self.task_weights, weights)
+    parameter_state.assign_if(finite, self.y, tracked)
+    base.assign_if(finite, self.lambd, weights)
     base.assign_if(finite, self.steps, steps + 1)
     return update
