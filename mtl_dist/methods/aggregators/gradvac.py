@@ -43,6 +43,7 @@ from typing import Optional
 
 import tensorflow as tf
 
+from mtl_dist import errors
 from mtl_dist.methods import registry
 from mtl_dist.methods.aggregators import base
 
@@ -128,8 +129,8 @@ class GradVac(base.Aggregator):
 
   def __init__(self, num_tasks: int, seed: int = 0, beta: float = 0.01):
     super().__init__(num_tasks, seed)
-    if beta > 1.0:
-      raise ValueError(f"gradvac_beta must be in [0, 1], got {beta}")
+    if beta > 1.0:  # `Option` has no maximum; the launcher exits 2.
+      raise errors.ConfigError(f"--gradvac_beta={beta}: must be <= 1")
     self._beta = beta
     self.rho = base.state_variable("rho", [num_tasks, num_tasks])
 
