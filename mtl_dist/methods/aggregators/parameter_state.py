@@ -8,10 +8,11 @@ assigns a [T, P] value; checkpoints save and restore the [T, P] value.
 
 Two rules keep this correct inside `tf.function` (and `strategy.run`):
 - whether the variable holds a value is told by the aggregator's count of
-  applied steps, never by the variable's runtime shape: Grappler assumes a
-  resource variable keeps the shape its `assign` gives it ([T, P]) and
-  constant-folds `tf.size` / `tf.shape` of its reads accordingly, so a test
-  like `tf.size(variable) > 0` is folded to True before the first update;
+  applied steps, never by the variable's runtime shape: Grappler can take a
+  resource variable's shape from an `assign` of a statically [T, P] value
+  and constant-fold `tf.size` / `tf.shape` of its reads to it, so a test
+  like `tf.size(variable) > 0` became True before the first update (seen
+  with TF 2.21; eager calls, as in `mtl_dist.aggregate`, are not affected);
 - a skipped (non-finite) step keeps the old value through `tf.cond` rather
   than `tf.where`, as the old value may still be [T, 0].
 The variable, like `base.state_variable`'s, keeps the first replica's value
