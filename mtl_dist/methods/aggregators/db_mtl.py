@@ -70,6 +70,7 @@ class DBMTL(base.Aggregator):
 
   name = "db_mtl"
   summary = "log losses, gradients to equal norms, Lin et al. 2023"
+  promises = frozenset({base.ORDER_INVARIANT})
   needs_losses = True
   options = (
       registry.Option("beta", 0.9, "weight of the old gradient average",

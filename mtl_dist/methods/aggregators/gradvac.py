@@ -123,6 +123,7 @@ class GradVac(base.Aggregator):
 
   name = "gradvac"
   summary = "raise pairwise cosines to their running mean, Wang et al. 2021"
+  promises = frozenset({base.HOMOGENEOUS})
   options = (registry.Option(
       "beta", 0.01, "weight of the new cosine in each pair's target "
       "(moving average; LibMTL's default is 0.5)", minimum=0.0),)

@@ -81,6 +81,7 @@ class MoCo(base.Aggregator):
 
   name = "moco"
   summary = "tracked gradients, softmax weights, Fernando et al. 2023"
+  promises = frozenset({base.ORDER_INVARIANT})
   needs_losses = True
   options = (
       registry.Option("beta", 0.5, "step size of the tracked gradients y",
