@@ -101,7 +101,8 @@ def test_weights_are_the_objectives_gradient():
 
 
 def test_two_task_closed_forms():
-  # Logits 0: z = (1/2, 1/2), w_1 = (1/L_1) / (1/L_1 + 1/L_2) = L_2 / (L_1 + L_2).
+  # Logits 0: z = (1/2, 1/2),
+  # w_1 = (1/L_1) / (1/L_1 + 1/L_2) = L_2 / (L_1 + L_2).
   weights, state = mtl_dist.loss_weights("famo", [1.0, 3.0],
                                          updated_losses=[0.5, 2.7])
   np.testing.assert_allclose(weights, [0.75, 0.25], rtol=1e-6)
@@ -161,11 +162,21 @@ def test_degenerate_losses_stay_finite(losses, updated):
     np.testing.assert_allclose(weights, [1 / 3] * 3, rtol=1e-5)
 
 
-def test_a_negative_loss_gives_finite_weights():
+def test_a_zero_or_negative_loss_gets_no_weight():
+  """Our guard (module doc, (3)): with eps alone a zero loss (a task with no
+  labelled example in the batch) would take weight ~1 and its gradient is
+  zero; it gets 0 and the others the reference's weights among themselves."""
+  weights, _ = mtl_dist.loss_weights("famo", [0.0, 1.0, 3.0],
+                                     updated_losses=[0.0, 0.9, 2.0])
+  np.testing.assert_allclose(weights, [0.0, 0.75, 0.25], rtol=1e-6)
   weights, state = mtl_dist.loss_weights("famo", [-1.0, 1.0],
                                          updated_losses=[-2.0, 0.5])
-  assert np.isfinite(weights).all()
+  np.testing.assert_allclose(weights, [0.0, 1.0])
   assert all(np.isfinite(v).all() for v in state.values())
+  # All zero: the reference's weights, z.
+  weights, _ = mtl_dist.loss_weights("famo", [0.0, 0.0],
+                                     updated_losses=[0.0, 0.0])
+  np.testing.assert_allclose(weights, [0.5, 0.5], rtol=1e-6)
 
 
 class _Task:

@@ -7,7 +7,8 @@ backward pass, i.e. the task losses take the weights
 
   w_i = (z_i / D_i) / sum_j (z_j / D_j)
 
-(they sum to 1, not to T), computed from the step's global losses
+(they sum to 1, not to T; 0 for a zero loss, see (3) below), computed
+from the step's global losses
 (`needs_losses`). After the step's update the same batch's global losses
 L' are measured (`needs_updated_losses`: one more forward pass, inference
 mode) and the logits take one Adam step on
@@ -33,9 +34,14 @@ negative, where this changes nothing). (2) The losses after the update come
 from an inference-mode forward pass (the references rerun the model in
 training mode); the package's models have no batch norm or dropout, so
 only their training-only regularizers (not part of the task losses)
-differ. (3) The official code also clips the model's gradient norm to 1
-(`max_norm`); LibMTL does not, nor do we: that belongs to the optimizer,
-not to the weighting.
+differ. (3) A task whose loss is zero (or negative) gets weight 0, the
+others' weights renormalised, unless every loss is: with eps alone in D_i
+it would take almost all the weight (w_i ~ 1) while its gradient is zero (a
+task with no labelled example in the global batch under partial labels has
+loss 0; a loss at its minimum 0 has a zero gradient), so the step would
+train next to nothing. (4) The official code also clips the model's
+gradient norm to 1 (`max_norm`); LibMTL does not, nor do we: that belongs to
+the optimizer, not to the weighting.
 """
 
 from __future__ import annotations
@@ -70,10 +76,18 @@ def famo_weights(logits: tf.Tensor, losses: tf.Tensor) -> tf.Tensor:
     logits: [T] task logits xi.
     losses: [T] the step's task losses.
 
+  A task whose loss is zero (or below) gets weight 0 while another's is
+  positive (see the module doc).
+
   Returns:
     [T] non-negative weights summing to 1.
   """
   ratios = tf.nn.softmax(logits) / _shifted(losses)
+  # A zero loss (no labelled example in the batch, or a task at its
+  # minimum) has a zero gradient; it would take nearly all the weight.
+  nonzero = tf.cast(losses, tf.float32) > 0.0
+  ratios = tf.where(tf.logical_and(tf.reduce_any(nonzero),
+                                   tf.logical_not(nonzero)), 0.0, ratios)
   return ratios / tf.reduce_sum(ratios)
 
 
