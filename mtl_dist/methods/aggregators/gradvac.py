@@ -126,11 +126,12 @@ class GradVac(base.Aggregator):
   promises = frozenset({base.HOMOGENEOUS})
   options = (registry.Option(
       "beta", 0.01, "weight of the new cosine in each pair's target "
-      "(moving average; LibMTL's default is 0.5)", minimum=0.0),)
+      "(moving average; LibMTL's default is 0.5)", minimum=0.0,
+      maximum=1.0),)
 
   def __init__(self, num_tasks: int, seed: int = 0, beta: float = 0.01):
     super().__init__(num_tasks, seed)
-    if beta > 1.0:  # `Option` has no maximum; the launcher exits 2.
+    if beta > 1.0:  # For the API; the flag check refuses it first.
       raise errors.ConfigError(f"--gradvac_beta={beta}: must be <= 1")
     self._beta = beta
     self.rho = base.state_variable("rho", [num_tasks, num_tasks])
