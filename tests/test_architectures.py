@@ -340,6 +340,40 @@ def test_joint_replicas_equal_one_device(build_trainer, architecture):
   _assert_same_metrics(metrics)
 
 
+# The method families whose hooks reach into the architecture, one of each:
+# an aggregator that needs the losses and keeps [T, P] state (moco) with a
+# weighting that takes gradients at the last shared kernels (excess_mtl);
+# sub-batch gradients (modo) with the losses after the update (famo); a
+# bargaining solver from the Gram matrix (at the representation, where the
+# architecture has one) with a weighting from the global losses (stch).
+METHOD_FAMILIES = (("moco", "excess_mtl"), ("modo", "famo"),
+                   ("nash_mtl", "stch"))
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_every_method_family_trains_on_the_architecture(build_trainer,
+                                                        architecture):
+  for aggregator, weighting in METHOD_FAMILIES:
+    rep_grad = aggregator == "nash_mtl" and model_settings.ArchitectureConfig(
+        architecture=architecture,
+        **(OPTIONS.get(architecture) or {})).has_representation
+    trainer, iterators, _, _ = build_trainer(
+        2, "joint", TRAINED, architecture=architecture,
+        architecture_options=OPTIONS.get(architecture), trunk_width=8,
+        trunk_depth=1, global_batch_size=24, aggregator=aggregator,
+        weighting=weighting, rep_grad=rep_grad,
+        method_options={"stch_warmup_steps": 1})
+    before = _weights(trainer)
+    result = trainer.train(iterators, 3)
+    assert result.skipped.count == 0, (aggregator, weighting)
+    after = _weights(trainer)
+    assert all(np.isfinite(w).all() for w in after)
+    moved = [not np.allclose(a, b) for a, b in zip(after, before)]
+    assert all(moved), (aggregator, weighting, moved)
+    assert all(np.isfinite(v.numpy()).all() for v in
+               trainer.aggregator.variables + trainer.weighting.variables)
+
+
 def _optimizer_slots(optimizer, variables):
   """Adam's m and v of each of `variables` in `optimizer`."""
   slots = []

@@ -173,3 +173,28 @@ def test_doc_shell_blocks_run_as_written(tmp_path):
     for name, value in metrics.items():
       assert abs(records[-1]["metrics"][f"{task}/{name}"] - value) <= (
           1e-5 * max(1.0, abs(value)))
+
+
+def test_the_methods_catalogue_matches_the_registries():
+  text = open(os.path.join(ROOT, "docs", "methods.md")).read()
+  section = text.split("## The catalogue at a glance")[1].split("\n## ")[0]
+  rows = {}
+  for line in section.splitlines():
+    if line.startswith("| `"):
+      cells = [cell.strip() for cell in line.strip("|").split(" | ")]
+      rows[cells[0].strip("`")] = cells
+  for kind, level in ((registry.AGGREGATORS, "aggregator"),
+                      (registry.WEIGHTINGS, "weighting")):
+    for name in kind.names():
+      if name.startswith("test_"):
+        continue
+      cls = kind.get(name)
+      _, row_level, _, _, promises, rep_grad, _, flags = rows.pop(name)
+      assert row_level == level, name
+      if name != "static":  # Its flag is --task_weights.
+        assert set(re.findall(r"`--(\w+)`", flags)) == {
+            f"{name}_{option.name}" for option in cls.options}, name
+      if level == "aggregator":
+        assert set(promises.split(", ")) - {"\u2014"} == set(cls.promises), name
+        assert rep_grad == ("yes" if cls.has_gram_form else "no"), name
+  assert not rows, f"rows of unregistered methods: {sorted(rows)}"

@@ -28,6 +28,15 @@ sorting. Departure: a w that is not finite although the gradients are
 (float32 overflow of GG) keeps the previous w. No Gram form (GG is not
 symmetric), so no `--rep_grad`. The scale's 1e-8 makes the update linear in
 the gradients' scale only where their norms are well above 1e-4.
+
+At LibMTL's learning rate 5 (the official code's 10) the 20 steps do not
+converge: GG's eigenvalues are ~1 to T after the scaling, so each step
+multiplies a deviation by up to |1 - 5 T|, and the projection folds it back
+onto the simplex. w then depends on the float32 rounding of the gradients
+(a 1e-7 relative change of J_xi1 moved w by up to 8e-4 at T = 5), so 1, 2
+and 4 replicas, whose all-reduces round differently, agree only to ~1e-3.
+`--sdmgrad_lr` below ~1/T makes the steps converge and the result exact
+across replicas (tests/test_method_distribution.py uses 0.2).
 """
 
 from __future__ import annotations
@@ -44,7 +53,8 @@ SCALE_EPSILON = 1e-8  # Added to s^2 (LibMTL).
 
 
 def sdmgrad_weights(first: tf.Tensor, second: tf.Tensor, weights: tf.Tensor,
-                    lamda: float, niter: int) -> tf.Tensor:
+                    lamda: float, niter: int,
+                    lr: float = LEARNING_RATE) -> tf.Tensor:
   """SDMGrad's new [T] weights w after `niter` projected momentum steps.
 
   Args:
@@ -53,6 +63,7 @@ def sdmgrad_weights(first: tf.Tensor, second: tf.Tensor, weights: tf.Tensor,
     weights: The current w, [T] on the simplex.
     lamda: Weight of the mean gradient's direction.
     niter: Projected SGD steps.
+    lr: Their learning rate.
 
   Returns:
     The float32 [T] weights.
@@ -67,7 +78,7 @@ def sdmgrad_weights(first: tf.Tensor, second: tf.Tensor, weights: tf.Tensor,
   def body(i, w, buffer):
     gradient = tf.linalg.matvec(product, w) + toward_mean
     buffer = MOMENTUM * buffer + gradient
-    return i + 1, modo.project_to_simplex(w - LEARNING_RATE * buffer), buffer
+    return i + 1, modo.project_to_simplex(w - lr * buffer), buffer
 
   w = tf.cast(weights, tf.float64)
   _, w, _ = tf.while_loop(lambda i, w, buffer: i < niter, body,
@@ -95,10 +106,13 @@ class SDMGrad(base.Aggregator):
                       "direction (the paper's lambda)", minimum=0.0),
       registry.Option("niter", 20, "projected SGD steps of the weights per "
                       "step", minimum=1),
+      registry.Option("lr", LEARNING_RATE, "learning rate of those steps "
+                      "(LibMTL's 5; below ~1/T they converge, see the "
+                      "module docstring)", minimum=0.0, strict=True),
   )
 
   def __init__(self, num_tasks: int, seed: int = 0, lamda: float = 0.3,
-               niter: int = 20):
+               niter: int = 20, lr: float = LEARNING_RATE):
     """Creates the aggregator; w starts at 1/T.
 
     Args:
@@ -106,10 +120,12 @@ class SDMGrad(base.Aggregator):
       seed: Unused (SDMGrad draws nothing).
       lamda: Weight of the mean gradient's direction.
       niter: Projected SGD steps of w per step.
+      lr: Their learning rate.
     """
     super().__init__(num_tasks, seed)
     self.lamda = lamda
     self.niter = niter
+    self.lr = lr
     self.weights = base.state_variable("weights", [num_tasks],
                                        initial=1.0 / num_tasks)
 
@@ -118,7 +134,8 @@ class SDMGrad(base.Aggregator):
     del step, losses
     zeta, first, second = modo.split_sub_batches(jacobian, 3, self.num_tasks)
     previous = self.weights.value()
-    new = sdmgrad_weights(first, second, previous, self.lamda, self.niter)
+    new = sdmgrad_weights(first, second, previous, self.lamda, self.niter,
+                          self.lr)
     new = tf.where(base.inputs_finite(new), new, previous)
     base.assign_if(base.inputs_finite(jacobian), self.weights, new)
     return sdmgrad_update(zeta, new, self.lamda)
