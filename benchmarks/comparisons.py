@@ -409,6 +409,14 @@ _METHOD_TASKS = (2, 5, 10)
 _QUICK_METHOD_TASKS = (2, 5)
 _REP_GRAD_TASKS = (40,)
 _REP_GRAD = " --rep_grad"
+# Steps per segment: at _METHOD_TASKS; at _REP_GRAD_TASKS, where a --rep_grad
+# step takes 15 (MGDA) to 2,000 (UPGrad: 3.2 s on 2 cores) times `sum`'s; in
+# --quick mode, where start-up (tracing a step per method) is most of the
+# time. Fewer steps than STEPS_PER_LOOP make a segment one loop call of
+# that many steps.
+_METHOD_STEPS = 200
+_REP_GRAD_STEPS = 10
+_QUICK_METHOD_STEPS = 10
 
 
 def _method_rows() -> list[tuple[str, dict]]:
@@ -492,7 +500,6 @@ def methods(settings: harness.Settings,
   strategy = make_strategy(1)
   rows = _method_rows()
   size = _methods_size(rows)
-  steps = settings.steps(500, STEPS_PER_LOOP)
   task_counts = _QUICK_METHOD_TASKS if settings.quick else (
       _METHOD_TASKS + _REP_GRAD_TASKS)
   baseline = rows[0][0]
@@ -500,12 +507,16 @@ def methods(settings: harness.Settings,
   model = None
   for num_tasks in task_counts:
     tasks, source = _method_data(settings, num_tasks)
+    every_method = num_tasks in _METHOD_TASKS
+    steps = settings.steps(
+        _METHOD_STEPS if every_method else _REP_GRAD_STEPS,
+        _QUICK_METHOD_STEPS)
+    steps_per_loop = min(steps, STEPS_PER_LOOP)
     chosen = [(name, kwargs) for name, kwargs in rows
-              if name == baseline or kwargs.get("rep_grad") or
-              num_tasks in _METHOD_TASKS]
+              if name == baseline or kwargs.get("rep_grad") or every_method]
     rivals = [contenders_lib.TrainerContender(
         name, strategy, tasks, [source], (32, 32, 1), size,
-        steps_per_loop=STEPS_PER_LOOP, trainer_kwargs=kwargs)
+        steps_per_loop=steps_per_loop, trainer_kwargs=kwargs)
               for name, kwargs in chosen]
     _log(f"T = {num_tasks} tasks, {len(rivals)} methods, {size.describe()}, "
          f"{steps} steps per segment")
@@ -524,22 +535,32 @@ def methods(settings: harness.Settings,
   columns = [f"T = {n}" for n in task_counts]
   summary = harness.ratio_matrix("method", [name for name, _ in rows[1:]],
                                  columns, cells)
-  measured = ", ".join(str(n) for n in task_counts)
+  if settings.quick:
+    measured = (f"T = {', '.join(str(n) for n in task_counts)} tasks "
+                f"(--quick: these T only, segments of one loop call of "
+                f"{_QUICK_METHOD_STEPS} steps; the full run adds T = "
+                f"{', '.join(str(n) for n in _METHOD_TASKS[2:])}, and "
+                f"T = {', '.join(str(n) for n in _REP_GRAD_TASKS)} for the "
+                "--rep_grad rows)")
+  else:
+    measured = (f"T = {', '.join(str(n) for n in _METHOD_TASKS)} tasks, "
+                f"{_METHOD_STEPS} steps per segment, and the --rep_grad "
+                f"rows also at T = "
+                f"{', '.join(str(n) for n in _REP_GRAD_TASKS)}, "
+                f"{_REP_GRAD_STEPS} steps per segment ({STEPS_PER_LOOP} "
+                "steps per loop call, or fewer in one call)")
   return harness.Section(
       "methods", "6. Cost of the weighting and aggregation methods",
-      "Joint mode, one device, "
-      f"{size.describe()}, every registered method at T = {measured} tasks"
-      + (" (--quick: T = 2 and 5 only, one loop call per segment; the full "
-         f"run adds T = 10, and T = 40 for the --rep_grad rows)"
-         if settings.quick else " (T = 40 for the --rep_grad rows only)") +
-      ". At T = 5 the tasks are the shapes dataset's; at other T, one-output "
-      "regressions of 32x32x1 normal inputs (labels: a fixed random linear "
-      "map), the same trunk. Each cell is a method's step time relative to "
-      f"`{baseline}` (static weights, summed gradients) at the same T: the "
-      "median over repetitions of paired ratios and their range (higher is "
-      "slower; not targets). A weighting runs with `sum`, an aggregator with "
-      "static weights; \"X --rep_grad\" takes the tasks' gradients at the "
-      "trunk's output instead (aggregators with a Gram-matrix form).",
+      f"Joint mode, one device, {size.describe()}, every registered method "
+      f"at {measured}. At T = 5 the tasks are the shapes dataset's; at "
+      "other T, one-output regressions of 32x32x1 normal inputs (labels: a "
+      "fixed random linear map), the same trunk. Each cell is a method's "
+      f"step time relative to `{baseline}` (static weights, summed "
+      "gradients) at the same T: the median over repetitions of paired "
+      "ratios and their range (higher is slower; not targets). A weighting "
+      "runs with `sum`, an aggregator with static weights; \"X --rep_grad\" "
+      "takes the tasks' gradients at the trunk's output instead "
+      "(aggregators with a Gram-matrix form); \"-\": not measured.",
       tables, verdicts, summary=summary,
       notes=_memory_table(model, rows, size))
 
