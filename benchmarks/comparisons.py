@@ -410,7 +410,7 @@ _QUICK_METHOD_TASKS = (2, 5)
 _REP_GRAD_TASKS = (40,)
 _REP_GRAD = " --rep_grad"
 # Steps per segment: at _METHOD_TASKS; at _REP_GRAD_TASKS, where a --rep_grad
-# step takes 15 (MGDA) to 2,000 (UPGrad: 3.2 s on 2 cores) times `sum`'s; in
+# step took 15 (MGDA) to ~600 (UPGrad: 3.2 s on 2 cores) times `sum`'s; in
 # --quick mode, where start-up (tracing a step per method) is most of the
 # time. Fewer steps than STEPS_PER_LOOP make a segment one loop call of
 # that many steps.
