@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import tempfile
 from typing import Callable
@@ -19,9 +20,13 @@ from benchmarks import contenders as contenders_lib
 from benchmarks import harness
 import mtl_dist
 from mtl_dist import data as data_lib
+from mtl_dist import tasks as tasks_lib
 from mtl_dist.data import shapes
 from mtl_dist.data import tfds
+from mtl_dist.methods import registry
+from mtl_dist.methods.aggregators import base as aggregators_base
 from mtl_dist.run import config as config_lib
+from mtl_dist.steps import plumbing
 
 ModelSize = contenders_lib.ModelSize
 Claim = harness.Claim
@@ -396,73 +401,212 @@ def _communication_table(tasks) -> str:
   return "\n".join(lines)
 
 
-# (row name, Trainer keyword arguments).
-_METHODS = (
-    ("sum", {}),
-    ("uncertainty", {"weighting": "uncertainty"}),
-    ("dwa", {"weighting": "dwa"}),
-    ("gradnorm", {"weighting": "gradnorm"}),
-    ("pcgrad", {"aggregator": "pcgrad"}),
-    ("cagrad", {"aggregator": "cagrad"}),
-    ("mgda", {"aggregator": "mgda"}),
-    ("cagrad --rep_grad", {"aggregator": "cagrad", "rep_grad": True}),
-    ("mgda --rep_grad", {"aggregator": "mgda", "rep_grad": True}),
-)
+# Comparison 6 measures every registered method at these task counts (T);
+# --quick at the first two only. Methods with a Gram-matrix form also run
+# with --rep_grad at _REP_GRAD_TASKS, where the others' per-task gradients
+# of the whole trunk would take T backward passes each step.
+_METHOD_TASKS = (2, 5, 10)
+_QUICK_METHOD_TASKS = (2, 5)
+_REP_GRAD_TASKS = (40,)
+_REP_GRAD = " --rep_grad"
+# Steps per segment: at _METHOD_TASKS; at _REP_GRAD_TASKS, where a --rep_grad
+# step took 15 (MGDA) to ~600 (UPGrad: 3.2 s on 2 cores) times `sum`'s; in
+# --quick mode, where start-up (tracing a step per method) is most of the
+# time. Fewer steps than STEPS_PER_LOOP make a segment one loop call of
+# that many steps.
+_METHOD_STEPS = 200
+_REP_GRAD_STEPS = 10
+_QUICK_METHOD_STEPS = 10
+
+
+def _method_rows() -> list[tuple[str, dict]]:
+  """(row name, Trainer keyword arguments) of every registered method.
+
+  From the registries: `sum` (static weights, summed gradients), each other
+  weighting with `sum`, each other aggregator with static weights, then
+  each aggregator with a Gram-matrix form with --rep_grad. Names starting
+  with "test_" (methods the tests register) are left out.
+  """
+  weightings, aggregators = registry.WEIGHTINGS, registry.AGGREGATORS
+
+  def listed(names):
+    return [name for name in names if not name.startswith("test_")]
+
+  rows = [(aggregators.default, {})]
+  rows += [(name, {"weighting": name})
+           for name in listed(weightings.names())
+           if name != weightings.default]
+  rows += [(name, {"aggregator": name})
+           for name in listed(aggregators.names())
+           if name != aggregators.default]
+  rows += [(name + _REP_GRAD, {"aggregator": name, "rep_grad": True})
+           for name in listed(registry.gram_forms())]
+  names = [name for name, _ in rows]
+  duplicated = sorted({name for name in names if names.count(name) > 1})
+  if duplicated:
+    raise ValueError(f"a weighting and an aggregator share the name(s) "
+                     f"{', '.join(duplicated)}")
+  return rows
+
+
+def _sub_batches(kwargs: dict) -> int:
+  """K: the sub-batches the row's aggregator splits each batch into."""
+  if "aggregator" not in kwargs:
+    return 1
+  return getattr(registry.AGGREGATORS.get(kwargs["aggregator"]),
+                 "sub_batches", 1)
+
+
+def _methods_size(rows) -> ModelSize:
+  """DEFAULT, its global batch rounded up to a multiple of every row's
+  sub-batches (one replica), so that all rows train the same batch."""
+  multiple = math.lcm(*(_sub_batches(kwargs) for _, kwargs in rows))
+  batch = -(-DEFAULT.global_batch_size // multiple) * multiple
+  return dataclasses.replace(DEFAULT, global_batch_size=batch)
+
+
+@functools.lru_cache(maxsize=None)
+def _linear_tasks(num_examples: int, num_tasks: int, seed: int = 0):
+  """T one-output regression tasks on 32x32x1 inputs, as arrays.
+
+  Inputs are standard normal; task t's label is a fixed random linear map
+  of them (column t of a [1024, T] matrix of N(0, 1/1024) draws), so every
+  label has unit variance.
+  """
+  rng = np.random.default_rng([seed, num_tasks])
+  features = rng.standard_normal((num_examples, 32, 32, 1), np.float32)
+  mapping = rng.standard_normal((32 * 32, num_tasks)) / 32.0
+  targets = (features.reshape(num_examples, -1) @ mapping).astype(np.float32)
+  tasks = [tasks_lib.TaskSpec(f"t{i}", tasks_lib.REGRESSION, size=1)
+           for i in range(num_tasks)]
+  labels = {task.name: targets[:, i:i + 1] for i, task in enumerate(tasks)}
+  return tasks, features, labels
+
+
+def _method_data(settings: harness.Settings, num_tasks: int):
+  """The tasks and joint source at T tasks: the shapes dataset at its five,
+  else `_linear_tasks`."""
+  if num_tasks == len(shapes.TASKS):
+    return (list(shapes.TASKS),
+            _joint_source(_examples(settings), shapes.TASK_NAMES))
+  tasks, features, labels = _linear_tasks(_examples(settings), num_tasks)
+  return tasks, mtl_dist.source_from_arrays(
+      features, labels, [task.name for task in tasks])
 
 
 def methods(settings: harness.Settings,
             make_strategy: StrategyFactory) -> harness.Section:
   """6: the cost of each weighting and aggregator relative to `sum`."""
-  tasks = list(shapes.TASKS)
   strategy = make_strategy(1)
-  size = DEFAULT
-  steps = settings.steps(1000, 100)
-  source = _joint_source(_examples(settings), shapes.TASK_NAMES)
-  rivals = [contenders_lib.TrainerContender(
-      name, strategy, tasks, [source], (32, 32, 1), size,
-      steps_per_loop=STEPS_PER_LOOP, trainer_kwargs=kwargs)
-            for name, kwargs in _METHODS]
-  _log(f"{size.describe()}, {steps} steps per segment")
-  results = harness.measure(rivals, steps, settings.repeats, log=_log,
-                            warm_up=settings.warm_up)
-  claims = [Claim(f"step time of {name} / sum", name, "sum", invert=True)
-            for name, _ in _METHODS[1:]]
+  rows = _method_rows()
+  size = _methods_size(rows)
+  task_counts = _QUICK_METHOD_TASKS if settings.quick else (
+      _METHOD_TASKS + _REP_GRAD_TASKS)
+  baseline = rows[0][0]
+  tables, verdicts, cells = [], [], {}
+  model = None
+  for num_tasks in task_counts:
+    tasks, source = _method_data(settings, num_tasks)
+    every_method = num_tasks in _METHOD_TASKS
+    steps = settings.steps(
+        _METHOD_STEPS if every_method else _REP_GRAD_STEPS,
+        _QUICK_METHOD_STEPS)
+    steps_per_loop = min(steps, STEPS_PER_LOOP)
+    chosen = [(name, kwargs) for name, kwargs in rows
+              if name == baseline or kwargs.get("rep_grad") or every_method]
+    rivals = [contenders_lib.TrainerContender(
+        name, strategy, tasks, [source], (32, 32, 1), size,
+        steps_per_loop=steps_per_loop, trainer_kwargs=kwargs)
+              for name, kwargs in chosen]
+    _log(f"T = {num_tasks} tasks, {len(rivals)} methods, {size.describe()}, "
+         f"{steps} steps per segment")
+    results = harness.measure(rivals, steps, settings.repeats, log=_log,
+                              warm_up=settings.warm_up)
+    column = f"T = {num_tasks}"
+    tables.append((f"**{column} tasks**", results, "examples/s"))
+    for name, _ in chosen[1:]:
+      verdict = harness.judge(results, Claim(
+          f"{column}: step time of {name} / {baseline}", name, baseline,
+          invert=True))
+      verdicts.append(verdict)
+      cells[name, column] = verdict
+    model = rivals[0].trainer.model
+    del rivals  # Frees the models and traced steps before the next T.
+  columns = [f"T = {n}" for n in task_counts]
+  summary = harness.ratio_matrix("method", [name for name, _ in rows[1:]],
+                                 columns, cells)
+  if settings.quick:
+    measured = (f"T = {', '.join(str(n) for n in task_counts)} tasks "
+                f"(--quick: these T only, segments of one loop call of "
+                f"{_QUICK_METHOD_STEPS} steps; the full run adds T = "
+                f"{', '.join(str(n) for n in _METHOD_TASKS[2:])}, and "
+                f"T = {', '.join(str(n) for n in _REP_GRAD_TASKS)} for the "
+                "--rep_grad rows)")
+  else:
+    measured = (f"T = {', '.join(str(n) for n in _METHOD_TASKS)} tasks, "
+                f"{_METHOD_STEPS} steps per segment, and the --rep_grad "
+                f"rows also at T = "
+                f"{', '.join(str(n) for n in _REP_GRAD_TASKS)}, "
+                f"{_REP_GRAD_STEPS} steps per segment ({STEPS_PER_LOOP} "
+                "steps per loop call, or fewer in one call)")
   return harness.Section(
       "methods", "6. Cost of the weighting and aggregation methods",
-      f"Joint mode, five tasks, {size.describe()}, one device. The ratios "
-      "are step times relative to `sum` with static weights (higher is "
-      "slower; not targets).",
-      [("", results, "examples/s")],
-      [harness.judge(results, claim) for claim in claims],
-      notes=_memory_table(rivals[0], tasks, size))
+      f"Joint mode, one device, {size.describe()}, every registered method "
+      f"at {measured}. At T = 5 the tasks are the shapes dataset's; at "
+      "other T, one-output regressions of 32x32x1 normal inputs (labels: a "
+      "fixed random linear map), the same trunk. Each cell is a method's "
+      f"step time relative to `{baseline}` (static weights, summed "
+      "gradients) at the same T: the median over repetitions of paired "
+      "ratios and their range (higher is slower; not targets). A weighting "
+      "runs with `sum`, an aggregator with static weights; \"X --rep_grad\" "
+      "takes the tasks' gradients at the trunk's output instead "
+      "(aggregators with a Gram-matrix form); \"-\": not measured.",
+      tables, verdicts, summary=summary,
+      notes=_memory_table(model, rows, size))
 
 
-def _memory_table(trainer_contender, tasks, size: ModelSize) -> str:
-  """The extra memory per-task gradients take, by method."""
-  model = trainer_contender.trainer.model
-  trunk = _parameters(model.trunk.trainable_variables)
-  kernel = [v for v in model.trunk.trainable_variables if v.shape.rank >= 2][-1]
-  num_tasks = len(tasks)
+def _memory_table(model, rows, size: ModelSize) -> str:
+  """The extra memory per-task gradients take, by kind of method, per T."""
+  shared = plumbing.size(model.shared_variables)
+  kernel = plumbing.size(tf.nest.flatten(model.last_shared_kernel()))
   per_replica = size.global_batch_size  # One replica here.
-  rows = [
-      ("sum, uncertainty, dwa", "none: one gradient of the weighted sum", 0),
-      ("gradnorm", f"T gradients of the last shared kernel {kernel.shape}",
-       num_tasks * int(np.prod(kernel.shape))),
-      ("pcgrad, cagrad, mgda",
-       "a [T, P_trunk] matrix of task gradients, plus its all-reduced copy",
-       2 * num_tasks * trunk),
-      ("cagrad, mgda with --rep_grad",
-       f"T gradients at the trunk's output, [T, batch per replica, "
-       f"{size.width}]", num_tasks * per_replica * size.width),
-  ]
+  task_counts = _METHOD_TASKS + _REP_GRAD_TASKS
+  kinds = {}  # (what is held, floats per task) -> method names.
+  for name, kwargs in rows:
+    weighting = registry.WEIGHTINGS.get(
+        kwargs.get("weighting", registry.WEIGHTINGS.default))
+    aggregator = registry.AGGREGATORS.get(
+        kwargs.get("aggregator", registry.AGGREGATORS.default))
+    sub_batches = _sub_batches(kwargs)
+    if kwargs.get("rep_grad"):
+      kind = (f"T gradients at the trunk's output, [T, batch per replica, "
+              f"{size.width}]", per_replica * size.width)
+    elif aggregator.needs != aggregators_base.SUM and sub_batches > 1:
+      kind = (f"a [{sub_batches}T, P] matrix of task gradients on "
+              f"{sub_batches} sub-batches, plus its all-reduced copy",
+              2 * sub_batches * shared)
+    elif aggregator.needs != aggregators_base.SUM:
+      kind = ("a [T, P] matrix of task gradients, plus its all-reduced copy",
+              2 * shared)
+    elif weighting.needs_task_gradients:
+      kind = (f"T gradients of the last shared kernel ({kernel:,} floats)",
+              kernel)
+    else:
+      kind = ("none: one gradient of the weighted sum", 0)
+    kinds.setdefault(kind, []).append(name)
   lines = [
-      f"Extra memory of per-task gradients (float32, T = {num_tasks} tasks, "
-      f"P_trunk = {trunk:,} trunk parameters, batch per replica "
-      f"{per_replica}); it grows with T times the trunk, which is what "
-      "--rep_grad avoids:",
-      "", "| method | what is held | extra MB |", "|---|---|---:|"]
-  for name, what, floats in rows:
-    lines.append(f"| {name} | {what} | {4 * floats / 1e6:,.2f} |")
+      "Extra memory of per-task gradients, on paper (float32; P = "
+      f"{shared:,} shared parameters, batch per replica {per_replica}). It "
+      "grows with T times the trunk for the aggregators, which is what "
+      "--rep_grad avoids: its T gradients are the size of the trunk's "
+      "output.",
+      "",
+      "| methods | what is held | " +
+      " | ".join(f"MB at T = {n}" for n in task_counts) + " |",
+      "|---|---|" + "---:|" * len(task_counts)]
+  for (what, floats), names in sorted(kinds.items(), key=lambda k: k[0][1]):
+    lines.append(f"| {', '.join(names)} | {what} | " + " | ".join(
+        f"{4 * n * floats / 1e6:,.2f}" for n in task_counts) + " |")
   return "\n".join(lines)
 
 

@@ -16,7 +16,8 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any, Callable, Optional, Protocol, Sequence, TypeVar
+from typing import (Any, Callable, Mapping, Optional, Protocol, Sequence,
+                    TypeVar)
 
 import numpy as np
 import tensorflow as tf
@@ -186,6 +187,31 @@ def contenders_table(results: Sequence[Measured],
   return "\n".join(lines)
 
 
+def ratio_matrix(corner: str, rows: Sequence[str], columns: Sequence[str],
+                 cells: Mapping[tuple[str, str], Verdict]) -> str:
+  """A Markdown table of ratios, one row and one column per key.
+
+  Args:
+    corner: The header of the row names' column.
+    rows: The row names, in order.
+    columns: The column headers, in order.
+    cells: The verdict at (row, column); a missing one shows as "-".
+
+  Returns:
+    The table; a cell reads "1.30x (1.27-1.41)": the median and its range.
+  """
+  lines = [f"| {corner} | " + " | ".join(columns) + " |",
+           "|---|" + "---:|" * len(columns)]
+  for row in rows:
+    values = []
+    for column in columns:
+      v = cells.get((row, column))
+      values.append("-" if v is None else
+                    f"{v.ratio:.2f}x ({v.low:.2f}-{v.high:.2f})")
+    lines.append(f"| {row} | " + " | ".join(values) + " |")
+  return "\n".join(lines)
+
+
 def verdicts_table(verdicts: Sequence[Verdict]) -> str:
   """A Markdown table of measured ratios against their targets."""
   lines = ["| ratio | measured (min-max) | target | verdict |",
@@ -221,24 +247,42 @@ class Settings:
 
 @dataclasses.dataclass
 class Section:
-  """One comparison's report."""
+  """One comparison's report.
+
+  Attributes:
+    name: The comparison's name (`--comparisons`).
+    title: The Markdown heading.
+    setup: What was measured, and how.
+    tables: (caption, results, unit) of each group of contenders measured
+      together.
+    verdicts: The ratios.
+    notes: Markdown shown last.
+    seconds: How long the comparison took.
+    summary: Markdown shown instead of the contenders' and ratios' tables
+      (for a comparison of many contenders: e.g. a `ratio_matrix`); they
+      stay in `as_dict`.
+  """
 
   name: str
   title: str
   setup: str
-  tables: list[tuple[str, list[Measured], str]]  # (caption, results, unit)
+  tables: list[tuple[str, list[Measured], str]]
   verdicts: list[Verdict]
   notes: str = ""
   seconds: float = 0.0
+  summary: str = ""
 
   def markdown(self) -> str:
     parts = [f"### {self.title}", "", self.setup, ""]
-    for caption, results, unit in self.tables:
-      if caption:
-        parts += [caption, ""]
-      parts += [contenders_table(results, unit), ""]
-    if self.verdicts:
-      parts += [verdicts_table(self.verdicts), ""]
+    if self.summary:
+      parts += [self.summary, ""]
+    else:
+      for caption, results, unit in self.tables:
+        if caption:
+          parts += [caption, ""]
+        parts += [contenders_table(results, unit), ""]
+      if self.verdicts:
+        parts += [verdicts_table(self.verdicts), ""]
     if self.notes:
       parts += [self.notes, ""]
     return "\n".join(parts)

@@ -1,20 +1,27 @@
-"""The GradNorm paper's synthetic benchmark, one row per method.
+"""The GradNorm paper's synthetic benchmark, one row per method, over seeds.
 
 Trains joint mode on `toy_regression` (10 tasks, sigma_i from 1 to 100) with
-every loss weighting and gradient aggregator, then writes a Markdown table of
-each task's test loss divided by sigma_i^2 (so tasks of every scale count
-alike) and says whether GradNorm beats static weights, as in the paper.
+every registered loss weighting (with `sum`) and every registered gradient
+aggregator (with static weights), each over several seeds, then writes a
+Markdown table of each task's test loss divided by sigma_i^2 (so tasks of
+every scale count alike) as mean ± std over the seeds, and says whether
+GradNorm beats static weights beyond the seeds' spread, as the paper
+reports.
 
   python -m benchmarks.toy_regression --output=docs/toy_regression.md
+  python -m benchmarks.toy_regression --seeds=2 --methods=static,gradnorm
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
+from typing import Any, Mapping, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -24,35 +31,68 @@ import numpy as np
 
 import mtl_dist
 from mtl_dist.data import toy_regression
+from mtl_dist.methods import registry
 
-METHODS = (
-    ("static", {}),
-    ("uncertainty", {"weighting": "uncertainty"}),
-    ("dwa", {"weighting": "dwa", "dwa_window": 100}),
-    ("gradnorm", {"weighting": "gradnorm"}),
-    ("pcgrad", {"aggregator": "pcgrad"}),
-    ("cagrad", {"aggregator": "cagrad"}),
-    ("mgda", {"aggregator": "mgda"}),
-)
+GLOBAL_BATCH_SIZE = 100
+# The settings a method runs with here besides its defaults, by row name.
+OVERRIDES: dict[str, dict[str, Any]] = {
+    "dwa": {"dwa_window": 100},  # Its default window of 1 step is noise.
+}
 
 _OUTPUT = flags.DEFINE_string("output", None,
                               "Markdown file to write (default: stdout).")
-_STEPS = flags.DEFINE_integer("train_steps", 3000, "Steps per method.")
-_SEED = flags.DEFINE_integer("seed", 0, "Data and initialisation seed.")
-_METHODS = flags.DEFINE_list("methods", [name for name, _ in METHODS],
-                             "Methods to run.")
+_STEPS = flags.DEFINE_integer("train_steps", 3000, "Steps per run.",
+                              lower_bound=1)
+_SEEDS = flags.DEFINE_integer(
+    "seeds", 5, "Runs per method, with seeds 0 to N-1 (data and "
+    "initialisation).", lower_bound=1)
+_METHODS = flags.DEFINE_list(
+    "methods", None, "Methods to run, by row name (default: every "
+    "registered weighting and aggregator; `static` is static weights with "
+    "`sum`).")
 
 
-def run_method(name: str, changes: dict, model_dir: str, train_steps: int,
+def methods() -> dict[str, dict[str, Any]]:
+  """Every registered method: row name to TrainConfig changes.
+
+  `static` (static weights, summed gradients) first, then every other
+  weighting with `sum`, then every other aggregator with static weights,
+  in the registries' order; each with its `OVERRIDES`. Names starting with
+  "test_" (methods the tests register) are left out.
+  """
+  weightings, aggregators = registry.WEIGHTINGS, registry.AGGREGATORS
+  rows = {weightings.default: {}}
+  rows.update((name, {"weighting": name}) for name in weightings.names()
+              if name != weightings.default)
+  for name in aggregators.names():
+    if name != aggregators.default:
+      if name in rows:
+        raise ValueError(f"a weighting and an aggregator share the name "
+                         f"{name!r}")
+      rows[name] = {"aggregator": name}
+  return {name: {**changes, **OVERRIDES.get(name, {})}
+          for name, changes in rows.items() if not name.startswith("test_")}
+
+
+def global_batch_size(changes: Mapping[str, Any]) -> int:
+  """GLOBAL_BATCH_SIZE, rounded down to a multiple of the aggregator's
+  sub-batches (which must divide it)."""
+  aggregator = registry.AGGREGATORS.get(
+      changes.get("aggregator", registry.AGGREGATORS.default))
+  sub_batches = getattr(aggregator, "sub_batches", 1)
+  return GLOBAL_BATCH_SIZE // sub_batches * sub_batches
+
+
+def run_method(changes: Mapping[str, Any], model_dir: str, train_steps: int,
                seed: int) -> dict:
-  """Trains one method; returns its summary."""
+  """Trains one method with one seed; returns its summary."""
   config = mtl_dist.TrainConfig(
       model_dir=model_dir, dataset="toy_regression", trunk="mlp",
       trunk_depth=4, trunk_width=100, train_examples=8192, eval_examples=2048,
-      global_batch_size=100, learning_rate=1e-3, train_steps=train_steps,
-      steps_per_loop=100, log_every=train_steps, eval_every=train_steps,
-      checkpoint_every=train_steps, seed=seed, **changes)
-  del name
+      global_batch_size=global_batch_size(changes), learning_rate=1e-3,
+      train_steps=train_steps, steps_per_loop=100, log_every=train_steps,
+      eval_every=train_steps, checkpoint_every=train_steps, seed=seed,
+      **changes)
   return mtl_dist.train(config)
 
 
@@ -63,59 +103,150 @@ def normalised_losses(summary: dict) -> np.ndarray:
                                           toy_regression.SIGMAS)])
 
 
-def table(rows: dict[str, np.ndarray], seconds: dict[str, float],
+@dataclasses.dataclass
+class Result:
+  """One method over seeds.
+
+  Attributes:
+    losses: [seeds, tasks] normalised test losses.
+    seconds: Each run's wall time (building, training, evaluating).
+  """
+
+  losses: np.ndarray
+  seconds: list[float]
+
+  @property
+  def means(self) -> np.ndarray:
+    """[seeds] the mean over tasks of each seed's run."""
+    return self.losses.mean(axis=1)
+
+
+def _std(values: Sequence[float]) -> float:
+  """The sample standard deviation (ddof=1); 0 for a single value."""
+  return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _stat(values: Sequence[float], bold: bool = False) -> str:
+  """`mean ± std` to 3 decimals (the mean alone for one seed)."""
+  values = [float(v) for v in values]
+  text = f"{statistics.fmean(values):.3f}"
+  if len(values) > 1:
+    text += f" ± {_std(values):.3f}"
+  return f"**{text}**" if bold else text
+
+
+def gradnorm_sentence(static: Result, gradnorm: Result) -> str:
+  """Whether GradNorm beats static weighting, against the seeds' spread.
+
+  The difference of the mean normalised losses counts when it exceeds the
+  spread, the larger of the two standard deviations over seeds; the
+  sentence also says on how many seeds GradNorm's run was lower (the runs
+  of one seed share data and initialisation).
+  """
+  seeds = len(static.means)
+  mean_static = float(np.mean(static.means))
+  mean_gradnorm = float(np.mean(gradnorm.means))
+  difference = mean_static - mean_gradnorm
+  verdict = "beats" if difference > 0 else "does not beat"
+  text = (f"GradNorm {verdict} static weighting here: mean normalised loss "
+          f"{_stat(gradnorm.means)} against {_stat(static.means)}")
+  if seeds < 2 or len(gradnorm.means) != seeds:
+    return text + (" on one seed, so without a spread to compare the "
+                   "difference with (the paper reports that it beats it).")
+  spread = max(_std(static.means), _std(gradnorm.means))
+  lower = int(np.sum(gradnorm.means < static.means))
+  within = abs(difference) <= spread
+  return text + (
+      f" over {seeds} seeds. The difference, {abs(difference):.3f}, "
+      f"{'is within' if within else 'exceeds'} the seeds' spread "
+      f"({spread:.3f}, the larger standard deviation)"
+      f"{', so it is not a ranking' if within else ''}; GradNorm's run "
+      f"was lower on {lower} of {seeds} seeds. The paper reports that it "
+      "beats static weighting.")
+
+
+def table(results: Mapping[str, Result], changes: Mapping[str, Mapping],
           command: str, train_steps: int) -> str:
   """The Markdown report."""
   tasks = toy_regression.TASK_NAMES
+  seeds = len(next(iter(results.values())).seconds)
   lines = [
       "# GradNorm's synthetic benchmark (`--dataset=toy_regression`)",
       "",
       "Made by `" + command + "` on " +
       f"{platform.machine()} with {os.cpu_count()} CPU cores, "
-      f"{time.strftime('%Y-%m-%d')}.",
+      f"{time.strftime('%Y-%m-%d')}. Written by the script, not by hand.",
       "",
       "Ten regression tasks f_i(x) = sigma_i tanh((B + eps_i) x), sigma_i "
-      "log-spaced from 1 to 100 (see `mtl_dist/data/toy_regression.py`); a shared "
-      "4-layer MLP trunk of width 100, linear heads, Adam 1e-3, global batch "
-      f"100, {train_steps} steps, one replica. Each cell is the task's test "
-      "MSE divided by sigma_i^2, so every task counts alike (lower is "
-      "better; predicting 0 scores about 0.40).",
+      "log-spaced from 1 to 100 (see `mtl_dist/data/toy_regression.py`); a "
+      "shared 4-layer MLP trunk of width 100, linear heads, Adam 1e-3, "
+      f"global batch {GLOBAL_BATCH_SIZE}, {train_steps} steps, one replica. "
+      "Every registered weighting runs with `sum`, every registered "
+      "aggregator with static weights (`static` is both defaults), each "
+      f"with seeds 0 to {seeds - 1} (the seed draws the data and the "
+      "initialisation). Each cell is the task's test MSE divided by "
+      "sigma_i^2, so every task counts alike (lower is better; predicting 0 "
+      "scores about 0.40), as mean ± sample standard deviation over the "
+      "seeds; *mean* is the mean over tasks, taken per seed, then over "
+      "seeds; *seconds* is the mean wall time of one run.",
       "",
       "| method | " + " | ".join(tasks) + " | mean | seconds |",
       "|---|" + "---|" * (len(tasks) + 2),
   ]
-  for method, values in rows.items():
-    lines.append(f"| {method} | " + " | ".join(f"{v:.3f}" for v in values) +
-                 f" | **{values.mean():.3f}** | {seconds[method]:.0f} |")
-  if "static" in rows and "gradnorm" in rows:
-    static, gradnorm = rows["static"].mean(), rows["gradnorm"].mean()
-    verdict = "beats" if gradnorm < static else "does not beat"
-    lines += ["", f"GradNorm {verdict} static weighting here: mean "
-              f"normalised loss {gradnorm:.3f} against {static:.3f} (the "
-              "paper reports that it does)."]
+  for method, result in results.items():
+    cells = [_stat(result.losses[:, i]) for i in range(len(tasks))]
+    lines.append(f"| {method} | " + " | ".join(cells) +
+                 f" | {_stat(result.means, bold=True)} | "
+                 f"{statistics.fmean(result.seconds):.0f} |")
+  notes = []
+  for method in results:
+    settings = dict(changes[method])
+    settings.pop("weighting", None)
+    settings.pop("aggregator", None)
+    batch = global_batch_size(changes[method])
+    if batch != GLOBAL_BATCH_SIZE:
+      settings["global_batch_size"] = f"{batch} (its sub-batches divide it)"
+    if settings:
+      notes.append(f"{method}: " + ", ".join(
+          f"--{key}={value}" for key, value in settings.items()))
+  if notes:
+    lines += ["", "Settings besides the defaults: " + "; ".join(notes) + "."]
+  if "static" in results and "gradnorm" in results:
+    lines += ["", gradnorm_sentence(results["static"], results["gradnorm"])]
   return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str]) -> None:
-  del argv
-  chosen = dict(METHODS)
-  unknown = [m for m in _METHODS.value if m not in chosen]
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  known = methods()
+  chosen = _METHODS.value or list(known)
+  unknown = [m for m in chosen if m not in known]
   if unknown:
-    raise app.UsageError(f"--methods: unknown {', '.join(unknown)}")
-  rows, seconds = {}, {}
+    raise app.UsageError(f"--methods: unknown {', '.join(unknown)} (known: "
+                         f"{', '.join(known)})")
+  seeds = range(_SEEDS.value)
+  results = {}
   with tempfile.TemporaryDirectory() as scratch:
-    for method in _METHODS.value:
-      started = time.perf_counter()
-      summary = run_method(method, chosen[method],
-                           os.path.join(scratch, method), _STEPS.value,
-                           _SEED.value)
-      seconds[method] = time.perf_counter() - started
-      rows[method] = normalised_losses(summary)
-      print(f"{method}: mean normalised loss {rows[method].mean():.4f}",
-            file=sys.stderr)
+    for method in chosen:
+      losses, seconds = [], []
+      for seed in seeds:
+        started = time.perf_counter()
+        summary = run_method(known[method],
+                             os.path.join(scratch, f"{method}_{seed}"),
+                             _STEPS.value, seed)
+        seconds.append(time.perf_counter() - started)
+        losses.append(normalised_losses(summary))
+        print(f"{method}, seed {seed}: mean normalised loss "
+              f"{losses[-1].mean():.4f} in {seconds[-1]:.0f} s",
+              file=sys.stderr, flush=True)
+      results[method] = Result(np.array(losses), seconds)
   command = "python -m benchmarks.toy_regression " + " ".join(
-      f"--{name}={flags.FLAGS[name].value}" for name in ("train_steps", "seed"))
-  report = table(rows, seconds, command, _STEPS.value)
+      f"--{name}={flags.FLAGS[name].value}"
+      for name in ("train_steps", "seeds"))
+  if _METHODS.value:
+    command += f" --methods={','.join(chosen)}"
+  report = table(results, known, command, _STEPS.value)
   if _OUTPUT.value:
     with open(_OUTPUT.value, "w") as f:
       f.write(report)

@@ -12,12 +12,14 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from benchmarks import comparisons
 from benchmarks import contenders
 from benchmarks import harness
 from mtl_dist.data import shapes
+from mtl_dist.methods import registry
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -85,6 +87,57 @@ def test_matmul_flops_of_a_training_step():
   assert len(shapes_of_step) == 2 + 3 * 3
 
 
+def _method(name, gram=False, sub_batches=None):
+  attributes = {"name": name, "has_gram_form": gram}
+  if sub_batches is not None:
+    attributes["sub_batches"] = sub_batches
+  return type(name, (), attributes)
+
+
+def test_method_rows_come_from_the_registries(monkeypatch):
+  weightings = registry.Registry("weighting", ("static", "dwa"))
+  aggregators = registry.Registry("aggregator", ("sum", "pcgrad"))
+  for name in ("static", "dwa", "test_weighting", "famo"):
+    weightings.register(_method(name))
+  for method in (_method("sum"), _method("pcgrad"), _method("mgda", True),
+                 _method("test_gram", True), _method("modo", sub_batches=3)):
+    aggregators.register(method)
+  monkeypatch.setattr(registry, "WEIGHTINGS", weightings)
+  monkeypatch.setattr(registry, "AGGREGATORS", aggregators)
+  rows = comparisons._method_rows()
+  assert rows == [
+      ("sum", {}), ("dwa", {"weighting": "dwa"}),
+      ("famo", {"weighting": "famo"}), ("pcgrad", {"aggregator": "pcgrad"}),
+      ("mgda", {"aggregator": "mgda"}), ("modo", {"aggregator": "modo"}),
+      ("mgda --rep_grad", {"aggregator": "mgda", "rep_grad": True})]
+  # Every row trains the same global batch, which modo's 3 sub-batches
+  # divide; without it, the default model's.
+  assert comparisons._methods_size(rows).global_batch_size == 66
+  assert comparisons._methods_size(rows[:5]) == comparisons.DEFAULT
+
+
+def test_linear_tasks_are_distinct_unit_variance_regressions():
+  tasks, features, labels = comparisons._linear_tasks(512, 3)
+  assert [(t.name, t.kind, t.output_size) for t in tasks] == [
+      (f"t{i}", "regression", 1) for i in range(3)]
+  assert features.shape == (512, 32, 32, 1) and features.dtype == np.float32
+  targets = np.concatenate([labels[t.name] for t in tasks], axis=1)
+  assert targets.shape == (512, 3) and targets.dtype == np.float32
+  assert np.allclose(targets.std(axis=0), 1.0, atol=0.15)
+  assert abs(np.corrcoef(targets.T)[0, 1]) < 0.2  # Different maps.
+  assert comparisons._linear_tasks(512, 3)[1] is features  # Cached.
+
+
+def test_ratio_matrix_shows_each_cell_and_a_dash_where_none():
+  verdict = harness.Verdict(harness.Claim("a", "a", "sum", invert=True),
+                            1.3, 1.27, 1.41)
+  table = harness.ratio_matrix("method", ["a", "b"], ["T = 2", "T = 40"],
+                               {("a", "T = 2"): verdict})
+  assert table.splitlines() == [
+      "| method | T = 2 | T = 40 |", "|---|---:|---:|",
+      "| a | 1.30x (1.27-1.41) | - |", "| b | - | - |"]
+
+
 @pytest.mark.slow
 def test_quick_run_measures_every_comparison_and_updates_the_doc(tmp_path):
   doc = tmp_path / "benchmarks.md"
@@ -114,6 +167,16 @@ def test_quick_run_measures_every_comparison_and_updates_the_doc(tmp_path):
       else:
         assert verdict["outcome"] == (
             "met" if verdict["ratio"] >= verdict["target"] else "missed")
+  # Comparison 6 measures every registered method (as the child process
+  # registers them) at T = 2 and 5 in --quick mode.
+  (methods,) = [s for s in sections if s["name"] == "methods"]
+  rows = [name for name, _ in comparisons._method_rows()]
+  assert [c["name"] for c in methods["contenders"]] == rows * 2
+  assert [v["label"] for v in methods["verdicts"]] == [
+      f"T = {count}: step time of {name} / sum"
+      for count in (2, 5) for name in rows[1:]]
+  assert "| method | T = 2 | T = 5 |" in result.stdout
+  assert "MB at T = 40" in result.stdout
   targets = [v for s in sections for v in s["verdicts"] if v["target"]]
   # --quick measures one model size per comparison: 1(b) twice, 2 at one
   # size x 2 task counts x 2, 3 at one size, 4.

@@ -183,20 +183,49 @@ def test_joint_with_dynamic_weighting(tmp_path, weighting):
   assert any(n.startswith("weighting/") for n in names)
 
 
+def _toy_regression_script(*flags, timeout):
+  return subprocess.run(
+      [sys.executable, "-m", "benchmarks.toy_regression", *flags],
+      capture_output=True, text=True, timeout=timeout,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), check=False,
+      cwd=os.path.join(os.path.dirname(__file__), ".."))
+
+
 def test_toy_regression_table_script_runs(tmp_path):
   """The docs' benchmark script, shortened, still produces its table."""
   output = tmp_path / "table.md"
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-  result = subprocess.run(
-      [sys.executable, "-m", "benchmarks.toy_regression", "--train_steps=20",
-       "--methods=static,gradnorm,pcgrad", f"--output={output}"],
-      capture_output=True, text=True, timeout=300, env=env, check=False,
-      cwd=os.path.join(os.path.dirname(__file__), ".."))
+  result = _toy_regression_script(
+      "--train_steps=20", "--seeds=2", "--methods=static,gradnorm,pcgrad",
+      f"--output={output}", timeout=400)
   assert result.returncode == 0, result.stderr[-3000:]
   text = output.read_text()
-  for row in ("| static |", "| gradnorm |", "| pcgrad |"):
-    assert row in text
-  assert "GradNorm" in text and "static weighting here" in text
+  rows = {line.split(" | ")[0][2:]: line.split(" | ")
+          for line in text.splitlines() if line.startswith("| ")}
+  assert [name for name in rows if name not in ("method", "---|")] == [
+      "static", "gradnorm", "pcgrad"], list(rows)
+  for name in ("static", "gradnorm", "pcgrad"):
+    cells = rows[name]
+    # Ten tasks, the mean and the seconds, each task as mean ± std.
+    assert len(cells) == 13, cells
+    assert all(" ± " in cell for cell in cells[1:12]), cells
+    assert float(cells[12].rstrip(" |")) > 0
+  assert "--seeds=2" in text and "seeds 0 to 1" in text
+  assert "static weighting here" in text and "over 2 seeds" in text
+  assert re.search(r"(exceeds|is within) the seeds' spread", text)
+
+
+def test_toy_regression_script_defaults_to_every_registered_method():
+  from mtl_dist.methods import registry  # pylint: disable=g-import-not-at-top
+  expected = ["static"] + [
+      name for name in (*registry.WEIGHTINGS.names()[1:],
+                        *registry.AGGREGATORS.names()[1:])
+      if not name.startswith("test_")]
+  result = _toy_regression_script("--methods=no_such_method", timeout=120)
+  assert result.returncode != 0
+  known = re.search(r"--methods: unknown no_such_method \(known: ([^)]*)\)",
+                    result.stderr)
+  assert known, result.stderr[-3000:]
+  assert known.group(1).split(", ") == expected
 
 
 # One case per way a launcher error arises; test_config.py checks every
