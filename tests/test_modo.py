@@ -1,7 +1,8 @@
 """MoDo (`--aggregator=modo`) and the simplex projection MoDo and SDMGrad
 share: against NumPy references over several steps of state, an exact
-two-task case, a bisection projection, degenerate inputs, the state
-contract, and training on 1, 2 and 4 replicas."""
+two-task case, a bisection projection, degenerate inputs and the state
+contract (training on 1, 2 and 4 replicas and on 2 workers:
+tests/test_method_distribution.py)."""
 
 import numpy as np
 import pytest
@@ -9,7 +10,6 @@ import tensorflow as tf
 
 import mtl_dist
 from mtl_dist.methods.aggregators import modo
-from test_sub_batches import check_same_on_1_2_and_4_replicas
 
 
 def bisection_projection(values: np.ndarray) -> np.ndarray:
@@ -166,5 +166,3 @@ def test_options_are_checked():
     config.validate()
 
 
-def test_training_is_the_same_on_1_2_and_4_replicas(build_trainer):
-  check_same_on_1_2_and_4_replicas(build_trainer, "modo")

@@ -1,7 +1,8 @@
 """SDMGrad (`--aggregator=sdmgrad`): against a NumPy port of LibMTL's
 SDMGrad over several steps of state, an exact small case, its properties
-(task order, scale), degenerate inputs, the state contract, and training on
-1, 2 and 4 replicas."""
+(task order, scale), degenerate inputs, the state contract and its inner
+rate (training on 1, 2 and 4 replicas and on 2 workers:
+tests/test_method_distribution.py)."""
 
 import numpy as np
 import pytest
@@ -10,7 +11,6 @@ import tensorflow as tf
 import mtl_dist
 from mtl_dist.methods.aggregators import sdmgrad
 from test_modo import bisection_projection
-from test_sub_batches import check_same_on_1_2_and_4_replicas
 
 
 def numpy_sdmgrad(jacobian: np.ndarray, weights: np.ndarray, lamda: float,
@@ -153,10 +153,6 @@ def test_options_are_checked():
                                   **flags)
     with pytest.raises(mtl_dist.ConfigError, match=message):
       config.validate()
-
-
-def test_training_is_the_same_on_1_2_and_4_replicas(build_trainer):
-  check_same_on_1_2_and_4_replicas(build_trainer, "sdmgrad")
 
 
 def test_the_inner_steps_converge_below_a_rate_of_one_over_t():

@@ -49,35 +49,6 @@ def _flat(arrays) -> np.ndarray:
   return np.concatenate([np.asarray(a, np.float64).ravel() for a in arrays])
 
 
-def check_same_on_1_2_and_4_replicas(build_trainer, aggregator: str) -> None:
-  """3 steps of `aggregator` train the same weights and state on 1, 2 and 4
-  replicas (its tests call this)."""
-  # SDMGrad's inner steps at a rate where they converge (at LibMTL's 5 its
-  # weights follow the rounding of the all-reduce: see sdmgrad.py).
-  options = {"sdmgrad_lr": 0.2} if aggregator == "sdmgrad" else {}
-  single, single_its, _, _ = build_trainer(
-      1, "joint", TASKS, aggregator=aggregator, global_batch_size=BATCH,
-      method_options=options)
-  initial = single.model.get_weights()
-  share = single.train(single_its, 3).step_metrics["conflict_share"]
-  assert 0.0 <= share <= 1.0
-  state = single.aggregator.weights.numpy()
-  for replicas in (2, 4):
-    multi, multi_its, _, _ = build_trainer(
-        replicas, "joint", TASKS, aggregator=aggregator,
-        global_batch_size=BATCH, initial_weights=initial,
-        method_options=options)
-    result = multi.train(multi_its, 3)
-    np.testing.assert_allclose(result.step_metrics["conflict_share"], share)
-    np.testing.assert_allclose(multi.aggregator.weights.numpy(), state,
-                               atol=1e-5)
-    for got, want in zip(multi.model.get_weights(),
-                         single.model.get_weights()):
-      np.testing.assert_allclose(got, want, atol=1e-5)
-  assert any(not np.allclose(w, i) for w, i in zip(
-      single.model.get_weights(), initial)), "training changed nothing"
-
-
 def _first_global_batch(features, labels, task_names):
   """The first global batch build_trainer's pipeline serves, in order (read
   on one device, where the replica's batch is the global batch)."""
