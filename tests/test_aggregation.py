@@ -406,3 +406,16 @@ def test_exact_references_agree_with_a_grid_on_three_tasks():
     grads = rng.normal(size=(3, 4))
     np.testing.assert_allclose(_exact_cagrad(grads, 0.5),
                                _numpy_cagrad(grads, 0.5), atol=2e-3)
+
+
+def test_cagrad_where_its_dual_objective_is_zero_at_the_optimum():
+  """Found on the 2-D toy problem (docs/toy_2d.md): the dual's optimum is
+  a vertex where its two terms cancel, f(w*) ~ 0, so a duality gap relative
+  to |f| was never reached and the barrier ran on until rounding gave NaN
+  (was [nan, nan])."""
+  grads = np.array([[11.14419, -9.193356], [-0.04272335, 2.9747345]],
+                   np.float32)
+  got = cagrad_lib.cagrad(tf.constant(grads), 0.5).numpy()
+  np.testing.assert_allclose(got, _exact_cagrad(grads, 0.5), rtol=1e-5)
+  gap, scale = _cagrad_gap(grads, 0.5)
+  assert abs(gap) <= 1e-7 * scale

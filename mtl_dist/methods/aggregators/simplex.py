@@ -72,6 +72,16 @@ def _simplex_barrier(gram: tf.Tensor, linear: tf.Tensor, norm_weight: tf.Tensor,
     return tf.reduce_sum(linear * w) + norm_weight * tf.sqrt(
         squared + _SMOOTHING)
 
+  def objective_size(w):
+    """|f(w)|'s natural size: f itself for |g_w|^2 (>= 0); the sum of the
+    sizes of its two terms for CAGrad's, which can cancel to ~0 at the
+    optimum (a gap relative to |f| would then never be reached)."""
+    if quadratic:
+      return tf.abs(objective(w))
+    squared, _ = objective_parts(w)
+    return tf.abs(tf.reduce_sum(linear * w)) + norm_weight * tf.sqrt(
+        squared + _SMOOTHING)
+
   def barrier(w, t):
     inside = tf.reduce_all(w > 0.0)
     value = t * objective(w) - tf.reduce_sum(
@@ -130,10 +140,15 @@ def _simplex_barrier(gram: tf.Tensor, linear: tf.Tensor, norm_weight: tf.Tensor,
     centred = tf.logical_or(centred, tf.logical_or(
         rate < _SHORTEST_STEP, inner + 1 >= _CENTRING_LIMIT))
     rate = tf.where(rate < _SHORTEST_STEP, tf.zeros_like(rate), rate)
-    w = w + rate * step
-    converged = tf.logical_and(
-        centred, num_tasks / t <= _GAP_RELATIVE * tf.abs(objective(w)) +
-        _GAP_FLOOR)
+    moved = w + rate * step
+    # Rounding at a very large t could still leave the interior: then the
+    # last interior point is the answer.
+    inside = tf.logical_and(tf.reduce_all(tf.math.is_finite(moved)),
+                            tf.reduce_all(moved > 0.0))
+    w = tf.where(inside, moved, w)
+    converged = tf.logical_or(tf.logical_not(inside), tf.logical_and(
+        centred, num_tasks / t <= _GAP_RELATIVE * objective_size(w) +
+        _GAP_FLOOR))
     return (count + 1, tf.where(centred, 0, inner + 1),
             tf.where(centred, t * _BARRIER_GROWTH, t), w, converged)
 
@@ -145,7 +160,9 @@ def _simplex_barrier(gram: tf.Tensor, linear: tf.Tensor, norm_weight: tf.Tensor,
              # Nothing to solve for a non-finite matrix (an overflow the
              # step then skips): return the uniform weights at once.
              tf.logical_not(tf.reduce_all(tf.math.is_finite(gram)))))
-  return weights, count
+  # Newton steps keep sum(w) = 1 up to rounding, which accumulates (1e-6
+  # after a hundred ill-conditioned steps): back onto the simplex.
+  return weights / tf.reduce_sum(weights), count
 
 
 def simplex_barrier(gram: tf.Tensor, linear: tf.Tensor, norm_weight: tf.Tensor,
@@ -157,7 +174,9 @@ def simplex_barrier(gram: tf.Tensor, linear: tf.Tensor, norm_weight: tf.Tensor,
   M = G G^T. A log-barrier interior-point method in float64: Newton steps
   with backtracking for t f(w) - sum_i log w_i on {sum w = 1}, t growing
   10x after each centring, until the bound T / t on f(w) - f* is below
-  1e-12 |f(w)| + 1e-17 (M scaled to a largest diagonal entry of 1), or
+  1e-12 of f's size (|f(w)| for MGDA, |linear . w| + norm_weight |g_w| for
+  CAGrad, whose two terms can cancel) + 1e-17 (M scaled to a largest
+  diagonal entry of 1), or
   until float64 rounding stops progress (then the bound is a heuristic);
   at most 200 Newton steps. Badly scaled tasks cost more steps (norms
   spanning 1e-3 to 1e3: 130 to 175) than equal ones (30 to 120), not less
