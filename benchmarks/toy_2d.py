@@ -439,6 +439,15 @@ def report(results: dict[str, list[Result]], command: str, steps: int,
       "`toy.py` by 1 + c); and the gradients come from TensorFlow, where "
       "`tf.maximum` passes the gradient at a tie as `torch.clamp` does.",
       "",
+      "The methods given the losses assume positive ones, as training "
+      "losses are: MoCo multiplies each unit gradient by its loss and "
+      "DB-MTL follows the gradients of log L_i (its losses floored at 0). "
+      "This problem's losses are negative over most of the plane (down to "
+      "-20 at the front), where MoCo's tracked gradients point uphill for "
+      "the task whose loss is negative and DB-MTL's logarithm is of the "
+      "floor; their rows show the methods outside their assumptions, not "
+      "their behaviour on training losses.",
+      "",
   ]
   return "\n".join(lines)
 
