@@ -15,6 +15,7 @@ reports.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import platform
 import statistics
@@ -50,6 +51,12 @@ _METHODS = flags.DEFINE_list(
     "methods", None, "Methods to run, by row name (default: every "
     "registered weighting and aggregator; `static` is static weights with "
     "`sum`).")
+_RESULTS = flags.DEFINE_string(
+    "results", None, "Also write the runs' raw results to this JSON file, "
+    "for --merge (to split the methods over several processes).")
+_MERGE = flags.DEFINE_list(
+    "merge", None, "Run nothing: write the report of these --results "
+    "files together, in the registries' order.")
 
 
 def methods() -> dict[str, dict[str, Any]]:
@@ -225,6 +232,9 @@ def main(argv: list[str]) -> None:
   if unknown:
     raise app.UsageError(f"--methods: unknown {', '.join(unknown)} (known: "
                          f"{', '.join(known)})")
+  if _MERGE.value:
+    _write(*_merged(_MERGE.value, known), known)
+    return
   seeds = range(_SEEDS.value)
   results = {}
   with tempfile.TemporaryDirectory() as scratch:
@@ -246,7 +256,39 @@ def main(argv: list[str]) -> None:
       for name in ("train_steps", "seeds"))
   if _METHODS.value:
     command += f" --methods={','.join(chosen)}"
-  report = table(results, known, command, _STEPS.value)
+  if _RESULTS.value:
+    with open(_RESULTS.value, "w") as f:
+      json.dump({"command": command, "train_steps": _STEPS.value,
+                 "results": {method: {"losses": result.losses.tolist(),
+                                      "seconds": result.seconds}
+                             for method, result in results.items()}}, f)
+  _write(results, command, _STEPS.value, known)
+
+
+def _merged(paths: Sequence[str], known: Mapping[str, Any]
+            ) -> tuple[dict[str, Result], str, int]:
+  """The results of several --results files, in `known`'s order."""
+  results, commands, steps = {}, [], set()
+  for path in paths:
+    with open(path) as f:
+      part = json.load(f)
+    commands.append(part["command"])
+    steps.add(part["train_steps"])
+    for method, result in part["results"].items():
+      results[method] = Result(np.array(result["losses"]), result["seconds"])
+  if len(steps) != 1:
+    raise app.UsageError(f"--merge: the files ran different --train_steps "
+                         f"({sorted(steps)})")
+  ordered = {method: results[method] for method in known if method in results}
+  command = ("`, `".join(commands) + "` side by side with `--results`, "
+             "then `python -m benchmarks.toy_regression --merge=...")
+  return ordered, command, steps.pop()
+
+
+def _write(results: Mapping[str, Result], command: str, train_steps: int,
+           known: Mapping[str, Any]) -> None:
+  """Writes the report to --output (default: stdout)."""
+  report = table(results, known, command, train_steps)
   if _OUTPUT.value:
     with open(_OUTPUT.value, "w") as f:
       f.write(report)

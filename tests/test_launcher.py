@@ -194,11 +194,27 @@ def _toy_regression_script(*flags, timeout):
 def test_toy_regression_table_script_runs(tmp_path):
   """The docs' benchmark script, shortened, still produces its table."""
   output = tmp_path / "table.md"
+  results = tmp_path / "part.json"
   result = _toy_regression_script(
       "--train_steps=20", "--seeds=2", "--methods=static,gradnorm,pcgrad",
-      f"--output={output}", timeout=400)
+      f"--output={output}", f"--results={results}", timeout=400)
   assert result.returncode == 0, result.stderr[-3000:]
   text = output.read_text()
+  # A second part, run elsewhere, merges into one table in registry order.
+  other = tmp_path / "other.json"
+  other.write_text(json.dumps({
+      "command": "part two", "train_steps": 20,
+      "results": {"mgda": {"losses": [[0.3] * 10, [0.5] * 10],
+                           "seconds": [1.0, 3.0]}}}))
+  merged = tmp_path / "merged.md"
+  result = _toy_regression_script(f"--merge={other},{results}",
+                                  f"--output={merged}", timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  merged_rows = [line.split(" | ")[0][2:] for line in
+                 merged.read_text().splitlines() if line.startswith("| ")]
+  assert merged_rows[1:] == ["static", "gradnorm", "pcgrad", "mgda"]
+  assert "| mgda | 0.400 ± 0.141 |" in merged.read_text()
+  assert "part two" in merged.read_text()
   rows = {line.split(" | ")[0][2:]: line.split(" | ")
           for line in text.splitlines() if line.startswith("| ")}
   assert [name for name in rows if name not in ("method", "---|")] == [
