@@ -55,3 +55,49 @@ def test_a_stateless_method_returns_the_update_alone():
   got = mtl_dist.aggregate("sum", np.ones((2, 3), np.float32))
   assert isinstance(got, tf.Tensor)
   np.testing.assert_allclose(got, [2.0, 2.0, 2.0])
+
+
+class _CountingNan(base.Aggregator):
+  """Counts its calls in its state and returns a NaN update."""
+
+  name = "test_counting_nan"
+  summary = "a test aggregator"
+
+  def __init__(self, num_tasks: int, seed: int = 0):
+    super().__init__(num_tasks, seed)
+    self.calls = base.state_variable("calls", [])
+
+  def __call__(self, jacobian: tf.Tensor, step: tf.Tensor,
+               losses=None) -> tf.Tensor:
+    del step, losses
+    base.assign_if(base.inputs_finite(jacobian), self.calls, self.calls + 1)
+    return tf.fill([jacobian.shape[1]], float("nan"))
+
+
+if _CountingNan.name not in registry.AGGREGATORS.names():
+  registry.AGGREGATORS.register(_CountingNan)
+
+
+def test_a_step_the_trainer_skips_leaves_the_aggregator_state_alone(
+    build_trainer):
+  """Its inputs are finite, so the method moves its state; the step skips
+  (the update is NaN), and puts the state back."""
+  trainer, iterators, _, _ = build_trainer(2, "joint", ("shape", "x"),
+                                           aggregator=_CountingNan.name)
+  before = [w.copy() for w in trainer.model.get_weights()]
+  result = trainer.train(iterators, 2)
+  assert result.skipped.count == 2
+  assert float(trainer.aggregator.calls.numpy()) == 0.0
+  for got, want in zip(trainer.model.get_weights(), before):
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("name, options, flag", [
+    ("cagrad", {"c": -1.0}, "--cagrad_c=-1.0"),
+    ("graddrop", {"leak": 2.0}, "--graddrop_leak=2.0"),
+    ("nash_mtl", {"update_every": 0}, "--nash_mtl_update_every=0"),
+    ("sdmgrad", {"lr": 0.0}, "--sdmgrad_lr=0.0"),
+])
+def test_the_api_checks_option_bounds_as_the_flags_do(name, options, flag):
+  with pytest.raises(mtl_dist.ConfigError, match=flag):
+    mtl_dist.aggregate(name, np.ones((6, 3), np.float32), **options)

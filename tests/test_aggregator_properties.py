@@ -78,6 +78,18 @@ def test_the_update_is_finite(name, case):
     np.testing.assert_array_equal(update, 0.0)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("name", NAMES)
+def test_a_non_finite_gradient_does_not_stop_the_aggregator(name, bad):
+  """An overflow gives a non-finite update, which the step then skips, not
+  an error (TensorFlow's eigh raises on such a matrix)."""
+  jacobian = INPUTS["random"].copy()
+  jacobian[1, 2] = bad
+  update = _update(name, jacobian)
+  assert update.shape == (jacobian.shape[1],)
+  assert not np.isfinite(update).all()
+
+
 def _check_order_invariant(name, jacobian):
   want = _update(name, jacobian)
   atol = 1e-4 * np.abs(want).max() + 1e-6 * np.abs(jacobian).max() + 1e-30

@@ -107,15 +107,18 @@ class Registry:
 
     Raises:
       ValueError: For an unknown name, or an option the method does not
-        have (naming the ones it has).
+        have (naming the ones it has); ConfigError (a ValueError) for a
+        value out of the option's bounds.
     """
     cls = self.get(name)
-    known = {option.name for option in cls.options}
-    unknown = sorted(set(options) - known)
+    known = {option.name: option for option in cls.options}
+    unknown = sorted(set(options) - set(known))
     if unknown:
       raise ValueError(f"{self.kind} {name!r} has no option "
                        f"{', '.join(unknown)} (its options: "
                        f"{', '.join(sorted(known)) or 'none'})")
+    for key, value in options.items():  # As the flags are checked.
+      known[key].check(f"{name}_{key}", value)
     return cls(*args, **options)
 
   def options(self) -> Iterator[tuple[str, str, Option]]:

@@ -159,14 +159,14 @@ class JointStep:
     batch = next(iterators[0])
     step = step.read_value()
     if self._sums:
-      losses, weights, diagnostics, applied, updated = strategy.run(
+      losses, weights, diagnostics, applied, kept, updated = strategy.run(
           self.replica_step, args=(batch, step))
       metrics = [plumbing.first_local(strategy, weights)]
     else:
       replica_fn = (self.rep_grad_replica_step if self._rep_grad
                     else self.aggregated_replica_step)
-      losses, weights, share, diagnostics, applied, updated = strategy.run(
-          replica_fn, args=(batch, step))
+      (losses, weights, share, diagnostics, applied, kept,
+       updated) = strategy.run(replica_fn, args=(batch, step))
       metrics = [plumbing.first_local(strategy, weights),
                  tf.reshape(plumbing.first_local(strategy, share), [1])]
     metrics = tf.concat(
@@ -175,7 +175,8 @@ class JointStep:
     losses = plumbing.first_local(strategy, losses)
     applied = plumbing.first_local(strategy, applied)
     self._weighting.update(
-        losses, applied, plumbing.first_local(strategy, updated)
+        losses, plumbing.first_local(strategy, kept),
+        plumbing.first_local(strategy, updated)
         if self._weighting.needs_updated_losses else None)
     return (losses, tf.ones([len(self._tasks)]), metrics,
             tf.ones([len(self.metric_names)]), applied)
@@ -191,8 +192,9 @@ class JointStep:
       diagnostics averaged over replicas, whether the step was applied: all
       losses and gradients finite; with float16 loss scaling only the
       losses are checked, gradient overflow being the loss-scale
-      optimizer's; the batch's [T] global losses after the update, for a
-      weighting that `needs_updated_losses`, else zeros).
+      optimizer's; whether the methods' state took the step
+      (`_state_moves`); the batch's [T] global losses after the update, for
+      a weighting that `needs_updated_losses`, else zeros).
     """
     batch, counts = losses_lib.prepared(self._tasks, batch,
                                         self._partial_labels)
@@ -200,12 +202,12 @@ class JointStep:
         self._sum_pass(batch, counts, step))
     gradients, losses, finite = plumbing.reduce_and_check(
         gradients, per_task, check_gradients=not self._scales_losses)
-    self._update_weighting(weighting_gradients, per_task, batch, finite,
-                           gradients)
+    kept = self._state_moves(finite, gradients)
+    self._update_weighting(weighting_gradients, per_task, batch, kept)
     plumbing.apply_if(self._optimizer, gradients, self._all_variables(),
                       finite if self._skip_nonfinite else None)
     return (losses, weights, plumbing.replica_mean(diagnostics), finite,
-            self._updated_losses(batch, counts))
+            kept, self._updated_losses(batch, counts))
 
   def aggregated_replica_step(
       self, batch: Batch, step: tf.Tensor
@@ -215,7 +217,8 @@ class JointStep:
     Returns:
       ([T] losses, the [T] loss weights used, the conflict share, the
       model's diagnostics averaged over replicas, whether the step was
-      applied, the losses after the update as for `replica_step`).
+      applied, whether the state took it and the losses after the update,
+      as for `replica_step`).
     """
     sub_batches = self._sub_batches
     batch, counts = losses_lib.prepared(self._tasks, batch,
@@ -233,24 +236,26 @@ class JointStep:
     matrix = tf.reshape(fused[:num_shared * rows], [rows, num_shared])
     rest = fused[num_shared * rows:-num_tasks]
     losses = fused[-num_tasks:]
+    saved = self._aggregator_state()
     direction = self._aggregator(
         matrix, step, losses if self._aggregator.needs_losses else None)
     # With loss scaling, overflowing gradients are the optimizer's to skip.
     finite = plumbing.all_finite([losses] if self._scales_losses
                                  else [fused, direction])
-    self._update_weighting(weighting_gradients, per_task, batch, finite,
-                           [fused, direction])
+    kept = self._state_moves(finite, [fused, direction])
+    self._restore_aggregator_state(kept, saved)
+    self._update_weighting(weighting_gradients, per_task, batch, kept)
     own_grads = plumbing.unflatten(rest[:plumbing.size(own)], own)
     shared_grads = plumbing.unflatten(direction + rest[plumbing.size(own):],
                                       shared)
     plumbing.apply_if(self._optimizer, shared_grads + own_grads, shared + own,
                       finite if self._skip_nonfinite else None)
-    if sub_batches > 1:  # The full batch's: the sub-batch estimates' mean.
+    if sub_batches > 1:  # ~The full batch's (exact without partial labels).
       matrix = tf.reduce_mean(
           tf.reshape(matrix, [sub_batches, num_tasks, num_shared]), axis=0)
       counts = None if counts is None else tf.reduce_sum(counts, axis=0)
     return (losses, weights, aggregators.conflict_share(matrix),
-            plumbing.replica_mean(diagnostics), finite,
+            plumbing.replica_mean(diagnostics), finite, kept,
             self._updated_losses(batch, counts))
 
   def rep_grad_replica_step(
@@ -268,7 +273,8 @@ class JointStep:
     Returns:
       ([T] losses, the [T] loss weights used, the conflict share, the
       model's diagnostics averaged over replicas, whether the step was
-      applied, the losses after the update as for `replica_step`).
+      applied, whether the state took it and the losses after the update,
+      as for `replica_step`).
     """
     batch, counts = losses_lib.prepared(self._tasks, batch,
                                         self._partial_labels)
@@ -286,6 +292,7 @@ class JointStep:
     gram = tf.distribute.get_replica_context().all_reduce(
         tf.distribute.ReduceOp.SUM,
         tf.linalg.matmul(flat, flat, transpose_b=True))
+    saved = self._aggregator_state()
     coefficients = self._aggregator.gram_coefficients(gram, step)
     combined = tf.add_n([coefficients[i] * g for i, g in enumerate(rep_grads)])
     shared_grads = tape.gradient(
@@ -303,12 +310,13 @@ class JointStep:
     gradients, losses, finite = plumbing.reduce_and_check(
         self._unscaled(shared_grads + own_grads), terms.per_task,
         check_gradients=not self._scales_losses)
-    self._update_weighting(weighting_gradients, terms.per_task, batch, finite,
-                           gradients)
+    kept = self._state_moves(finite, gradients)
+    self._restore_aggregator_state(kept, saved)
+    self._update_weighting(weighting_gradients, terms.per_task, batch, kept)
     plumbing.apply_if(self._optimizer, gradients, shared + own,
                       finite if self._skip_nonfinite else None)
     return (losses, terms.weights, aggregators.conflict_share_from_gram(gram),
-            plumbing.replica_mean(terms.diagnostics), finite,
+            plumbing.replica_mean(terms.diagnostics), finite, kept,
             self._updated_losses(batch, counts))
 
   # Forward and backward passes: this replica's data, no collective.
@@ -489,17 +497,41 @@ class JointStep:
         tape, task_terms, self._model.last_shared_kernel())])[0]
 
   def _update_weighting(self, weighting_gradients: Optional[tf.Tensor],
-                        per_task: tf.Tensor, batch: Batch, finite: tf.Tensor,
-                        gradients: Sequence[tf.Tensor]) -> None:
-    """GradNorm's weight update, skipped whenever the model's update is.
-
-    With loss scaling, `finite` covers the losses only, and the optimizer
-    skips a step whose all-reduced `gradients` overflowed; the weights skip
-    it too.
-    """
-    if self._scales_losses and self._weighting.needs_task_gradients:
-      finite = tf.logical_and(finite, plumbing.all_finite(gradients))
+                        per_task: tf.Tensor, batch: Batch,
+                        kept: tf.Tensor) -> None:
+    """GradNorm's (ExcessMTL's) state update, where `kept` (see
+    `_state_moves`)."""
     self._weighting.replica_update(
         weighting_gradients, per_task,
         losses_lib.labelled_counts(self._tasks, batch, self._partial_labels),
-        finite)
+        kept)
+
+  def _state_moves(self, finite: tf.Tensor,
+                   gradients: Sequence[tf.Tensor]) -> tf.Tensor:
+    """Whether the methods' state may take this step: its update is applied.
+
+    With loss scaling, `finite` covers the losses only, and the optimizer
+    skips a step whose all-reduced `gradients` overflowed; the methods'
+    state skips it too.
+    """
+    if self._scales_losses:
+      return tf.logical_and(finite, plumbing.all_finite(gradients))
+    return finite
+
+  def _aggregator_state(self) -> list[tf.Tensor]:
+    """The aggregator's state before its call (see
+    `_restore_aggregator_state`)."""
+    return [tf.identity(v.value()) for v in self._aggregator.variables]
+
+  def _restore_aggregator_state(self, kept: tf.Tensor,
+                                saved: Sequence[tf.Tensor]) -> None:
+    """Puts back the aggregator's `saved` state unless `kept`.
+
+    An aggregator keeps its state where its own inputs are not finite; the
+    step also skips where the rest is not (a head's gradient, the update
+    itself, an overflow the loss-scale optimizer skips). The value is
+    picked by `tf.cond` and assigned outside it (a replica step cannot
+    assign inside control flow), and may change shape ([T, None] state).
+    """
+    for variable, old in zip(self._aggregator.variables, saved):
+      variable.assign(tf.cond(kept, variable.value, lambda old=old: old))

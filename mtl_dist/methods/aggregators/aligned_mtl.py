@@ -65,6 +65,10 @@ def aligned_mtl_weights(gram: tf.Tensor, scale_mode: str = "min"
   gram = tf.cast(gram, tf.float64)
   num_tasks = gram.shape[0]
   gram = 0.5 * (gram + tf.transpose(gram))
+  # TensorFlow's eigh raises on a non-finite matrix (an overflow the step
+  # skips): decompose 0 instead, and return NaN coefficients below.
+  finite = tf.reduce_all(tf.math.is_finite(gram))
+  gram = tf.where(finite, gram, tf.zeros_like(gram))
   eigenvalues, vectors = tf.linalg.eigh(gram)
   largest = tf.reduce_max(eigenvalues)
   keep = eigenvalues > largest * num_tasks * base.FLOAT32_EPSILON
@@ -88,7 +92,8 @@ def aligned_mtl_weights(gram: tf.Tensor, scale_mode: str = "min"
   balance = tf.where(count > 0, balance,
                      tf.eye(num_tasks, dtype=tf.float64))
   preference = tf.fill([num_tasks], tf.constant(1.0 / num_tasks, tf.float64))
-  return tf.cast(tf.linalg.matvec(balance, preference), tf.float32)
+  coefficients = tf.linalg.matvec(balance, preference)
+  return tf.cast(tf.where(finite, coefficients, float("nan")), tf.float32)
 
 
 @registry.AGGREGATORS.register

@@ -71,6 +71,10 @@ def conflict_free_weights(gram: tf.Tensor) -> tf.Tensor:
   # A zero gradient's unit vector is 0: its row and column of C are 0.
   cosine = (active_f[:, None] * active_f[None, :] * gram /
             (safe_norms[:, None] * safe_norms[None, :]))
+  # TensorFlow's eigh raises on a non-finite matrix (an overflow the step
+  # skips): decompose 0 instead, and return NaN coefficients below.
+  finite = tf.reduce_all(tf.math.is_finite(cosine))
+  cosine = tf.where(finite, cosine, tf.zeros_like(cosine))
   eigenvalues, vectors = tf.linalg.eigh(cosine)
   largest = tf.reduce_max(eigenvalues)
   keep = eigenvalues > largest * num_tasks * base.FLOAT32_EPSILON
@@ -85,7 +89,8 @@ def conflict_free_weights(gram: tf.Tensor) -> tf.Tensor:
   exists = (tf.reduce_sum(ones_part * ones_part) >
             num_tasks * base.FLOAT32_EPSILON)
   ratio = tf.where(exists, along / tf.where(exists, length_sq, 1.0), 0.0)
-  return tf.cast(active_f * c / safe_norms * ratio, tf.float32)
+  coefficients = active_f * c / safe_norms * ratio
+  return tf.cast(tf.where(finite, coefficients, float("nan")), tf.float32)
 
 
 @registry.AGGREGATORS.register
