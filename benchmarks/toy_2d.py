@@ -60,23 +60,29 @@ PAPERS = {
             "weighting there)",
 }
 
-_OUTPUT = flags.DEFINE_string("output", None,
-                              "Markdown file to write (default: stdout).")
-_FIGURE = flags.DEFINE_string("figure", None,
-                              "PNG file of the trajectories (needs "
-                              "matplotlib, the `report` extra).")
-_STEPS = flags.DEFINE_integer("steps", 35000, "Adam steps per run "
-                              "(Nash-MTL's 35000; FAMO 50000, CAGrad "
-                              "100000).")
-_RECORD_EVERY = flags.DEFINE_integer("record_every", 100,
-                                     "Trajectory points every this many "
-                                     "steps.")
-_SCALE = flags.DEFINE_float("scale", SCALE, "The first loss's factor "
-                            "(Nash-MTL, FAMO: 0.1; CAGrad: 1).")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the aggregators' draws.")
-_METHODS = flags.DEFINE_list("methods", None,
-                             "Aggregators to run (default: every registered "
-                             "one).")
+
+def _define_flags() -> None:
+  """The script's flags, defined only when it runs as a script: importing
+  the module (the tests do) must not define `--output` a second time
+  beside another benchmark's."""
+  global _OUTPUT, _FIGURE, _STEPS, _RECORD_EVERY, _SCALE, _SEED, _METHODS
+  _OUTPUT = flags.DEFINE_string("output", None,
+                                "Markdown file to write (default: stdout).")
+  _FIGURE = flags.DEFINE_string("figure", None,
+                                "PNG file of the trajectories (needs "
+                                "matplotlib, the `report` extra).")
+  _STEPS = flags.DEFINE_integer("steps", 35000, "Adam steps per run "
+                                "(Nash-MTL's 35000; FAMO 50000, CAGrad "
+                                "100000).")
+  _RECORD_EVERY = flags.DEFINE_integer("record_every", 100,
+                                       "Trajectory points every this many "
+                                       "steps.")
+  _SCALE = flags.DEFINE_float("scale", SCALE, "The first loss's factor "
+                              "(Nash-MTL, FAMO: 0.1; CAGrad: 1).")
+  _SEED = flags.DEFINE_integer("seed", 0, "Seed of the aggregators' draws.")
+  _METHODS = flags.DEFINE_list("methods", None,
+                               "Aggregators to run (default: every "
+                               "registered one).")
 
 
 def losses(x: tf.Tensor, scale: float = SCALE) -> tf.Tensor:
@@ -540,4 +546,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
