@@ -195,7 +195,9 @@ def table(results: Mapping[str, Result], changes: Mapping[str, Mapping],
       "sigma_i^2, so every task counts alike (lower is better; predicting 0 "
       "scores about 0.40), as mean ± sample standard deviation over the "
       "seeds; *mean* is the mean over tasks, taken per seed, then over "
-      "seeds; *seconds* is the mean wall time of one run.",
+      "seeds; *seconds* is the mean wall time of one run, which shows the "
+      "methods' relative cost only roughly (runs share the machine with "
+      "whatever else runs; docs/benchmarks.md measures the methods' cost).",
       "",
       "| method | " + " | ".join(tasks) + " | mean | seconds |",
       "|---|" + "---|" * (len(tasks) + 2),
