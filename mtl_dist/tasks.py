@@ -7,6 +7,9 @@ from typing import Callable, Optional, Tuple, Union
 
 import tensorflow as tf
 
+from mtl_dist import errors
+from mtl_dist import typecheck
+
 # Starts the message of every in-graph data check, so that the driver can
 # tell bad data from other errors.
 DATA_ERROR_MARK = "mtl_dist data check:"
@@ -54,26 +57,34 @@ class TaskSpec:
   weight: float = 1.0
 
   def __post_init__(self):
+    typecheck.check_fields(self)
+    if not self.name:
+      raise errors.ConfigError("TaskSpec.name: give the task a name")
     if self.kind == CLASSIFICATION:
       if not self.num_classes or self.num_classes < 2:
-        raise ValueError(f"task {self.name!r}: classification needs "
-                         f"num_classes >= 2, got {self.num_classes}")
+        raise errors.ConfigError(
+            f"task {self.name!r}: classification needs num_classes >= 2, "
+            f"got {self.num_classes}")
     elif self.kind == REGRESSION:
       if not self.size or self.size < 1:
-        raise ValueError(f"task {self.name!r}: regression needs size >= 1, "
-                         f"got {self.size}")
+        raise errors.ConfigError(
+            f"task {self.name!r}: regression needs size >= 1, got "
+            f"{self.size}")
     else:
-      raise ValueError(f"task {self.name!r}: kind must be {CLASSIFICATION!r} "
-                       f"or {REGRESSION!r}, got {self.kind!r}")
+      raise errors.ConfigError(
+          f"task {self.name!r}: kind must be {CLASSIFICATION!r} or "
+          f"{REGRESSION!r}, got {self.kind!r}")
     if callable(self.loss):
       pass
     elif self.loss_name not in _LOSSES[self.kind]:
-      raise ValueError(f"task {self.name!r}: loss {self.loss!r} is not one of "
-                       f"{_LOSSES[self.kind]} for {self.kind}")
+      raise errors.ConfigError(
+          f"task {self.name!r}: loss {self.loss!r} is not one of "
+          f"{_LOSSES[self.kind]} for {self.kind}")
     for metric in self.metric_names:
       if metric not in _METRICS[self.kind]:
-        raise ValueError(f"task {self.name!r}: metric {metric!r} is not one "
-                         f"of {_METRICS[self.kind]} for {self.kind}")
+        raise errors.ConfigError(
+            f"task {self.name!r}: metric {metric!r} is not one of "
+            f"{_METRICS[self.kind]} for {self.kind}")
 
   @property
   def output_size(self) -> int:
@@ -198,7 +209,7 @@ class TaskSpec:
     losses = tf.convert_to_tensor(self.loss(labels, tf.cast(outputs,
                                                            tf.float32)))
     if losses.shape.rank != 1:
-      raise ValueError(
+      raise errors.ConfigError(
           f"task {self.name!r}: its loss function returned shape "
           f"{losses.shape}; it must return one loss per example, shape "
           "[batch] (do not reduce over the batch)")
@@ -219,9 +230,10 @@ class TaskSpec:
     losses = self.per_example_loss(
         labels, tf.zeros([2, self.output_size]), check=False)
     if losses.shape != (2,):
-      raise ValueError(f"task {self.name!r}: its loss function returned "
-                       f"shape {losses.shape} for a batch of 2; it must "
-                       "return one loss per example")
+      raise errors.ConfigError(
+          f"task {self.name!r}: its loss function returned shape "
+          f"{losses.shape} for a batch of 2; it must return one loss per "
+          "example")
 
   def per_example_metrics(self, labels: tf.Tensor,
                           outputs: tf.Tensor) -> dict[str, tf.Tensor]:

@@ -11,7 +11,8 @@ aggregator with a Gram-matrix form again with `--rep_grad`, and every
 weighting (with `sum`, and also with `pcgrad` when it hooks into the
 backward pass: learned weights, task gradients, losses after the update).
 Each case's trained weights, step metrics and method state are returned,
-keyed `<case>/...`; the chief of a cluster writes them to OUTPUT.npz.
+keyed `<case>/...`; the chief of a cluster writes them to OUTPUT.npz. With
+`keras3=True` the trunk and heads are the same layers written in Keras 3.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 import sys
 from typing import NamedTuple
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -83,14 +85,24 @@ def _options(case: Case) -> dict:
   return options
 
 
-def train_case(strategy: tf.distribute.Strategy,
-               case: Case) -> dict[str, np.ndarray]:
+def _keras3_trunk():  # The built-in trunk "mlp" of width 8 and depth 1.
+  return keras.Sequential([keras.layers.Flatten(),
+                           keras.layers.Dense(8, activation="relu")])
+
+
+def train_case(strategy: tf.distribute.Strategy, case: Case,
+               keras3: bool = False) -> dict[str, np.ndarray]:
   """The weights, step metrics and method state after STEPS steps."""
   features, labels = shapes.generate(96, seed=5)
   specs = {task.name: task for task in shapes.TASKS}
   tasks = [specs[name] for name in TASKS]
   with strategy.scope():
-    model = mtl_dist.build_model(tasks, features.shape[1:], "mlp", 8, 1)
+    if keras3:
+      model = mtl_dist.build_model(
+          tasks, features.shape[1:], _keras3_trunk,
+          head_fn=lambda task: keras.layers.Dense(task.output_size))
+    else:
+      model = mtl_dist.build_model(tasks, features.shape[1:], "mlp", 8, 1)
   rng = np.random.default_rng(11)
   model.set_weights([rng.normal(0.0, 0.3, w.shape).astype(w.dtype)
                      for w in model.get_weights()])

@@ -145,8 +145,8 @@ def test_what_does_not_fit_is_refused_before_anything_is_written(tmp_path):
       (_config(tmp_path, "i"), dataclasses.replace(joint, tasks=(
           _TASKS["shape"], dataclasses.replace(
               _TASKS["x"], loss=lambda y, o: tf.reduce_mean((y - o) ** 2))))
-       , {}, r"task 'x': its loss function fails on a batch of 2 \(ValueError"
-       r".*returned shape \(\)"),
+       , {}, r"task 'x': its loss function returned shape \(\); it must "
+       r"return one loss per example"),
   ]
   for config, data, functions, message in cases:
     with pytest.raises(mtl_dist.ConfigError, match=message):
@@ -166,3 +166,110 @@ def test_source_from_arrays_takes_one_tasks_label_array_or_says_why_not():
   with pytest.raises(mtl_dist.ConfigError, match=r"must be a list of task "
                      r"names, e.g. \['shape'\]"):
     mtl_dist.source_from_arrays(features, labels, "shape")
+
+
+def test_joint_mode_takes_one_source_as_the_docs_say():
+  source = _data(["shape", "x"]).train[0]
+  data = mtl_dist.MultiTaskData(tasks=[_TASKS["shape"], _TASKS["x"]],
+                                input_shape=[28, 28, 1], train=source,
+                                eval=source)
+  assert data.train == data.eval == (source,)
+  assert data.tasks == (_TASKS["shape"], _TASKS["x"])
+  assert data.input_shape == (28, 28, 1)
+
+
+def _wrong_arguments():
+  """(call, what its one-line ConfigError says) for wrong arguments."""
+  features, labels = shapes.generate(8, seed=1)
+  source = mtl_dist.source_from_arrays(features, labels, ["shape"])
+  data = mtl_dist.MultiTaskData(tasks=[_TASKS["shape"]],
+                                input_shape=features.shape[1:], train=source,
+                                eval=source)
+  config = mtl_dist.TrainConfig(model_dir="unused", strategy="one_device")
+  replace = dataclasses.replace
+  return [
+      (lambda: mtl_dist.train({"model_dir": "r"}),
+       "train: config={'model_dir': 'r'}: must be a TrainConfig, got a dict"),
+      (lambda: mtl_dist.train(config, data=[source]),
+       "train: data=[ExampleSource("),
+      (lambda: mtl_dist.train(replace(config, train_steps="10")),
+       "--train_steps='10': must be an integer, got a str"),
+      (lambda: mtl_dist.train(replace(config, learning_rate="0.1")),
+       "--learning_rate='0.1': must be a number, got a str"),
+      (lambda: mtl_dist.train(replace(config, tasks="shape")),
+       "--tasks='shape': must be a list of strings or None, got a str"),
+      (lambda: mtl_dist.train(replace(config, task_weights=[1, 2])),
+       "--task_weights=[1, 2]: must be a dict of strings to numbers or None"),
+      (lambda: mtl_dist.train(replace(config, task_weights={"shape": "2"})),
+       "got a dict whose 'shape' is a str"),
+      (lambda: mtl_dist.train(config, data=data,
+                              trunk_fn=tf_keras.layers.Dense(4)),
+       "trunk_fn: expects a function that makes a new piece on each call, "
+       "got a Dense"),
+      (lambda: mtl_dist.TaskSpec(3, "regression", size=1),
+       "TaskSpec.name=3: must be a string, got an int"),
+      (lambda: mtl_dist.TaskSpec("a", "regression", size=1, weight="1"),
+       "TaskSpec.weight='1': must be a number"),
+      (lambda: mtl_dist.MultiTaskData(tasks=["shape"], input_shape=(4,),
+                                      train=source, eval=source),
+       "MultiTaskData.tasks: expects a mtl_dist.TaskSpec or a list of them, "
+       "got a str"),
+      (lambda: replace(data, input_shape=64),
+       "MultiTaskData.input_shape=64: expects one example's shape"),
+      (lambda: replace(data, train=features),
+       "MultiTaskData.train: expects a source"),
+      (lambda: mtl_dist.source_from_arrays(features, labels["shape"][:3],
+                                           ["shape"]),
+       "labels of 'shape' have shape (3,), not 8 rows like the features"),
+      (lambda: mtl_dist.source_from_dataset(features, ["shape"]),
+       "must be a tf.data.Dataset or a function, got a NumPy array"),
+      (lambda: mtl_dist.build_model(["shape"], (4,)),
+       "build_model: tasks=['shape']: must be a list of TaskSpec objects, "
+       "got a list holding a str"),
+      (lambda: mtl_dist.build_model([_TASKS["shape"]], 4),
+       "build_model: input_shape=4: must be a list of integers, got an int"),
+      (lambda: mtl_dist.evaluate(None),
+       "evaluate: model_dir=None: must be a string, got a NoneType"),
+      (lambda: mtl_dist.export_run("run", 7),
+       "export_run: export_dir=7: must be a string, got an int"),
+      (lambda: mtl_dist.predict(3, features),
+       "predict: export_dir=3: must be a string"),
+      (lambda: mtl_dist.make_optimizer_factory("adamw", 0.1),
+       "--optimizer=adamw: must be one of adam, sgd"),
+      (lambda: mtl_dist.make_optimizer_factory("adam", 0),
+       "--learning_rate=0: must be positive"),
+      (lambda: mtl_dist.create_strategy("mirror"),
+       "--strategy=mirror: must be one of"),
+      (lambda: mtl_dist.configure_cpu_devices(0),
+       "--num_cpu_devices=0: must be a positive integer"),
+      (lambda: mtl_dist.distribute_train(
+          mtl_dist.create_strategy("one_device"), features, 8, seed=0),
+       "distribute_train: source=array("),
+      (lambda: mtl_dist.format_results("x"),
+       "format_results: summary='x': must be a dict"),
+      (lambda: mtl_dist.aggregate("upgradd", np.ones((2, 3), np.float32)),
+       "unknown aggregator 'upgradd'"),
+      (lambda: mtl_dist.aggregate("upgrad", np.ones(3, np.float32)),
+       "aggregate() needs a [T, P] matrix of task gradients, got shape (3,)"),
+      (lambda: mtl_dist.loss_weights("dwa", [[1.0]]),
+       "loss_weights() needs a [T] vector of task losses"),
+      (lambda: mtl_dist.Trainer(
+          mtl_dist.create_strategy("one_device"), "model", [_TASKS["shape"]],
+          mode="joint", global_batch_size=8,
+          optimizer_factory=mtl_dist.make_optimizer_factory("sgd", 0.1)),
+       "Trainer: model='model': must be a MultiTaskModel, got a str"),
+      (lambda: mtl_dist.build_architecture(
+          [_TASKS["shape"]], (4,), mtl_dist.ArchitectureConfig(
+              architecture="moe")),
+       "--architecture=moe: must be one of"),
+  ]
+
+
+def test_wrong_arguments_are_named_in_one_line(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  for call, message in _wrong_arguments():
+    with pytest.raises(mtl_dist.ConfigError) as error:
+      call()
+    assert message in str(error.value), (message, str(error.value))
+    assert "\n" not in str(error.value)
+  assert not os.listdir(tmp_path)  # Nothing was written.

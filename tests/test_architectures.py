@@ -545,6 +545,17 @@ def test_two_workers_equal_two_mirrored_replicas(tmp_path):
                                err_msg=name)
 
 
+
+def test_keras3_pieces_train_like_the_built_in_tf_keras_layers():
+  # Every piece of every architecture written in Keras 3, both modes, on 2
+  # replicas: the same weights as the built-in tf_keras layers.
+  expected = architecture_runs.train_all(make_strategy(2))
+  got = architecture_runs.train_all(make_strategy(2), keras3=True)
+  assert sorted(got) == sorted(expected)
+  for name, value in expected.items():
+    np.testing.assert_allclose(got[name], value, atol=1e-6, rtol=1e-6,
+                               err_msg=name)
+
 def _records(model_dir: str) -> list[dict]:
   with open(os.path.join(model_dir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
@@ -675,9 +686,9 @@ def test_launcher_trains_a_gated_architecture_and_exports_it(tmp_path):
 
 @pytest.mark.parametrize("pieces, message", [
     ("same_expert", "must return new layers"),
-    ("none_expert", "its pieces do not fit together"),
+    ("none_expert", "expert_fn: got None; a piece must be a Keras"),
     ("bad_column", "column_fn must return"),
-    ("mtan_trunk", "trunk_fn must return a tf_keras.Sequential"),
+    ("mtan_trunk", "trunk_fn must return a Sequential (keras, tf.keras or"),
 ])
 def test_pieces_that_cannot_work_are_refused_in_one_line(tmp_path, pieces,
                                                          message):

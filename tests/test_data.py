@@ -106,7 +106,8 @@ def test_replicas_consume_the_same_global_batches_as_one_device():
 
 
 def test_source_from_arrays_rejects_mismatched_lengths():
-  with pytest.raises(ValueError, match="labels of 'x' have 3 rows"):
+  with pytest.raises(mtl_dist.ConfigError,
+                     match=r"labels of 'x' have shape \(3, 1\), not 4 rows"):
     data_lib.source_from_arrays(np.zeros((4, 2)), {"x": np.zeros((3, 1))},
                                 ["x"])
 

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "mtl_dist"
-LAYERS = {"errors": 0, "tasks": 0, "cluster": 1, "data": 2, "model": 3,
+LAYERS = {"errors": 0, "typecheck": 0, "tasks": 0, "cluster": 1, "data": 2, "model": 3,
           "methods": 4, "steps": 5, "loop": 6, "run": 7}
 
 

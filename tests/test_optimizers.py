@@ -65,7 +65,8 @@ def test_the_launcher_optimizer_adam_is_fused():
   optimizer = mtl_dist.make_optimizer_factory("adam", 0.01)()
   assert isinstance(optimizer, mtl_dist.FusedAdam)
   assert isinstance(optimizer, tf_keras.optimizers.Adam)
-  with pytest.raises(ValueError, match="unknown optimizer 'lamb'"):
+  with pytest.raises(mtl_dist.ConfigError,
+                     match="--optimizer=lamb: must be one of adam, sgd"):
     mtl_dist.make_optimizer_factory("lamb", 0.01)
 
 

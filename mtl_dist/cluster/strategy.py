@@ -8,11 +8,14 @@ from absl import logging
 import tensorflow as tf
 
 from mtl_dist import errors
+from mtl_dist import typecheck
 from mtl_dist.cluster import resolver as cluster_lib
+from mtl_dist.cluster import settings as cluster_settings
 
 _mirrored_strategies_made = 0
 
 
+@typecheck.checked
 def configure_cpu_devices(num_devices: int) -> None:
   """Splits the host CPU into `num_devices` logical devices.
 
@@ -27,6 +30,9 @@ def configure_cpu_devices(num_devices: int) -> None:
   Raises:
     ConfigError: If the runtime is already up with fewer logical CPUs.
   """
+  if num_devices < 1:
+    raise errors.ConfigError(
+        f"--num_cpu_devices={num_devices}: must be a positive integer")
   cpu = tf.config.list_physical_devices("CPU")[0]
   existing = tf.config.get_logical_device_configuration(cpu)
   if existing and len(existing) >= num_devices:
@@ -44,6 +50,7 @@ def configure_cpu_devices(num_devices: int) -> None:
           "creating any tensor or dataset)") from None
 
 
+@typecheck.checked
 def create_strategy(name: str, num_cpu_devices: int = 1, *,
                     cluster: Optional[str] = None, collective: str = "auto",
                     collective_timeout: Optional[float] = None,
@@ -71,6 +78,7 @@ def create_strategy(name: str, num_cpu_devices: int = 1, *,
   Raises:
     ConfigError: If the cluster or the devices cannot serve the request.
   """
+  errors.check_choice("strategy", name, cluster_settings.STRATEGIES)
   if uses_multi_worker(name, cluster):
     return _multi_worker_strategy(cluster, collective, collective_timeout,
                                   port_base, num_cpu_devices)

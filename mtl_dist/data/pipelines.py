@@ -12,6 +12,7 @@ from typing import Optional
 
 import tensorflow as tf
 
+from mtl_dist import typecheck
 from mtl_dist.data import sources
 
 _MAX_SHUFFLE_BUFFER = 16384
@@ -88,6 +89,7 @@ def _global_index_stream(num_examples: int, seed: int,
           .flat_map(epoch_indices).skip(skip))
 
 
+@typecheck.checked
 def distribute_train(strategy: tf.distribute.Strategy,
                      source: sources.ExampleSource, global_batch_size: int,
                      seed: int, start_step: int = 0,
@@ -169,6 +171,7 @@ def distribute_train(strategy: tf.distribute.Strategy,
                                                     input_options(strategy))
 
 
+@typecheck.checked
 def distribute_eval(strategy: tf.distribute.Strategy,
                     source: sources.ExampleSource, global_batch_size: int,
                     max_batches: int) -> tf.distribute.DistributedDataset:

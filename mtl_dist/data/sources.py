@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from mtl_dist import errors
 from mtl_dist import tasks as tasks_lib
+from mtl_dist import typecheck
 
 # Batches parsed and decoded at once (autotuning is off, see
 # `pipelines._options`).
@@ -58,8 +59,9 @@ class ExampleSource:
 
   def __post_init__(self):
     if self.decode_batch is not None and self.read is None:
-      raise ValueError("ExampleSource: decode_batch applies to what `read` "
-                       "yields; make_dataset must yield decoded examples")
+      raise errors.ConfigError(
+          "ExampleSource: decode_batch applies to what `read` "
+          "yields; make_dataset must yield decoded examples")
 
   def decoded(self, dataset: tf.data.Dataset,
               batch_size: int) -> tf.data.Dataset:
@@ -83,20 +85,84 @@ class MultiTaskData:
   """What a run trains and evaluates on.
 
   Attributes:
-    tasks: The trained tasks, in order.
-    input_shape: Shape of one example's features.
-    train: Joint mode: one source labelled for every task. Alternate mode:
-      one source per task, in task order.
-    eval: Sources for evaluation, laid out like `train`.
+    tasks: The trained tasks, in order (a list or tuple of `TaskSpec`).
+    input_shape: Shape of one example's features, without the batch
+      dimension.
+    train: Joint mode: one source labelled for every task (the source
+      itself, or a one-element list or tuple). Alternate mode: one source
+      per task, in task order (a list or tuple).
+    eval: Sources for evaluation: one source, or a list or tuple of them,
+      that together cover every task.
     partial_labels: Whether training examples may lack some tasks' labels
       (see `TaskSpec.label_mask`).
+
+  Raises:
+    ConfigError: Naming the attribute that is not of these types. (Whether
+      the sources fit the mode is checked when a run starts.)
   """
 
   tasks: tuple[tasks_lib.TaskSpec, ...]
   input_shape: tuple[int, ...]
-  train: tuple[ExampleSource, ...]
-  eval: tuple[ExampleSource, ...]
+  train: Union[ExampleSource, tuple[ExampleSource, ...]]
+  eval: Union[ExampleSource, tuple[ExampleSource, ...]]
   partial_labels: bool = False
+
+  def __post_init__(self):
+    tasks = _as_tuple(self.tasks, tasks_lib.TaskSpec, "tasks",
+                      "mtl_dist.TaskSpec")
+    if not tasks:
+      raise errors.ConfigError("MultiTaskData.tasks: give at least one "
+                               "mtl_dist.TaskSpec")
+    names = [task.name for task in tasks]
+    if len(set(names)) != len(names):
+      raise errors.ConfigError(f"MultiTaskData.tasks: task names repeat in "
+                               f"{names}")
+    object.__setattr__(self, "tasks", tasks)
+    object.__setattr__(self, "input_shape", _shape(self.input_shape))
+    for field in ("train", "eval"):
+      sources = _as_tuple(getattr(self, field), ExampleSource, field,
+                          "source (mtl_dist.source_from_arrays or "
+                          "source_from_dataset)")
+      object.__setattr__(self, field, sources)
+    if not isinstance(self.partial_labels, bool):
+      raise errors.ConfigError(
+          f"MultiTaskData.partial_labels={self.partial_labels!r}: must be "
+          "True or False")
+
+
+def _as_tuple(value: Any, kind: type, field: str, described: str) -> tuple:
+  """`value` (one `kind` or a list or tuple of them) as a tuple.
+
+  Raises:
+    ConfigError: Naming `MultiTaskData.<field>` and what it takes.
+  """
+  items = (value,) if isinstance(value, kind) else value
+  if not isinstance(items, (list, tuple)) or not all(
+      isinstance(item, kind) for item in items):
+    wrong = next((item for item in items if not isinstance(item, kind)),
+                 None) if isinstance(items, (list, tuple)) else value
+    raise errors.ConfigError(
+        f"MultiTaskData.{field}: expects a {described} or a list of them, "
+        f"got a {type(wrong).__name__}")
+  return tuple(items)
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+  """`value` as a shape of positive ints.
+
+  Raises:
+    ConfigError: Naming `MultiTaskData.input_shape`.
+  """
+  try:
+    shape = tuple(value)
+    if all(int(d) == d and int(d) > 0 for d in shape) and shape:
+      return tuple(int(d) for d in shape)
+  except (TypeError, ValueError):
+    pass
+  raise errors.ConfigError(
+      f"MultiTaskData.input_shape={value!r}: expects one example's shape "
+      "without the batch dimension, a non-empty tuple of positive ints such "
+      "as features.shape[1:]")
 
 
 def source_from_arrays(
@@ -124,6 +190,15 @@ def source_from_arrays(
     raise errors.ConfigError(
         f"source_from_arrays: task_names={task_names!r} must be a list of "
         f"task names, e.g. [{task_names!r}]")
+  try:
+    features = np.asarray(features)
+  except (TypeError, ValueError) as e:
+    raise errors.ConfigError(
+        f"source_from_arrays: features: not an array ({e})") from None
+  if features.ndim < 1 or features.dtype == object:
+    raise errors.ConfigError(
+        "source_from_arrays: features must be an [N, ...] array of numbers, "
+        f"got shape {features.shape} and dtype {features.dtype}")
   if not isinstance(labels, Mapping):
     if len(task_names) != 1:
       raise errors.ConfigError(
@@ -134,16 +209,19 @@ def source_from_arrays(
   kept = {key: values for key, values in labels.items()
           if key in task_names or
           (key.endswith("_mask") and key[:-len("_mask")] in task_names)}
+  kept = {key: np.asarray(values) for key, values in kept.items()}
   for name, values in kept.items():
-    if len(values) != len(features):
-      raise ValueError(f"labels of {name!r} have {len(values)} rows, the "
-                       f"features {len(features)}")
+    if values.ndim < 1 or len(values) != len(features):
+      raise errors.ConfigError(
+          f"source_from_arrays: labels of {name!r} have shape "
+          f"{values.shape}, not {len(features)} rows like the features")
   return ExampleSource(
       task_names=tuple(task_names),
       make_dataset=lambda: tf.data.Dataset.from_tensor_slices((features, kept)),
       num_examples=len(features), arrays=(features, kept))
 
 
+@typecheck.checked
 def source_from_dataset(
     dataset: Union[tf.data.Dataset, Callable[[], tf.data.Dataset]],
     task_names: Sequence[str],
@@ -172,25 +250,29 @@ def source_from_dataset(
   make = dataset if callable(dataset) else (lambda: dataset)
   spec = make().element_spec
   if not isinstance(spec, tuple) or len(spec) != 2:
-    raise ValueError("the dataset's elements must be (features, labels) "
-                     f"pairs, got {spec}")
+    raise errors.ConfigError(
+        "the dataset's elements must be (features, labels) "
+        f"pairs, got {spec}")
   if not isinstance(spec[1], dict):
     if len(task_names) != 1:
-      raise ValueError("elements with one label need exactly one task, got "
-                       f"{list(task_names)}")
+      raise errors.ConfigError(
+          "elements with one label need exactly one task, got "
+          f"{list(task_names)}")
     name = task_names[0]
     plain = make
     make = lambda: plain().map(lambda x, y: (x, {name: y}))
   else:
     missing = [name for name in task_names if name not in spec[1]]
     if missing:
-      raise ValueError(f"the dataset's labels lack task(s) {missing} (it has "
-                       f"{sorted(spec[1])})")
+      raise errors.ConfigError(
+          f"the dataset's labels lack task(s) {missing} (it has "
+          f"{sorted(spec[1])})")
   if num_examples is None:
     cardinality = int(make().cardinality())
     if cardinality == tf.data.INFINITE_CARDINALITY:
-      raise ValueError("the dataset is infinite; give a finite one (the "
-                       "pipelines repeat it themselves)")
+      raise errors.ConfigError(
+          "the dataset is infinite; give a finite one (the "
+          "pipelines repeat it themselves)")
     num_examples = (cardinality if cardinality >= 0 else
                     int(make().reduce(0, lambda count, _: count + 1)))
   return ExampleSource(task_names=task_names, make_dataset=make,

@@ -14,6 +14,8 @@ from absl import logging
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
+from mtl_dist import typecheck
+
 # TensorBoard shows a summary as a scalar curve when its metadata names the
 # "scalars" plugin. Writing it with core tf.summary.write (what TensorBoard's
 # own tf.summary.scalar does) keeps the tensorboard package optional: it is
@@ -183,6 +185,7 @@ def _format_seconds(seconds: float) -> str:
   return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
+@typecheck.checked
 def format_results(summary: Mapping[str, Any],
                    title: Optional[str] = None) -> str:
   """A plain-text table of a summary's per-task eval results and step counts.

@@ -16,6 +16,7 @@ import tf_keras
 
 from mtl_dist import errors
 from mtl_dist import tasks as tasks_lib
+from mtl_dist import typecheck
 from mtl_dist.loop import evaluator
 from mtl_dist.methods import aggregators
 from mtl_dist.methods import optimizers as optimizers_lib
@@ -88,6 +89,7 @@ class Trainer:
       a model that computes in float16 gets them wrapped.
   """
 
+  @typecheck.checked
   def __init__(self, strategy: tf.distribute.Strategy,
                model: model_base.MultiTaskModel,
                tasks: Sequence[tasks_lib.TaskSpec], *, mode: str,

@@ -17,6 +17,9 @@ from typing import Callable
 import tensorflow as tf
 import tf_keras
 
+from mtl_dist import errors
+from mtl_dist import typecheck
+
 OptimizerFactory = Callable[[], tf_keras.optimizers.Optimizer]
 NAMES = ("adam", "sgd")
 
@@ -106,6 +109,7 @@ class _SharedScalars:
     self.scalars: dict | None = None
 
 
+@typecheck.checked
 def make_optimizer_factory(name: str, learning_rate: float) -> OptimizerFactory:
   """A function that makes a fresh optimizer called `name`.
 
@@ -117,10 +121,11 @@ def make_optimizer_factory(name: str, learning_rate: float) -> OptimizerFactory:
     The factory.
 
   Raises:
-    ValueError: For an unknown name.
+    ConfigError: For an unknown name or a learning rate not above 0.
   """
   optimizers = {"adam": FusedAdam, "sgd": tf_keras.optimizers.SGD}
-  if name not in optimizers:
-    raise ValueError(f"unknown optimizer {name!r} (known: "
-                     f"{', '.join(NAMES)})")
+  errors.check_choice("optimizer", name, NAMES)
+  if not learning_rate > 0:
+    raise errors.ConfigError(
+        f"--learning_rate={learning_rate}: must be positive")
   return lambda: optimizers[name](learning_rate=learning_rate)

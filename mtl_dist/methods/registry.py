@@ -93,7 +93,7 @@ class Registry:
       ValueError: For an unknown name, listing the known ones.
     """
     if name not in self._classes:
-      raise ValueError(f"unknown {self.kind} {name!r} (known: "
+      raise errors.ConfigError(f"unknown {self.kind} {name!r} (known: "
                        f"{', '.join(self.names())})")
     return self._classes[name]
 
@@ -114,7 +114,7 @@ class Registry:
     known = {option.name: option for option in cls.options}
     unknown = sorted(set(options) - set(known))
     if unknown:
-      raise ValueError(f"{self.kind} {name!r} has no option "
+      raise errors.ConfigError(f"{self.kind} {name!r} has no option "
                        f"{', '.join(unknown)} (its options: "
                        f"{', '.join(sorted(known)) or 'none'})")
     for key, value in options.items():  # As the flags are checked.
@@ -184,6 +184,6 @@ def assign_state(method: tf.Module, state: Mapping[str, Any],
   variables = {v.name.split(":")[0]: v for v in method.variables}
   for key, value in state.items():
     if key not in variables:
-      raise ValueError(f"{what} has no state {key!r} (its state: "
+      raise errors.ConfigError(f"{what} has no state {key!r} (its state: "
                        f"{', '.join(sorted(variables)) or 'none'})")
     variables[key].assign(value)

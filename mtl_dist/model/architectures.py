@@ -9,29 +9,33 @@ user's functions make them (`ModelFunctions`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import tensorflow as tf
 import tf_keras
 
+from mtl_dist import errors
 from mtl_dist import tasks as tasks_lib
+from mtl_dist import typecheck
 from mtl_dist.model import base
 from mtl_dist.model import cross_stitch
 from mtl_dist.model import experts
 from mtl_dist.model import hps
 from mtl_dist.model import mtan
+from mtl_dist.model import pieces
 from mtl_dist.model import precision
 from mtl_dist.model import settings as settings_lib
 
-# Makes an expert (any tf_keras layer); called once per expert and level.
-ExpertFn = Callable[[], tf_keras.layers.Layer]
+# Every piece may be a Keras 3 or tf_keras layer or model, or a callable
+# tf.Module (see pieces.py).
+# Makes an expert; called once per expert and level.
+ExpertFn = Callable[[], Any]
 # Makes a gate's logits for n experts: a layer mapping the gate's input
 # (the examples, or a PLE level's mixture) to [batch, n].
-GateFn = Callable[[int], tf_keras.layers.Layer]
-# Makes a task's cross-stitch column: a tf_keras.Sequential or a list of
-# layers; a unit follows each of its layers.
-ColumnFn = Callable[[], Union[tf_keras.Sequential,
-                              Sequence[tf_keras.layers.Layer]]]
+GateFn = Callable[[int], Any]
+# Makes a task's cross-stitch column: a Sequential (either Keras) or a list
+# of layers; a unit follows each of its layers.
+ColumnFn = Callable[[], Union[Any, Sequence[Any]]]
 
 _MIXTURES = ("mmoe", "cgc", "ple", "dselect_k")
 
@@ -41,7 +45,7 @@ class ModelFunctions:
   """The user's functions that make a model's pieces (None: built in).
 
   Attributes:
-    trunk_fn: hps and mtan: the shared trunk (mtan: a tf_keras.Sequential).
+    trunk_fn: hps and mtan: the shared trunk (mtan: a Sequential).
     head_fn: Every architecture: each task's head (tower) from its TaskSpec.
     expert_fn: mmoe, cgc, ple, dselect_k: one expert.
     gate_fn: mmoe, cgc, ple: one gate's logits for n experts.
@@ -53,6 +57,19 @@ class ModelFunctions:
   expert_fn: Optional[ExpertFn] = None
   gate_fn: Optional[GateFn] = None
   column_fn: Optional[ColumnFn] = None
+
+  def __post_init__(self):
+    # A layer passed for its function (trunk_fn=keras.layers.Dense(8)) is
+    # callable too, but would be called on no input.
+    for field in dataclasses.fields(self):
+      function = getattr(self, field.name)
+      if function is not None and (not callable(function) or isinstance(
+          function, (tf.Module, tf_keras.layers.Layer)) or pieces.is_keras3(
+              function)):
+        raise errors.ConfigError(
+            f"{field.name}: expects a function that makes a new piece on "
+            f"each call, got {typecheck.kind_of(function)} (pass a "
+            "function returning it)")
 
   def as_kwargs(self) -> dict[str, Optional[Callable]]:
     """The functions by argument name (for `train`, `evaluate`, ...)."""
@@ -95,9 +112,11 @@ def check_functions(architecture: str, functions: ModelFunctions,
     raise ValueError(
         f"mixed_precision={mixed_precision!r} applies to the built-in "
         f"layers; give the layers {own[0]} makes a dtype policy instead "
-        "(e.g. dtype=tf_keras.mixed_precision.Policy('mixed_bfloat16'))")
+        "(dtype=\"mixed_bfloat16\" in Keras 3 and tf_keras alike)")
 
 
+@typecheck.checked
+@pieces.with_replica_local_state
 def build(tasks: Sequence[tasks_lib.TaskSpec], input_shape: Sequence[int],
           settings: settings_lib.ArchitectureConfig,
           functions: ModelFunctions = ModelFunctions(),
@@ -129,6 +148,7 @@ def build(tasks: Sequence[tasks_lib.TaskSpec], input_shape: Sequence[int],
   Raises:
     ValueError: For a function the architecture does not use, mixed
       precision with user layers, or pieces that do not fit together.
+    ConfigError: For a piece that is not a layer (see `pieces.adapt`).
   """
   name = settings.architecture
   check_functions(name, functions, mixed_precision)
@@ -155,15 +175,17 @@ def build(tasks: Sequence[tasks_lib.TaskSpec], input_shape: Sequence[int],
                                              policy))
            for task in task_names}, heads, name="cross_stitch_model")
     elif name == "mtan":
-      shared = (functions.trunk_fn() if functions.trunk_fn else
-                hps.build_trunk(trunk, trunk_width, trunk_depth, policy))
+      shared = (pieces.adapt_sequence(functions.trunk_fn(), "trunk_fn")
+                if functions.trunk_fn else
+                hps.build_trunk(trunk, trunk_width, trunk_depth, policy).layers)
       model = mtan.build(task_names, shared, input_shape, input_dtype, heads)
     else:
       raise ValueError(f"unknown architecture {name!r} (known: "
                        f"{', '.join(settings_lib.ARCHITECTURES)})")
     hps.build_and_check(model, tasks, input_shape, input_dtype)
   except (tf.errors.InvalidArgumentError, ValueError, TypeError) as e:
-    if "head outputs" in str(e) or str(e).startswith(
+    if isinstance(e, errors.ConfigError) or "head outputs" in str(e) or str(
+        e).startswith(
         ("unknown architecture", "--architecture=")):
       raise
     raise ValueError(f"--architecture={name}: its pieces do not fit together "
@@ -208,13 +230,7 @@ def _check_ownership(model: base.MultiTaskModel, task_names: Sequence[str],
 
 
 def _column(column_fn: ColumnFn) -> list[tf_keras.layers.Layer]:
-  column = column_fn()
-  layers = column.layers if isinstance(column, tf_keras.Sequential) else column
-  if not isinstance(layers, (list, tuple)) or not layers or not all(
-      isinstance(layer, tf_keras.layers.Layer) for layer in layers):
-    raise ValueError("column_fn must return a tf_keras.Sequential or a "
-                     "non-empty list of tf_keras layers")
-  return list(layers)
+  return pieces.adapt_sequence(column_fn(), "column_fn")
 
 
 def _mixture(name: str, task_names: Sequence[str],
@@ -225,7 +241,7 @@ def _mixture(name: str, task_names: Sequence[str],
 
   def make_expert(level: int) -> tf_keras.layers.Layer:
     if functions.expert_fn is not None:
-      return functions.expert_fn()
+      return pieces.adapt(functions.expert_fn(), "expert_fn")
     return hps.build_trunk(trunk if level == 0 else "mlp", trunk_width,
                            trunk_depth, policy, name=None)
 
@@ -236,8 +252,8 @@ def _mixture(name: str, task_names: Sequence[str],
                                   settings.dselect_k_entropy_reg)
   else:
     def make_gate(num: int) -> tf_keras.layers.Layer:
-      logits = (functions.gate_fn(num) if functions.gate_fn else
-                experts.default_gate(num))
+      logits = (pieces.adapt(functions.gate_fn(num), "gate_fn")
+                if functions.gate_fn else experts.default_gate(num))
       return experts.SoftmaxGate(logits)
 
   if name in ("mmoe", "dselect_k"):

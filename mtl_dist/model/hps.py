@@ -7,13 +7,15 @@ task a variable belongs to.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import tensorflow as tf
 import tf_keras
 
 from mtl_dist import tasks as tasks_lib
+from mtl_dist import typecheck
 from mtl_dist.model import base
+from mtl_dist.model import pieces
 from mtl_dist.model import precision
 
 
@@ -32,14 +34,16 @@ class SharedTrunkModel(base.MultiTaskModel):
     """Initialises the model.
 
     Args:
-      trunk: Any tf_keras layer or model mapping inputs to a representation.
+      trunk: A tf_keras layer or model (a user's Keras 3 or tf.Module piece
+        adapted by `pieces.adapt`) mapping inputs to a representation.
       heads: Task name to a layer mapping the representation to the task's
         output (logits for classification).
       **kwargs: Passed to `tf_keras.Model`.
     """
     super().__init__(**kwargs)
-    self.trunk = trunk
-    self.heads = dict(heads)
+    self.trunk = pieces.adapt(trunk, "SharedTrunkModel: trunk")
+    self.heads = {task: pieces.adapt(head, f"SharedTrunkModel: heads[{task!r}]")
+                  for task, head in heads.items()}
 
   def forward(self, inputs: tf.Tensor, training: Optional[bool] = None,
               tasks: Optional[Sequence[str]] = None) -> base.Forward:
@@ -103,9 +107,16 @@ def build_trunk(kind: str, width: int, depth: int,
 def default_heads(tasks: Sequence[tasks_lib.TaskSpec],
                   head_fn: Optional["HeadFn"], dtype: Optional[str]
                   ) -> dict[str, tf_keras.layers.Layer]:
-  """Each task's head: `head_fn(task)`, or a linear layer of its size."""
+  """Each task's head: `head_fn(task)`, or a linear layer of its size.
+
+  Raises:
+    ConfigError: If `head_fn` returns something that is not a layer (see
+      `pieces.adapt`).
+  """
   if head_fn is not None:
-    return {task.name: head_fn(task) for task in tasks}
+    return {task.name: pieces.adapt(head_fn(task),
+                                    f"head_fn for task {task.name!r}")
+            for task in tasks}
   return {task.name: tf_keras.layers.Dense(task.output_size,
                                            name=f"head_{task.name}",
                                            dtype=dtype)
@@ -131,13 +142,16 @@ def build_and_check(model: base.MultiTaskModel,
   return model
 
 
-# Makes a user's trunk: any tf_keras layer or model.
-TrunkFn = Callable[[], tf_keras.layers.Layer]
-# Makes a user's head for a task: any tf_keras layer mapping the trunk's
-# output to `task.output_size` units (logits for classification).
-HeadFn = Callable[[tasks_lib.TaskSpec], tf_keras.layers.Layer]
+# Makes a user's trunk: a Keras 3 or tf_keras layer or model, or a callable
+# tf.Module (see pieces.py).
+TrunkFn = Callable[[], Any]
+# Makes a user's head for a task: a piece like the trunk's, mapping the
+# trunk's output to `task.output_size` units (logits for classification).
+HeadFn = Callable[[tasks_lib.TaskSpec], Any]
 
 
+@typecheck.checked
+@pieces.with_replica_local_state
 def build_model(tasks: Sequence[tasks_lib.TaskSpec], input_shape: Sequence[int],
                 trunk: Union[str, TrunkFn] = "mlp", trunk_width: int = 256,
                 trunk_depth: int = 2,
@@ -152,7 +166,8 @@ def build_model(tasks: Sequence[tasks_lib.TaskSpec], input_shape: Sequence[int],
     tasks: One head per task, sized by `TaskSpec.output_size`.
     input_shape: Shape of one example, without the batch dimension.
     trunk: The built-in trunk's kind (see `build_trunk`), or a function
-      returning the user's trunk (any tf_keras layer or model).
+      returning the user's trunk: a Keras 3 or tf_keras layer or model, or
+      a callable tf.Module.
     trunk_width: Units or filters per built-in trunk layer.
     trunk_depth: Number of built-in trunk layers.
     mixed_precision: "none", or "bfloat16" / "float16": the built-in trunk
@@ -161,8 +176,8 @@ def build_model(tasks: Sequence[tasks_lib.TaskSpec], input_shape: Sequence[int],
       alone. A `Trainer` of a float16 model scales its losses (see
       precision.py). Only "none" with a user trunk, whose layers carry
       their own dtype policies.
-    head_fn: Makes each task's head (default: a linear `Dense` layer of
-      `task.output_size` units).
+    head_fn: Makes each task's head, a piece like the trunk (default: a
+      linear `Dense` layer of `task.output_size` units).
     input_dtype: The dtype of the inputs.
 
   Returns:
@@ -171,6 +186,7 @@ def build_model(tasks: Sequence[tasks_lib.TaskSpec], input_shape: Sequence[int],
   Raises:
     ValueError: For mixed precision with a user trunk, or a head whose
       output does not have `task.output_size` units.
+    ConfigError: For a piece that is not a layer (see `pieces.adapt`).
   """
   policy = precision.layer_policy(mixed_precision)
   head_dtype = None if policy is None else "float32"
@@ -179,8 +195,8 @@ def build_model(tasks: Sequence[tasks_lib.TaskSpec], input_shape: Sequence[int],
       raise ValueError(
           f"mixed_precision={mixed_precision!r} applies to the built-in "
           "trunks; give the layers of your own trunk a dtype policy instead "
-          "(e.g. dtype=tf_keras.mixed_precision.Policy('mixed_bfloat16'))")
-    trunk_layer = trunk()
+          "(dtype=\"mixed_bfloat16\" in Keras 3 and tf_keras alike)")
+    trunk_layer = pieces.adapt(trunk(), "trunk_fn")
   else:
     trunk_layer = build_trunk(trunk, trunk_width, trunk_depth, dtype=policy)
   heads = default_heads(tasks, head_fn, head_dtype)

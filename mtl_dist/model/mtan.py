@@ -109,20 +109,19 @@ class MTANModel(base.MultiTaskModel):
     return list(self.attention[task]) + [self.heads[task]]
 
 
-def build(task_names: Sequence[str], trunk: tf_keras.Sequential,
+def build(task_names: Sequence[str],
+          trunk: Sequence[tf_keras.layers.Layer],
           input_shape: Sequence[int], input_dtype: tf.DType,
           heads: Mapping[str, tf_keras.layers.Layer]) -> MTANModel:
-  """An MTAN model around a trunk (built here to count its layers).
+  """An MTAN model around a trunk's layers (built here to count weights).
 
   Raises:
-    ValueError: If the trunk is not a `tf_keras.Sequential` or has no layer
-      with weights.
+    ValueError: If no layer of the trunk has weights.
   """
-  if not isinstance(trunk, tf_keras.Sequential):
-    raise ValueError("--architecture=mtan attends to each layer of the trunk:"
-                     " trunk_fn must return a tf_keras.Sequential")
-  trunk(tf.zeros((1, *input_shape), input_dtype))
-  layers = list(trunk.layers)
+  layers = list(trunk)
+  outputs = tf.zeros((1, *input_shape), input_dtype)
+  for layer in layers:
+    outputs = layer(outputs)
   weighted = sum(_has_weights(layer) for layer in layers)
   if not weighted:
     raise ValueError("--architecture=mtan: the trunk has no layer with "

@@ -62,7 +62,7 @@ class ArchitectureConfig:
     try:
       _check_values(self)
     except errors.ConfigError as e:
-      raise ValueError(str(e)) from None
+      raise errors.ConfigError(str(e)) from None
 
   @property
   def has_representation(self) -> bool:

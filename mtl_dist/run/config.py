@@ -12,6 +12,7 @@ import dataclasses
 from typing import Any, Mapping, Optional, Sequence, TypeVar
 
 from mtl_dist import errors
+from mtl_dist import typecheck
 from mtl_dist.cluster import resolver
 from mtl_dist.cluster import settings as cluster_settings
 from mtl_dist.data import settings as data_settings
@@ -202,6 +203,7 @@ class TrainConfig(_MethodOptions):
     Raises:
       ConfigError: Naming the first bad flag and its value.
     """
+    typecheck.check_fields(self, "--{field}")
     if not self.model_dir:
       raise errors.ConfigError("--model_dir is required")
     errors.check_choice("mode", self.mode, MODES)

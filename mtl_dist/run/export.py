@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from absl import logging
 import numpy as np
@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from mtl_dist import errors
 from mtl_dist import tasks as tasks_lib
+from mtl_dist import typecheck
 from mtl_dist.model import architectures
 from mtl_dist.model import base as model_base
 from mtl_dist.model import hps as model_lib
@@ -104,6 +105,7 @@ def export_saved_model(model: model_base.MultiTaskModel,
                ", ".join(signatures), export_dir)
 
 
+@typecheck.checked
 def export_run(model_dir: str, export_dir: str,
                checkpoint: Optional[str] = None,
                trunk_fn: Optional[model_lib.TrunkFn] = None,
@@ -142,14 +144,16 @@ def export_run(model_dir: str, export_dir: str,
   return path
 
 
-def predict(export_dir: str, inputs: np.ndarray,
+@typecheck.checked
+def predict(export_dir: str, inputs: Any,
             signature: str = DEFAULT_SIGNATURE,
             batch_size: int = 256) -> dict[str, np.ndarray]:
   """Runs an exported model's signature over `inputs`, batch by batch.
 
   Args:
     export_dir: A SavedModel written by `export_saved_model`.
-    inputs: [N, ...] examples. Floating-point inputs are cast to a
+    inputs: [N, ...] examples (an array, or what np.asarray takes).
+      Floating-point inputs are cast to a
       floating-point input dtype; other mismatches are refused.
     signature: `serving_default` or a task's name.
     batch_size: Examples per call.
@@ -172,6 +176,10 @@ def predict(export_dir: str, inputs: np.ndarray,
   function = loaded.signatures[signature]
   spec = function.structured_input_signature[1][INPUT_NAME]
   expected = tuple(spec.shape[1:])
+  try:
+    inputs = np.asarray(inputs)
+  except (TypeError, ValueError) as e:
+    raise errors.ConfigError(f"predict: inputs: not an array ({e})") from None
   if tuple(inputs.shape[1:]) != expected:
     raise errors.ConfigError(
         f"the inputs have shape {tuple(inputs.shape)}: the model takes "
@@ -211,6 +219,7 @@ def load_inputs(path: str) -> np.ndarray:
                              f"({reason})") from None
 
 
+@typecheck.checked
 def write_predictions(path: str, predictions: dict[str, np.ndarray]) -> None:
   """Writes predictions to `.npz` (arrays) or `.jsonl` (one line an example).
 

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import tensorflow as tf
 
 from mtl_dist import errors
+from mtl_dist import typecheck
 from mtl_dist.loop import run_files
 from mtl_dist.run import saved_run
 from mtl_dist.run import sidecar
@@ -72,6 +73,7 @@ def _read_metrics(model_dir: str) -> list[dict[str, Any]]:
   return run_files.read_json_lines(path)
 
 
+@typecheck.checked
 def write_report(model_dir: str, output: Optional[str] = None) -> str:
   """Draws the run's curves into a PNG.
 

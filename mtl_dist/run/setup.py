@@ -235,6 +235,8 @@ def _user_data(data: data_lib.MultiTaskData,
   for task in data.tasks:
     try:
       task.check_loss()
+    except errors.ConfigError:  # It says what the loss returned.
+      raise
     except Exception as e:  # pylint: disable=broad-except
       raise errors.ConfigError(
           f"task {task.name!r}: its loss function fails on a batch of 2 "

@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from mtl_dist import data as data_lib
 from mtl_dist import errors
+from mtl_dist import typecheck
 from mtl_dist.cluster import strategy as strategy_lib
 from mtl_dist.loop import checkpointing
 from mtl_dist.loop import evaluator as evaluator_lib
@@ -122,6 +123,7 @@ class _Sidecar:
                       metrics=metrics)
 
 
+@typecheck.checked
 def evaluate(model_dir: str, *, checkpoint: Optional[str] = None,
              watch: bool = False,
              data: Optional[data_lib.MultiTaskData] = None,

@@ -21,6 +21,7 @@ import tensorflow as tf
 from mtl_dist import data as data_lib
 from mtl_dist import errors
 from mtl_dist import tasks as tasks_lib
+from mtl_dist import typecheck
 from mtl_dist.cluster import strategy as strategy_lib
 from mtl_dist.loop import preemption
 from mtl_dist.loop import profiling
@@ -36,6 +37,7 @@ from mtl_dist.run import saved_run
 from mtl_dist.run import setup
 
 
+@typecheck.checked
 def train(config: config_lib.TrainConfig,
           data: Optional[data_lib.MultiTaskData] = None,
           trunk_fn: Optional[model_lib.TrunkFn] = None,
@@ -53,19 +55,21 @@ def train(config: config_lib.TrainConfig,
       for every task, in alternate mode one per task in task order (see
       `source_from_dataset`, `source_from_arrays`). The tasks come from
       `data.tasks`; `config.task_weights` replaces their weights when set.
-    trunk_fn: Makes the shared trunk (any tf_keras layer or model), called
-      inside the strategy's scope; default: the built-in trunk that
-      `config.trunk` names.
+    trunk_fn: Makes the shared trunk, called inside the strategy's scope:
+      a Keras 3 (`keras`, `tf.keras`) or tf_keras layer or model, or a
+      callable tf.Module (docs/api.md, "Which Keras"); default: the built-in
+      trunk that `config.trunk` names.
     head_fn: Makes each task's head (tower) from its `TaskSpec`, also
-      inside the scope; default: a linear layer of `task.output_size` units.
-    expert_fn: mmoe, cgc, ple, dselect_k: makes one expert (any tf_keras
-      layer; called once per expert); default: the built-in trunk.
+      inside the scope, a piece like the trunk; default: a linear layer of
+      `task.output_size` units.
+    expert_fn: mmoe, cgc, ple, dselect_k: makes one expert (called once per
+      expert); default: the built-in trunk.
     gate_fn: mmoe, cgc, ple: makes one gate's logits for n experts (a layer
       mapping the gate's input to [batch, n]); default: a linear layer of
       the flattened input. A softmax follows it.
-    column_fn: cross_stitch: makes one task's column, a tf_keras.Sequential
-      or a list of layers, with a cross-stitch unit after each layer;
-      default: the built-in trunk's blocks.
+    column_fn: cross_stitch: makes one task's column, a Sequential (either
+      Keras) or a list of layers, with a cross-stitch unit after each
+      layer; default: the built-in trunk's blocks.
 
   Returns:
     The run summary, also written to `model_dir/summary.json`: `step`,

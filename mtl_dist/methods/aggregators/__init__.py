@@ -14,6 +14,8 @@ from typing import Any, Optional, Union
 import numpy as np
 import tensorflow as tf
 
+from mtl_dist import errors
+from mtl_dist import typecheck
 from mtl_dist.methods import registry
 
 for _module in pkgutil.iter_modules(__path__):
@@ -36,6 +38,7 @@ def create(name: str, num_tasks: int, seed: int = 0, **options: Any):
   return registry.AGGREGATORS.create(name, num_tasks, seed, **options)
 
 
+@typecheck.checked
 def aggregate(name: str, matrix: Any, *, step: int = 0, seed: int = 0,
               state: Optional[dict[str, Any]] = None, losses: Any = None,
               **options: Any
@@ -70,12 +73,13 @@ def aggregate(name: str, matrix: Any, *, step: int = 0, seed: int = 0,
   """
   matrix = tf.convert_to_tensor(matrix, tf.float32)
   if matrix.shape.rank != 2 or matrix.shape[0] is None:
-    raise ValueError(f"aggregate() needs a [T, P] matrix of task gradients, "
-                     f"got shape {matrix.shape}")
+    raise errors.ConfigError(
+        f"aggregate() needs a [T, P] matrix of task gradients, "
+        f"got shape {matrix.shape}")
   sub_batches = registry.AGGREGATORS.get(name).sub_batches
   if sub_batches > 1 and (matrix.shape[0] == 0 or
                           matrix.shape[0] % sub_batches):
-    raise ValueError(
+    raise errors.ConfigError(
         f"aggregator {name!r} takes {sub_batches} sub-batch gradients per "
         f"task: a [{sub_batches}T, P] matrix whose row k*T + i is task i's "
         f"gradient on sub-batch k, got shape {matrix.shape}")
@@ -84,12 +88,14 @@ def aggregate(name: str, matrix: Any, *, step: int = 0, seed: int = 0,
   registry.assign_state(aggregator, state or {}, f"aggregator {name!r}")
   if aggregator.needs_losses:
     if losses is None:
-      raise ValueError(f"aggregator {name!r} needs losses, the [T] task "
-                       "losses of the step")
+      raise errors.ConfigError(
+          f"aggregator {name!r} needs losses, the [T] task "
+          "losses of the step")
     losses = tf.convert_to_tensor(losses, tf.float32)
     if losses.shape != [num_tasks]:
-      raise ValueError(f"aggregate() needs [{num_tasks}] losses, one per "
-                       f"row of the matrix, got shape {losses.shape}")
+      raise errors.ConfigError(
+          f"aggregate() needs [{num_tasks}] losses, one per "
+          f"row of the matrix, got shape {losses.shape}")
   else:
     losses = None
   direction = aggregator(matrix, tf.constant(step, tf.int64), losses)

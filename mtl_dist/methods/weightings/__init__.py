@@ -14,6 +14,8 @@ from typing import Any, NamedTuple, Optional, Sequence, Union
 import numpy as np
 import tensorflow as tf
 
+from mtl_dist import errors
+from mtl_dist import typecheck
 from mtl_dist.methods import registry
 from mtl_dist.methods.weightings import base
 
@@ -45,6 +47,7 @@ class _Task(NamedTuple):
   kind: str
 
 
+@typecheck.checked
 def loss_weights(
     name: str, losses: Any, *, step: int = 0, seed: int = 0,
     task_weights: Optional[Sequence[float]] = None,
@@ -82,15 +85,18 @@ def loss_weights(
   """
   losses = tf.convert_to_tensor(losses, tf.float32)
   if losses.shape.rank != 1 or losses.shape[0] is None:
-    raise ValueError(f"loss_weights() needs a [T] vector of task losses, got "
-                     f"shape {losses.shape}")
+    raise errors.ConfigError(
+        f"loss_weights() needs a [T] vector of task losses, got "
+        f"shape {losses.shape}")
   num_tasks = int(losses.shape[0])
-  weights_given = task_weights if task_weights is not None else [1.0] * num_tasks
+  weights_given = (task_weights if task_weights is not None
+                   else [1.0] * num_tasks)
   kinds = task_kinds if task_kinds is not None else [
       base.CLASSIFICATION] * num_tasks
   if len(weights_given) != num_tasks or len(kinds) != num_tasks:
-    raise ValueError(f"task_weights and task_kinds need {num_tasks} entries, "
-                     "one per loss")
+    raise errors.ConfigError(
+        f"task_weights and task_kinds need {num_tasks} entries, "
+        "one per loss")
   tasks = [_Task(float(w), k) for w, k in zip(weights_given, kinds)]
   weighting = create(name, tasks, seed, **options)
   registry.assign_state(weighting, state or {}, f"weighting {name!r}")
@@ -99,19 +105,22 @@ def loss_weights(
       step_tensor, losses if weighting.needs_losses else None))
   if weighting.needs_task_gradients:
     if task_gradients is None:
-      raise ValueError(f"weighting {name!r} needs task_gradients, the [T, |W|] "
-                       "task gradients at the last shared layer")
+      raise errors.ConfigError(
+          f"weighting {name!r} needs task_gradients, the [T, |W|] "
+          "task gradients at the last shared layer")
     weighting.replica_update(
         tf.convert_to_tensor(task_gradients, tf.float32), losses,
         tf.ones([num_tasks]))
   if weighting.needs_updated_losses:
     if updated_losses is None:
-      raise ValueError(f"weighting {name!r} needs updated_losses, the [T] "
-                       "losses of the same batch after the step's update")
+      raise errors.ConfigError(
+          f"weighting {name!r} needs updated_losses, the [T] "
+          "losses of the same batch after the step's update")
     updated_losses = tf.convert_to_tensor(updated_losses, tf.float32)
     if updated_losses.shape != [num_tasks]:
-      raise ValueError(f"loss_weights() needs [{num_tasks}] updated_losses, "
-                       f"got shape {updated_losses.shape}")
+      raise errors.ConfigError(
+          f"loss_weights() needs [{num_tasks}] updated_losses, "
+          f"got shape {updated_losses.shape}")
   weighting.update(losses, True, updated_losses
                    if weighting.needs_updated_losses else None)
   if not weighting.variables:
