@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import inspect
 import numbers
+import os
 import typing
 from typing import Any, Callable
 
@@ -157,8 +158,35 @@ def check(value: Any, annotation: Any, name: str) -> None:
         f"{_found(value, annotation)}")
 
 
+def normalized(value: Any, annotation: Any) -> Any:
+  """`value` in the plain Python form `annotation` names, where one exists.
+
+  A NumPy scalar becomes its Python number, a path object its string, and a
+  shape-like iterable (TensorShape, array) a tuple, when the result matches
+  `annotation` and `value` does not: what is kept must also go into JSON.
+  """
+  if matches(value, annotation) and not isinstance(value, np.generic):
+    return value
+  candidate = value
+  if isinstance(value, np.generic):
+    candidate = value.item()
+  elif isinstance(value, os.PathLike):
+    candidate = os.fspath(value)
+  elif not isinstance(value, (str, bytes, list, tuple, dict)) and hasattr(
+      value, "__iter__"):
+    try:
+      candidate = tuple(v.item() if isinstance(v, np.generic) else v
+                        for v in value)
+    except TypeError:
+      return value
+  return candidate if matches(candidate, annotation) else value
+
+
 def check_fields(instance: Any, name_format: str = "{owner}.{field}") -> None:
   """Checks every field of a dataclass instance against its annotation.
+
+  Fields of a `normalized` form are replaced by it (also on frozen
+  instances), so NumPy scalars and path objects are taken.
 
   Args:
     instance: The dataclass instance.
@@ -170,15 +198,20 @@ def check_fields(instance: Any, name_format: str = "{owner}.{field}") -> None:
   """
   hints = typing.get_type_hints(type(instance))
   for field in dataclasses.fields(instance):
-    check(getattr(instance, field.name), hints[field.name],
+    value = getattr(instance, field.name)
+    plain = normalized(value, hints[field.name])
+    if plain is not value:
+      object.__setattr__(instance, field.name, plain)
+    check(plain, hints[field.name],
           name_format.format(owner=type(instance).__name__, field=field.name))
 
 
 def checked(function: Callable) -> Callable:
   """Decorates a public function to check its arguments' types first.
 
-  Each argument with an annotation is checked against it (see `matches`);
-  a wrong one raises `ConfigError` "function: name=value: must be ...".
+  Each argument with an annotation is checked against it (see `matches`),
+  after taking its `normalized` form, which is what the function gets; a
+  wrong one raises `ConfigError` "function: name=value: must be ...".
   """
   signature = inspect.signature(function)
   hints: dict[str, Any] = {}
@@ -196,7 +229,9 @@ def checked(function: Callable) -> Callable:
       raise errors.ConfigError(f"{name}: {e}") from None
     for argument, value in bound.arguments.items():
       if argument in hints:
-        check(value, hints[argument], f"{name}: {argument}")
-    return function(*args, **kwargs)
+        plain = normalized(value, hints[argument])
+        check(plain, hints[argument], f"{name}: {argument}")
+        bound.arguments[argument] = plain
+    return function(*bound.args, **bound.kwargs)
 
   return wrapped

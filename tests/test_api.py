@@ -273,3 +273,22 @@ def test_wrong_arguments_are_named_in_one_line(tmp_path, monkeypatch):
     assert message in str(error.value), (message, str(error.value))
     assert "\n" not in str(error.value)
   assert not os.listdir(tmp_path)  # Nothing was written.
+
+
+def test_numpy_scalars_paths_and_shapes_are_taken_as_python_values(tmp_path):
+  task = mtl_dist.TaskSpec("digit", "classification",
+                           num_classes=np.int64(10), weight=np.float32(2))
+  assert type(task.num_classes) is int and type(task.weight) is float
+  config = mtl_dist.TrainConfig(model_dir=tmp_path / "run",
+                                seed=np.int64(3), strategy="one_device")
+  config.validate()
+  assert config.model_dir == str(tmp_path / "run")
+  assert json.dumps(dataclasses.asdict(config))  # What config.json holds.
+  with mtl_dist.create_strategy("one_device").scope():
+    model = mtl_dist.build_model([task], tf.TensorShape([4]), "mlp", 4, 1)
+  assert model.heads["digit"].units == 10
+  with pytest.raises(mtl_dist.ConfigError, match="has no config.json"):
+    mtl_dist.evaluate(tmp_path / "missing")
+  with pytest.raises(mtl_dist.ConfigError, match="trunk_fn: expects a "
+                     "function that makes a new piece on each call"):
+    mtl_dist.build_model([task], (4,), tf_keras.layers.Dense(4))

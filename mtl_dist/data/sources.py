@@ -159,8 +159,9 @@ def _shape(value: Any) -> tuple[int, ...]:
       return tuple(int(d) for d in shape)
   except (TypeError, ValueError):
     pass
+  shown = " ".join(repr(value).split())[:60]
   raise errors.ConfigError(
-      f"MultiTaskData.input_shape={value!r}: expects one example's shape "
+      f"MultiTaskData.input_shape={shown}: expects one example's shape "
       "without the batch dimension, a non-empty tuple of positive ints such "
       "as features.shape[1:]")
 

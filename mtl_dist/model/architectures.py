@@ -59,17 +59,8 @@ class ModelFunctions:
   column_fn: Optional[ColumnFn] = None
 
   def __post_init__(self):
-    # A layer passed for its function (trunk_fn=keras.layers.Dense(8)) is
-    # callable too, but would be called on no input.
     for field in dataclasses.fields(self):
-      function = getattr(self, field.name)
-      if function is not None and (not callable(function) or isinstance(
-          function, (tf.Module, tf_keras.layers.Layer)) or pieces.is_keras3(
-              function)):
-        raise errors.ConfigError(
-            f"{field.name}: expects a function that makes a new piece on "
-            f"each call, got {typecheck.kind_of(function)} (pass a "
-            "function returning it)")
+      pieces.check_function(field.name, getattr(self, field.name))
 
   def as_kwargs(self) -> dict[str, Optional[Callable]]:
     """The functions by argument name (for `train`, `evaluate`, ...)."""

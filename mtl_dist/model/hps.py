@@ -188,6 +188,9 @@ def build_model(tasks: Sequence[tasks_lib.TaskSpec], input_shape: Sequence[int],
       output does not have `task.output_size` units.
     ConfigError: For a piece that is not a layer (see `pieces.adapt`).
   """
+  if not isinstance(trunk, str):
+    pieces.check_function("trunk_fn", trunk)
+  pieces.check_function("head_fn", head_fn)
   policy = precision.layer_policy(mixed_precision)
   head_dtype = None if policy is None else "float32"
   if callable(trunk):

@@ -31,6 +31,7 @@ import tensorflow as tf
 import tf_keras
 
 from mtl_dist import errors
+from mtl_dist import typecheck
 
 
 def _keras3_layer_class() -> Optional[type]:
@@ -114,7 +115,10 @@ class Keras3Piece(tf_keras.layers.Layer):
 
   def call(self, inputs: tf.Tensor, training: Optional[bool] = None
            ) -> tf.Tensor:
-    outputs = self.piece(inputs, training=training)
+    # A piece built on its first call (not by a model builder) makes its
+    # variables here.
+    with replica_local_state():
+      outputs = self.piece(inputs, training=training)
     for loss in self.piece.losses:
       self.add_loss(loss)
     return outputs
@@ -226,15 +230,29 @@ def adapt(piece: Any, what: str) -> tf_keras.layers.Layer:
       "TensorFlow variables")
 
 
+def check_function(name: str, function: Any) -> None:
+  """Refuses a piece given where a function that makes one is expected.
+
+  Raises:
+    ConfigError: Naming `name`, if `function` is not callable or is itself
+      a layer or module (callable, but it would be called on no input).
+  """
+  if function is not None and (not callable(function) or isinstance(
+      function, (tf.Module, tf_keras.layers.Layer)) or is_keras3(function)):
+    raise errors.ConfigError(
+        f"{name}: expects a function that makes a new piece on each call, "
+        f"got {typecheck.kind_of(function)} (pass a function returning it)")
+
+
 def adapt_sequence(pieces: Any, what: str) -> list[tf_keras.layers.Layer]:
   """The layers of a Sequential (either Keras) or a list, each adapted.
 
   Raises:
     ConfigError: For anything else, or an empty sequence.
   """
+  keras = sys.modules.get("keras")
   if isinstance(pieces, tf_keras.Sequential) or (
-      is_keras3(pieces) and hasattr(pieces, "layers")
-      and type(pieces).__name__ == "Sequential"):
+      is_keras3(pieces) and isinstance(pieces, keras.Sequential)):
     layers = list(pieces.layers)
   elif isinstance(pieces, (list, tuple)):
     layers = list(pieces)
