@@ -221,6 +221,16 @@ def test_keras3_mixed_precision_under_xla_on_two_replicas(dtype):
                                atol=1e-6)
 
 
+def _train_two_steps(strategy, model, tasks) -> None:
+  """Two joint SGD steps of `model` on shapes."""
+  trainer = mtl_dist.Trainer(
+      strategy, model, tasks, mode="joint", global_batch_size=16,
+      optimizer_factory=mtl_dist.make_optimizer_factory("sgd", 0.1))
+  source = mtl_dist.source_from_arrays(_FEATURES, _LABELS, ["shape", "x"])
+  trainer.train([iter(mtl_dist.distribute_train(strategy, source, 16,
+                                                seed=0))], 2)
+
+
 class _Scale(keras.layers.Layer):
   """A Keras 3 layer subclass with a weight of its own."""
 
@@ -245,12 +255,7 @@ def test_a_functional_keras3_model_with_a_custom_layer_trains():
   assert [v.shape.as_list() for v in model.shared_variables] == [
       [int(np.prod(_INPUT_SHAPE)), _WIDTH], [_WIDTH], [_WIDTH]]
   before = [v.numpy() for v in model.shared_variables]
-  trainer = mtl_dist.Trainer(
-      strategy, model, tasks, mode="joint", global_batch_size=16,
-      optimizer_factory=mtl_dist.make_optimizer_factory("sgd", 0.1))
-  source = mtl_dist.source_from_arrays(_FEATURES, _LABELS, ["shape", "x"])
-  trainer.train([iter(mtl_dist.distribute_train(strategy, source, 16,
-                                                seed=0))], 2)
+  _train_two_steps(strategy, model, tasks)
   for variable, old in zip(model.shared_variables, before):
     assert np.abs(variable.numpy() - old).max() > 0, variable.name
 
@@ -287,12 +292,7 @@ def test_a_tf_module_trunk_trains_on_two_replicas():
   kernel = model.trunk.module.kernel
   assert model.shared_variables == [kernel]
   before = kernel.numpy()
-  trainer = mtl_dist.Trainer(
-      strategy, model, tasks, mode="joint", global_batch_size=16,
-      optimizer_factory=mtl_dist.make_optimizer_factory("sgd", 0.1))
-  source = mtl_dist.source_from_arrays(_FEATURES, _LABELS, ["shape", "x"])
-  trainer.train([iter(mtl_dist.distribute_train(strategy, source, 16,
-                                                seed=0))], 2)
+  _train_two_steps(strategy, model, tasks)
   assert np.abs(kernel.numpy() - before).max() > 0
 
 

@@ -124,10 +124,8 @@ class MultiTaskData:
                           "source (mtl_dist.source_from_arrays or "
                           "source_from_dataset)")
       object.__setattr__(self, field, sources)
-    if not isinstance(self.partial_labels, bool):
-      raise errors.ConfigError(
-          f"MultiTaskData.partial_labels={self.partial_labels!r}: must be "
-          "True or False")
+    typecheck.check(self.partial_labels, bool,
+                    "MultiTaskData.partial_labels")
 
 
 def _as_tuple(value: Any, kind: type, field: str, described: str) -> tuple:
@@ -143,7 +141,7 @@ def _as_tuple(value: Any, kind: type, field: str, described: str) -> tuple:
                  None) if isinstance(items, (list, tuple)) else value
     raise errors.ConfigError(
         f"MultiTaskData.{field}: expects a {described} or a list of them, "
-        f"got a {type(wrong).__name__}")
+        f"got {typecheck.kind_of(wrong)}")
   return tuple(items)
 
 

@@ -54,6 +54,15 @@ def _describe(piece: Any) -> str:
   return f"{kind.__module__}.{kind.__qualname__}"
 
 
+def _other_backend(what: str, subject: str) -> errors.ConfigError:
+  """The error for Keras 3 `subject` kept on a backend other than TF's."""
+  backend = sys.modules["keras"].backend.backend()
+  return errors.ConfigError(
+      f"{what}: {subject} of the {backend!r} backend, whose variables "
+      "TensorFlow cannot train or checkpoint: set KERAS_BACKEND=tensorflow "
+      "before importing keras")
+
+
 def _tf_variable(variable: Any, what: str) -> tf.Variable:
   """The `tf.Variable` inside a Keras 3 variable.
 
@@ -62,12 +71,8 @@ def _tf_variable(variable: Any, what: str) -> tf.Variable:
   """
   value = variable.value
   if not isinstance(value, tf.Variable):
-    backend = sys.modules["keras"].backend.backend()
-    raise errors.ConfigError(
-        f"{what}: the Keras 3 variable {variable.path} is a "
-        f"{_describe(value)} of the {backend!r} backend, which TensorFlow "
-        "cannot train or checkpoint: set KERAS_BACKEND=tensorflow before "
-        "importing keras")
+    raise _other_backend(what, f"the Keras 3 variable {variable.path} is a "
+                         f"{_describe(value)}")
   return value
 
 
@@ -202,12 +207,8 @@ def adapt(piece: Any, what: str) -> tf_keras.layers.Layer:
   if isinstance(piece, (Keras3Piece, ModulePiece)):
     return piece  # Adapted already.
   if is_keras3(piece):
-    backend = sys.modules["keras"].backend.backend()
-    if backend != "tensorflow":
-      raise errors.ConfigError(
-          f"{what}: got a Keras 3 layer of the {backend!r} backend, whose "
-          "variables TensorFlow cannot train or checkpoint: set "
-          "KERAS_BACKEND=tensorflow before importing keras")
+    if sys.modules["keras"].backend.backend() != "tensorflow":
+      raise _other_backend(what, "got a Keras 3 layer")
     return Keras3Piece(piece, what)
   if isinstance(piece, (tf_keras.layers.Layer, tf.Module)):
     inner = _holds_keras3(piece)
@@ -283,11 +284,13 @@ def _replica_local(next_creator: Callable[..., tf.Variable],
 
 @contextlib.contextmanager
 def replica_local_state() -> Iterator[None]:
-  """Within it, Keras 3's non-trainable float variables are replica-local.
+  """Within it, non-trainable float variables are replica-local.
 
   Each replica updates its own copy (batch statistics of its examples); a
   read outside replicas, a checkpoint among them, gets their mean. These are
-  tf_keras batch norm's settings; tf_keras layers pass them explicitly.
+  tf_keras batch norm's settings, which it passes explicitly; Keras 3's
+  batch norm needs them given here, and any other non-trainable float
+  variable made within the scope (tf_keras ones too) gets them as well.
   """
   with tf.variable_creator_scope(_replica_local):
     yield
