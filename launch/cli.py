@@ -10,6 +10,8 @@ from absl import flags
 import tensorflow as tf
 
 from mtl_dist import errors
+from mtl_dist.run import config as config_lib
+from mtl_dist.run import failures
 
 _HELP_FLAGS = {"--help", "-help", "--helpfull", "-helpfull", "--helpshort",
                "-helpshort", "--helpxml", "-helpxml", "-?", "-h"}
@@ -23,8 +25,9 @@ def fail(program: str, message: str, status: int = 2) -> NoReturn:
 
 def runtime_failure(error: BaseException) -> str:
   """One line for a failure while running: a file or TensorFlow error."""
-  message = str(getattr(error, "message", None) or error).strip()
-  lines = message.splitlines() or [""]
+  if isinstance(error, tf.errors.OpError):  # Past "Graph execution error:".
+    return f"{type(error).__name__}: {failures.reason(error)}"
+  lines = str(error).strip().splitlines() or [""]
   return f"{type(error).__name__}: {lines[0][:300]}"
 
 
@@ -59,12 +62,36 @@ def flags_parser(program: str) -> Callable[[list[str]], list[str]]:
 
   def parse(argv: list[str]) -> list[str]:
     try:
-      return flags.FLAGS(argv)
+      rest = flags.FLAGS(argv)
     except flags.Error as e:
       fail(program, str(e))
     except SystemExit as e:  # absl exits 1 after printing the help.
       if e.code == 1 and _HELP_FLAGS.intersection(argv[1:]):
         sys.exit(0)
       raise
+    _check_numbers(program)
+    return rest
 
   return parse
+
+
+def _check_numbers(program: str) -> None:
+  """Exits 2 for a given number flag that is NaN, infinite or too large.
+
+  absl's bounds let NaN through (no comparison with it is true); no count
+  of this package's fits past an int32, and no float setting means
+  anything past 1e6 (see docs/flags.md).
+  """
+  for module_flags in flags.FLAGS.flags_by_module_dict().values():
+    for item in module_flags:
+      if not item.present or item.value is None:
+        continue
+      values = item.value if isinstance(item.value, list) else [item.value]
+      for value in values:
+        if isinstance(value, float) and not abs(value) <= config_lib.MAX_FLOAT:
+          fail(program, f"--{item.name}={value}: must be a finite number of "
+               f"magnitude at most {config_lib.MAX_FLOAT:g}")
+        if (isinstance(value, int) and not isinstance(value, bool) and
+            abs(value) > config_lib.MAX_INT):
+          fail(program, f"--{item.name}={value}: must be at most "
+               f"{config_lib.MAX_INT} in magnitude")

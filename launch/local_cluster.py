@@ -40,7 +40,8 @@ from mtl_dist.cluster import resolver as cluster_lib
 _PROGRAM = "mtl-local-cluster"
 
 _NUM_WORKERS = flags.DEFINE_integer(
-    "num_workers", 2, "Worker processes to start.", lower_bound=1)
+    "num_workers", 2, "Worker processes to start (at most 64).", lower_bound=1,
+    upper_bound=64)
 _GRACE_SECONDS = flags.DEFINE_float(
     "grace_seconds", 30.0, "When stopping workers: seconds between SIGTERM "
     "and SIGKILL.", lower_bound=0.0)
@@ -200,13 +201,29 @@ class LocalCluster:
         process.wait()
 
 
+# `python -m launch.train` would put the working directory first on a
+# worker's import path, where a folder named mtl_dist/ (the parent of a
+# clone) shadows the package. A worker drops that entry; the directory that
+# holds the packages this launcher imported comes last, for a checkout that
+# is not installed.
+_WORKER_MAIN = ("import sys; sys.path = [p for p in sys.path if p]; "
+                "sys.path.append({root!r}); sys.argv[0] = 'mtl-train'; "
+                "from launch import train; train.run()")
+
+
+def worker_command(train_flags: list[str]) -> list[str]:
+  """The command that starts one worker, mtl-train with `train_flags`."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return [sys.executable, "-c", _WORKER_MAIN.format(root=root), *train_flags]
+
+
 def main(argv: list[str]) -> None:
   """Starts the workers with mtl-train's flags (after `--`) and waits."""
   train_flags = argv[1:]
   if not train_flags:
     cli.fail(_PROGRAM, "give mtl-train's flags after --, e.g. "
              f"{_PROGRAM} --num_workers=2 -- --model_dir=/tmp/mtl_mw")
-  command = [sys.executable, "-m", "launch.train", *train_flags]
+  command = worker_command(train_flags)
   cluster = LocalCluster(command, _NUM_WORKERS.value, _GRACE_SECONDS.value)
   # Preemption of the whole job (SIGTERM) or Ctrl-C: workers get SIGTERM,
   # on which they save a checkpoint.

@@ -363,6 +363,8 @@ def main(argv: list[str]) -> None:
   except (mtl_dist.ClusterError, mtl_dist.DataError,
           mtl_dist.NonFiniteError) as e:
     cli.fail(_PROGRAM, str(e), status=1)
+  except (tf.errors.OpError, OSError) as e:  # A full disk, a lost file system.
+    cli.fail(_PROGRAM, cli.runtime_failure(e), status=1)
   except mtl_dist.Preempted as e:
     sys.stderr.write(f"{_PROGRAM}: {e}\n")
     sys.exit(preemption.PREEMPTED_EXIT_STATUS)

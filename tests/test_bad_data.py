@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import mtl_dist
 from mtl_dist import data as data_lib
@@ -153,3 +154,73 @@ def test_the_launcher_exits_1_on_bad_data(monkeypatch, capsys):
   assert exit_info.value.code == 1
   assert capsys.readouterr().err == (
       "mtl-train: error: bad data near step 12: task 'shape': ...\n")
+
+
+def test_class_labels_that_are_not_whole_numbers_are_refused(arrays):
+  features, labels = arrays
+  labels["shape"] = labels["shape"].astype(np.float32)
+  labels["shape"][5] = 0.5
+  labels["shape"][6] = 1.5
+  with pytest.raises(mtl_dist.ConfigError,
+                     match="task 'shape' has class label 0.5 in 2 example\\(s\\)"
+                     "; class labels are whole numbers"):
+    data_lib.check(_data(features, labels), partial_labels=False)
+  labels["shape"][5:7] = 1.0  # Whole numbers stored as floats are classes.
+  data_lib.check(_data(features, labels), partial_labels=False)
+
+
+def test_targets_wider_than_the_head_are_refused(arrays):
+  features, labels = arrays
+  labels["x"] = np.repeat(labels["x"].reshape(-1, 1), 3, axis=1)  # [N, 3].
+  with pytest.raises(mtl_dist.ConfigError,
+                     match="task 'x' has targets of shape \\(\\d+, 3\\), 3 "
+                     "number\\(s\\) per example; its head predicts 1"):
+    data_lib.check(_data(features, labels), partial_labels=False)
+
+
+def test_class_labels_of_several_numbers_per_example_are_refused(arrays):
+  features, labels = arrays
+  labels["shape"] = np.stack([labels["shape"]] * 2, axis=1)
+  with pytest.raises(mtl_dist.ConfigError,
+                     match="class labels of shape \\(\\d+, 2\\): one class "
+                     "number per example"):
+    data_lib.check(_data(features, labels), partial_labels=False)
+
+
+def test_a_pipeline_that_fails_mid_stream_is_a_data_error(tmp_path, arrays,
+                                                          monkeypatch):
+  features, labels = arrays
+  data = _data(features, labels, streamed=True)
+  source = data.train[0]
+
+  def fail_at_300(i, example):  # Past the checked first batch.
+    features, example_labels = example
+    check = tf.debugging.assert_less(i, tf.constant(300, tf.int64),
+                                     message="decoding failed")
+    with tf.control_dependencies([check]):
+      return tf.identity(features), example_labels
+
+  failing = lambda: source.make_dataset().enumerate().map(fail_at_300)
+
+  data = dataclasses.replace(
+      data, train=(dataclasses.replace(source, make_dataset=failing),))
+  monkeypatch.setattr(data_lib, "load", lambda config: data)
+  with pytest.raises(mtl_dist.DataError,
+                     match="the input pipeline failed near step \\d+: .*"
+                     "decoding failed"):
+    mtl_dist.train(_config(tmp_path / "run"))
+
+
+def test_a_dataset_of_unknown_size_that_never_ends_is_refused(monkeypatch):
+  from mtl_dist.data import sources  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(sources, "MAX_COUNTED", 100_000)
+  endless = tf.data.Dataset.range(1).repeat().map(
+      lambda i: (tf.zeros([2]), {"t": tf.zeros([])})).filter(
+          lambda x, y: True)  # filter(): tf.data no longer knows the size.
+  assert int(endless.cardinality()) == tf.data.UNKNOWN_CARDINALITY
+  with pytest.raises(mtl_dist.ConfigError,
+                     match="did not end within 100000 examples"):
+    mtl_dist.source_from_dataset(endless, ["t"])
+  finite = tf.data.Dataset.range(1000).map(
+      lambda i: (tf.zeros([2]), {"t": tf.zeros([])})).filter(lambda x, y: True)
+  assert mtl_dist.source_from_dataset(finite, ["t"]).num_examples == 1000

@@ -278,7 +278,7 @@ def test_missing_model_dir_exits_2():
 def test_nonfinite_loss_stops_with_status_1_or_is_skipped(tmp_path):
   model_dir = str(tmp_path / "diverge")
   flags = [f"--model_dir={model_dir}", "--optimizer=sgd",
-           "--learning_rate=1e12", "--log_every=20", "--steps_per_loop=10",
+           "--learning_rate=1e6", "--log_every=20", "--steps_per_loop=10",
            "--train_examples=1024",
            "--checkpoint_every=10", "--trunk_width=32", "--eval_examples=256"]
   # A sane first run leaves a checkpoint; the diverging resume must not

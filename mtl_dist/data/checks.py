@@ -122,9 +122,20 @@ def _check_labels(task: tasks_lib.TaskSpec, labels: dict[str, np.ndarray],
   masked = np.zeros(len(values), bool)
   if task.mask_key in labels:
     masked = ~labels[task.mask_key].reshape(len(values)).astype(bool)
+  builtin_loss = task.loss_name != tasks_lib.CUSTOM_LOSS
   if task.kind == tasks_lib.CLASSIFICATION:
+    if values.size != len(values):
+      raise errors.ConfigError(
+          f"{where}: task {task.name!r} has class labels of shape "
+          f"{values.shape}: one class number per example expected")
     values = values.reshape(len(values)).astype(np.float64)
     missing = masked | ~(values >= 0)  # NaN classes count as missing too.
+    fractional = values[~missing & (values % 1 != 0)]
+    if fractional.size:
+      raise errors.ConfigError(
+          f"{where}: task {task.name!r} has class label {fractional[0]:g} "
+          f"in {fractional.size} example(s); class labels are whole "
+          "numbers")
     too_large = values[~missing & (values >= task.output_size)]
     if too_large.size:
       raise errors.ConfigError(
@@ -134,6 +145,11 @@ def _check_labels(task: tasks_lib.TaskSpec, labels: dict[str, np.ndarray],
     what = "negative or NaN class labels"
   else:
     matrix = values.reshape(len(values), -1)
+    if builtin_loss and matrix.shape[1] != task.output_size:
+      raise errors.ConfigError(
+          f"{where}: task {task.name!r} has targets of shape "
+          f"{values.shape}, {matrix.shape[1]} number(s) per example; its "
+          f"head predicts {task.output_size}")
     missing = masked | ~np.all(np.isfinite(matrix), axis=1)
     what = "NaN or Inf targets"
   if masked.any():

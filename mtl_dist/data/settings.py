@@ -119,6 +119,9 @@ def validate_flags(given: Mapping[str, Any]) -> None:
     raise errors.ConfigError(
         f"--dataset={given['dataset']}: unknown dataset (known: "
         "shapes, toy_regression, tfds:NAME)")
+  if given["dataset"] == TFDS_PREFIX:
+    raise errors.ConfigError(f"--dataset={TFDS_PREFIX}: name the TFDS dataset"
+                             f" after {TFDS_PREFIX}, e.g. tfds:mnist")
   if given["dataset"] == "toy_regression":
     if given["mode"] != "joint":
       raise errors.ConfigError(

@@ -9,8 +9,10 @@ tasks with their training and eval sources.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
+from absl import logging
 import numpy as np
 import tensorflow as tf
 
@@ -272,10 +274,41 @@ def source_from_dataset(
       raise errors.ConfigError(
           "the dataset is infinite; give a finite one (the "
           "pipelines repeat it themselves)")
-    num_examples = (cardinality if cardinality >= 0 else
-                    int(make().reduce(0, lambda count, _: count + 1)))
+    num_examples = cardinality if cardinality >= 0 else _count(make)
   return ExampleSource(task_names=task_names, make_dataset=make,
                        num_examples=num_examples)
+
+
+# The most examples a dataset of unknown size is counted to: a dataset that
+# repeats forever is refused there, instead of being counted forever.
+MAX_COUNTED = 2**31 - 1
+_COUNT_BATCH = 2**14
+_COUNT_LOG_SECONDS = 10.0
+
+
+def _count(make: Callable[[], tf.data.Dataset]) -> int:
+  """Counts a dataset's examples by reading it once, logging progress.
+
+  Raises:
+    ConfigError: If it holds more than MAX_COUNTED examples (one that
+      repeats forever).
+  """
+  # Ones, not the examples, are batched: the count holds no batch of them.
+  sizes = make().map(lambda *example: tf.constant(1, tf.int64)).batch(
+      _COUNT_BATCH).map(tf.reduce_sum)
+  count, logged = 0, time.monotonic()
+  for size in sizes:
+    count += int(size)
+    if count > MAX_COUNTED:
+      raise errors.ConfigError(
+          f"the dataset of unknown size did not end within {MAX_COUNTED} "
+          "examples (does it repeat?); give a finite dataset, or its size "
+          "as num_examples")
+    if time.monotonic() - logged > _COUNT_LOG_SECONDS:
+      logging.info("Counting the examples of a dataset of unknown size: %d "
+                   "so far (num_examples= skips this).", count)
+      logged = time.monotonic()
+  return count
 
 
 def input_dtype(data: MultiTaskData) -> tf.DType:

@@ -47,13 +47,15 @@ def _tfds():
 class _TfdsDataset:
   """One prepared TFDS dataset, its splits and its feature spec."""
 
-  def __init__(self, name: str, data_dir: Optional[str], download: bool):
+  def __init__(self, name: str, data_dir: Optional[str], download: bool,
+               flag: str = "--dataset"):
     """Opens the dataset.
 
     Args:
       name: Its TFDS name.
       data_dir: Where TFDS keeps prepared datasets (None: its default).
       download: Download and prepare it if it is not prepared.
+      flag: The flag that named it, for messages.
 
     Raises:
       ConfigError: If TFDS has no such dataset.
@@ -67,7 +69,7 @@ class _TfdsDataset:
       if "not found" not in str(e).lower():
         raise
       raise errors.ConfigError(
-          f"--dataset: TFDS has no dataset {name!r} "
+          f"{flag}: TFDS has no dataset {name!r} "
           f"({str(e).splitlines()[0][:200]})") from None
     if download:
       logging.info("Downloading and preparing %s (--download).", name)
@@ -336,7 +338,8 @@ def load_alternate(config: settings.DataConfig,
   for task in names:
     name, label = specs[task]
     if name not in opened:
-      opened[name] = _TfdsDataset(name, config.data_dir, config.download)
+      opened[name] = _TfdsDataset(name, config.data_dir, config.download,
+                                  flag=f"--task_datasets: {task}")
     feature = tfds_features.feature_at(opened[name].features, label, name)
     tasks.append(tfds_features.task_from_feature(task, feature))
     shapes[task] = prep.output_shape(

@@ -72,7 +72,10 @@ class Checkpointer:
     found = self.checkpoints()
     if not found:
       return
-    state = tf.train.get_checkpoint_state(self.directory)
+    try:
+      state = tf.train.get_checkpoint_state(self.directory)
+    except ValueError:  # Not UTF-8 (UnicodeDecodeError), or no newest path.
+      state = None
     listed = list(state.all_model_checkpoint_paths) if state else []
     if {os.path.basename(p) for p in listed} >= {os.path.basename(p)
                                                  for p in found}:
@@ -128,13 +131,18 @@ class Checkpointer:
 
 def list_checkpoints(directory: str) -> list[str]:
   """The checkpoint prefixes in `directory`, newest (highest step) first."""
-  steps = []
-  for index in tf.io.gfile.glob(os.path.join(directory, "ckpt-*.index")):
-    match = re.fullmatch(r"ckpt-(\d+)\.index", os.path.basename(index))
-    if match:
-      steps.append(int(match.group(1)))
   return [os.path.join(directory, f"ckpt-{step}")
-          for step in sorted(steps, reverse=True)]
+          for step in sorted(_steps(directory, r"\.index"), reverse=True)]
+
+
+def _steps(directory: str, suffix: str) -> set[int]:
+  """The steps of the files `ckpt-<step><suffix>` (a regex) in `directory`."""
+  steps = set()
+  for path in tf.io.gfile.glob(os.path.join(directory, "ckpt-*")):
+    match = re.fullmatch(r"ckpt-(\d+)" + suffix, os.path.basename(path))
+    if match:
+      steps.add(int(match.group(1)))
+  return steps
 
 
 def newest_readable(directory: str
@@ -144,13 +152,36 @@ def newest_readable(directory: str
   Returns:
     (its prefix or None, [(newer unreadable prefix, what is wrong)]).
   """
+  # Data files without their index, of a checkpoint the list names: its
+  # .index was lost. (Unlisted ones are a save killed before it wrote the
+  # index; that checkpoint never existed.)
+  indexed = _steps(directory, r"\.index")
+  listed = {step_of(name) for name in listed_in_state(directory)}
+  steps = indexed | (_steps(directory, r"\.data-\d+-of-\d+") & listed)
   skipped = []
-  for path in list_checkpoints(directory):
-    problem = unreadable(path)
+  for step in sorted(steps, reverse=True):
+    path = os.path.join(directory, f"ckpt-{step}")
+    problem = (unreadable(path) if step in indexed else
+               "its .index file is missing")
     if problem is None:
       return path, skipped
     skipped.append((path, problem))
   return None, skipped
+
+
+def listed_in_state(directory: str) -> list[str]:
+  """The checkpoint names the `checkpoint` state file lists, oldest first.
+
+  Read as bytes, so a file damaged past parsing (not UTF-8, cut short)
+  still gives the names it holds.
+  """
+  path = os.path.join(directory, "checkpoint")
+  if not tf.io.gfile.exists(path):
+    return []
+  with tf.io.gfile.GFile(path, "rb") as f:
+    listed = re.findall(rb'all_model_checkpoint_paths: "([^"]*)"', f.read())
+  return [os.path.basename(name.decode("utf-8", "replace"))
+          for name in listed]
 
 
 def step_of(path: str) -> Optional[int]:

@@ -61,19 +61,31 @@ def append_json_line(path: str, record: Mapping[str, Any]) -> None:
 def read_json_lines(path: str) -> list[dict[str, Any]]:
   """The records of a JSON lines file; [] if it does not exist.
 
-  A last line cut short by a crash (or a reader racing a writer) is left
-  out.
+  A line that is no JSON object (the last one cut short by a crash or a reader
+  racing a writer, or bytes that are not UTF-8) is left out.
   """
   if not tf.io.gfile.exists(path):
     return []
   records = []
-  with tf.io.gfile.GFile(path) as f:
+  with tf.io.gfile.GFile(path, "rb") as f:
     for line in f:
       try:
-        records.append(json.loads(line))
-      except ValueError:
-        pass
+        record = json.loads(line.decode("utf-8"))
+      except ValueError:  # Also bytes that are not UTF-8.
+        continue
+      if isinstance(record, dict):
+        records.append(record)
   return records
+
+
+def read_records(path: str) -> list[dict[str, Any]]:
+  """The metrics records of metrics.jsonl; [] if it does not exist.
+
+  Lines that are no record (see `read_json_lines`, or JSON without an int
+  `step`, a `split` and a `metrics` object) are left out.
+  """
+  return [record for record in read_json_lines(path)
+          if _is_record(record)]
 
 
 def write_scalars(writer: tf.summary.SummaryWriter, step: int,
@@ -110,8 +122,9 @@ class MetricsWriter:
                active: bool = True):
     self._active = active
     self._jsonl_path = os.path.join(model_dir, METRICS_FILE)
+    self._kept: list[dict[str, Any]] = []
     if active and os.path.exists(self._jsonl_path):
-      _drop_records_after(self._jsonl_path, start_step)
+      self._kept = _drop_records_after(self._jsonl_path, start_step)
     self._writers = {
         split: tf.summary.create_file_writer(
             tensorboard_dir(model_dir, split))
@@ -119,6 +132,17 @@ class MetricsWriter:
     self._total_steps = total_steps
     self._start_step = start_step
     self._start_time = time.perf_counter()
+
+  def recorded(self, step: int, split: str) -> Optional[dict[str, float]]:
+    """The metrics an earlier run recorded at `step` for `split`, or None.
+
+    A resumed run asks before it evaluates a step the interrupted run may
+    have evaluated already, so that each record is written once.
+    """
+    for record in self._kept:
+      if record.get("step") == step and record.get("split") == split:
+        return record.get("metrics")
+    return None
 
   def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
     """Records one event's metrics at `step` for `split` ("train"/"eval")."""
@@ -158,23 +182,53 @@ def _copy_mode(path: str, temporary: str) -> None:
     os.chmod(temporary, 0o666 & ~umask)
 
 
-def _drop_records_after(path: str, step: int) -> None:
-  """Rewrites metrics.jsonl without records past `step` (atomically)."""
-  kept, dropped = [], 0
-  with open(path) as f:
-    for line in f:
-      try:
-        if json.loads(line)["step"] <= step:
-          kept.append(line if line.endswith("\n") else line + "\n")
-          continue
-      except (ValueError, KeyError, TypeError):
-        pass  # A line cut short by a crash.
-      dropped += 1
-  if not dropped:
-    return
-  logging.info("Dropping %d record(s) after step %d from %s: the resumed run "
-               "trains those steps again.", dropped, step, path)
-  _write_text_atomic(path, "".join(kept))
+def _drop_records_after(path: str, step: int) -> list[dict[str, Any]]:
+  """Rewrites metrics.jsonl without records past `step` (atomically).
+
+  Lines that are no record (cut short by a crash, or not UTF-8) go too,
+  counted in the warning.
+
+  Returns:
+    The records kept.
+  """
+  kept, lines, dropped, damaged = [], [], 0, 0
+  with open(path, "rb") as f:
+    for raw in f:
+      record = _record(raw)
+      if record is None:
+        damaged += 1
+      elif record["step"] <= step:
+        kept.append(record)
+        lines.append(raw.decode() if raw.endswith(b"\n")
+                     else raw.decode() + "\n")
+      else:
+        dropped += 1
+  if not dropped and not damaged:
+    return kept
+  if dropped:
+    logging.info("Dropping %d record(s) after step %d from %s: the resumed "
+                 "run trains those steps again.", dropped, step, path)
+  if damaged:
+    logging.warning("Dropping %d damaged line(s) from %s (cut short or not "
+                    "UTF-8 JSON).", damaged, path)
+  _write_text_atomic(path, "".join(lines))
+  return kept
+
+
+def _record(raw: bytes) -> Optional[dict[str, Any]]:
+  """The metrics record on one line of metrics.jsonl, or None if damaged."""
+  try:
+    record = json.loads(raw.decode("utf-8"))
+  except ValueError:  # Includes UnicodeDecodeError.
+    return None
+  return record if _is_record(record) else None
+
+
+def _is_record(record: Any) -> bool:
+  """Whether a JSON value is a metrics record: step, split, metrics."""
+  return (isinstance(record, dict) and isinstance(record.get("step"), int)
+          and isinstance(record.get("split"), str)
+          and isinstance(record.get("metrics"), dict))
 
 
 def _format_seconds(seconds: float) -> str:

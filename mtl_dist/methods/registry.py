@@ -18,6 +18,9 @@ import tensorflow as tf
 from mtl_dist import errors
 
 _C = TypeVar("_C", bound=type)
+# No method option is meaningful beyond this magnitude; 1e300 or inf would
+# only turn the run's numbers into NaN later, blamed on the data.
+MAX_OPTION = 1e6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +48,9 @@ class Option:
     kind = type(self.default)
     if kind is int and (not isinstance(value, int) or isinstance(value, bool)):
       raise errors.ConfigError(f"--{flag}={value}: must be an integer")
+    if not abs(value) <= MAX_OPTION:  # Also NaN; no float() of a huge int.
+      raise errors.ConfigError(f"--{flag}={value}: must be a finite number "
+                               f"of magnitude at most {MAX_OPTION:g}")
     if self.maximum is not None and not value <= self.maximum:
       raise errors.ConfigError(f"--{flag}={value}: must be <= {self.maximum:g}")
     if self.minimum is None:

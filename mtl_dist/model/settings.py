@@ -7,6 +7,7 @@ options, and an option given for another architecture is refused.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 from mtl_dist import errors
@@ -15,6 +16,9 @@ ARCHITECTURES = ("hps", "mmoe", "cgc", "ple", "cross_stitch", "dselect_k",
                  "mtan")
 # Architectures with one representation every task reads (--rep_grad).
 WITH_REPRESENTATION = ("hps", "mmoe", "cgc", "dselect_k")
+# The most experts, levels or trunk layers a model is built with: each is a
+# Python object built one at a time, so 10**12 would never finish building.
+MAX_UNITS = 1024
 
 # Option -> the architectures it applies to.
 OPTIONS = {
@@ -117,10 +121,13 @@ def _check_values(config: ArchitectureConfig) -> None:
     value = getattr(config, name)
     if name.startswith("num_"):
       lowest = 0 if name == "num_task_experts" else 1
-      if not isinstance(value, int) or isinstance(value, bool) or (
-          value < lowest):
+      if not isinstance(value, int) or isinstance(value, bool) or not (
+          lowest <= value <= MAX_UNITS):
         raise errors.ConfigError(
-            f"--{name}={value}: must be an integer >= {lowest}")
+            f"--{name}={value}: must be an integer from {lowest} to "
+            f"{MAX_UNITS}")
+    elif not math.isfinite(value):
+      raise errors.ConfigError(f"--{name}={value}: must be a finite number")
     elif name == "dselect_k_gamma" and not value > 0:
       raise errors.ConfigError(f"--{name}={value}: must be positive")
     elif name == "dselect_k_entropy_reg" and not value >= 0:

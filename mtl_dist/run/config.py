@@ -38,6 +38,46 @@ ARCHITECTURES = model_settings.ARCHITECTURES
 
 _Section = TypeVar("_Section")
 
+# Counts and seeds are int32 in the graph.
+MAX_INT = 2**31 - 1
+# No float setting means anything beyond this magnitude (a weight, a rate, a
+# coefficient, seconds: 11 days); 1e300 would only turn into NaN or an
+# overflow later, blamed on something else. Method options share it.
+MAX_FLOAT = registry.MAX_OPTION
+# Each logical CPU device runs a replica.
+MAX_CPU_DEVICES = 256
+# What each size may be at most, and why (the flags' docs list them).
+_LIMITS = {
+    "global_batch_size": 2**20,
+    "train_examples": 2**22,
+    "eval_examples": 2**22,
+    "task_sizes": 2**22,
+    "trunk_width": 2**16,
+    "trunk_depth": model_settings.MAX_UNITS,
+    "num_cpu_devices": MAX_CPU_DEVICES,
+}
+_GENERATED = "a generated dataset is held in memory, 4 KiB a shapes example"
+_LIMIT_REASONS = {
+    "global_batch_size": "a batch is held in memory whole",
+    "train_examples": _GENERATED,
+    "eval_examples": _GENERATED,
+    "task_sizes": _GENERATED,
+    "trunk_width": "a layer of width w holds w*w weights",
+    "trunk_depth": "layers are built one at a time",
+    "num_cpu_devices": "each logical device runs a replica",
+}
+
+
+def _flag_text(value: Any) -> str:
+  """A flag's value as it is typed: k=v,... for mappings."""
+  if isinstance(value, Mapping):
+    return ",".join(f"{k}={v}" for k, v in value.items())
+  if isinstance(value, (list, tuple)):
+    return ",".join(str(v) for v in value)
+  if isinstance(value, float):
+    return f"{value:g}"
+  return str(value)
+
 
 def method_option_flags() -> list[tuple[str, str, str, registry.Option]]:
   """(flag, kind, method, option) of every registered method option."""
@@ -200,10 +240,23 @@ class TrainConfig(_MethodOptions):
   def validate(self) -> None:
     """Checks what can be checked without data or devices.
 
+    `check_values`, then that --export_dir can be written.
+
+    Raises:
+      ConfigError: Naming the first bad flag and its value.
+    """
+    self.check_values()
+    if self.export_dir is not None:
+      export_dir.validate(self.export_dir, self.model_dir)
+
+  def check_values(self) -> None:
+    """Checks the fields' types, values and combinations; touches no file.
+
     Raises:
       ConfigError: Naming the first bad flag and its value.
     """
     typecheck.check_fields(self, "--{field}")
+    self._check_magnitudes()
     if not self.model_dir:
       raise errors.ConfigError("--model_dir is required")
     errors.check_choice("mode", self.mode, MODES)
@@ -287,14 +340,47 @@ class TrainConfig(_MethodOptions):
           raise errors.ConfigError(
               f"--task_weights: weight {weight} for {name!r} "
               "must be >= 0")
-    if self.export_dir is not None:
-      export_dir.validate(self.export_dir, self.model_dir)
     if self.task_sizes is not None:
       for name, size in self.task_sizes.items():
         if size <= 0:
           raise errors.ConfigError(
               f"--task_sizes: size {size} for {name!r} must be "
               "positive")
+
+  def _check_magnitudes(self) -> None:
+    """Refuses non-finite floats, and numbers past what a run can hold.
+
+    Past these limits a run would not stop with a message but overflow an
+    int32, exhaust memory, or build a model forever (see docs/flags.md).
+    """
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      items = (list(value.values()) if isinstance(value, Mapping) else
+               list(value) if isinstance(value, (list, tuple)) else [value])
+      for item in items:
+        shown = f"--{field.name}={_flag_text(value)}"
+        if isinstance(item, float) and not abs(item) <= MAX_FLOAT:
+          raise errors.ConfigError(f"{shown}: must be a finite number of "
+                                   f"magnitude at most {MAX_FLOAT:g}")
+        if (isinstance(item, int) and not isinstance(item, bool) and
+            abs(item) > MAX_INT):
+          raise errors.ConfigError(
+              f"{shown}: must be at most {MAX_INT} in magnitude")
+    for name in ("task_weights", "task_sizes", "label_fraction", "baselines",
+                 "task_datasets"):
+      if getattr(self, name) is not None and not getattr(self, name):
+        raise errors.ConfigError(f"--{name}=: give at least one task=value")
+    for name, limit in _LIMITS.items():
+      value = getattr(self, name)
+      values = (value.values() if isinstance(value, Mapping) else
+                [] if value is None else [value])
+      if any(isinstance(v, (int, float)) and v > limit for v in values):
+        raise errors.ConfigError(f"--{name}={_flag_text(value)}: at most "
+                                 f"{_flag_text(limit)} "
+                                 f"({_LIMIT_REASONS[name]})")
+    if not 0 <= self.seed <= MAX_INT:
+      raise errors.ConfigError(f"--seed={self.seed}: must be from 0 to "
+                               f"{MAX_INT}")
 
   def _validate_profile_steps(self) -> None:
     """Checks that --profile_steps is A,B with 1 <= A <= B <= --train_steps."""

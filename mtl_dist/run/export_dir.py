@@ -7,6 +7,7 @@ earlier export.
 from __future__ import annotations
 
 import os
+import tempfile
 
 import tensorflow as tf
 
@@ -23,6 +24,7 @@ def check_export_dir(export_dir: str) -> None:
     ConfigError: For a file, or a non-empty directory without a SavedModel.
   """
   if not tf.io.gfile.exists(export_dir):
+    check_writable(export_dir, "--export_dir")
     return
   if not tf.io.gfile.isdir(export_dir):
     raise errors.ConfigError(f"--export_dir={export_dir}: is a file")
@@ -31,6 +33,33 @@ def check_export_dir(export_dir: str) -> None:
     raise errors.ConfigError(
         f"--export_dir={export_dir}: a non-empty directory "
         "that holds no SavedModel; give a new or empty one")
+
+
+def check_writable(path: str, flag: str) -> None:
+  """Refuses a local directory to be that cannot be made: checked by making
+  (and deleting) a file in its nearest existing parent.
+
+  Remote paths (gs://, ...) are left to the write itself.
+
+  Raises:
+    ConfigError: If a parent is a file, or the parent cannot be written.
+  """
+  if "://" in path:
+    return
+  parent = os.path.abspath(path)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise errors.ConfigError(f"{flag}={path}: {parent} is a file, not a "
+                             "directory")
+  try:
+    fd, probe = tempfile.mkstemp(dir=parent, prefix=".mtl_dist-probe-")
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise errors.ConfigError(
+        f"{flag}={path}: cannot be written ({type(e).__name__}: "
+        f"{e.strerror or e} in {parent})") from None
 
 
 def validate(export: str, model_dir: str) -> None:

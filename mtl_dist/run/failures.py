@@ -39,7 +39,7 @@ def reason(error: tf.errors.OpError) -> str:
   useful = [line for line in lines
             if line and not line.startswith(("Graph execution error",
                                              "Detected at node", "File ",
-                                             "[["))]
+                                             "[[", "<stack traces"))]
   return (useful[0] if useful else "no detail")[:300]
 
 

@@ -70,7 +70,7 @@ def _read_metrics(model_dir: str) -> list[dict[str, Any]]:
   if not tf.io.gfile.exists(path):
     raise errors.ConfigError(f"--model_dir={model_dir}: has no "
                              "metrics.jsonl; is it an mtl-train run?")
-  return run_files.read_json_lines(path)
+  return run_files.read_records(path)
 
 
 @typecheck.checked
@@ -92,6 +92,9 @@ def write_report(model_dir: str, output: Optional[str] = None) -> str:
   except ImportError:
     raise errors.ConfigError("the report needs matplotlib: pip install "
                              "\"mtl_dist[report]\"") from None
+  if output is not None and not output.endswith(".png"):
+    raise errors.ConfigError(f"--output={output}: must name a .png file (the "
+                             "report is a PNG)")
   records = _read_metrics(model_dir)
   # The sidecar's evaluations count as eval records too.
   records += [dict(r, split="sidecar") for r in sidecar.read_evaluations(

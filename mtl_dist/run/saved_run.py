@@ -13,6 +13,7 @@ import json
 import os
 from typing import Any, Optional
 
+from absl import logging
 import tensorflow as tf
 
 from mtl_dist import errors
@@ -65,15 +66,72 @@ def read_config(model_dir: str) -> config_lib.TrainConfig:
   """The configuration a run wrote (re-read: a resumed run may change it).
 
   Raises:
-    ConfigError: If `config.json` is missing or not a configuration.
+    ConfigError: If `config.json` is missing, not a configuration, or
+      holds a value that flags could not set.
   """
   value = _read_json(model_dir, CONFIG_FILE)
+  path = os.path.join(model_dir, CONFIG_FILE)
   try:
-    return config_lib.TrainConfig(**value)
+    config = config_lib.TrainConfig(**value)
   except TypeError as e:
     raise errors.ConfigError(
-        f"{os.path.join(model_dir, CONFIG_FILE)}: not a training "
-        f"configuration ({e})") from None
+        f"{path}: not a training configuration ({e})") from None
+  try:  # What is read back from disk is checked like flags are.
+    config.check_values()
+  except errors.ConfigError as e:
+    raise errors.ConfigError(f"{path}: {e}") from None
+  return config
+
+
+def signs_of_training(model_dir: str) -> list[str]:
+  """What in `model_dir` shows that a run trained there and saved.
+
+  A run killed before its first checkpoint leaves metrics of the steps
+  before it, which a restart trains again; those are no sign. Past the
+  first save step (--checkpoint_every, or --train_steps if fewer) of the
+  configuration in config.json, a record is one.
+
+  Returns:
+    One phrase per sign (summary.json, the checkpoint list, metrics); []
+    when the directory shows no saved training.
+  """
+  signs = []
+  summary = _read_json_or_none(os.path.join(model_dir, "summary.json"))
+  if summary is not None:
+    signs.append(f"summary.json (step {summary.get('step', '?')})"
+                 if isinstance(summary, dict) else "summary.json")
+  if tf.io.gfile.exists(os.path.join(checkpoint_dir(model_dir),
+                                     "checkpoint")):
+    names = checkpointing.listed_in_state(checkpoint_dir(model_dir))
+    signs.append(f"checkpoints/checkpoint listing {', '.join(names)}" if names
+                 else "a checkpoints/checkpoint file")
+  config = _read_json_or_none(os.path.join(model_dir, CONFIG_FILE))
+  if isinstance(config, dict):
+    first_save = [config.get(name) for name in ("checkpoint_every",
+                                                "train_steps")]
+    if all(isinstance(n, int) and n > 0 for n in first_save):
+      # An eval record at a save step comes after that save; a train
+      # record there comes before it.
+      records = [(record.get("step"), record.get("split"))
+                 for record in run_files.read_json_lines(
+                     os.path.join(model_dir, run_files.METRICS_FILE))]
+      saved = [step for step, split in records if isinstance(step, int) and (
+          step > min(first_save) or
+          (split == "eval" and step >= min(first_save)))]
+      if saved:
+        signs.append(f"metrics.jsonl records up to step {max(saved)}")
+  return signs
+
+
+def _read_json_or_none(path: str) -> Any:
+  """The JSON value in `path`; None if there is none or it is unreadable."""
+  if not tf.io.gfile.exists(path):
+    return None
+  try:
+    with tf.io.gfile.GFile(path, "rb") as f:
+      return json.loads(f.read())
+  except (ValueError, tf.errors.OpError, OSError):
+    return {}
 
 
 def checkpoint_dir(model_dir: str) -> str:
@@ -104,6 +162,9 @@ def find_checkpoint(model_dir: str, checkpoint: Optional[str] = None) -> str:
       raise errors.ConfigError(
           f"--model_dir={model_dir}: no readable checkpoint in "
           f"{directory}{problem}")
+    for bad, problem in skipped:
+      logging.warning("Checkpoint %s cannot be read (%s); using the newest "
+                      "readable one, %s.", bad, problem, path)
     return path
   path = (os.path.join(directory, f"ckpt-{checkpoint}")
           if checkpoint.isdigit() else checkpoint)

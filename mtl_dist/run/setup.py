@@ -22,6 +22,7 @@ from mtl_dist import errors
 from mtl_dist import tasks as tasks_lib
 from mtl_dist.cluster import strategy as strategy_lib
 from mtl_dist.loop import checkpointing
+from mtl_dist.loop import run_lock
 from mtl_dist.loop import trainer as trainer_lib
 from mtl_dist.methods import optimizers as optimizers_lib
 from mtl_dist.methods import schedules
@@ -93,6 +94,23 @@ class Run:
     self.chief = strategy_lib.is_chief(self.strategy)
     if not strategy_lib.is_multi_worker(self.strategy):
       config.check_single_process()
+    # Before a checkpoint is read: another run may be writing them.
+    self.lock = run_lock.acquire(config.model_dir) if self.chief else None
+    try:
+      self._set_up(config, data, functions)
+    except BaseException:
+      self.close()
+      raise
+
+  def close(self) -> None:
+    """Releases the model_dir (the chief's lock); a second call does nothing."""
+    if self.lock is not None:
+      self.lock.release()
+
+  def _set_up(self, config: config_lib.TrainConfig,
+              data: Optional[data_lib.MultiTaskData],
+              functions: architectures.ModelFunctions) -> None:
+    """Loads the data, builds the model and trainer, and restores."""
     replicas = self.strategy.num_replicas_in_sync
     if config.global_batch_size % replicas:
       raise errors.ConfigError(
@@ -102,6 +120,13 @@ class Run:
       self.data = data_lib.load(config.data_config())
     else:
       self.data = _user_data(data, config)
+    if config.task_weights is not None and not any(
+        task.weight > 0 for task in self.data.tasks):
+      given = ",".join(f"{task}={weight:g}"
+                       for task, weight in config.task_weights.items())
+      raise errors.ConfigError(
+          f"--task_weights={given}: every trained task weighs 0, so no step "
+          "would train anything")
     data_lib.check_layout(self.data, config.mode)
     data_lib.check(self.data, self.data.partial_labels or config.partial_labels)
     self.model_spec = model_spec.ModelSpec(
@@ -199,6 +224,13 @@ class Run:
         raise errors.ConfigError(
             f"{where}: no checkpoint can be read (newest: {skipped[0][0]}: "
             f"{skipped[0][1]}); move them away to start from scratch")
+      signs = saved_run.signs_of_training(self.config.model_dir)
+      if signs:  # Starting over would silently drop the run's work.
+        raise errors.ConfigError(
+            f"{where}: holds a run that saved checkpoints ({'; '.join(signs)})"
+            f" but {self.checkpointer.directory} has none (no ckpt-*.index):"
+            " restore them to resume, or give a new --model_dir to start "
+            "from scratch")
       return None
     for bad, problem in skipped:
       logging.warning("Checkpoint %s cannot be read (%s); resuming from the "

@@ -28,6 +28,7 @@ from mtl_dist.loop import evaluator as evaluator_lib
 from mtl_dist.loop import run_files
 from mtl_dist.model import architectures
 from mtl_dist.model import hps as model_lib
+from mtl_dist.run import config as config_lib
 from mtl_dist.run import saved_run
 from mtl_dist.run import setup
 
@@ -172,6 +173,7 @@ def evaluate(model_dir: str, *, checkpoint: Optional[str] = None,
   if watch and checkpoint is not None:
     raise errors.ConfigError(f"--checkpoint={checkpoint}: cannot be "
                              "combined with --watch")
+  _check_numbers(eval_steps, num_cpu_devices, poll_seconds, timeout)
   if watch:  # A sidecar may start before the training job has begun.
     _wait_for(os.path.join(model_dir, saved_run.MODEL_FILE), poll_seconds,
               timeout)
@@ -202,6 +204,27 @@ def evaluate(model_dir: str, *, checkpoint: Optional[str] = None,
     return results
   finally:
     recorder.close()
+
+
+def _check_numbers(eval_steps: Optional[int], num_cpu_devices: int,
+                   poll_seconds: float, timeout: Optional[float]) -> None:
+  """Refuses counts and durations no evaluation can use.
+
+  Raises:
+    ConfigError: Naming the first bad one.
+  """
+  if eval_steps is not None and not 0 <= eval_steps <= config_lib.MAX_INT:
+    raise errors.ConfigError(f"--eval_steps={eval_steps}: must be from 0 to "
+                             f"{config_lib.MAX_INT}")
+  limit = config_lib.MAX_CPU_DEVICES
+  if not 1 <= num_cpu_devices <= limit:
+    raise errors.ConfigError(f"--num_cpu_devices={num_cpu_devices}: must be "
+                             f"from 1 to {limit}")
+  for name, seconds in (("poll_seconds", poll_seconds),
+                        ("timeout", timeout)):
+    if seconds is not None and not 0 <= seconds <= config_lib.MAX_FLOAT:
+      raise errors.ConfigError(f"--{name}={seconds}: must be from 0 to "
+                               f"{config_lib.MAX_FLOAT:g} seconds")
 
 
 def _wait_for(path: str, poll_seconds: float,

@@ -97,6 +97,14 @@ def train(config: config_lib.TrainConfig,
           "again.") from e
   else:
     run = setup.Run(config, data, functions)
+  try:
+    return _train_on_cluster(run)
+  finally:
+    run.close()
+
+
+def _train_on_cluster(run: setup.Run) -> dict[str, Any]:
+  """`_train`, with a cluster's failures as ClusterErrors."""
   if not strategy_lib.is_multi_worker(run.strategy):
     return _train(run)
   try:
@@ -155,11 +163,33 @@ def _train(run: setup.Run) -> dict[str, Any]:
   speed = _Speed()
   last_eval: dict[str, float] = {}
   step = start_step
-  watcher = preemption.create(strategy, strategy_lib.is_multi_worker(strategy))
+
+  multi_worker = strategy_lib.is_multi_worker(strategy)
+
+  def evaluate(at: int) -> dict[str, float]:
+    """Evaluates at `at` and records it, unless an interrupted run did.
+
+    In a multi-worker run every worker evaluates anyway (it runs
+    collectives, and only the chief knows the records); only the record
+    is left out.
+    """
+    recorded = writer.recorded(at, "eval")
+    if recorded is not None and not multi_worker:
+      return recorded
+    metrics = trainer.evaluate(eval_datasets, eval_groups)
+    if recorded is None:
+      writer.write(at, "eval", metrics)
+    return metrics
+
+  watcher = preemption.create(strategy, multi_worker)
   profiler = profiling.StepProfiler(
       run_files.tensorboard_dir(config.model_dir, "train"),
       config.profile_steps, active=run.chief)
   try:
+    if 0 < step < config.train_steps and step % config.eval_every == 0:
+      # The run that saved this checkpoint may have stopped before its
+      # evaluation.
+      last_eval = evaluate(step)
     while step < config.train_steps:
       num_steps = _steps_until_next_event(step, config)
       profiler.before_loop(step)
@@ -180,16 +210,19 @@ def _train(run: setup.Run) -> dict[str, Any]:
       if step < config.train_steps and watcher.should_stop(step, save):
         raise errors.Preempted(step, checkpointer.last_path)
       if step % config.eval_every == 0 and step < config.train_steps:
-        last_eval = trainer.evaluate(eval_datasets, eval_groups)
-        writer.write(step, "eval", last_eval)
+        last_eval = evaluate(step)
     save(step)
-    last_eval = trainer.evaluate(eval_datasets, eval_groups)
-    writer.write(step, "eval", last_eval)
+    last_eval = evaluate(step)
   except tf.errors.InvalidArgumentError as e:
-    if tasks_lib.DATA_ERROR_MARK not in str(e.message):
+    message = str(e.message)
+    if tasks_lib.DATA_ERROR_MARK in message:
+      what = "bad data"
+    elif "IteratorGetNext" in message:  # The input pipeline itself failed.
+      what = "the input pipeline failed"
+    else:
       raise
     raise errors.DataError(
-        f"bad data near step {int(trainer.global_step.numpy())}: "
+        f"{what} near step {int(trainer.global_step.numpy())}: "
         f"{failures.reason(e)}. Nothing was saved after "
         f"{checkpointer.last_path or 'the start'}.") from e
   finally:
