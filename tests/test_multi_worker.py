@@ -210,3 +210,27 @@ def test_a_worker_that_never_starts_fails_the_others_in_time(tmp_path):
   assert time.monotonic() - started < 60
   assert "Waiting up to 5 s for every worker to join" in alone.stderr
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_a_locked_model_dir_stops_every_worker_with_status_2(tmp_path):
+  model_dir = tmp_path / "run"
+  holder = subprocess.Popen(
+      [sys.executable, "-c",
+       "import time; from mtl_dist.loop import run_lock; "
+       f"lock = run_lock.acquire({str(model_dir)!r}); print('held', "
+       "flush=True); time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    cluster = run_local_cluster(tmp_path, f"--model_dir={model_dir}",
+                                *_SMALL)
+  finally:
+    holder.kill()
+    holder.wait()
+  assert cluster.returncode == 2, cluster.stdout[-4000:]
+  assert re.search(r"worker 0.*mtl-train: error: --model_dir=\S+: in use by "
+                   rf"another run \(host \S+, pid {holder.pid}",
+                   cluster.stdout), cluster.stdout[-4000:]
+  assert re.search(r"worker 1.*mtl-train: error: --model_dir=\S+: the chief "
+                   r"\(worker 0\) could not take its lock", cluster.stdout), (
+                       cluster.stdout[-4000:])
+  assert os.listdir(model_dir) == ["lock"]

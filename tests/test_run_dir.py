@@ -100,6 +100,66 @@ def test_a_lock_of_another_host_is_refused_with_how_to_clear_it(tmp_path):
   run_lock.acquire(str(model_dir)).release()
 
 
+def test_a_lock_of_the_same_slurm_job_on_another_host_is_taken_over(
+    tmp_path, monkeypatch, caplog):
+  model_dir = tmp_path / "run"
+  model_dir.mkdir()
+  (model_dir / "lock").write_text(json.dumps(
+      {"host": "node-17", "pid": 4242, "started": "2026-11-30T10:00:00Z",
+       "slurm_job_id": "555"}))
+  monkeypatch.setenv("SLURM_JOB_ID", "556")  # Another job: refused.
+  with pytest.raises(mtl_dist.ConfigError, match="on another host holds it"):
+    run_lock.acquire(str(model_dir))
+  monkeypatch.setenv("SLURM_JOB_ID", "555")  # The job, requeued.
+  with caplog.at_level(logging.WARNING):
+    lock = run_lock.acquire(str(model_dir))
+  assert "Taking over" in caplog.text and "host node-17" in caplog.text
+  assert run_lock.holder_of(str(model_dir))["slurm_job_id"] == "555"
+  lock.release()
+
+
+def test_without_flock_the_lock_file_and_the_pid_decide(tmp_path,
+                                                        monkeypatch, caplog):
+  def no_flock(fd, operation):
+    raise OSError(errno.ENOLCK, "No locks available")
+
+  monkeypatch.setattr(run_lock.fcntl, "flock", no_flock)
+  model_dir = tmp_path / "run"
+  with caplog.at_level(logging.WARNING):
+    first = run_lock.acquire(str(model_dir))
+  assert "does not support flock" in caplog.text
+  first.release()
+  sleeper = subprocess.Popen([sys.executable, "-c",
+                              "import time; time.sleep(600)"])
+  try:  # A live holder on this host.
+    model_dir.mkdir(exist_ok=True)
+    (model_dir / "lock").write_text(json.dumps(
+        {"host": socket.gethostname(), "pid": sleeper.pid,
+         "started": "2026-11-30T10:00:00Z"}))
+    with pytest.raises(mtl_dist.ConfigError,
+                       match=f"in use by another run .*pid {sleeper.pid}"):
+      run_lock.acquire(str(model_dir))
+  finally:
+    sleeper.kill()
+    sleeper.wait()
+  run_lock.acquire(str(model_dir)).release()  # Dead now: taken over.
+
+
+def test_an_index_lost_after_the_save_is_noticed_one_never_written_is_not(
+    tmp_path):
+  from mtl_dist.loop import checkpointing  # pylint: disable=g-import-not-at-top
+  directory = tmp_path / "checkpoints"
+  directory.mkdir()
+  (directory / "ckpt-2.data-00000-of-00001").write_bytes(b"x")
+  # A save killed between its data file and its index: no checkpoint.
+  assert checkpointing.newest_readable(str(directory)) == (None, [])
+  (directory / "checkpoint").write_text(
+      'model_checkpoint_path: "ckpt-2"\n'
+      'all_model_checkpoint_paths: "ckpt-2"\n')
+  assert checkpointing.newest_readable(str(directory)) == (
+      None, [(str(directory / "ckpt-2"), "its .index file is missing")])
+
+
 def test_a_directory_that_cannot_be_written_is_refused_in_one_line(tmp_path):
   (tmp_path / "file").write_text("x")
   for model_dir, reason in ((tmp_path / "file", "FileExistsError"),

@@ -95,12 +95,36 @@ class Run:
     if not strategy_lib.is_multi_worker(self.strategy):
       config.check_single_process()
     # Before a checkpoint is read: another run may be writing them.
-    self.lock = run_lock.acquire(config.model_dir) if self.chief else None
+    self.lock, refusal = None, None
+    if self.chief:
+      try:
+        self.lock = run_lock.acquire(config.model_dir)
+      except errors.ConfigError as e:
+        refusal = e
+    if strategy_lib.is_multi_worker(self.strategy):
+      self._agree_on_lock(refused=refusal is not None)
+    if refusal is not None:
+      raise refusal
     try:
       self._set_up(config, data, functions)
     except BaseException:
       self.close()
       raise
+
+  def _agree_on_lock(self, refused: bool) -> None:
+    """Makes every worker stop (exit 2) when the chief could not lock.
+
+    Otherwise the others would go on into the next collective and fail
+    with a misleading cluster error once the chief is gone.
+    """
+    flag = tf.constant(1 if refused else 0, tf.int32)
+    total = self.strategy.reduce(tf.distribute.ReduceOp.SUM,
+                                 self.strategy.run(lambda: flag), axis=None)
+    if int(total.numpy()) and not refused:
+      self.close()
+      raise errors.ConfigError(
+          f"--model_dir={self.config.model_dir}: the chief (worker 0) could "
+          "not take its lock; its error line says why")
 
   def close(self) -> None:
     """Releases the model_dir (the chief's lock); a second call does nothing."""
