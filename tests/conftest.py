@@ -135,3 +135,19 @@ def whole_batch_task_gradients(trainer, features, labels, variables):
     gradients.append([g.numpy() for g in tape.gradient(
         loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)])
   return np.array(losses, np.float64), gradients
+
+
+def train_launcher_failing_with(monkeypatch, capsys, error: BaseException
+                                ) -> tuple[int, str]:
+  """(exit status, stderr) of mtl-train's main when `mtl_dist.train` raises."""
+  from launch import train as launcher  # pylint: disable=g-import-not-at-top
+
+  def fail(config):
+    del config
+    raise error
+
+  monkeypatch.setattr(mtl_dist, "train", fail)
+  monkeypatch.setattr(launcher, "_config_from_flags", lambda: None)
+  with pytest.raises(SystemExit) as exit_info:
+    launcher.main(["mtl-train"])
+  return exit_info.value.code, capsys.readouterr().err

@@ -3,6 +3,7 @@
 import dataclasses
 import os
 
+from conftest import train_launcher_failing_with
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -141,19 +142,10 @@ def test_a_bad_label_past_the_first_batch_stops_training(tmp_path, arrays,
 
 
 def test_the_launcher_exits_1_on_bad_data(monkeypatch, capsys):
-  from launch import train as launcher  # pylint: disable=g-import-not-at-top
-
-  def fail(config):
-    del config
-    raise mtl_dist.DataError("bad data near step 12: task 'shape': ...")
-
-  monkeypatch.setattr(mtl_dist, "train", fail)
-  monkeypatch.setattr(launcher, "_config_from_flags", lambda: None)
-  with pytest.raises(SystemExit) as exit_info:
-    launcher.main(["mtl-train"])
-  assert exit_info.value.code == 1
-  assert capsys.readouterr().err == (
-      "mtl-train: error: bad data near step 12: task 'shape': ...\n")
+  assert train_launcher_failing_with(
+      monkeypatch, capsys,
+      mtl_dist.DataError("bad data near step 12: task 'shape': ...")) == (
+          1, "mtl-train: error: bad data near step 12: task 'shape': ...\n")
 
 
 def test_class_labels_that_are_not_whole_numbers_are_refused(arrays):

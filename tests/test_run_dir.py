@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 
+from conftest import train_launcher_failing_with
 import pytest
 
 import mtl_dist
@@ -340,19 +341,10 @@ def test_readers_warn_when_they_skip_a_damaged_newest_checkpoint(tmp_path,
 
 
 def test_mtl_train_turns_a_full_disk_into_one_line(monkeypatch, capsys):
-  from launch import train as launcher  # pylint: disable=g-import-not-at-top
-
-  def full(config):
-    del config
-    raise OSError(errno.ENOSPC, "No space left on device")
-
-  monkeypatch.setattr(mtl_dist, "train", full)
-  monkeypatch.setattr(launcher, "_config_from_flags", lambda: None)
-  with pytest.raises(SystemExit) as exit_info:
-    launcher.main(["mtl-train"])
-  assert exit_info.value.code == 1
-  assert capsys.readouterr().err == (
-      "mtl-train: error: OSError: [Errno 28] No space left on device\n")
+  assert train_launcher_failing_with(
+      monkeypatch, capsys,
+      OSError(errno.ENOSPC, "No space left on device")) == (
+          1, "mtl-train: error: OSError: [Errno 28] No space left on device\n")
 
 
 def test_an_unwritable_export_dir_is_refused_before_training(tmp_path):

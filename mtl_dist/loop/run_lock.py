@@ -160,9 +160,7 @@ def _lock(fd: int, where: str, path: str) -> None:
     if e.errno in (errno.EAGAIN, errno.EACCES):
       holder = _read_holder(fd)
       os.close(fd)
-      raise errors.ConfigError(
-          f"{where}: in use by another run ({_describe(holder)}); wait for it"
-          " to end or give another --model_dir") from None
+      raise _in_use(where, holder) from None
     if e.errno in _NO_FLOCK:
       logging.warning("%s: the file system does not support flock (%s); the "
                       "lock file alone keeps a second run out.", path,
@@ -202,9 +200,7 @@ def _check_holder(holder: Optional[dict[str, Any]], where: str,
           "and run again")
   elif holder and _alive(holder.get("pid")) and holder.get("pid") != (
       os.getpid()) and _flock_missing(path):
-    raise errors.ConfigError(
-        f"{where}: in use by another run ({_describe(holder)}); wait for it "
-        "to end or give another --model_dir")
+    raise _in_use(where, holder)
   logging.warning("Taking over %s from a run that ended without releasing "
                   "it (%s).", path, _describe(holder))
 
@@ -278,6 +274,14 @@ def _read_holder(fd: int) -> Optional[dict[str, Any]]:
   except ValueError:
     return {}
   return holder if isinstance(holder, dict) else {}
+
+
+def _in_use(where: str, holder: Optional[dict[str, Any]]
+            ) -> errors.ConfigError:
+  """The refusal of a run that finds the directory held by a live one."""
+  return errors.ConfigError(
+      f"{where}: in use by another run ({_describe(holder)}); wait for it to "
+      "end or give another --model_dir")
 
 
 def _describe(holder: Optional[dict[str, Any]]) -> str:

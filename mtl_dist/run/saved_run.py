@@ -112,12 +112,11 @@ def signs_of_training(model_dir: str) -> list[str]:
     if all(isinstance(n, int) and n > 0 for n in first_save):
       # An eval record at a save step comes after that save; a train
       # record there comes before it.
-      records = [(record.get("step"), record.get("split"))
-                 for record in run_files.read_json_lines(
-                     os.path.join(model_dir, run_files.METRICS_FILE))]
-      saved = [step for step, split in records if isinstance(step, int) and (
-          step > min(first_save) or
-          (split == "eval" and step >= min(first_save)))]
+      saved = [record["step"] for record in run_files.read_records(
+          os.path.join(model_dir, run_files.METRICS_FILE))
+               if record["step"] > min(first_save) or
+               (record["split"] == "eval" and
+                record["step"] >= min(first_save))]
       if saved:
         signs.append(f"metrics.jsonl records up to step {max(saved)}")
   return signs
