@@ -12,16 +12,14 @@ resume).
 """
 
 import dataclasses
-import os
 import sys
 from typing import Any, Callable
 
-# Keep TensorFlow's C++ start-up chatter (oneDNN, CUDA probing) out of the
-# log unless the user asked for it; errors and warnings still show.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+from launch import startup
 
-from absl import app  # pylint: disable=g-import-not-at-top
-from absl import flags
+startup.import_tensorflow_quietly()
+
+from absl import flags  # pylint: disable=g-import-not-at-top
 from absl import logging
 import tensorflow as tf
 
@@ -368,15 +366,28 @@ def main(argv: list[str]) -> None:
   except mtl_dist.Preempted as e:
     sys.stderr.write(f"{_PROGRAM}: {e}\n")
     sys.exit(preemption.PREEMPTED_EXIT_STATUS)
-  print(mtl_dist.format_results(
-      summary, title=f"{_PROGRAM}: {summary['mode']} mode, step "
-      f"{summary['step']}, {summary['replicas']} replica(s), "
-      f"{summary['examples_per_second']:.0f} examples/s; eval results:"))
+  print(_results(summary, flags.FLAGS.model_dir))
+
+
+def _results(summary: dict[str, Any], model_dir: str) -> str:
+  """The run's results table (the chief's); one line on other workers."""
+  if not summary["chief"]:
+    return (f"{_PROGRAM}: this worker finished at step {summary['step']}; "
+            "the chief prints the results.")
+  if summary["steps_this_run"]:
+    title = (f"{_PROGRAM}: {summary['mode']} mode, step {summary['step']}, "
+             f"{summary['replicas']} replica(s), "
+             f"{summary['examples_per_second']:.0f} examples/s; eval results:")
+  else:
+    title = (f"{_PROGRAM}: the run in {model_dir} had finished at step "
+             f"{summary['step']} already; nothing was trained (raise "
+             "--train_steps to train further). Its eval results:")
+  return mtl_dist.format_results(summary, title=title)
 
 
 def run() -> None:
   """Console-script entry point."""
-  app.run(main, flags_parser=cli.flags_parser(_PROGRAM))
+  startup.run(main, cli.flags_parser(_PROGRAM), __doc__)
 
 
 if __name__ == "__main__":

@@ -292,3 +292,77 @@ def test_numpy_scalars_paths_and_shapes_are_taken_as_python_values(tmp_path):
   with pytest.raises(mtl_dist.ConfigError, match="trunk_fn: expects a "
                      "function that makes a new piece on each call"):
     mtl_dist.build_model([task], (4,), tf_keras.layers.Dense(4))
+
+
+def _messages(caplog) -> list[str]:
+  return [record.getMessage() for record in caplog.records]
+
+
+def test_train_shows_its_progress_unless_verbose_is_false(tmp_path, caplog):
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  verbosity = absl_logging.get_verbosity()
+  config = _config(tmp_path, "talks", train_steps=20, log_every=10,
+                   eval_every=10, checkpoint_every=10, trunk_width=16,
+                   train_examples=256, eval_examples=128)
+  with caplog.at_level("INFO"):
+    mtl_dist.train(config)
+  messages = _messages(caplog)
+  assert any(m.startswith("step 10/20 | loss shape=") and "ETA" in m
+             for m in messages), messages
+  evals = [m for m in messages if " eval | " in m]
+  assert [m.split(" eval")[0] for m in evals] == ["step 10", "step 20"]
+  assert "shape: loss=" in evals[0] and "x: loss=" in evals[0]
+  # TensorFlow's INFO lines through absl (one per checkpoint save) are not
+  # the run's progress.
+  assert not any("Sharding callback" in m for m in messages), messages
+  assert absl_logging.get_verbosity() == verbosity
+
+  caplog.clear()
+  with caplog.at_level("INFO"):
+    summary = mtl_dist.train(dataclasses.replace(
+        config, model_dir=str(tmp_path / "quiet")), verbose=False)
+  assert summary["step"] == 20 and summary["steps_this_run"] == 20
+  assert not [m for m in _messages(caplog) if "step" in m], _messages(caplog)
+  assert absl_logging.get_verbosity() == verbosity
+
+
+def test_a_finished_run_run_again_trains_nothing_and_keeps_its_record(
+    tmp_path, caplog):
+  config = _config(tmp_path, "done", train_steps=20, trunk_width=16,
+                   train_examples=256, eval_examples=128)
+  first = mtl_dist.train(config, verbose=False)
+  files = {name: (tmp_path / "done" / name).read_bytes()
+           for name in ("summary.json", "metrics.jsonl")}
+  with caplog.at_level("INFO"):
+    again = mtl_dist.train(config)
+  assert again["steps_this_run"] == 0 and again["step"] == 20
+  assert again["eval"] == first["eval"]
+  assert again["examples_per_second"] == first["examples_per_second"] > 0
+  assert any("finished at step 20 already" in m for m in _messages(caplog))
+  assert {name: (tmp_path / "done" / name).read_bytes()
+          for name in files} == files
+
+
+@pytest.mark.parametrize("changed, named", [
+    (dict(trunk_width=32), "--trunk_width=32 (the run's: --trunk_width=16)"),
+    (dict(tasks=("shape", "x")),
+     "--tasks=shape,x (the run's: --tasks=shape,scale,orientation,x,y)"),
+    (dict(mode="alternate"), "--mode=alternate (the run's: --mode=joint)"),
+])
+def test_a_run_dir_of_other_settings_is_refused_before_any_restore(
+    tmp_path, changed, named):
+  config = _config(tmp_path, "run", train_steps=10, trunk_width=16,
+                   eval_examples=128)
+  mtl_dist.train(config, verbose=False)
+  files = sorted(os.listdir(tmp_path / "run"))
+  with pytest.raises(mtl_dist.ConfigError) as raised:
+    mtl_dist.train(dataclasses.replace(config, train_steps=20, **changed),
+                   verbose=False)
+  assert named in str(raised.value) and "config.json" in str(raised.value)
+  assert "\n" not in str(raised.value)
+  assert sorted(os.listdir(tmp_path / "run")) == files
+  # What a checkpoint does not depend on may change on resume.
+  resumed = mtl_dist.train(dataclasses.replace(
+      config, train_steps=20, learning_rate=0.01, eval_every=5,
+      tasks=("shape", "scale", "orientation", "x", "y")), verbose=False)
+  assert resumed["steps_this_run"] == 10

@@ -30,7 +30,7 @@ def test_resume_with_reordered_tasks_is_refused(tmp_path):
   model_dir = tmp_path / "order"
   mtl_dist.train(_config(model_dir))
   with pytest.raises(mtl_dist.ConfigError,
-                     match="trained the tasks shape,x, in that order"):
+                     match=r"--tasks=x,shape \(the run's: --tasks=shape,x\)"):
     mtl_dist.train(_config(model_dir, tasks=["x", "shape"], train_steps=40))
 
 
@@ -53,3 +53,27 @@ def test_scalar_features_are_tasks():
   feature = tfds.features.Scalar(dtype=np.float32)
   task = tfds_features.task_from_feature("v", feature)
   assert task.kind == "regression" and task.output_size == 1
+
+
+def test_the_eta_leaves_out_the_first_loop_calls_tracing(tmp_path,
+                                                         monkeypatch, caplog):
+  from mtl_dist.loop import run_files  # pylint: disable=g-import-not-at-top
+  from mtl_dist.run import console  # pylint: disable=g-import-not-at-top
+  clock = [100.0]
+  monkeypatch.setattr(run_files.time, "perf_counter", lambda: clock[0])
+  writer = run_files.MetricsWriter(str(tmp_path), total_steps=100,
+                                   start_step=0)
+  with console.progress_lines(True), caplog.at_level("INFO"):
+    clock[0] += 30.0  # The first loop call: 10 steps, mostly tracing.
+    writer.warmed_up(10)
+    writer.progress(10, {"a": 1.0}, 21.0)
+    clock[0] += 2.0  # 10 more steps in 2 s: 0.2 s per step.
+    writer.warmed_up(20)  # Only the first call counts.
+    writer.progress(20, {"a": 0.5}, 320.0)
+    writer.evaluated(20, {"a/loss": 0.25, "a/accuracy": 0.875, "b/mae": 2.0})
+  writer.close()
+  messages = [record.getMessage() for record in caplog.records]
+  assert messages == [
+      "step 10/100 | loss a=1 | 21 examples/s | ETA ?",
+      "step 20/100 | loss a=0.5 | 320 examples/s | ETA 0:00:16",
+      "step 20 eval | a: loss=0.25 accuracy=0.875 | b: mae=2"]

@@ -167,7 +167,7 @@ def test_float16_checkpoint_restores_the_loss_scale(build_trainer, tmp_path):
   assert restored.loss_scales() == {"loss_scale": 2.0**26}
 
 
-def test_float16_run_resumes_and_logs_its_loss_scale(tmp_path):
+def test_float16_run_resumes_and_logs_its_loss_scale(tmp_path, caplog):
   def config(steps, **changes):
     values = dict(model_dir=str(tmp_path / "run"), tasks=["shape", "x"],
                   train_examples=512, eval_examples=128, train_steps=steps,
@@ -177,7 +177,14 @@ def test_float16_run_resumes_and_logs_its_loss_scale(tmp_path):
     values.update(changes)
     return mtl_dist.TrainConfig(**values)
 
-  mtl_dist.train(config(20))
+  with caplog.at_level("WARNING"):
+    mtl_dist.train(config(20))
+  # On a CPU, once per run: why it is slow, and what to use instead.
+  warnings = [record.getMessage() for record in caplog.records
+              if "--mixed_precision=float16 on a CPU" in record.getMessage()]
+  on_cpu = not tf.config.list_logical_devices("GPU")
+  assert len(warnings) == (1 if on_cpu else 0), warnings
+  assert not on_cpu or "use --mixed_precision=bfloat16" in warnings[0].lower()
   summary = mtl_dist.train(config(40))
   assert summary["step"] == 40 and summary["nonfinite_skipped"] == 0
   with open(tmp_path / "run" / "metrics.jsonl") as f:

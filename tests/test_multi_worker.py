@@ -79,6 +79,12 @@ def test_two_workers_equal_two_mirrored_devices(tmp_path, mode_flags):
                               *mode_flags, *_SMALL)
   assert cluster.returncode == 0, cluster.stdout[-4000:]
   assert "over 2 workers (this is worker 1)" in cluster.stdout
+  # The results table once, the chief's; the other worker says it is done.
+  assert cluster.stdout.count("eval results:") == 1, cluster.stdout[-4000:]
+  assert re.search(r"\[worker 0\] mtl-train: \w+ mode, step 60, .*eval "
+                   "results:", cluster.stdout), cluster.stdout[-4000:]
+  assert re.search(r"\[worker 1\] mtl-train: this worker finished at step "
+                   "60; the chief prints the results", cluster.stdout)
   mirrored = run_single_process(tmp_path, f"--model_dir={mirrored_dir}",
                                 "--strategy=mirrored", "--num_cpu_devices=2",
                                 *mode_flags, *_SMALL)
@@ -231,6 +237,6 @@ def test_a_locked_model_dir_stops_every_worker_with_status_2(tmp_path):
                    rf"another run \(host \S+, pid {holder.pid}",
                    cluster.stdout), cluster.stdout[-4000:]
   assert re.search(r"worker 1.*mtl-train: error: --model_dir=\S+: the chief "
-                   r"\(worker 0\) could not take its lock", cluster.stdout), (
+                   r"\(worker 0\) refused the run", cluster.stdout), (
                        cluster.stdout[-4000:])
   assert os.listdir(model_dir) == ["lock"]

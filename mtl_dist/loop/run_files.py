@@ -130,8 +130,7 @@ class MetricsWriter:
             tensorboard_dir(model_dir, split))
         for split in ("train", "eval")} if active else {}
     self._total_steps = total_steps
-    self._start_step = start_step
-    self._start_time = time.perf_counter()
+    self._warm: Optional[tuple[float, int]] = None  # (time, step).
 
   def recorded(self, step: int, split: str) -> Optional[dict[str, float]]:
     """The metrics an earlier run recorded at `step` for `split`, or None.
@@ -153,19 +152,38 @@ class MetricsWriter:
         "metrics": {k: float(v) for k, v in metrics.items()}})
     write_scalars(self._writers[split], step, metrics)
 
+  def warmed_up(self, step: int) -> None:
+    """Marks the end of the first loop call (tracing): ETAs start from here.
+
+    Until a loop call after it ends, the ETA shows "?": the first call's
+    time is mostly tracing and would project a run several times longer.
+    """
+    if self._warm is None:
+      self._warm = (time.perf_counter(), step)
+
   def progress(self, step: int, losses: Mapping[str, float],
                examples_per_second: float) -> None:
-    """Logs `step/total | task losses | examples/s | ETA`."""
+    """Logs `step/total | task losses | examples/s | ETA`.
+
+    The ETA projects the time per step since the first loop call, so it
+    counts evaluations and checkpoints but not tracing.
+    """
     if not self._active:
       return
-    elapsed = time.perf_counter() - self._start_time
-    done = step - self._start_step
-    remaining = self._total_steps - step
-    eta = elapsed / done * remaining if done > 0 else math.nan
+    eta = math.nan
+    if self._warm is not None and step > self._warm[1]:
+      elapsed = time.perf_counter() - self._warm[0]
+      eta = elapsed / (step - self._warm[1]) * (self._total_steps - step)
     loss_text = " ".join(f"{task}={loss:.4g}" for task, loss in losses.items())
     logging.info("step %d/%d | loss %s | %.0f examples/s | ETA %s", step,
                  self._total_steps, loss_text, examples_per_second,
                  _format_seconds(eta))
+
+  def evaluated(self, step: int, metrics: Mapping[str, float]) -> None:
+    """Logs one evaluation: `step N eval | task: metric=value ... | ...`."""
+    if not self._active:
+      return
+    logging.info("step %d eval | %s", step, format_eval_metrics(metrics))
 
   def close(self) -> None:
     for writer in self._writers.values():
@@ -229,6 +247,16 @@ def _is_record(record: Any) -> bool:
   return (isinstance(record, dict) and isinstance(record.get("step"), int)
           and isinstance(record.get("split"), str)
           and isinstance(record.get("metrics"), dict))
+
+
+def format_eval_metrics(metrics: Mapping[str, float]) -> str:
+  """`task: metric=value ... | task: ...` for `task/metric` keys, in order."""
+  by_task: dict[str, list[str]] = {}
+  for key, value in metrics.items():
+    task, _, metric = key.partition("/")
+    by_task.setdefault(task, []).append(f"{metric or task}={value:.4g}")
+  return " | ".join(f"{task}: {' '.join(items)}"
+                    for task, items in by_task.items())
 
 
 def _format_seconds(seconds: float) -> str:

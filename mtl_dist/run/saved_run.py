@@ -17,6 +17,8 @@ from absl import logging
 import tensorflow as tf
 
 from mtl_dist import errors
+from mtl_dist.data import shapes
+from mtl_dist.data import toy_regression
 from mtl_dist.loop import checkpointing
 from mtl_dist.loop import run_files
 from mtl_dist.model import base as model_base
@@ -83,6 +85,79 @@ def read_config(model_dir: str) -> config_lib.TrainConfig:
   return config
 
 
+# The settings a checkpoint's variables depend on (the model's, the
+# optimizers'): resumed with others, a run would fail to restore, or restore
+# into another model. Method and schedule choices are not among them: a
+# stateless one can change on resume, and a stateful one's restore names it.
+_STATE_SETTINGS = (
+    "mode", "dataset", "tasks", "task_datasets", "input_key", "image_size",
+    "channels", "trunk", "trunk_width", "trunk_depth", "architecture",
+    "num_experts", "num_shared_experts", "num_task_experts", "num_levels",
+    "num_selected_experts", "mixed_precision", "optimizer",
+    "per_task_optimizer")
+
+
+def check_resumable(model_dir: str, config: config_lib.TrainConfig) -> None:
+  """Refuses to resume a run whose config.json differs in a state setting.
+
+  Called before anything is restored, when `model_dir` holds a checkpoint.
+  A run that wrote no config.json (or one older than a setting) is left
+  to the restore's own checks.
+
+  Raises:
+    ConfigError: Naming each setting that differs, this run's value and
+      the saved run's; or for a damaged config.json.
+  """
+  if not tf.io.gfile.exists(os.path.join(model_dir, CONFIG_FILE)):
+    return
+  saved = read_config(model_dir)
+  differences = []
+  for name in _STATE_SETTINGS:
+    ours, theirs = _effective(config, name), _effective(saved, name)
+    if ours is not None and theirs is not None and ours != theirs:
+      differences.append(f"{_flag(name, ours)} (the run's: "
+                         f"{_flag(name, theirs)})")
+  if differences:
+    raise errors.ConfigError(
+        f"--model_dir={model_dir}: holds a run with other settings than "
+        f"these flags: {'; '.join(differences)}. Resume it with its "
+        "settings (its config.json), or give a new --model_dir")
+
+
+def _effective(config: config_lib.TrainConfig, name: str) -> Any:
+  """A setting's value in effect, its section's default if unset.
+
+  None for a value that cannot be known before the data is read (the tasks
+  of a TFDS dataset when none are named).
+  """
+  if name == "per_task_optimizer":
+    return config.per_task_optimizers
+  if name == "tasks" and config.tasks is None:
+    known = {"shapes": shapes.TASK_NAMES,
+             "toy_regression": toy_regression.TASK_NAMES}
+    return known.get(config.dataset)
+  for section in (config.data_config(), config.architecture_config()):
+    if hasattr(section, name):
+      value = getattr(section, name)
+      break
+  else:
+    value = getattr(config, name)
+  if isinstance(value, (list, tuple)):
+    return tuple(value)
+  return dict(value) if isinstance(value, dict) else value
+
+
+def _flag(name: str, value: Any) -> str:
+  """A setting as its flag would spell it: `--name=value`, `--[no]name`."""
+  if isinstance(value, bool):
+    return f"--{'' if value else 'no'}{name}"
+  if isinstance(value, tuple):
+    value = ",".join(str(item) for item in value)
+  elif isinstance(value, dict):
+    value = ",".join(f"{key}={item}" for key, item in value.items())
+  return f"--{name}={value}"
+
+
 def signs_of_training(model_dir: str) -> list[str]:
   """What in `model_dir` shows that a run trained there and saved.
 
@@ -96,7 +171,7 @@ def signs_of_training(model_dir: str) -> list[str]:
     when the directory shows no saved training.
   """
   signs = []
-  summary = _read_json_or_none(os.path.join(model_dir, "summary.json"))
+  summary = read_json_or_none(os.path.join(model_dir, "summary.json"))
   if summary is not None:
     signs.append(f"summary.json (step {summary.get('step', '?')})"
                  if isinstance(summary, dict) else "summary.json")
@@ -105,7 +180,7 @@ def signs_of_training(model_dir: str) -> list[str]:
     names = checkpointing.listed_in_state(checkpoint_dir(model_dir))
     signs.append(f"checkpoints/checkpoint listing {', '.join(names)}" if names
                  else "a checkpoints/checkpoint file")
-  config = _read_json_or_none(os.path.join(model_dir, CONFIG_FILE))
+  config = read_json_or_none(os.path.join(model_dir, CONFIG_FILE))
   if isinstance(config, dict):
     first_save = [config.get(name) for name in ("checkpoint_every",
                                                 "train_steps")]
@@ -122,8 +197,8 @@ def signs_of_training(model_dir: str) -> list[str]:
   return signs
 
 
-def _read_json_or_none(path: str) -> Any:
-  """The JSON value in `path`; None if there is none or it is unreadable."""
+def read_json_or_none(path: str) -> Any:
+  """The JSON value in `path`: None if there is none, {} if unreadable."""
   if not tf.io.gfile.exists(path):
     return None
   try:

@@ -30,6 +30,7 @@ from mtl_dist.loop import trainer as trainer_lib
 from mtl_dist.model import architectures
 from mtl_dist.model import hps as model_lib
 from mtl_dist.run import config as config_lib
+from mtl_dist.run import console
 from mtl_dist.run import delta_m as delta_m_lib
 from mtl_dist.run import export as export_lib
 from mtl_dist.run import failures
@@ -44,8 +45,8 @@ def train(config: config_lib.TrainConfig,
           head_fn: Optional[model_lib.HeadFn] = None, *,
           expert_fn: Optional[architectures.ExpertFn] = None,
           gate_fn: Optional[architectures.GateFn] = None,
-          column_fn: Optional[architectures.ColumnFn] = None
-          ) -> dict[str, Any]:
+          column_fn: Optional[architectures.ColumnFn] = None,
+          verbose: bool = True) -> dict[str, Any]:
   """Trains, evaluates and checkpoints a multi-task model.
 
   Args:
@@ -70,11 +71,18 @@ def train(config: config_lib.TrainConfig,
     column_fn: cross_stitch: makes one task's column, a Sequential (either
       Keras) or a list of layers, with a cross-stitch unit after each
       layer; default: the built-in trunk's blocks.
+    verbose: Show the run's progress as absl INFO lines: a line per
+      `log_every` steps (losses, examples/s, ETA), a line per evaluation,
+      and where the run resumed or ended, also in a program that did not
+      parse absl's flags (docs/api.md, "Progress lines"). False: none;
+      warnings and errors still show.
 
   Returns:
     The run summary, also written to `model_dir/summary.json`: `step`,
-    `mode`, `replicas`, `task_steps`, `eval` (task to metric to value) and
-    `examples_per_second`.
+    `steps_this_run` (0 for a run that had finished already, whose
+    summary.json is then kept as it was), `mode`, `replicas`, `task_steps`,
+    `eval` (task to metric to value), `examples_per_second` and `chief`
+    (whether this process wrote the run's files).
 
   Raises:
     ConfigError: For bad configuration or data, before anything is written.
@@ -87,6 +95,15 @@ def train(config: config_lib.TrainConfig,
   functions = architectures.ModelFunctions(
       trunk_fn=trunk_fn, head_fn=head_fn, expert_fn=expert_fn,
       gate_fn=gate_fn, column_fn=column_fn)
+  with console.progress_lines(verbose):
+    return _set_up_and_train(config, data, functions)
+
+
+def _set_up_and_train(config: config_lib.TrainConfig,
+                      data: Optional[data_lib.MultiTaskData],
+                      functions: architectures.ModelFunctions
+                      ) -> dict[str, Any]:
+  """Sets the run up and trains it; errors on a cluster as ClusterErrors."""
   if strategy_lib.uses_multi_worker(config.strategy, config.cluster):
     try:
       run = setup.Run(config, data, functions)
@@ -175,16 +192,22 @@ def _train(run: setup.Run) -> dict[str, Any]:
     """
     recorded = writer.recorded(at, "eval")
     if recorded is not None and not multi_worker:
-      return recorded
-    metrics = trainer.evaluate(eval_datasets, eval_groups)
-    if recorded is None:
-      writer.write(at, "eval", metrics)
+      metrics = recorded
+    else:
+      metrics = trainer.evaluate(eval_datasets, eval_groups)
+      if recorded is None:
+        writer.write(at, "eval", metrics)
+    writer.evaluated(at, metrics)
     return metrics
 
   watcher = preemption.create(strategy, multi_worker)
   profiler = profiling.StepProfiler(
       run_files.tensorboard_dir(config.model_dir, "train"),
       config.profile_steps, active=run.chief)
+  if step >= config.train_steps:
+    logging.info("The run in %s finished at step %d already; nothing to "
+                 "train (raise --train_steps to train it further).",
+                 config.model_dir, step)
   try:
     if 0 < step < config.train_steps and step % config.eval_every == 0:
       # The run that saved this checkpoint may have stopped before its
@@ -201,6 +224,7 @@ def _train(run: setup.Run) -> dict[str, Any]:
                              checkpointer.last_path)
       step += num_steps
       speed.add(seconds, num_steps)
+      writer.warmed_up(step)
       interval.add(result, seconds, num_steps)
       if step % config.log_every == 0 or step == config.train_steps:
         _log_interval(interval, step, writer, trainer, run.data, config)
@@ -231,6 +255,7 @@ def _train(run: setup.Run) -> dict[str, Any]:
     writer.close()
   summary = {
       "step": step,
+      "steps_this_run": step - start_step,
       "mode": config.mode,
       "replicas": strategy.num_replicas_in_sync,
       "global_batch_size": config.global_batch_size,
@@ -242,6 +267,7 @@ def _train(run: setup.Run) -> dict[str, Any]:
                for name in task_names},
       "examples_per_second": (speed.steps_per_second() *
                               config.global_batch_size),
+      "chief": run.chief,
       "nonfinite_skipped": int(trainer.nonfinite_skipped.numpy()),
   }
   if run.baselines:
@@ -250,8 +276,12 @@ def _train(run: setup.Run) -> dict[str, Any]:
                  summary["delta_m"]["delta_m"])
   if run.chief:
     path = os.path.join(config.model_dir, "summary.json")
-    run_files.write_json_atomic(path, summary)
-    logging.info("Wrote %s", path)
+    stored = saved_run.read_json_or_none(path) if step == start_step else None
+    if isinstance(stored, dict) and stored:  # A finished run run again.
+      summary["examples_per_second"] = stored.get("examples_per_second", 0.0)
+    else:
+      run_files.write_json_atomic(path, summary)
+      logging.info("Wrote %s", path)
     if config.export_dir:
       export_lib.export_run(config.model_dir, config.export_dir,
                             **run.functions.as_kwargs())
