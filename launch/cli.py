@@ -61,6 +61,7 @@ def flags_parser(program: str) -> Callable[[list[str]], list[str]]:
   """
 
   def parse(argv: list[str]) -> list[str]:
+    _show_in_help(argv[0])
     try:
       rest = flags.FLAGS(argv)
     except flags.Error as e:
@@ -73,6 +74,20 @@ def flags_parser(program: str) -> Callable[[list[str]], list[str]]:
     return rest
 
   return parse
+
+
+def _show_in_help(program_path: str) -> None:
+  """Makes --help list the launcher's own flags.
+
+  absl's --help shows the key flags of the module `sys.argv[0]` names; a
+  console script (`mtl-train`) is a wrapper that defines none, so the
+  launcher's flags would appear only in --helpfull, among absl's and
+  TensorFlow's.
+  """
+  for module, module_flags in flags.FLAGS.flags_by_module_dict().items():
+    if module.startswith("launch.") or module == program_path:
+      for flag in module_flags:
+        flags.FLAGS.register_key_flag_for_module(program_path, flag)
 
 
 def _check_numbers(program: str) -> None:

@@ -16,12 +16,11 @@ evaluated, 1 when --watch saw no new checkpoint for --timeout seconds or
 reading fails (a file system or TensorFlow error, bad eval data).
 """
 
-import os
+from launch import startup
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+startup.import_tensorflow_quietly()
 
-from absl import app  # pylint: disable=g-import-not-at-top
-from absl import flags
+from absl import flags  # pylint: disable=g-import-not-at-top
 from absl import logging
 import tensorflow as tf
 
@@ -77,7 +76,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """Console-script entry point."""
-  app.run(main, flags_parser=cli.flags_parser(_PROGRAM))
+  startup.run(main, cli.flags_parser(_PROGRAM), __doc__)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,11 @@ checkpoint, or an export_dir that holds something else; 1 when reading or
 writing fails (a file system or TensorFlow error), with one line.
 """
 
-import os
+from launch import startup
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+startup.import_tensorflow_quietly()
 
-from absl import app  # pylint: disable=g-import-not-at-top
-from absl import flags
+from absl import flags  # pylint: disable=g-import-not-at-top
 
 from launch import cli
 import mtl_dist
@@ -45,7 +44,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """Console-script entry point."""
-  app.run(main, flags_parser=cli.flags_parser(_PROGRAM))
+  startup.run(main, cli.flags_parser(_PROGRAM), __doc__)
 
 
 if __name__ == "__main__":

@@ -31,8 +31,11 @@ import threading
 import time
 from typing import IO, Optional, Sequence
 
-from absl import app
-from absl import flags
+from launch import startup
+
+startup.import_tensorflow_quietly()
+
+from absl import flags  # pylint: disable=g-import-not-at-top
 
 from launch import cli
 from mtl_dist.cluster import resolver as cluster_lib
@@ -238,7 +241,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """Console-script entry point."""
-  app.run(main, flags_parser=cli.flags_parser(_PROGRAM))
+  startup.run(main, cli.flags_parser(_PROGRAM), __doc__)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,11 @@ Exit status: 0 on success, 2 for bad flags, a missing export or signature,
 or inputs of the wrong shape or dtype; 1 when reading or writing fails.
 """
 
-import os
+from launch import startup
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+startup.import_tensorflow_quietly()
 
-from absl import app  # pylint: disable=g-import-not-at-top
-from absl import flags
+from absl import flags  # pylint: disable=g-import-not-at-top
 
 from launch import cli
 import mtl_dist
@@ -55,7 +54,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """Console-script entry point."""
-  app.run(main, flags_parser=cli.flags_parser(_PROGRAM))
+  startup.run(main, cli.flags_parser(_PROGRAM), __doc__)
 
 
 if __name__ == "__main__":

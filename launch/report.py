@@ -8,12 +8,11 @@ success, 2 for bad flags, a model_dir without metrics, or no matplotlib;
 1 when writing the PNG fails.
 """
 
-import os
+from launch import startup
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+startup.import_tensorflow_quietly()
 
-from absl import app  # pylint: disable=g-import-not-at-top
-from absl import flags
+from absl import flags  # pylint: disable=g-import-not-at-top
 
 from launch import cli
 import mtl_dist
@@ -37,7 +36,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """Console-script entry point."""
-  app.run(main, flags_parser=cli.flags_parser(_PROGRAM))
+  startup.run(main, cli.flags_parser(_PROGRAM), __doc__)
 
 
 if __name__ == "__main__":

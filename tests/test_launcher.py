@@ -41,6 +41,9 @@ def test_joint_end_to_end_then_resume(tmp_path):
   assert "shape" in first.stdout and "accuracy" in first.stdout
   assert "step 300/300" in first.stderr and "examples/s" in first.stderr
   assert "ETA" in first.stderr
+  # One console line per evaluation, as metrics.jsonl records them.
+  assert re.findall(r"step (\d+) eval \| shape: loss=\S+ accuracy=",
+                    first.stderr) == ["150", "300"], first.stderr[-3000:]
 
   summary = json.load(open(os.path.join(model_dir, "summary.json")))
   assert summary["step"] == 300 and summary["mode"] == "joint"
@@ -87,12 +90,30 @@ def test_joint_end_to_end_then_resume(tmp_path):
       os.path.join(model_dir, "metrics.jsonl")) if r["split"] == "train"]
   assert train_steps == [100, 150, 200, 300, 400]
 
-  # A different model on the same directory is refused; nothing is written.
+  # The finished run run again says so, and trains and records nothing.
+  files = {name: open(os.path.join(model_dir, name), "rb").read()
+           for name in ("summary.json", "metrics.jsonl")}
+  again = run_launcher(f"--model_dir={model_dir}", "--mode=joint",
+                       "--train_steps=400", "--train_examples=4096", *_SMALL)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert again.stdout.startswith(
+      f"mtl-train: the run in {model_dir} had finished at step 400 already;")
+  assert files == {name: open(os.path.join(model_dir, name), "rb").read()
+                   for name in files}
+
+  # A different model on the same directory is refused from its config.json,
+  # naming the difference, before any restore; nothing is written, and
+  # nothing follows the error line.
   config_before = open(os.path.join(model_dir, "config.json")).read()
   third = run_launcher(f"--model_dir={model_dir}", "--mode=joint",
                        "--train_steps=500", *_SMALL[:1], "--trunk_width=32")
   assert third.returncode == 2, third.stderr[-3000:]
-  assert "--model_dir" in third.stderr and "Traceback" not in third.stderr
+  assert third.stderr.splitlines()[-1] == (
+      f"mtl-train: error: --model_dir={model_dir}: holds a run with other "
+      "settings than these flags: --trunk_width=32 (the run's: "
+      "--trunk_width=64). Resume it with its settings (its config.json), or "
+      "give a new --model_dir"), third.stderr[-3000:]
+  assert "Traceback" not in third.stderr
   assert open(os.path.join(model_dir, "config.json")).read() == config_before
 
 

@@ -1,0 +1,72 @@
+"""What a user of the launchers sees: help, errors alone, no C++ chatter."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_BIN = os.path.dirname(sys.executable)
+# TensorFlow's C++ start-up lines on a host without a GPU.
+_CHATTER = ("oneDNN custom operations", "cuda drivers", "cuInit",
+            "absl::InitializeLog")
+
+
+def _launcher(name: str, *flags: str, timeout: float = 300
+              ) -> subprocess.CompletedProcess:
+  """Runs an installed console script as a user would, from the checkout."""
+  env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+  return subprocess.run([os.path.join(_BIN, name), *flags], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout,
+                        check=False)
+
+
+def test_help_lists_the_launchers_own_flags():
+  result = _launcher("mtl-train", "--help")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.startswith("mtl-train: trains a multi-task model")
+  for flag in ("--model_dir", "--mode", "--trunk_width", "--aggregator",
+               "--upgrad_", "--global_batch_size"):
+    assert flag in result.stdout, flag
+  # absl's and TensorFlow's own flags stay in --helpfull.
+  assert "absl.logging" not in result.stdout and "--logtostderr" not in (
+      result.stdout)
+  eval_help = _launcher("mtl-eval", "--help")
+  assert eval_help.returncode == 0 and "--watch" in eval_help.stdout
+
+
+@pytest.mark.parametrize("flags, line", [
+    (["--model_dir=/tmp/unused", "--trunk_width=-1"],
+     "mtl-train: error: --trunk_width=-1: must be a positive integer"),
+    (["--model_dir=/tmp/unused", "--train_step=5"],
+     "mtl-train: error: Unknown command line flag 'train_step'. Did you mean:"
+     " train_steps ?"),
+])
+def test_a_bad_flag_is_the_only_line_on_stderr(flags, line):
+  result = _launcher("mtl-train", *flags, timeout=120)
+  assert result.returncode == 2
+  assert result.stderr.splitlines() == [line], result.stderr
+  assert result.stdout == ""
+
+
+@pytest.mark.parametrize("flagfile", ["joint", "alternate"])
+def test_the_shipped_flagfiles_take_other_tasks_and_weights(tmp_path,
+                                                            flagfile):
+  model_dir = tmp_path / flagfile
+  result = _launcher(
+      "mtl-train", f"--flagfile=launch/configs/{flagfile}.flags",
+      f"--model_dir={model_dir}", "--tasks=shape,x",
+      "--task_weights=shape=2,x=1", "--train_steps=4", "--steps_per_loop=2",
+      "--log_every=2", "--eval_every=4", "--checkpoint_every=4",
+      "--trunk_width=8", "--trunk_depth=1", "--global_batch_size=16",
+      "--eval_examples=64", "--num_cpu_devices=1",
+      *(["--task_sizes=shape=256,x=256", "--schedule=weights"]
+        if flagfile == "alternate" else
+        ["--train_examples=256"]))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"{flagfile} mode, step 4" in result.stdout
+  table = result.stdout.splitlines()[2:]
+  assert [row.split()[0] for row in table] == ["shape", "x"]
+  assert not [line for line in result.stderr.splitlines()
+              if any(text in line for text in _CHATTER)], result.stderr
