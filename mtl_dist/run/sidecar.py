@@ -4,9 +4,11 @@ The sidecar is the evaluation pattern tf.distribute recommends for clusters:
 a separate job polls `model_dir/checkpoints`, evaluates each new checkpoint
 on every task's eval split and records the results, while training runs on
 undisturbed. Results go to `model_dir/evaluations.jsonl` (one
-`{"step", "checkpoint", "metrics"}` object per evaluation) and to the
-TensorBoard run `model_dir/tensorboard/sidecar`; training's own files are
-never written, so the two jobs cannot collide.
+`{"step", "checkpoint", "watch", "metrics"}` object per evaluation; `watch`
+is true for a sidecar's, false for a one-shot evaluation's, and missing from
+files written before it was added) and to the TensorBoard run
+`model_dir/tensorboard/sidecar`; training's own files are never written, so
+the two jobs cannot collide.
 """
 
 from __future__ import annotations
@@ -180,7 +182,7 @@ def evaluate(model_dir: str, *, checkpoint: Optional[str] = None,
   evaluator = _Sidecar(model_dir, data, architectures.ModelFunctions(
       trunk_fn=trunk_fn, head_fn=head_fn, expert_fn=expert_fn,
       gate_fn=gate_fn, column_fn=column_fn), eval_steps, num_cpu_devices)
-  recorder = _Recorder(model_dir)
+  recorder = _Recorder(model_dir, watch)
   results = []
 
   def record(path: str) -> Evaluation:
@@ -278,8 +280,9 @@ def _watch(model_dir: str, record: Callable[[str], Evaluation],
 class _Recorder:
   """Appends evaluations to evaluations.jsonl and the sidecar's TensorBoard."""
 
-  def __init__(self, model_dir: str):
+  def __init__(self, model_dir: str, watch: bool):
     self._path = os.path.join(model_dir, EVALUATIONS_FILE)
+    self._watch = watch
     self._writer = tf.summary.create_file_writer(
         run_files.tensorboard_dir(model_dir, SIDECAR_RUN))
 
@@ -290,7 +293,7 @@ class _Recorder:
   def write(self, result: Evaluation) -> None:
     run_files.append_json_line(self._path, {
         "step": result.step, "checkpoint": result.checkpoint,
-        "metrics": result.metrics})
+        "watch": self._watch, "metrics": result.metrics})
     run_files.write_scalars(self._writer, result.step, result.metrics)
 
   def close(self) -> None:
