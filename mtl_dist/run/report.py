@@ -335,7 +335,7 @@ def _plain_log_labels(axes: Any) -> None:
     """Labels the ticks matplotlib would label, without the exponent."""
 
     def __call__(self, x: float, pos: Optional[int] = None) -> str:
-      return f"{x:.3g}" if super().__call__(x, pos) else ""
+      return f"{x:.4g}" if super().__call__(x, pos) else ""
 
   axes.yaxis.set_major_formatter(PlainLogFormatter())
   axes.yaxis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False,
