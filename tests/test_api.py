@@ -301,6 +301,7 @@ def _messages(caplog) -> list[str]:
 def test_train_shows_its_progress_unless_verbose_is_false(tmp_path, caplog):
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
   verbosity = absl_logging.get_verbosity()
+  logger_level = absl_logging.get_absl_logger().level
   config = _config(tmp_path, "talks", train_steps=20, log_every=10,
                    eval_every=10, checkpoint_every=10, trunk_width=16,
                    train_examples=256, eval_examples=128)
@@ -324,6 +325,7 @@ def test_train_shows_its_progress_unless_verbose_is_false(tmp_path, caplog):
   assert summary["step"] == 20 and summary["steps_this_run"] == 20
   assert not [m for m in _messages(caplog) if "step" in m], _messages(caplog)
   assert absl_logging.get_verbosity() == verbosity
+  assert absl_logging.get_absl_logger().level == logger_level
 
 
 def test_a_finished_run_run_again_trains_nothing_and_keeps_its_record(
@@ -332,7 +334,7 @@ def test_a_finished_run_run_again_trains_nothing_and_keeps_its_record(
                    train_examples=256, eval_examples=128)
   first = mtl_dist.train(config, verbose=False)
   files = {name: (tmp_path / "done" / name).read_bytes()
-           for name in ("summary.json", "metrics.jsonl")}
+           for name in ("summary.json", "metrics.jsonl", "config.json")}
   with caplog.at_level("INFO"):
     again = mtl_dist.train(config)
   assert again["steps_this_run"] == 0 and again["step"] == 20
@@ -341,6 +343,13 @@ def test_a_finished_run_run_again_trains_nothing_and_keeps_its_record(
   assert any("finished at step 20 already" in m for m in _messages(caplog))
   assert {name: (tmp_path / "done" / name).read_bytes()
           for name in files} == files
+  # A summary of an earlier step (a run killed after its last checkpoint,
+  # before its summary) is replaced.
+  stale = dict(json.loads(files["summary.json"]), step=10)
+  (tmp_path / "done" / "summary.json").write_text(json.dumps(stale))
+  assert mtl_dist.train(config, verbose=False)["steps_this_run"] == 0
+  assert json.loads((tmp_path / "done" / "summary.json").read_text())[
+      "step"] == 20
 
 
 @pytest.mark.parametrize("changed, named", [
@@ -360,9 +369,21 @@ def test_a_run_dir_of_other_settings_is_refused_before_any_restore(
                    verbose=False)
   assert named in str(raised.value) and "config.json" in str(raised.value)
   assert "\n" not in str(raised.value)
+  assert str(raised.value).count("(the run's:") == 1  # Only what was given.
   assert sorted(os.listdir(tmp_path / "run")) == files
   # What a checkpoint does not depend on may change on resume.
   resumed = mtl_dist.train(dataclasses.replace(
       config, train_steps=20, learning_rate=0.01, eval_every=5,
+      mixed_precision="bfloat16",  # Adds no state, unlike float16.
       tasks=("shape", "scale", "orientation", "x", "y")), verbose=False)
+  assert resumed["steps_this_run"] == 10
+
+
+def test_a_run_on_its_own_data_resumes_with_its_tasks_named(tmp_path):
+  data = _data(["shape", "x"])
+  config = _config(tmp_path, "own", train_steps=10)
+  mtl_dist.train(config, data=data, verbose=False)
+  resumed = mtl_dist.train(dataclasses.replace(
+      config, train_steps=20, tasks=("shape", "x")), data=data,
+                           verbose=False)
   assert resumed["steps_this_run"] == 10

@@ -303,3 +303,15 @@ def test_an_alternate_run_shows_each_tasks_share_in_its_colour(tmp_path):
     assert float(label.get_text()) == pytest.approx(values[-1], rel=5e-3)
     below += values[-1]
   assert below == pytest.approx(1.0)
+
+  # A run in progress whose only record so far is an evaluation: the shares
+  # panel says so instead of failing.
+  records = run_files.read_records(os.path.join(model_dir, "metrics.jsonl"))
+  os.remove(os.path.join(model_dir, "metrics.jsonl"))
+  writer = run_files.MetricsWriter(model_dir, total_steps=40, start_step=0)
+  (evaluation,) = [r for r in records if r["split"] == "eval"][-1:]
+  writer.write(evaluation["step"], "eval", evaluation["metrics"])
+  writer.close()
+  fig = report.report_figure(model_dir)
+  shares = _panels(fig)["share of the steps of each logged interval"]
+  assert [t.get_text() for t in shares.texts] == ["no train record yet"]

@@ -277,6 +277,11 @@ def _draw_task_series(axes: Any, records: list[dict[str, Any]],
     steps = _series(records, "train", f"{tasks[0]}/share")[0]
     shares = [_series(records, "train", f"{task}/share")[1]
               for task in tasks]
+    if not steps or any(len(values) != len(steps) for values in shares):
+      axes.set_title("share of the steps of each logged interval")
+      axes.text(0.5, 0.5, "no train record yet", transform=axes.transAxes,
+                ha="center", va="center", color="grey")
+      return
     # Each share is of the steps since the previous log (from step 0).
     axes.stackplot([0] + steps, *[[values[0]] + values for values in shares],
                    colors=[colours[task] for task in tasks], step="pre",

@@ -9,6 +9,7 @@ strategy).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Optional
@@ -88,32 +89,51 @@ def read_config(model_dir: str) -> config_lib.TrainConfig:
 # The settings a checkpoint's variables depend on (the model's, the
 # optimizers'): resumed with others, a run would fail to restore, or restore
 # into another model. Method and schedule choices are not among them: a
-# stateless one can change on resume, and a stateful one's restore names it.
+# stateless one can change on resume, and a stateful one's state fails to
+# restore (setup names them in that error).
 _STATE_SETTINGS = (
     "mode", "dataset", "tasks", "task_datasets", "input_key", "image_size",
     "channels", "trunk", "trunk_width", "trunk_depth", "architecture",
     "num_experts", "num_shared_experts", "num_task_experts", "num_levels",
     "num_selected_experts", "mixed_precision", "optimizer",
     "per_task_optimizer")
+# The settings of the built-in data: with the caller's own data they are
+# unset or refused, and the restore checks the tasks' order itself.
+_DATA_SETTINGS = ("dataset", "tasks", "task_datasets", "input_key",
+                  "image_size", "channels")
 
 
-def check_resumable(model_dir: str, config: config_lib.TrainConfig) -> None:
+def check_resumable(model_dir: str, config: config_lib.TrainConfig,
+                    custom_data: bool = False) -> None:
   """Refuses to resume a run whose config.json differs in a state setting.
 
   Called before anything is restored, when `model_dir` holds a checkpoint.
-  A run that wrote no config.json (or one older than a setting) is left
-  to the restore's own checks.
+  A config.json that cannot be read as a configuration (damaged, or written
+  by a version with other fields) is left to the restore's own checks,
+  with a warning; a field it lacks is compared as its default.
+
+  Args:
+    model_dir: The run's directory.
+    config: This run's configuration.
+    custom_data: Whether the run trains on the caller's own data, whose
+      tasks and input the data settings do not describe.
 
   Raises:
     ConfigError: Naming each setting that differs, this run's value and
-      the saved run's; or for a damaged config.json.
+      the saved run's.
   """
-  if not tf.io.gfile.exists(os.path.join(model_dir, CONFIG_FILE)):
+  saved = _saved_config(model_dir)
+  if saved is None:
     return
-  saved = read_config(model_dir)
   differences = []
   for name in _STATE_SETTINGS:
+    if custom_data and name in _DATA_SETTINGS:
+      continue
+    if name == "per_task_optimizer" and "joint" in (config.mode, saved.mode):
+      continue  # Joint mode has one optimizer; --mode names the change.
     ours, theirs = _effective(config, name), _effective(saved, name)
+    if name == "mixed_precision" and "float16" not in (ours, theirs):
+      continue  # Only float16 adds state (the loss scale).
     if ours is not None and theirs is not None and ours != theirs:
       differences.append(f"{_flag(name, ours)} (the run's: "
                          f"{_flag(name, theirs)})")
@@ -122,6 +142,31 @@ def check_resumable(model_dir: str, config: config_lib.TrainConfig) -> None:
         f"--model_dir={model_dir}: holds a run with other settings than "
         f"these flags: {'; '.join(differences)}. Resume it with its "
         "settings (its config.json), or give a new --model_dir")
+
+
+def _saved_config(model_dir: str) -> Optional[config_lib.TrainConfig]:
+  """The configuration in config.json as far as this version knows it.
+
+  Returns:
+    None (after a warning, unless there is no config.json) when it is not
+    a configuration this version can read.
+  """
+  path = os.path.join(model_dir, CONFIG_FILE)
+  value = read_json_or_none(path)
+  if value is None:
+    return None
+  known = {field.name for field in dataclasses.fields(config_lib.TrainConfig)}
+  try:
+    if not isinstance(value, dict) or "model_dir" not in value:
+      raise TypeError("unreadable, or not a configuration object")
+    return config_lib.TrainConfig(**{key: item for key, item in value.items()
+                                     if key in known})
+  except (TypeError, ValueError) as e:  # ConfigError is a ValueError.
+    logging.warning("%s cannot be read as a configuration (%s); the "
+                    "checkpoint's restore checks the settings instead.", path,
+                    str(e).splitlines()[0][:200] if str(e) else
+                    type(e).__name__)
+    return None
 
 
 def _effective(config: config_lib.TrainConfig, name: str) -> Any:
@@ -133,10 +178,16 @@ def _effective(config: config_lib.TrainConfig, name: str) -> Any:
   if name == "per_task_optimizer":
     return config.per_task_optimizers
   if name == "tasks" and config.tasks is None:
+    if config.task_datasets:
+      return tuple(config.task_datasets)
     known = {"shapes": shapes.TASK_NAMES,
              "toy_regression": toy_regression.TASK_NAMES}
     return known.get(config.dataset)
-  for section in (config.data_config(), config.architecture_config()):
+  try:
+    sections = (config.data_config(), config.architecture_config())
+  except (TypeError, ValueError):  # A saved value of the wrong kind.
+    return None
+  for section in sections:
     if hasattr(section, name):
       value = getattr(section, name)
       break

@@ -99,12 +99,16 @@ class Run:
     if self.chief:
       try:
         self.lock = run_lock.acquire(config.model_dir)
-        if tf.io.gfile.glob(os.path.join(
-            saved_run.checkpoint_dir(config.model_dir), "ckpt-*.index")):
-          saved_run.check_resumable(config.model_dir, config)
+        if checkpointing.list_checkpoints(
+            saved_run.checkpoint_dir(config.model_dir)):
+          saved_run.check_resumable(config.model_dir, config,
+                                    custom_data=data is not None)
       except errors.ConfigError as e:
         refusal = e
         self.close()
+      except BaseException:
+        self.close()
+        raise
     if strategy_lib.is_multi_worker(self.strategy):
       self._agree_on_refusal(refused=refusal is not None)
     if refusal is not None:
@@ -177,7 +181,7 @@ class Run:
     self.functions = functions
     self.baselines = (delta_m_lib.read_baselines(config.baselines)
                       if config.baselines else None)
-    if (config.mixed_precision == "float16" and
+    if (config.mixed_precision == "float16" and self.chief and
         not tf.config.list_logical_devices("GPU")):
       logging.warning(
           "--mixed_precision=float16 on a CPU: CPUs compute float16 through "
@@ -281,9 +285,9 @@ class Run:
       first_line = str(e).strip().splitlines()[0][:300]
       raise errors.ConfigError(
           f"{where}: checkpoint {path} was "
-          "written by a different model or optimizer set-up (check --mode, "
-          "--tasks, --architecture and its options, --trunk*, --optimizer, "
-          f"--per_task_optimizer, --mixed_precision): "
+          "written by a different model, optimizer or method set-up (check "
+          "--weighting, --aggregator, --schedule and, for a run without a "
+          "config.json or with your own data and pieces, the model): "
           f"{first_line}") from None
     saved = self.task_order.numpy().decode()
     if saved != self.task_names:

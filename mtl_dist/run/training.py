@@ -140,13 +140,16 @@ def _train(run: setup.Run) -> dict[str, Any]:
   """Trains, evaluates and writes the outputs of a set-up run."""
   config = run.config
   trainer, strategy = run.trainer, run.strategy
-  if run.chief:  # Other workers of a cluster write no files of the run.
+  start_step = int(trainer.global_step.numpy())
+  finished = start_step >= config.train_steps
+  # Other workers of a cluster write no files of the run; a finished run
+  # run again keeps the settings it was trained with.
+  if run.chief and not finished:
     tf.io.gfile.makedirs(config.model_dir)
     run_files.write_json_atomic(
         os.path.join(config.model_dir, saved_run.CONFIG_FILE),
         dataclasses.asdict(config))
     saved_run.write_model_spec(config.model_dir, run.model_spec)
-  start_step = int(trainer.global_step.numpy())
   if run.restored_from:
     logging.info("Resuming from %s at step %d.", run.restored_from, start_step)
   checkpointer = run.checkpointer
@@ -204,7 +207,7 @@ def _train(run: setup.Run) -> dict[str, Any]:
   profiler = profiling.StepProfiler(
       run_files.tensorboard_dir(config.model_dir, "train"),
       config.profile_steps, active=run.chief)
-  if step >= config.train_steps:
+  if finished:
     logging.info("The run in %s finished at step %d already; nothing to "
                  "train (raise --train_steps to train it further).",
                  config.model_dir, step)
@@ -276,8 +279,10 @@ def _train(run: setup.Run) -> dict[str, Any]:
                  summary["delta_m"]["delta_m"])
   if run.chief:
     path = os.path.join(config.model_dir, "summary.json")
-    stored = saved_run.read_json_or_none(path) if step == start_step else None
-    if isinstance(stored, dict) and stored:  # A finished run run again.
+    stored = saved_run.read_json_or_none(path) if finished else None
+    # A finished run run again keeps its summary, unless that is of an
+    # earlier step (a run killed after its last checkpoint).
+    if isinstance(stored, dict) and stored.get("step") == step:
       summary["examples_per_second"] = stored.get("examples_per_second", 0.0)
     else:
       run_files.write_json_atomic(path, summary)
