@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 
+from conftest import read_lines_until
 from conftest import time_limit
 from conftest import train_launcher_failing_with
 import pytest
@@ -52,7 +53,7 @@ def _hold_lock_in_another_process(model_dir):
           print("held", flush=True)
           time.sleep(600)
       """)], stdout=subprocess.PIPE, text=True)
-  assert holder.stdout.readline().strip() == "held"
+  read_lines_until(holder, "^held$", "the lock's holder", 1)
   return holder
 
 
