@@ -2,9 +2,18 @@
 
 The split has to happen before TensorFlow initialises its runtime, hence at
 import time of this module, which pytest loads before any test module.
+
+Also the time limits of tests that wait for processes: time_limit and the
+helpers that wait with it.
 """
 
 import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from typing import Callable, Optional
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -22,6 +31,135 @@ from mtl_dist import data as data_lib
 from mtl_dist.data import shapes
 from mtl_dist.model import architectures
 from mtl_dist.model import settings as model_settings
+
+
+# Time limits. "A loaded machine must slow the suite, not fail it": no test
+# waits a fixed number of seconds. Each limit is a count of start-ups of a
+# TensorFlow process, measured on this machine as it is loaded now, times
+# _GENEROSITY; a hang still fails, saying what was awaited and for how long.
+
+# How many times the expected time a test waits before it fails.
+_GENEROSITY = 10
+# A start-up measured longer ago than this is measured again, so that limits
+# follow load that comes and goes during the session.
+_STARTUP_MAX_AGE = 120.0
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_startup = {"seconds": 0.0, "measured_at": -float("inf")}
+_startup_lock = threading.Lock()
+
+
+def startup_seconds() -> float:
+  """Wall time, now, of a fresh Python process that imports mtl_dist.
+
+  The fixed part of every process the tests start and wait for, and the
+  unit of their time limits: it grows with the load (on 2 idle Xeon cores
+  about 3 s; with both cores also running another test session, about 9 s).
+  Measured at most every _STARTUP_MAX_AGE seconds.
+  """
+  with _startup_lock:
+    if time.monotonic() - _startup["measured_at"] > _STARTUP_MAX_AGE:
+      started = time.monotonic()
+      subprocess.run([sys.executable, "-c", "import mtl_dist"], cwd=_REPO,
+                     env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+                     capture_output=True, check=True)
+      _startup["seconds"] = time.monotonic() - started
+      _startup["measured_at"] = time.monotonic()
+    return _startup["seconds"]
+
+
+def time_limit(startups: float, *, fixed_seconds: float = 0.0) -> float:
+  """Seconds to wait for something that takes about `startups` start-ups.
+
+  Args:
+    startups: How long the awaited thing takes, in start-ups of a TensorFlow
+      process (startup_seconds) on the machine as it is now: a process that
+      starts and trains a little is 2-3. Counted from its duration in the
+      suite on 2 idle cores.
+    fixed_seconds: Time the awaited thing spends waiting on a clock rather
+      than computing (a protocol timeout), which load does not stretch.
+
+  Returns:
+    _GENEROSITY times the expected time, plus `fixed_seconds`.
+  """
+  return _GENEROSITY * startups * startup_seconds() + fixed_seconds
+
+
+def _limit_text(limit: float, startups: float, fixed_seconds: float) -> str:
+  fixed = f" + {fixed_seconds:g} s" if fixed_seconds else ""
+  return (f"{limit:.0f} s ({_GENEROSITY} x {startups:g} start-ups of "
+          f"{_startup['seconds']:.1f} s{fixed})")
+
+
+def wait_until(condition: Callable[[], bool], what: str, startups: float, *,
+               process: Optional[subprocess.Popen] = None,
+               fixed_seconds: float = 0.0) -> float:
+  """Polls `condition` until it holds; returns the seconds that took.
+
+  Fails the test if it does not hold within time_limit(startups) (and
+  kills `process`), or if `process` (the one that should make it hold) ends
+  first.
+  """
+  limit = time_limit(startups, fixed_seconds=fixed_seconds)
+  started = time.monotonic()
+  while not condition():
+    if process is not None and process.poll() is not None:
+      output = process.communicate()
+      pytest.fail(f"{what}: the process ended with status "
+                  f"{process.returncode} first; its output ends:\n"
+                  f"{''.join(o for o in output if o)[-3000:]}")
+    if time.monotonic() - started > limit:
+      if process is not None:
+        process.kill()
+        process.communicate()
+      pytest.fail(f"{what}: not after "
+                  f"{_limit_text(limit, startups, fixed_seconds)}")
+    time.sleep(0.05)
+  return time.monotonic() - started
+
+
+def communicate(process: subprocess.Popen, what: str, startups: float, *,
+                fixed_seconds: float = 0.0) -> tuple[str, str]:
+  """process.communicate(), failing the test if the process does not end
+  within time_limit(startups); `what` says what the test waited for."""
+  limit = time_limit(startups, fixed_seconds=fixed_seconds)
+  try:
+    return process.communicate(timeout=limit)
+  except subprocess.TimeoutExpired:
+    process.kill()
+    output = process.communicate()
+    pytest.fail(f"{what}: the process did not end within "
+                f"{_limit_text(limit, startups, fixed_seconds)}; its output "
+                f"ends:\n{''.join(o for o in output if o)[-3000:]}")
+
+
+def read_lines_until(process: subprocess.Popen, pattern: str, what: str,
+                     startups: float) -> list[str]:
+  """The lines of process.stdout up to the first that matches `pattern`.
+
+  Fails the test if none does within time_limit(startups) or before the
+  process ends. The rest of the output stays for process.communicate().
+  """
+  lines, done = [], threading.Event()
+
+  def read():
+    while line := process.stdout.readline():
+      lines.append(line)
+      if re.search(pattern, line):
+        break
+    done.set()
+
+  threading.Thread(target=read, daemon=True).start()
+  limit = time_limit(startups)
+  if not done.wait(limit):
+    process.kill()
+    pytest.fail(f"{what}: no line matching {pattern!r} within "
+                f"{_limit_text(limit, startups, 0)}; output so far:\n"
+                f"{''.join(lines)[-3000:]}")
+  if not (lines and re.search(pattern, lines[-1])):
+    process.kill()
+    pytest.fail(f"{what}: the process ended without a line matching "
+                f"{pattern!r}; its output:\n{''.join(lines)[-3000:]}")
+  return lines
 
 
 def make_strategy(replicas: int) -> tf.distribute.Strategy:

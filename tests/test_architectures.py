@@ -18,6 +18,7 @@ import architecture_runs
 from conftest import event_tags
 from conftest import make_strategy
 from conftest import snapshot
+from conftest import time_limit
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -534,7 +535,8 @@ def test_two_workers_equal_two_mirrored_replicas(tmp_path):
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
   # Generous: two processes trace 14 trainers each on a shared CPU.
-  outputs = [worker.communicate(timeout=900)[0] for worker in workers]
+  limit = time_limit(28)
+  outputs = [worker.communicate(timeout=limit)[0] for worker in workers]
   for worker, text in zip(workers, outputs):
     assert worker.returncode == 0, text[-4000:]
   expected = architecture_runs.train_all(make_strategy(2))
@@ -669,7 +671,7 @@ def test_launcher_trains_a_gated_architecture_and_exports_it(tmp_path):
        "--tasks=shape,x", "--train_steps=20", "--steps_per_loop=10",
        "--log_every=10", "--eval_every=20", "--eval_examples=64",
        "--trunk_width=8", "--num_cpu_devices=2", f"--export_dir={export_dir}"],
-      capture_output=True, text=True, timeout=600, check=False,
+      capture_output=True, text=True, timeout=time_limit(19), check=False,
       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
   assert result.returncode == 0, result.stderr[-3000:]
   spec = json.load(open(model_dir / "model.json"))

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 
+from conftest import time_limit
 import numpy as np
 import pytest
 
@@ -148,7 +149,7 @@ def test_quick_run_measures_every_comparison_and_updates_the_doc(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "benchmarks.run", "--quick", "--repeats=1",
        f"--json_output={report_path}", f"--update_doc={doc}"],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500,
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=time_limit(47),
       check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(report_path.read_text())
@@ -197,7 +198,7 @@ def test_update_doc_without_markers_fails_before_measuring(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "benchmarks.run", f"--update_doc={doc}"],
       cwd=ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
-      capture_output=True, text=True, timeout=300, check=False)
+      capture_output=True, text=True, timeout=time_limit(10), check=False)
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1].startswith(
       "benchmarks.run: error: --update_doc=")

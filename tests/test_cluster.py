@@ -2,9 +2,11 @@
 
 import json
 import os
+import signal
 import sys
-import time
+import threading
 
+from conftest import wait_until
 import pytest
 
 from launch import local_cluster
@@ -193,18 +195,33 @@ def test_several_cpu_devices_per_cpu_worker_are_refused(clean_env):
     mtl_dist.create_strategy("multi_worker", 2)
 
 
-def test_local_cluster_stops_the_others_when_one_fails(capsys):
-  # Worker 1 fails at once; worker 0 would run for a minute.
-  program = ("import json, os, sys, time\n"
+def test_local_cluster_stops_the_others_when_one_fails(capsys, tmp_path):
+  # Worker 1 fails once worker 0 has started (so it has printed its line,
+  # however slowly it starts); worker 0 would run for an hour if not stopped.
+  flag = tmp_path / "worker_0_started"
+  program = ("import json, os, pathlib, sys, time\n"
              "index = json.loads(os.environ['TF_CONFIG'])['task']['index']\n"
              "print('started', flush=True)\n"
-             "sys.exit(3) if index == 1 else time.sleep(60)\n")
+             f"flag = pathlib.Path({str(flag)!r})\n"
+             "if index == 1:\n"
+             "  while not flag.exists(): time.sleep(0.05)\n"
+             "  sys.exit(3)\n"
+             "flag.touch()\n"
+             "time.sleep(3600)\n")
   cluster = local_cluster.LocalCluster([sys.executable, "-c", program],
                                        num_workers=2, grace_seconds=5)
-  started = time.monotonic()
-  cluster.start()
-  assert cluster.wait() == 3
-  assert time.monotonic() - started < 30
+  status = []
+  waiter = threading.Thread(target=lambda: status.append(cluster.wait()),
+                            daemon=True)
+  try:
+    cluster.start()
+    waiter.start()
+    # Two Python start-ups (no TensorFlow) and the 5-s grace period at most.
+    wait_until(lambda: not waiter.is_alive(),
+               "mtl-local-cluster stopping worker 0", 0.5, fixed_seconds=5)
+  finally:
+    cluster.stop(signal.SIGKILL)
+  assert status == [3]
   out = capsys.readouterr().out
   assert "[worker 0] started" in out and "[worker 1] started" in out
   assert "worker 1 failed with status 3; stopping the other workers" in out

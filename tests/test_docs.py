@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 
+from conftest import time_limit
 import pytest
 
 from mtl_dist.methods import registry
@@ -157,7 +158,7 @@ def test_doc_shell_blocks_run_as_written(tmp_path):
     script = block.replace("/tmp/", scratch)
     done = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", script],
                           cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600, check=False)
+                          timeout=time_limit(19), check=False)
     assert done.returncode == 0, (block, done.stderr[-3000:])
   assert (tmp_path / "mtl_shapes" / "report.png").exists()
   assert (tmp_path / "predictions.jsonl").read_text().count("\n") == 8

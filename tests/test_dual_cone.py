@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+from conftest import time_limit
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -173,7 +174,8 @@ def test_cli_trains_with_upgrad_on_a_representation_and_refuses_bad_options(
        "--train_steps=20", "--steps_per_loop=10", "--log_every=10",
        "--eval_every=20", "--eval_examples=64", "--trunk_width=8",
        "--num_cpu_devices=2"],
-      capture_output=True, text=True, timeout=600, check=False, env=env)
+      capture_output=True, text=True, timeout=time_limit(19), check=False,
+      env=env)
   assert done.returncode == 0, done.stderr[-3000:]
   with open(model_dir / "metrics.jsonl") as f:
     train = [json.loads(line) for line in f if '"train"' in line]
@@ -181,6 +183,7 @@ def test_cli_trains_with_upgrad_on_a_representation_and_refuses_bad_options(
   refused = subprocess.run(
       [sys.executable, "-m", "launch.train", f"--model_dir={tmp_path / 'b'}",
        "--aggregator=dualproj", "--dualproj_reg_eps=0"],
-      capture_output=True, text=True, timeout=600, check=False, env=env)
+      capture_output=True, text=True, timeout=time_limit(19), check=False,
+      env=env)
   assert refused.returncode == 2
   assert "--dualproj_reg_eps=0" in refused.stderr.strip().splitlines()[-1]

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from conftest import event_tags
+from conftest import time_limit
 import numpy as np
 import pytest
 
@@ -117,7 +118,8 @@ def test_mtl_eval_refuses_bad_flags_in_one_line(finished_run):
   refused = subprocess.run(
       [sys.executable, "-m", "launch.evaluate", f"--model_dir={model_dir}",
        "--watch", "--checkpoint=20"],
-      capture_output=True, text=True, timeout=120, env=_ENV, check=False)
+      capture_output=True, text=True, timeout=time_limit(4), env=_ENV,
+      check=False)
   assert refused.returncode == 2
   assert refused.stderr.strip().splitlines()[-1] == (
       "mtl-eval: error: --checkpoint=20: cannot be combined with --watch")

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import traceback
 
+from conftest import time_limit
 import pytest
 
 _FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "v0_1_runs")
@@ -272,7 +273,8 @@ def test_every_flag_refuses_bad_values_in_one_line(program, work):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
   result = subprocess.run(
       [sys.executable, __file__, program, _LAUNCHERS[program], work],
-      capture_output=True, text=True, env=env, timeout=1800, check=False)
+      capture_output=True, text=True, env=env, timeout=time_limit(56),
+      check=False)
   lines = [line for line in result.stdout.splitlines()
            if line.startswith("RESULTS ")]
   assert lines, result.stderr[-3000:]

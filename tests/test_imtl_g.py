@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+from conftest import time_limit
 from conftest import whole_batch_task_gradients
 import numpy as np
 import pytest
@@ -165,7 +166,8 @@ def test_cli_trains_with_imtl_g_and_rlw(tmp_path):
        "--train_steps=20", "--train_examples=512", "--eval_examples=256",
        "--trunk_width=32", "--steps_per_loop=10", "--log_every=10",
        "--eval_every=20", "--checkpoint_every=20"],
-      capture_output=True, text=True, timeout=600, env=env, check=False,
+      capture_output=True, text=True, timeout=time_limit(19), env=env,
+      check=False,
       cwd=os.path.join(os.path.dirname(__file__), ".."))
   assert result.returncode == 0, result.stderr[-3000:]
   assert "eval results" in result.stdout

@@ -17,6 +17,7 @@ import sys
 import zlib
 
 from conftest import make_strategy
+from conftest import time_limit
 import keras
 import numpy as np
 import pytest
@@ -113,7 +114,7 @@ def _serve(export_dir: str, inputs: np.ndarray, scratch) -> dict:
   done = subprocess.run(
       [sys.executable, "-c", _SERVE, export_dir, str(scratch / "inputs.npy"),
        str(scratch / "served.npz")], capture_output=True, text=True,
-      timeout=600, check=False, cwd=str(scratch),
+      timeout=time_limit(19), check=False, cwd=str(scratch),
       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
   assert done.returncode == 0, done.stderr[-2000:]
   return dict(np.load(scratch / "served.npz"))

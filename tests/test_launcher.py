@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 from conftest import event_tags
+from conftest import time_limit
 import pytest
 import tensorflow as tf
 
@@ -21,11 +22,13 @@ _SMALL = ["--num_cpu_devices=2", "--trunk_width=64", "--steps_per_loop=50",
           "--eval_examples=1024"]
 
 
-def run_launcher(*flags: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_launcher(*flags: str, startups: float = 10
+                 ) -> subprocess.CompletedProcess:
+  """mtl-train; `startups`: its time limit (conftest.time_limit)."""
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
   return subprocess.run([sys.executable, "-m", "launch.train", *flags],
-                        capture_output=True, text=True, timeout=timeout,
-                        env=env, check=False)
+                        capture_output=True, text=True,
+                        timeout=time_limit(startups), env=env, check=False)
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -204,10 +207,10 @@ def test_joint_with_dynamic_weighting(tmp_path, weighting):
   assert any(n.startswith("weighting/") for n in names)
 
 
-def _toy_regression_script(*flags, timeout):
+def _toy_regression_script(*flags, startups):
   return subprocess.run(
       [sys.executable, "-m", "benchmarks.toy_regression", *flags],
-      capture_output=True, text=True, timeout=timeout,
+      capture_output=True, text=True, timeout=time_limit(startups),
       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), check=False,
       cwd=os.path.join(os.path.dirname(__file__), ".."))
 
@@ -218,7 +221,7 @@ def test_toy_regression_table_script_runs(tmp_path):
   results = tmp_path / "part.json"
   result = _toy_regression_script(
       "--train_steps=20", "--seeds=2", "--methods=static,gradnorm,pcgrad",
-      f"--output={output}", f"--results={results}", timeout=400)
+      f"--output={output}", f"--results={results}", startups=13)
   assert result.returncode == 0, result.stderr[-3000:]
   text = output.read_text()
   # A second part, run elsewhere, merges into one table in registry order.
@@ -229,7 +232,7 @@ def test_toy_regression_table_script_runs(tmp_path):
                            "seconds": [1.0, 3.0]}}}))
   merged = tmp_path / "merged.md"
   result = _toy_regression_script(f"--merge={other},{results}",
-                                  f"--output={merged}", timeout=120)
+                                  f"--output={merged}", startups=4)
   assert result.returncode == 0, result.stderr[-3000:]
   merged_rows = [line.split(" | ")[0][2:] for line in
                  merged.read_text().splitlines() if line.startswith("| ")]
@@ -257,7 +260,7 @@ def test_toy_regression_script_defaults_to_every_registered_method():
       name for name in (*registry.WEIGHTINGS.names()[1:],
                         *registry.AGGREGATORS.names()[1:])
       if not name.startswith("test_")]
-  result = _toy_regression_script("--methods=no_such_method", timeout=120)
+  result = _toy_regression_script("--methods=no_such_method", startups=4)
   assert result.returncode != 0
   known = re.search(r"--methods: unknown no_such_method \(known: ([^)]*)\)",
                     result.stderr)
@@ -281,7 +284,7 @@ def test_toy_regression_script_defaults_to_every_registered_method():
 ])
 def test_bad_input_exits_2_naming_the_flag(tmp_path, flags, named):
   model_dir = tmp_path / "run"
-  result = run_launcher(f"--model_dir={model_dir}", *flags, timeout=120)
+  result = run_launcher(f"--model_dir={model_dir}", *flags, startups=4)
   assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
   error_lines = [line for line in result.stderr.splitlines()
                  if line.startswith("mtl-train: error:")]
@@ -291,7 +294,7 @@ def test_bad_input_exits_2_naming_the_flag(tmp_path, flags, named):
 
 
 def test_missing_model_dir_exits_2():
-  result = run_launcher("--train_steps=10", timeout=120)
+  result = run_launcher("--train_steps=10", startups=4)
   assert result.returncode == 2
   assert "--model_dir" in result.stderr and "Traceback" not in result.stderr
 

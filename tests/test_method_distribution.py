@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 from conftest import make_strategy
+from conftest import time_limit
 import method_runs
 import numpy as np
 import pytest
@@ -56,7 +57,8 @@ def test_two_workers_equal_two_replicas_for_every_method(tmp_path):
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
   # Generous: two processes trace one trainer per case on a shared CPU.
-  outputs = [worker.communicate(timeout=1800)[0] for worker in workers]
+  limit = time_limit(56)
+  outputs = [worker.communicate(timeout=limit)[0] for worker in workers]
   for worker, text in zip(workers, outputs):
     assert worker.returncode == 0, text[-4000:]
   got = np.load(output)

@@ -7,8 +7,11 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
+from conftest import communicate
+from conftest import read_lines_until
+from conftest import time_limit
+from conftest import wait_until
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -25,17 +28,15 @@ def _start(module: str, *flags: str) -> subprocess.Popen:
 
 
 def _run(module: str, *flags: str) -> subprocess.CompletedProcess:
+  # A run of up to 1500 small steps, one or two workers: about 6 start-ups.
   return subprocess.run([sys.executable, "-m", module, *flags],
-                        capture_output=True, text=True, timeout=300,
-                        env=_ENV, check=False)
+                        capture_output=True, text=True,
+                        timeout=time_limit(6), env=_ENV, check=False)
 
 
-def _wait_for(pattern: str, process: subprocess.Popen, timeout=120) -> None:
-  deadline = time.monotonic() + timeout
-  while not glob.glob(pattern):
-    assert process.poll() is None, process.communicate()[0][-3000:]
-    assert time.monotonic() < deadline, f"no {pattern} within {timeout} s"
-    time.sleep(0.02)
+def _wait_for(pattern: str, process: subprocess.Popen) -> None:
+  # A start-up and at most 100 steps: about 3 start-ups.
+  wait_until(lambda: glob.glob(pattern), pattern, 3, process=process)
 
 
 def _state(model_dir: str) -> dict:
@@ -96,7 +97,7 @@ def test_sigterm_saves_then_the_same_command_resumes(tmp_path):
   worker = _start("launch.train", *flags)
   _wait_for(os.path.join(model_dir, "metrics.jsonl"), worker)
   worker.send_signal(signal.SIGTERM)
-  output, _ = worker.communicate(timeout=60)
+  output, _ = communicate(worker, "mtl-train saving after SIGTERM", 2)
   assert worker.returncode == 143, output[-3000:]
   (index,) = glob.glob(os.path.join(model_dir, "checkpoints", "*.index"))
   step = int(index.rsplit("-", 1)[1].split(".")[0])
@@ -126,16 +127,16 @@ def test_sigterm_to_a_cluster_saves_one_agreed_step_and_resumes(tmp_path,
                  "--trunk_width=32", "--eval_examples=256"]
   cluster = _start("launch.local_cluster", "--num_workers=2", "--",
                    *train_flags)
-  head = []
-  while not re.search(r"worker 1: pid (\d+)", "".join(head)):
-    head.append(cluster.stdout.readline())
+  head = read_lines_until(cluster, r"worker 1: pid (\d+)",
+                          "mtl-local-cluster starting worker 1", 1)
   pid = int(re.search(r"worker 1: pid (\d+)", "".join(head)).group(1))
   _wait_for(os.path.join(model_dir, "metrics.jsonl"), cluster)
   if target == "launcher":
     cluster.send_signal(signal.SIGTERM)  # Passed on to both workers.
   else:
     os.kill(pid, signal.SIGTERM)  # Only one worker is preempted.
-  output = "".join(head) + cluster.communicate(timeout=120)[0]
+  output = "".join(head) + communicate(
+      cluster, "both workers saving after SIGTERM", 3)[0]
   assert cluster.returncode == 143, output[-3000:]
   (index,) = glob.glob(os.path.join(model_dir, "checkpoints", "*.index"))
   step = int(index.rsplit("-", 1)[1].split(".")[0])

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+from conftest import time_limit
 from matplotlib import colors
 from matplotlib import image
 from matplotlib import text
@@ -56,7 +57,7 @@ def test_without_matplotlib_or_metrics_the_report_is_refused(tmp_path,
   monkeypatch.undo()
   done = subprocess.run(
       [sys.executable, "-m", "launch.report", f"--model_dir={tmp_path}"],
-      capture_output=True, text=True, timeout=120, check=False,
+      capture_output=True, text=True, timeout=time_limit(4), check=False,
       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
   assert done.returncode == 2
   assert done.stderr.strip().splitlines()[-1] == (

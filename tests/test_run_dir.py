@@ -17,6 +17,8 @@ import subprocess
 import sys
 import textwrap
 
+from conftest import read_lines_until
+from conftest import time_limit
 from conftest import train_launcher_failing_with
 import pytest
 
@@ -51,7 +53,7 @@ def _hold_lock_in_another_process(model_dir):
           print("held", flush=True)
           time.sleep(600)
       """)], stdout=subprocess.PIPE, text=True)
-  assert holder.stdout.readline().strip() == "held"
+  read_lines_until(holder, "^held$", "the lock's holder", 1)
   return holder
 
 
@@ -180,7 +182,8 @@ def test_a_second_launcher_on_the_directory_exits_2_before_writing(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "launch.train", f"--model_dir={model_dir}",
          "--train_steps=2", "--trunk_width=8", "--train_examples=256"],
-        capture_output=True, text=True, timeout=600, check=False,
+        capture_output=True, text=True, timeout=time_limit(19),
+        check=False,
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
   finally:
     holder.kill()
@@ -369,7 +372,8 @@ def test_local_cluster_workers_ignore_a_mtl_dist_folder_in_the_cwd(tmp_path):
   (shadow / "__init__.py").write_text("raise ImportError('the shadow')\n")
   result = subprocess.run(
       local_cluster.worker_command(["--model_dir=", "--train_steps=1"]),
-      cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False,
+      cwd=tmp_path, capture_output=True, text=True, timeout=time_limit(19),
+      check=False,
       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
   assert result.returncode == 2, result.stderr[-2000:]
   assert result.stderr.strip().splitlines()[-1] == (

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+from conftest import time_limit
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -21,7 +22,7 @@ _ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
 
 def _launch(module: str, *flags: str) -> subprocess.CompletedProcess:
   return subprocess.run([sys.executable, "-m", module, *flags],
-                        capture_output=True, text=True, timeout=300,
+                        capture_output=True, text=True, timeout=time_limit(10),
                         env=_ENV, check=False)
 
 
@@ -70,7 +71,8 @@ def test_export_reloads_without_the_package_and_predicts_like_the_model(
   done = subprocess.run(
       [sys.executable, "-c", _FRESH_PROCESS, str(root / "export"),
        str(tmp_path / "inputs.npy"), str(tmp_path / "served.npz")],
-      capture_output=True, text=True, timeout=300, env=_ENV, check=False,
+      capture_output=True, text=True, timeout=time_limit(10), env=_ENV,
+      check=False,
       cwd=str(tmp_path))  # Not the checkout: mtl_dist is not importable.
   assert done.returncode == 0, done.stderr[-2000:]
   served = dict(np.load(tmp_path / "served.npz"))

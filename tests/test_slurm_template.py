@@ -12,8 +12,10 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 
+from conftest import communicate
+from conftest import time_limit
+from conftest import wait_until
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -88,8 +90,8 @@ def test_sbatch_trains_two_workers_through_the_slurm_resolver(tmp_path):
       ["bash", _SBATCH, f"--model_dir={model_dir}", "--train_steps=40",
        "--steps_per_loop=20", "--log_every=20", "--eval_every=40",
        "--checkpoint_every=40", "--trunk_width=32", "--eval_examples=256"],
-      capture_output=True, text=True, timeout=300, env=env, cwd=_REPO,
-      check=False)
+      capture_output=True, text=True, timeout=time_limit(10), env=env,
+      cwd=_REPO, check=False)
   assert result.returncode == 0, result.stderr[-4000:]
   assert "over 2 workers (this is worker 1)" in result.stderr
   assert "--cluster=slurm --port_base=" in open(env["FAKE_SLURM_LOG"]).read()
@@ -103,12 +105,11 @@ def test_sbatch_requeues_the_job_near_the_time_limit(tmp_path):
                             env=env, cwd=_REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
   log = tmp_path / "slurm.log"
-  deadline = time.monotonic() + 30
-  while not (log.exists() and "srun" in log.read_text()):
-    assert time.monotonic() < deadline, "srun was not started"
-    time.sleep(0.1)
+  # Bash scripts and fakes, no TensorFlow: well under a start-up each.
+  wait_until(lambda: log.exists() and "srun" in log.read_text(),
+             "the sbatch script starting srun", 1, process=script)
   script.send_signal(signal.SIGUSR1)  # What --signal=B:USR1@180 sends.
-  output, _ = script.communicate(timeout=30)
+  output, _ = communicate(script, "the sbatch script requeueing the job", 1)
   assert script.returncode == 0, output
   assert "time limit near" in output
   assert log.read_text().splitlines()[-1] == "scontrol requeue 4242"

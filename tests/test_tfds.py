@@ -161,7 +161,7 @@ def test_unprepared_dataset_exits_2_naming_dataset_and_data_dir(tmp_path):
   empty.mkdir()
   model_dir = tmp_path / "run"
   result = run_launcher(f"--model_dir={model_dir}", "--dataset=tfds:mnist",
-                        f"--data_dir={empty}", "--tasks=label", timeout=120)
+                        f"--data_dir={empty}", "--tasks=label", startups=4)
   assert result.returncode == 2, result.stderr[-3000:]
   assert "mnist" in result.stderr and str(empty) in result.stderr
   assert "--download" in result.stderr and "Traceback" not in result.stderr

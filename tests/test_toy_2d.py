@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+from conftest import time_limit
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -227,7 +228,8 @@ def test_the_script_writes_the_page_and_the_figure(tmp_path):
       [sys.executable, "-m", "benchmarks.toy_2d", "--steps=40",
        "--record_every=15", "--methods=sum,mgda", f"--output={output}",
        f"--figure={figure}"],
-      capture_output=True, text=True, timeout=300, env=env, check=False,
+      capture_output=True, text=True, timeout=time_limit(10), env=env,
+      check=False,
       cwd=_ROOT)
   assert result.returncode == 0, result.stderr[-3000:]
   text = output.read_text()
