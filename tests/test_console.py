@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+from conftest import time_limit
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -13,12 +14,13 @@ _CHATTER = ("oneDNN custom operations", "cuda drivers", "cuInit",
             "absl::InitializeLog")
 
 
-def _launcher(name: str, *flags: str, timeout: float = 300
+def _launcher(name: str, *flags: str, startups: float = 3
               ) -> subprocess.CompletedProcess:
   """Runs an installed console script as a user would, from the checkout."""
   env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
   return subprocess.run([os.path.join(_BIN, name), *flags], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=timeout,
+                        capture_output=True, text=True,
+                        timeout=time_limit(startups),
                         check=False)
 
 
@@ -44,7 +46,7 @@ def test_help_lists_the_launchers_own_flags():
      " train_steps ?"),
 ])
 def test_a_bad_flag_is_the_only_line_on_stderr(flags, line):
-  result = _launcher("mtl-train", *flags, timeout=120)
+  result = _launcher("mtl-train", *flags, startups=1)
   assert result.returncode == 2
   assert result.stderr.splitlines() == [line], result.stderr
   assert result.stdout == ""
