@@ -1,4 +1,9 @@
-"""What the launchers share: one-line errors with their exit status."""
+"""What the launchers share: one-line errors with their exit status.
+
+No TensorFlow here: a launcher parses and checks its flags first, and
+imports TensorFlow in its main (`startup.import_tensorflow_quietly`); the
+functions below that name TensorFlow's errors run after that.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,9 @@ import sys
 from typing import Callable, Iterator, NoReturn
 
 from absl import flags
-import tensorflow as tf
 
 from mtl_dist import errors
 from mtl_dist.run import config as config_lib
-from mtl_dist.run import failures
 
 _HELP_FLAGS = {"--help", "-help", "--helpfull", "-helpfull", "--helpshort",
                "-helpshort", "--helpxml", "-helpxml", "-?", "-h"}
@@ -25,6 +28,8 @@ def fail(program: str, message: str, status: int = 2) -> NoReturn:
 
 def runtime_failure(error: BaseException) -> str:
   """One line for a failure while running: a file or TensorFlow error."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from mtl_dist.run import failures  # pylint: disable=g-import-not-at-top
   if isinstance(error, tf.errors.OpError):  # Past "Graph execution error:".
     return f"{type(error).__name__}: {failures.reason(error)}"
   lines = str(error).strip().splitlines() or [""]
@@ -38,6 +43,7 @@ def library_errors(program: str) -> Iterator[None]:
   A ConfigError (bad flags, files or data found before any work) exits 2; a
   file system or TensorFlow error while running exits 1.
   """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   try:
     yield
   except errors.ConfigError as e:

@@ -16,16 +16,14 @@ evaluated, 1 when --watch saw no new checkpoint for --timeout seconds or
 reading fails (a file system or TensorFlow error, bad eval data).
 """
 
-from launch import startup
+from __future__ import annotations
 
-startup.import_tensorflow_quietly()
-
-from absl import flags  # pylint: disable=g-import-not-at-top
+from absl import flags
 from absl import logging
-import tensorflow as tf
 
 from launch import cli
-import mtl_dist
+from launch import startup
+import mtl_dist  # Its names import TensorFlow when main first uses them.
 
 _PROGRAM = "mtl-eval"
 
@@ -61,6 +59,8 @@ def _print(result: mtl_dist.Evaluation) -> None:
 
 def main(argv: list[str]) -> None:
   cli.refuse_arguments(_PROGRAM, argv)
+  startup.import_tensorflow_quietly()
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   if logging.get_verbosity() < logging.DEBUG:
     tf.get_logger().setLevel("WARNING")
   try:

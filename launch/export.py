@@ -12,14 +12,11 @@ checkpoint, or an export_dir that holds something else; 1 when reading or
 writing fails (a file system or TensorFlow error), with one line.
 """
 
-from launch import startup
-
-startup.import_tensorflow_quietly()
-
-from absl import flags  # pylint: disable=g-import-not-at-top
+from absl import flags
 
 from launch import cli
-import mtl_dist
+from launch import startup
+import mtl_dist  # Its names import TensorFlow when main first uses them.
 
 _PROGRAM = "mtl-export"
 
@@ -36,6 +33,7 @@ flags.mark_flags_as_required(["model_dir", "export_dir"])
 
 def main(argv: list[str]) -> None:
   cli.refuse_arguments(_PROGRAM, argv)
+  startup.import_tensorflow_quietly()
   with cli.library_errors(_PROGRAM):
     path = mtl_dist.export_run(_MODEL_DIR.value, _EXPORT_DIR.value,
                                checkpoint=_CHECKPOINT.value)

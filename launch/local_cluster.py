@@ -31,14 +31,12 @@ import threading
 import time
 from typing import IO, Optional, Sequence
 
-from launch import startup
-
-startup.import_tensorflow_quietly()
-
-from absl import flags  # pylint: disable=g-import-not-at-top
+from absl import flags
 
 from launch import cli
-from mtl_dist.cluster import resolver as cluster_lib
+from launch import startup
+# This launcher never imports TensorFlow: its workers (mtl-train) do.
+from mtl_dist.cluster import gpus as gpus_lib
 
 _PROGRAM = "mtl-local-cluster"
 
@@ -91,7 +89,7 @@ def gpu_shares(num_workers: int) -> Optional[list[str]]:
     ValueError: With fewer GPUs than workers, or a count that does not split
       evenly.
   """
-  gpus = cluster_lib.visible_gpu_ids()
+  gpus = gpus_lib.visible_gpu_ids()
   if not gpus:
     return None
   if len(gpus) % num_workers:

@@ -15,15 +15,11 @@ Exit status: 0 on success, 2 for bad flags, a missing export or signature,
 or inputs of the wrong shape or dtype; 1 when reading or writing fails.
 """
 
-from launch import startup
-
-startup.import_tensorflow_quietly()
-
-from absl import flags  # pylint: disable=g-import-not-at-top
+from absl import flags
 
 from launch import cli
-import mtl_dist
-from mtl_dist.run import export as export_lib
+from launch import startup
+import mtl_dist  # Its names import TensorFlow when main first uses them.
 
 _PROGRAM = "mtl-predict"
 
@@ -42,6 +38,9 @@ flags.mark_flags_as_required(["export_dir", "input", "output"])
 
 def main(argv: list[str]) -> None:
   cli.refuse_arguments(_PROGRAM, argv)
+  startup.import_tensorflow_quietly()
+  # pylint: disable-next=g-import-not-at-top
+  from mtl_dist.run import export as export_lib
   with cli.library_errors(_PROGRAM):
     inputs = export_lib.load_inputs(_INPUT.value)
     predictions = mtl_dist.predict(_EXPORT_DIR.value, inputs,

@@ -8,14 +8,11 @@ success, 2 for bad flags, a model_dir without metrics, or no matplotlib;
 1 when writing the PNG fails.
 """
 
-from launch import startup
-
-startup.import_tensorflow_quietly()
-
-from absl import flags  # pylint: disable=g-import-not-at-top
+from absl import flags
 
 from launch import cli
-import mtl_dist
+from launch import startup
+import mtl_dist  # Its names import TensorFlow when main first uses them.
 
 _PROGRAM = "mtl-report"
 
@@ -29,6 +26,7 @@ flags.mark_flag_as_required("model_dir")
 
 def main(argv: list[str]) -> None:
   cli.refuse_arguments(_PROGRAM, argv)
+  startup.import_tensorflow_quietly()
   with cli.library_errors(_PROGRAM):
     path = mtl_dist.write_report(_MODEL_DIR.value, _OUTPUT.value)
   print(f"{_PROGRAM}: wrote {path}")

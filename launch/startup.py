@@ -1,4 +1,9 @@
-"""What every launcher does before TensorFlow starts, and after an error.
+"""How every launcher starts TensorFlow, and what it does after an error.
+
+A launcher imports no TensorFlow until its flags are parsed and checked:
+its main calls `import_tensorflow_quietly` first thing, so a typo or a bad
+value fails at once, not after TensorFlow's start-up (seconds, or a minute
+on a loaded machine).
 
 TensorFlow's C++ runtime writes start-up lines straight to stderr: an
 oneDNN notice and "Could not find cuda drivers" while it is imported

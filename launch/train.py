@@ -11,25 +11,24 @@ worker of a multi-worker run failing: rerun the same command to resume),
 resume).
 """
 
+from __future__ import annotations
+
 import dataclasses
 import sys
 from typing import Any, Callable
 
-from launch import startup
-
-startup.import_tensorflow_quietly()
-
-from absl import flags  # pylint: disable=g-import-not-at-top
+from absl import flags
 from absl import logging
-import tensorflow as tf
 
 from launch import cli
+from launch import startup
+# Only what needs no TensorFlow: the flags are defined and checked (and the
+# TrainConfig they make) before main imports TensorFlow and trains.
 import mtl_dist
 from mtl_dist.cluster import settings as cluster_settings
 from mtl_dist.data import settings as data_settings
-from mtl_dist.loop import preemption
-from mtl_dist.methods import registry
-from mtl_dist.methods import schedules
+from mtl_dist.methods import catalog
+from mtl_dist.methods import settings as method_settings
 from mtl_dist.model import settings as model_settings
 from mtl_dist.run import config as config_lib
 
@@ -39,7 +38,7 @@ _PROGRAM = "mtl-train"
 _DEFAULT = {field.name: field.default
             for field in dataclasses.fields(config_lib.TrainConfig)}
 _DATA = data_settings.DataConfig()
-_SCHEDULES = schedules.ScheduleConfig()
+_SCHEDULES = method_settings.ScheduleConfig()
 _CLUSTER = cluster_settings.ClusterConfig()
 _ARCH = model_settings.ArchitectureConfig()
 
@@ -136,7 +135,7 @@ flags.DEFINE_string(
 flags.DEFINE_enum(
     "aggregator", _DEFAULT["aggregator"], config_lib.AGGREGATORS,
     "Joint mode: how the tasks' gradients of the shared trunk combine: "
-    f"{registry.AGGREGATORS.describe()}. Per-task gradients are summed over "
+    f"{catalog.AGGREGATORS.describe()}. Per-task gradients are summed over "
     "all replicas before aggregating.")
 flags.DEFINE_bool(
     "rep_grad", _DEFAULT["rep_grad"],
@@ -145,7 +144,7 @@ flags.DEFINE_bool(
     "cheaper MGDA-UB form.")
 flags.DEFINE_enum(
     "weighting", _DEFAULT["weighting"], config_lib.WEIGHTINGS,
-    f"Joint mode: task loss weights: {registry.WEIGHTINGS.describe()}.")
+    f"Joint mode: task loss weights: {catalog.WEIGHTINGS.describe()}.")
 flags.DEFINE_integer(
     "train_examples", _DEFAULT["train_examples"],
     "Joint mode on shapes or toy_regression: training examples (default "
@@ -300,7 +299,7 @@ flags.DEFINE_string(
     "signature per task and serving_default (what mtl-export writes); an "
     "earlier export there is replaced.")
 
-# Each method's options, --<method>_<option>, defined where the method is.
+# Each method's options, --<method>_<option>, from the method catalogue.
 for _flag, _kind, _method, _option in config_lib.method_option_flags():
   (flags.DEFINE_integer if isinstance(_option.default, int)
    else flags.DEFINE_float)(
@@ -350,12 +349,20 @@ def _config_from_flags() -> mtl_dist.TrainConfig:
 
 def main(argv: list[str]) -> None:
   cli.refuse_arguments(_PROGRAM, argv)
+  try:  # Every check that needs neither TensorFlow nor a file.
+    config = _config_from_flags()
+    config.check_values()
+  except mtl_dist.ConfigError as e:
+    cli.fail(_PROGRAM, str(e))
+  startup.import_tensorflow_quietly()
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from mtl_dist.loop import preemption  # pylint: disable=g-import-not-at-top
   if logging.get_verbosity() < logging.DEBUG:
     # TensorFlow's own INFO lines (one per collective set-up under
     # MultiWorkerMirroredStrategy) drown the progress lines; --v=1 shows them.
     tf.get_logger().setLevel("WARNING")
   try:
-    summary = mtl_dist.train(_config_from_flags())
+    summary = mtl_dist.train(config)
   except mtl_dist.ConfigError as e:
     cli.fail(_PROGRAM, str(e))
   except (mtl_dist.ClusterError, mtl_dist.DataError,

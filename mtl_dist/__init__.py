@@ -30,65 +30,78 @@ Public API:
   format_results: a text table of a run summary.
   aggregate, loss_weights: every gradient aggregator and loss weighting as
     a function (what the joint step calls), by name.
+
+Each name is imported on first use (PEP 562), so that importing a module
+that needs no TensorFlow (`mtl_dist.run.config`, what the launchers check
+their flags with) does not start it; `import mtl_dist` alone imports
+nothing else.
 """
 
-from mtl_dist.cluster.strategy import configure_cpu_devices
-from mtl_dist.cluster.strategy import create_strategy
-from mtl_dist.data import distribute_eval
-from mtl_dist.data import distribute_train
-from mtl_dist.data import ExampleSource
-from mtl_dist.data import MultiTaskData
-from mtl_dist.data import source_from_arrays
-from mtl_dist.data import source_from_dataset
-from mtl_dist.errors import ClusterError
-from mtl_dist.errors import ConfigError
-from mtl_dist.errors import DataError
-from mtl_dist.errors import NonFiniteError
-from mtl_dist.errors import Preempted
-from mtl_dist.loop.run_files import format_results
-from mtl_dist.loop.trainer import Trainer
-from mtl_dist.methods.aggregators import aggregate
-from mtl_dist.methods.optimizers import FusedAdam
-from mtl_dist.methods.optimizers import make_optimizer_factory
-from mtl_dist.methods.weightings import loss_weights
-from mtl_dist.model.architectures import build as build_architecture
-from mtl_dist.model.architectures import ColumnFn
-from mtl_dist.model.architectures import ExpertFn
-from mtl_dist.model.architectures import GateFn
-from mtl_dist.model.architectures import ModelFunctions
-from mtl_dist.model.base import MultiTaskModel
-from mtl_dist.model.hps import build_model
-from mtl_dist.model.hps import build_trunk
-from mtl_dist.model.hps import HeadFn
-from mtl_dist.model.hps import SharedTrunkModel
-from mtl_dist.model.hps import TrunkFn
-from mtl_dist.model.settings import ArchitectureConfig
-from mtl_dist.run.config import TrainConfig
-from mtl_dist.run.export import export_run
-from mtl_dist.run.export import predict
-from mtl_dist.run.export import write_predictions
-from mtl_dist.run.flag_values import parse_key_values
-from mtl_dist.run.report import write_report
-from mtl_dist.run.sidecar import EvalTimeout
-from mtl_dist.run.sidecar import evaluate
-from mtl_dist.run.sidecar import Evaluation
-from mtl_dist.run.training import train
-from mtl_dist.tasks import LossFn
-from mtl_dist.tasks import TaskSpec
+import importlib
+from typing import Any
 
-__all__ = [
-    "ArchitectureConfig", "ColumnFn", "ExpertFn", "GateFn", "ModelFunctions",
-    "MultiTaskModel", "build_architecture",
-    "ClusterError", "ConfigError", "DataError", "EvalTimeout", "Evaluation",
-    "ExampleSource", "FusedAdam", "HeadFn", "LossFn", "MultiTaskData",
-    "NonFiniteError", "Preempted", "SharedTrunkModel", "TaskSpec",
-    "TrainConfig", "Trainer", "TrunkFn", "aggregate", "build_model",
-    "build_trunk", "configure_cpu_devices", "create_strategy",
-    "distribute_eval",
-    "distribute_train", "evaluate", "export_run", "format_results",
-    "loss_weights", "make_optimizer_factory", "parse_key_values", "predict",
-    "source_from_arrays", "source_from_dataset", "train", "write_predictions",
-    "write_report",
-]
+# Each public name: the module that defines it, and its name there.
+_PUBLIC = {
+    "aggregate": ("mtl_dist.methods.aggregators", "aggregate"),
+    "ArchitectureConfig": ("mtl_dist.model.settings", "ArchitectureConfig"),
+    "build_architecture": ("mtl_dist.model.architectures", "build"),
+    "build_model": ("mtl_dist.model.hps", "build_model"),
+    "build_trunk": ("mtl_dist.model.hps", "build_trunk"),
+    "ClusterError": ("mtl_dist.errors", "ClusterError"),
+    "ColumnFn": ("mtl_dist.model.architectures", "ColumnFn"),
+    "ConfigError": ("mtl_dist.errors", "ConfigError"),
+    "configure_cpu_devices": ("mtl_dist.cluster.strategy",
+                              "configure_cpu_devices"),
+    "create_strategy": ("mtl_dist.cluster.strategy", "create_strategy"),
+    "DataError": ("mtl_dist.errors", "DataError"),
+    "distribute_eval": ("mtl_dist.data", "distribute_eval"),
+    "distribute_train": ("mtl_dist.data", "distribute_train"),
+    "EvalTimeout": ("mtl_dist.run.sidecar", "EvalTimeout"),
+    "evaluate": ("mtl_dist.run.sidecar", "evaluate"),
+    "Evaluation": ("mtl_dist.run.sidecar", "Evaluation"),
+    "ExampleSource": ("mtl_dist.data", "ExampleSource"),
+    "ExpertFn": ("mtl_dist.model.architectures", "ExpertFn"),
+    "export_run": ("mtl_dist.run.export", "export_run"),
+    "format_results": ("mtl_dist.loop.run_files", "format_results"),
+    "FusedAdam": ("mtl_dist.methods.optimizers", "FusedAdam"),
+    "GateFn": ("mtl_dist.model.architectures", "GateFn"),
+    "HeadFn": ("mtl_dist.model.hps", "HeadFn"),
+    "loss_weights": ("mtl_dist.methods.weightings", "loss_weights"),
+    "LossFn": ("mtl_dist.tasks", "LossFn"),
+    "make_optimizer_factory": ("mtl_dist.methods.optimizers",
+                               "make_optimizer_factory"),
+    "ModelFunctions": ("mtl_dist.model.architectures", "ModelFunctions"),
+    "MultiTaskData": ("mtl_dist.data", "MultiTaskData"),
+    "MultiTaskModel": ("mtl_dist.model.base", "MultiTaskModel"),
+    "NonFiniteError": ("mtl_dist.errors", "NonFiniteError"),
+    "parse_key_values": ("mtl_dist.run.flag_values", "parse_key_values"),
+    "predict": ("mtl_dist.run.export", "predict"),
+    "Preempted": ("mtl_dist.errors", "Preempted"),
+    "SharedTrunkModel": ("mtl_dist.model.hps", "SharedTrunkModel"),
+    "source_from_arrays": ("mtl_dist.data", "source_from_arrays"),
+    "source_from_dataset": ("mtl_dist.data", "source_from_dataset"),
+    "TaskSpec": ("mtl_dist.tasks", "TaskSpec"),
+    "train": ("mtl_dist.run.training", "train"),
+    "TrainConfig": ("mtl_dist.run.config", "TrainConfig"),
+    "Trainer": ("mtl_dist.loop.trainer", "Trainer"),
+    "TrunkFn": ("mtl_dist.model.hps", "TrunkFn"),
+    "write_predictions": ("mtl_dist.run.export", "write_predictions"),
+    "write_report": ("mtl_dist.run.report", "write_report"),
+}
+
+__all__ = sorted(_PUBLIC)
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+  if name not in _PUBLIC:
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  module, attribute = _PUBLIC[name]
+  value = getattr(importlib.import_module(module), attribute)
+  globals()[name] = value
+  return value
+
+
+def __dir__() -> list[str]:
+  return sorted({*globals(), *_PUBLIC})

@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 import mtl_dist
+from mtl_dist.methods import catalog
 from mtl_dist.methods import registry
 from mtl_dist.methods.aggregators import base
 
@@ -18,7 +19,6 @@ class _RunningMean(base.Aggregator):
   """sum_i m_i, m_i <- 0.5 m_i + 0.5 g_i, m starting at 0."""
 
   name = "test_running_mean"
-  summary = "a test aggregator"
 
   def __init__(self, num_tasks: int, seed: int = 0):
     super().__init__(num_tasks, seed)
@@ -36,7 +36,8 @@ class _RunningMean(base.Aggregator):
 
 
 if _RunningMean.name not in registry.AGGREGATORS.names():
-  registry.AGGREGATORS.register(_RunningMean)
+  registry.AGGREGATORS.register(
+      _RunningMean, catalog.Method(_RunningMean.name, "a test aggregator"))
 
 
 def test_state_is_taken_and_returned():
@@ -61,7 +62,6 @@ class _CountingNan(base.Aggregator):
   """Counts its calls in its state and returns a NaN update."""
 
   name = "test_counting_nan"
-  summary = "a test aggregator"
 
   def __init__(self, num_tasks: int, seed: int = 0):
     super().__init__(num_tasks, seed)
@@ -75,7 +75,8 @@ class _CountingNan(base.Aggregator):
 
 
 if _CountingNan.name not in registry.AGGREGATORS.names():
-  registry.AGGREGATORS.register(_CountingNan)
+  registry.AGGREGATORS.register(
+      _CountingNan, catalog.Method(_CountingNan.name, "a test aggregator"))
 
 
 def test_a_step_the_trainer_skips_leaves_the_aggregator_state_alone(
@@ -101,3 +102,49 @@ def test_a_step_the_trainer_skips_leaves_the_aggregator_state_alone(
 def test_the_api_checks_option_bounds_as_the_flags_do(name, options, flag):
   with pytest.raises(mtl_dist.ConfigError, match=flag):
     mtl_dist.aggregate(name, np.ones((6, 3), np.float32), **options)
+
+
+@pytest.mark.parametrize("kind", [catalog.AGGREGATOR, catalog.WEIGHTING])
+def test_the_catalogue_and_the_registered_classes_agree(kind):
+  """Every catalogued method has a registered class and vice versa, with
+  the entry's summary, options and declarations; and each class is its
+  name's module in aggregators/ or weightings/ (tests' methods aside)."""
+  methods = registry.AGGREGATORS if kind == catalog.AGGREGATOR else (
+      registry.WEIGHTINGS)
+  entries = catalog.BY_KIND[kind]
+  classes = methods.registered()
+  assert sorted(classes) == sorted(entries.names())
+  assert entries.default in entries.names()
+  assert methods.names() == entries.names()
+  for name, cls in classes.items():
+    entry = entries.get(name)
+    assert cls.name == entry.name == name
+    assert (cls.summary, cls.options) == (entry.summary, entry.options), name
+    assert cls.needs_losses == entry.needs_losses, name
+    assert getattr(cls, "has_gram_form", False) == entry.has_gram_form, name
+    assert getattr(cls, "sub_batches", 1) == entry.sub_batches, name
+    if not name.startswith("test_"):
+      assert cls.__module__ == f"mtl_dist.methods.{kind}s.{name}"
+
+
+def test_a_class_that_disagrees_with_its_entry_is_refused():
+  methods = registry.Registry(catalog.Catalogue("aggregator", ("a",), (
+      catalog.Method("a", "one"),
+      catalog.Method("b", "two", has_gram_form=True))))
+
+  class A(base.Aggregator):
+    name = "a"
+    summary = "its own"
+
+  class B(base.Aggregator):
+    name = "b"
+
+  class C(base.Aggregator):
+    name = "c"
+
+  with pytest.raises(ValueError, match="declares its summary"):
+    methods.register(A)
+  with pytest.raises(ValueError, match="has_gram_form=False"):
+    methods.register(B)
+  with pytest.raises(ValueError, match="no entry"):
+    methods.register(C)

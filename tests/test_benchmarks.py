@@ -20,6 +20,7 @@ from benchmarks import comparisons
 from benchmarks import contenders
 from benchmarks import harness
 from mtl_dist.data import shapes
+from mtl_dist.methods import catalog
 from mtl_dist.methods import registry
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -96,13 +97,17 @@ def _method(name, gram=False, sub_batches=None):
 
 
 def test_method_rows_come_from_the_registries(monkeypatch):
-  weightings = registry.Registry("weighting", ("static", "dwa"))
-  aggregators = registry.Registry("aggregator", ("sum", "pcgrad"))
+  weightings = registry.Registry(catalog.Catalogue(
+      "weighting", ("static", "dwa"), ()))
+  aggregators = registry.Registry(catalog.Catalogue(
+      "aggregator", ("sum", "pcgrad"), ()))
   for name in ("static", "dwa", "test_weighting", "famo"):
-    weightings.register(_method(name))
+    weightings.register(_method(name), catalog.Method(name, name))
   for method in (_method("sum"), _method("pcgrad"), _method("mgda", True),
                  _method("test_gram", True), _method("modo", sub_batches=3)):
-    aggregators.register(method)
+    aggregators.register(method, catalog.Method(
+        method.name, method.name, has_gram_form=method.has_gram_form,
+        sub_batches=getattr(method, "sub_batches", 1)))
   monkeypatch.setattr(registry, "WEIGHTINGS", weightings)
   monkeypatch.setattr(registry, "AGGREGATORS", aggregators)
   rows = comparisons._method_rows()

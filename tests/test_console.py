@@ -72,3 +72,85 @@ def test_the_shipped_flagfiles_take_other_tasks_and_weights(tmp_path,
   assert [row.split()[0] for row in table] == ["shape", "x"]
   assert not [line for line in result.stderr.splitlines()
               if any(text in line for text in _CHATTER)], result.stderr
+
+
+# Runs a launcher's `run()` as its console script does, and prints at exit
+# whether TensorFlow was ever imported.
+_WITHOUT_TENSORFLOW = """
+import atexit, sys
+atexit.register(lambda: print("tensorflow imported:",
+                              "tensorflow" in sys.modules, flush=True))
+sys.argv = sys.argv[1:]
+from launch import {module}
+{module}.run()
+"""
+
+
+@pytest.mark.parametrize("module, program, flags, error", [
+    ("train", "mtl-train", ["--model_dir=/tmp/unused", "--train_step=5"],
+     "Unknown command line flag 'train_step'"),
+    ("train", "mtl-train", ["--model_dir=/tmp/unused", "--trunk_width=-1"],
+     "--trunk_width=-1: must be a positive integer"),
+    ("train", "mtl-train", ["--model_dir=/tmp/unused", "--cagrad_c=nan"],
+     "--cagrad_c=nan: must be a finite number"),
+    ("train", "mtl-train", ["--model_dir=/tmp/unused", "--aggregator=modo",
+                            "--global_batch_size=64"],
+     "must be divisible by 3"),
+    ("train", "mtl-train", ["--model_dir=/tmp/unused", "--mode=alternate",
+                            "--dwa_window=3"],
+     "--dwa_window applies to --mode=joint"),
+    ("train", "mtl-train", ["--model_dir=/tmp/unused", "extra"],
+     "unexpected arguments: extra"),
+    ("evaluate", "mtl-eval", ["--model_dir=/tmp/unused", "--eval_steps=-1"],
+     "--eval_steps"),
+    ("export", "mtl-export", ["--model_dir=/tmp/unused"],
+     "--export_dir must have a value"),
+    ("predict", "mtl-predict", ["--export_dir=/tmp/unused", "--input=x.npy",
+                                "--output=y.npz", "--batch_size=3e9"],
+     "--batch_size"),
+    ("report", "mtl-report", ["--modle_dir=/tmp/unused"],
+     "Unknown command line flag 'modle_dir'"),
+    ("local_cluster", "mtl-local-cluster", ["--num_workers=0"],
+     "--num_workers"),
+    ("train", "mtl-train", ["--help"], None),
+    ("evaluate", "mtl-eval", ["--help"], None),
+])
+def test_flags_are_checked_before_tensorflow_is_imported(module, program,
+                                                         flags, error):
+  """A typo or a bad value costs no TensorFlow start-up (issue 21), nor
+  does --help; every check that needs no device or file runs first."""
+  env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+  result = subprocess.run(
+      [sys.executable, "-c", _WITHOUT_TENSORFLOW.format(module=module),
+       program, *flags], cwd=ROOT, env=env, capture_output=True, text=True,
+      timeout=300, check=False)
+  assert "tensorflow imported: False" in result.stdout, result.stderr[-2000:]
+  if error is None:
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--" in result.stdout  # The help's flags.
+  else:
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.startswith(f"{program}: error: "), result.stderr
+    assert error in result.stderr
+
+
+def test_importing_the_configuration_imports_no_tensorflow():
+  """What the launchers define and check their flags with; `mtl_dist`'s
+  public names import their modules on first use."""
+  code = ("import sys\n"
+          "import mtl_dist\n"
+          "from mtl_dist import TrainConfig, ConfigError, parse_key_values\n"
+          "from mtl_dist.methods import catalog\n"
+          "from mtl_dist.run import config\n"
+          "from launch import cli\n"
+          "assert config.TrainConfig is TrainConfig\n"
+          "assert 'sum' in catalog.AGGREGATORS.names()\n"
+          "assert set(mtl_dist.__all__) <= set(dir(mtl_dist))\n"
+          "print(sorted(m for m in sys.modules\n"
+          "             if m.split('.')[0] in ('tensorflow', 'tf_keras',\n"
+          "                                    'keras')))\n")
+  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.strip() == "[]"

@@ -12,6 +12,7 @@ import tensorflow as tf
 import mtl_dist
 from mtl_dist import data as data_lib
 from mtl_dist.data import shapes
+from mtl_dist.methods import catalog
 from mtl_dist.methods import registry
 from mtl_dist.methods.aggregators import base
 
@@ -25,7 +26,6 @@ class _Capture(base.Aggregator):
   per-task sums (the full-batch sum of the task gradients)."""
 
   name = "test_capture_sub_batches"
-  summary = "a test aggregator"
   sub_batches = 3
   size = 0  # P, set by the test before the trainer is built.
 
@@ -42,7 +42,8 @@ class _Capture(base.Aggregator):
 
 
 if _Capture.name not in registry.AGGREGATORS.names():
-  registry.AGGREGATORS.register(_Capture)
+  registry.AGGREGATORS.register(_Capture, catalog.Method(
+      _Capture.name, "a test aggregator", sub_batches=3))
 
 
 def _flat(arrays) -> np.ndarray:

@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from benchmarks import toy_2d
 from mtl_dist.methods import aggregators
+from mtl_dist.methods import catalog
 from mtl_dist.methods import registry
 from mtl_dist.methods.aggregators import base
 
@@ -192,7 +193,6 @@ class _Checker(base.Aggregator):
   """Checks what the toy passes: the losses and K stacked Jacobians."""
 
   name = "test_toy_checker"
-  summary = "a test aggregator"
   needs_losses = True
   sub_batches = 3
   seen = []
@@ -206,7 +206,8 @@ class _Checker(base.Aggregator):
 
 
 if _Checker.name not in registry.AGGREGATORS.names():
-  registry.AGGREGATORS.register(_Checker)
+  registry.AGGREGATORS.register(_Checker, catalog.Method(
+      _Checker.name, "a test aggregator", needs_losses=True, sub_batches=3))
 
 
 def test_losses_and_stacked_jacobians_reach_the_aggregator():

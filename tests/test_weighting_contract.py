@@ -15,6 +15,7 @@ import pytest
 import tensorflow as tf
 
 import mtl_dist
+from mtl_dist.methods import catalog
 from mtl_dist.methods import registry
 from mtl_dist.methods.weightings import base
 
@@ -23,7 +24,6 @@ class _InverseLoss(base.LossWeighting):
   """w_i = T (1/L_i) / sum_j (1/L_j), from the step's global losses."""
 
   name = "test_inverse_loss"
-  summary = "a test weighting"
   needs_losses = True
 
   def weights(self, step: tf.Tensor,
@@ -34,7 +34,8 @@ class _InverseLoss(base.LossWeighting):
 
 
 if _InverseLoss.name not in registry.WEIGHTINGS.names():
-  registry.WEIGHTINGS.register(_InverseLoss)
+  registry.WEIGHTINGS.register(_InverseLoss, catalog.Method(
+      _InverseLoss.name, "a test weighting", needs_losses=True))
 
 
 @pytest.mark.parametrize("replicas", [1, 2, 4])

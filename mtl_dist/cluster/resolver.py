@@ -11,23 +11,22 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
-import subprocess
 from typing import Optional
 
-from absl import logging
 import tensorflow as tf
 
 from mtl_dist import errors
+from mtl_dist.cluster import gpus
+from mtl_dist.cluster import settings
 
-TF_CONFIG, SLURM = "tf_config", "slurm"
-CLUSTERS = (TF_CONFIG, SLURM)
+TF_CONFIG, SLURM = settings.TF_CONFIG, settings.SLURM
+CLUSTERS = settings.CLUSTERS
 DEFAULT_PORT_BASE = 8888
 # The GPU ids this host showed before a resolver narrowed
 # CUDA_VISIBLE_DEVICES to one task's share (resolving again must not split
 # the share again).
 _node_gpus: Optional[list[str]] = None
+visible_gpu_ids = gpus.visible_gpu_ids
 _SLURM_VARIABLES = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS",
                     "SLURM_STEP_NODELIST", "SLURM_STEP_TASKS_PER_NODE")
 
@@ -196,25 +195,3 @@ class SlurmClusterResolver(
     if self._gpus_per_task and not self._bound:
       os.environ["CUDA_VISIBLE_DEVICES"] = gpu_shares[self._rank]
     return tf.train.ClusterSpec(jobs)
-
-
-def visible_gpu_ids() -> list[str]:
-  """This host's GPU ids: CUDA_VISIBLE_DEVICES, else nvidia-smi, else none.
-
-  Entries that name no GPU (SLURM's `NoDevFiles`, `-1`) are dropped.
-  """
-  visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-  if visible is not None:
-    return [gpu.strip() for gpu in visible.split(",")
-            if re.fullmatch(r"\d+|(GPU|MIG)-[\w/-]+", gpu.strip())]
-  if shutil.which("nvidia-smi") is None:
-    return []
-  try:
-    output = subprocess.run(["nvidia-smi", "--list-gpus"], check=True,
-                            capture_output=True, text=True,
-                            timeout=60).stdout
-  except (subprocess.SubprocessError, OSError) as e:
-    logging.warning("nvidia-smi failed (%s); using no GPUs.", e)
-    return []
-  count = sum(line.startswith("GPU ") for line in output.splitlines())
-  return [str(i) for i in range(count)]

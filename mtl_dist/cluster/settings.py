@@ -10,8 +10,10 @@ import dataclasses
 from typing import Any, Mapping, Optional
 
 from mtl_dist import errors
-from mtl_dist.cluster import resolver
 
+# Where a multi-worker cluster is described (`resolver` reads each).
+TF_CONFIG, SLURM = "tf_config", "slurm"
+CLUSTERS = (TF_CONFIG, SLURM)
 STRATEGIES = ("auto", "mirrored", "one_device", "multi_worker")
 COLLECTIVES = ("auto", "ring", "nccl")
 # Flags that configure MultiWorkerMirroredStrategy and mean nothing without it.
@@ -77,7 +79,7 @@ def validate_flags(given: Mapping[str, Any]) -> None:
   if given["strategy"] in ("mirrored", "one_device"):
     refuse_multi_worker_flags(given)
   if given["cluster"] is not None:
-    errors.check_choice("cluster", given["cluster"], resolver.CLUSTERS)
+    errors.check_choice("cluster", given["cluster"], CLUSTERS)
   if given["collective"] is not None:
     errors.check_choice("collective", given["collective"], COLLECTIVES)
   for name in ("collective_timeout", "cluster_start_timeout"):

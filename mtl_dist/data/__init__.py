@@ -8,23 +8,41 @@
 - `registry`: `load`, the named datasets and the one reader of the data
   settings; `shapes`, `toy_regression` and `tfds` are the datasets.
 
-The names below are this layer's API for the layers above.
+The names below are this layer's API for the layers above; `settings`,
+the data section of the configuration, imports no TensorFlow.
 """
 
-from mtl_dist.data.checks import check
-from mtl_dist.data.checks import check_layout
-from mtl_dist.data.pipelines import distribute_eval
-from mtl_dist.data.pipelines import distribute_train
-from mtl_dist.data.pipelines import input_options
-from mtl_dist.data.registry import load
-from mtl_dist.data.sources import ExampleSource
-from mtl_dist.data.sources import input_dtype
-from mtl_dist.data.sources import MultiTaskData
-from mtl_dist.data.sources import source_from_arrays
-from mtl_dist.data.sources import source_from_dataset
+import importlib
+from typing import Any
 
-__all__ = [
-    "ExampleSource", "MultiTaskData", "check", "check_layout",
-    "distribute_eval", "distribute_train", "input_dtype", "input_options",
-    "load", "source_from_arrays", "source_from_dataset",
-]
+# Each name below, and the module that defines it. They are imported on
+# first use (PEP 562), so that `mtl_dist.data.settings` (the data section of
+# the configuration) is read without TensorFlow.
+_MODULES = {
+    "ExampleSource": "sources",
+    "MultiTaskData": "sources",
+    "check": "checks",
+    "check_layout": "checks",
+    "distribute_eval": "pipelines",
+    "distribute_train": "pipelines",
+    "input_dtype": "sources",
+    "input_options": "pipelines",
+    "load": "registry",
+    "source_from_arrays": "sources",
+    "source_from_dataset": "sources",
+}
+
+__all__ = sorted(_MODULES)
+
+
+def __getattr__(name: str) -> Any:
+  if name not in _MODULES:
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  value = getattr(importlib.import_module(f"{__name__}.{_MODULES[name]}"),
+                  name)
+  globals()[name] = value
+  return value
+
+
+def __dir__() -> list[str]:
+  return sorted({*globals(), *_MODULES})

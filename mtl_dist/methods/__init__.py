@@ -1,18 +1,20 @@
 """Training methods: how task losses are weighted and task gradients combined.
 
-- `registry`: the name registries behind `--aggregator` and `--weighting`,
-  each method's hyperparameters (`--<method>_<option>` flags), creating a
-  method by name, and reading and setting a method's state.
+- `catalog`: every method's name, summary and hyperparameters (the
+  `--<method>_<option>` flags) and what the configuration checks read, with
+  no TensorFlow: what `--aggregator` and `--weighting` offer.
+- `registry`: each catalogued name's `tf.Module` class, creating a method by
+  name, and reading and setting a method's state.
 - `aggregators/`: one module per gradient aggregator (the [T, P] task
   Jacobian of the shared variables, or its Gram matrix, to one update), and
   `aggregate`, any of them as a function.
 - `weightings/`: one module per loss weighting (the [T] task losses to the
   [T] weights of a step), and `loss_weights`, any of them as a function.
+- `schedule_settings` (no TensorFlow) and `schedules`: alternate mode's
+  task schedules.
 
-A method registers itself where it is defined; the steps look methods up
-by what they declare they need, never by name.
+A method is its catalogue entry plus its module, whose class registers
+itself under the entry's name; the steps look methods up by what they
+declare they need, never by name. Importing this package imports no
+method: `registry` imports them all when a class is first looked up.
 """
-
-# Registers every method: importing any part of this package lists them all.
-from mtl_dist.methods import aggregators  # noqa: F401
-from mtl_dist.methods import weightings  # noqa: F401

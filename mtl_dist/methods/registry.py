@@ -1,112 +1,118 @@
-"""Name registries of loss weightings and gradient aggregators.
+"""The method classes behind the catalogue's names, and their state.
 
-A method class registers itself with `AGGREGATORS.register` or
-`WEIGHTINGS.register` where it is defined, and declares its hyperparameters
-as `Option`s. Each option is the flag `--<method>_<option>` (e.g.
-`--cagrad_c`), valid only with its method; its default lives in the option
-alone.
+`catalog` lists every loss weighting and gradient aggregator with its
+options, without TensorFlow. Here each name meets its `tf.Module` class: a
+method's module registers its class (`@AGGREGATORS.register` or
+`@WEIGHTINGS.register`), which gives the class its catalogue entry's
+`summary` and `options` and refuses a class that disagrees with the entry.
+`get` and `create` find a class by name, importing the method packages
+(`aggregators/`, `weightings/`, one module per method) the first time.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, TypeVar
+import importlib
+from typing import Any, Callable, Iterator, Mapping, Optional, TypeVar
 
 import numpy as np
 import tensorflow as tf
 
 from mtl_dist import errors
+from mtl_dist.methods import catalog
 
 _C = TypeVar("_C", bound=type)
-# No method option is meaningful beyond this magnitude; 1e300 or inf would
-# only turn the run's numbers into NaN later, blamed on the data.
-MAX_OPTION = 1e6
-
-
-@dataclasses.dataclass(frozen=True)
-class Option:
-  """A hyperparameter of a method.
-
-  Attributes:
-    name: The option's name; its flag is `--<method>_<name>`.
-    default: The paper's value; its type (int or float) is the option's.
-    help: What it sets, for `--helpfull`.
-    minimum: The least allowed value (None: any).
-    strict: The value must exceed `minimum` (a "positive" option).
-    maximum: The largest allowed value (None: any).
-  """
-
-  name: str
-  default: Any
-  help: str
-  minimum: Optional[float] = None
-  strict: bool = False
-  maximum: Optional[float] = None
-
-  def check(self, flag: str, value: Any) -> None:
-    """Raises ConfigError naming `--flag=value` if the value is not allowed."""
-    kind = type(self.default)
-    if kind is int and (not isinstance(value, int) or isinstance(value, bool)):
-      raise errors.ConfigError(f"--{flag}={value}: must be an integer")
-    if not abs(value) <= MAX_OPTION:  # Also NaN; no float() of a huge int.
-      raise errors.ConfigError(f"--{flag}={value}: must be a finite number "
-                               f"of magnitude at most {MAX_OPTION:g}")
-    if self.maximum is not None and not value <= self.maximum:
-      raise errors.ConfigError(f"--{flag}={value}: must be <= {self.maximum:g}")
-    if self.minimum is None:
-      return
-    if self.strict and not value > self.minimum:
-      raise errors.ConfigError(
-          f"--{flag}={value}: must be "
-          + ("positive" if self.minimum == 0 else f"> {self.minimum}"))
-    if not self.strict and not value >= self.minimum:
-      raise errors.ConfigError(f"--{flag}={value}: must be >= {self.minimum:g}")
+# Where the catalogue's types live, for the code that used them from here.
+MAX_OPTION = catalog.MAX_OPTION
+Option = catalog.Option
+# What a class declares itself that its catalogue entry declares too: the
+# step reads the class, the configuration checks read the entry.
+_DECLARED = ("has_gram_form", "sub_batches", "needs_losses")
 
 
 class Registry:
   """Method classes of one kind (`aggregator` or `weighting`) by name."""
 
-  def __init__(self, kind: str, first: Sequence[str]):
-    """Creates an empty registry.
+  def __init__(self, catalogue: catalog.Catalogue):
+    """Creates an empty registry for the methods `catalogue` lists.
 
     Args:
-      kind: The flag that picks a method, without dashes.
-      first: The names listed first, in this order (the flag's default,
-        then the methods it has offered longest); the rest follow
-        alphabetically.
+      catalogue: The methods' entries (`catalog.AGGREGATORS`, ...).
     """
-    self.kind = kind
-    self.default = first[0]
-    self._first = tuple(first)
+    self.catalogue = catalogue
+    self.kind = catalogue.kind
+    self.default = catalogue.default
     self._classes: dict[str, type] = {}
 
-  def register(self, cls: _C) -> _C:
-    """Class decorator: registers `cls` under `cls.name`."""
-    if cls.name in self._classes:
-      raise ValueError(f"{self.kind} {cls.name!r} is registered twice")
-    self._classes[cls.name] = cls
+  def register(self, cls: _C,
+               entry: Optional[catalog.Method] = None) -> _C:
+    """Class decorator: registers `cls` under `cls.name`.
+
+    Sets the class's `summary` and `options` from its catalogue entry.
+
+    Args:
+      cls: The method's class.
+      entry: For a method defined outside this package (a test's, a
+        user's): its entry, added to the catalogue. None: the catalogue's.
+
+    Raises:
+      ValueError: For a name registered twice, a class the catalogue does
+        not list, one that declares its own `summary` or `options`, or one
+        whose `has_gram_form`, `sub_batches` or `needs_losses` differ from
+        its entry's.
+    """
+    name = cls.name
+    if name in self._classes:
+      raise ValueError(f"{self.kind} {name!r} is registered twice")
+    if entry is not None:
+      if entry.name != name:
+        raise ValueError(f"{self.kind} {name!r} given the entry of "
+                         f"{entry.name!r}")
+      self.catalogue.add(entry)
+    if name not in self.catalogue.names():
+      raise ValueError(f"{self.kind} {name!r} has no entry in "
+                       "mtl_dist/methods/catalog.py")
+    entry = self.catalogue.get(name)
+    for field in ("summary", "options"):
+      if field in vars(cls):
+        raise ValueError(f"{self.kind} {name!r} declares its {field}; it "
+                         "comes from its catalogue entry")
+    for field in _DECLARED:
+      declared = getattr(cls, field, getattr(catalog.Method, field))
+      if declared != getattr(entry, field):
+        raise ValueError(f"{self.kind} {name!r}: the class declares {field}="
+                         f"{declared!r}, its catalogue entry "
+                         f"{getattr(entry, field)!r}")
+    cls.summary = entry.summary
+    cls.options = entry.options
+    self._classes[name] = cls
     return cls
 
   def names(self) -> tuple[str, ...]:
-    """The registered names: `first`, then the others alphabetically."""
-    first = [name for name in self._first if name in self._classes]
-    return (*first, *sorted(set(self._classes) - set(first)))
+    """The catalogued names: `first`, then the others alphabetically."""
+    return self.catalogue.names()
 
   def get(self, name: str) -> type:
     """The class registered as `name`.
 
     Raises:
-      ValueError: For an unknown name, listing the known ones.
+      ConfigError: For an unknown name, listing the known ones.
     """
+    self.catalogue.get(name)
+    if name not in self._classes:  # Registers every method of this kind.
+      importlib.import_module(f"mtl_dist.methods.{self.kind}s")
     if name not in self._classes:
-      raise errors.ConfigError(f"unknown {self.kind} {name!r} (known: "
-                       f"{', '.join(self.names())})")
+      raise LookupError(f"{self.kind} {name!r} is catalogued, but no class "
+                        "registered it")
     return self._classes[name]
+
+  def registered(self) -> dict[str, type]:
+    """Every registered class by name (after importing every method)."""
+    importlib.import_module(f"mtl_dist.methods.{self.kind}s")
+    return dict(self._classes)
 
   def describe(self) -> str:
     """'name (summary), ...' of every method, for a flag's help."""
-    return ", ".join(f"{name} ({self._classes[name].summary})"
-                     for name in self.names())
+    return self.catalogue.describe()
 
   def create(self, name: str, *args: Any, **options: Any) -> Any:
     """A new instance of method `name`: `cls(*args, **options)`.
@@ -129,9 +135,7 @@ class Registry:
 
   def options(self) -> Iterator[tuple[str, str, Option]]:
     """(flag, method, option) for every option of every method, by flag."""
-    found = [(f"{name}_{option.name}", name, option)
-             for name, cls in self._classes.items() for option in cls.options]
-    return iter(sorted(found))
+    return self.catalogue.options()
 
   def resolve_options(self, name: str,
                       given: Callable[[str], Any]) -> dict[str, Any]:
@@ -148,7 +152,7 @@ class Registry:
       ConfigError: For a given value that is not allowed.
     """
     values = {}
-    for option in self.get(name).options:
+    for option in self.catalogue.get(name).options:
       flag = f"{name}_{option.name}"
       value = given(flag)
       if value is None:
@@ -159,15 +163,14 @@ class Registry:
     return values
 
 
-AGGREGATORS = Registry("aggregator", ("sum", "pcgrad", "cagrad", "mgda"))
-WEIGHTINGS = Registry("weighting", ("static", "uncertainty", "dwa",
-                                    "gradnorm"))
+AGGREGATORS = Registry(catalog.AGGREGATORS)
+WEIGHTINGS = Registry(catalog.WEIGHTINGS)
 
 
 def gram_forms() -> list[str]:
   """The aggregators with a Gram-matrix form (usable with --rep_grad)."""
   return [name for name in AGGREGATORS.names()
-          if AGGREGATORS.get(name).has_gram_form]
+          if AGGREGATORS.catalogue.get(name).has_gram_form]
 
 
 def state_of(method: tf.Module) -> dict[str, np.ndarray]:

@@ -19,16 +19,19 @@ Schedules (n_i: task i's dataset size):
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Any, Mapping, Optional, Protocol, Sequence
+from typing import Optional, Protocol, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from mtl_dist import errors
+from mtl_dist.methods import settings
 
-NAMES = ("round_robin", "proportional", "temperature", "annealed", "weights")
+# The schedule section of the configuration lives where TensorFlow does not.
+NAMES = settings.NAMES
+ScheduleConfig = settings.ScheduleConfig
+validate_flags = settings.validate_flags
 
 
 class Schedule(Protocol):
@@ -158,31 +161,6 @@ def default_epochs(sizes: Sequence[int], global_batch_size: int,
   return steps_per_epoch, max(1, math.ceil(train_steps / steps_per_epoch))
 
 
-@dataclasses.dataclass(frozen=True)
-class ScheduleConfig:
-  """The schedule section of a run's configuration (alternate mode).
-
-  Its defaults are the run's: a `TrainConfig` field left unset (None)
-  takes the value here.
-
-  Attributes:
-    schedule: One of `NAMES`.
-    temperature: The temperature schedule's T.
-    mixing_cap: The temperature schedule's cap K on dataset sizes (0: none).
-    steps_per_epoch: The annealed schedule's epoch length (None: one pass
-      over every task's data).
-    anneal_epochs: The annealed schedule's E (None: the epochs in the
-      run's steps).
-  """
-
-  schedule: str = "round_robin"
-  temperature: float = 2.0
-  mixing_cap: int = 0
-  steps_per_epoch: Optional[int] = None
-  anneal_epochs: Optional[int] = None
-
-
-
 def for_task_datasets(config: ScheduleConfig, *, sizes: Sequence[int],
                       weights: Sequence[float], seed: int,
                       global_batch_size: int, train_steps: int) -> Schedule:
@@ -213,39 +191,3 @@ def for_task_datasets(config: ScheduleConfig, *, sizes: Sequence[int],
                 temperature=config.temperature, mixing_cap=config.mixing_cap,
                 weights=weights, steps_per_epoch=epoch_steps,
                 num_epochs=num_epochs)
-
-
-def validate_flags(given: Mapping[str, Any]) -> None:
-  """Refuses schedule flags that do not fit the chosen schedule (alternate).
-
-  Args:
-    given: TrainConfig's fields by name, None where unset.
-
-  Raises:
-    ConfigError: Naming the first flag that does not apply or fit.
-  """
-  schedule = given["schedule"] or ScheduleConfig.schedule
-  if given["task_weights"] is not None and schedule != "weights":
-    raise errors.ConfigError(
-        "--task_weights applies to --mode=joint (loss weights) or "
-        f"--schedule=weights (task shares), but --schedule={schedule} is "
-        "set in alternate mode")
-  for name, needs in (("temperature", "temperature"),
-                      ("mixing_cap", "temperature"),
-                      ("steps_per_epoch", "annealed"),
-                      ("anneal_epochs", "annealed")):
-    if given[name] is not None and schedule != needs:
-      raise errors.ConfigError(
-          f"--{name} applies to --schedule={needs} only, but "
-          f"--schedule={schedule} is set")
-  if given["temperature"] is not None and not given["temperature"] > 0:
-    raise errors.ConfigError(
-        f"--temperature={given['temperature']}: must be positive")
-  if given["mixing_cap"] is not None and given["mixing_cap"] < 0:
-    raise errors.ConfigError(
-        f"--mixing_cap={given['mixing_cap']}: must be >= 0 (0 "
-        "means no cap)")
-  for name in ("steps_per_epoch", "anneal_epochs"):
-    value = given[name]
-    if value is not None and value < 1:
-      raise errors.ConfigError(f"--{name}={value}: must be positive")

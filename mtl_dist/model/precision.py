@@ -24,7 +24,9 @@ from typing import Optional, Sequence
 import tensorflow as tf
 import tf_keras
 
-MODES = ("none", "bfloat16", "float16")
+from mtl_dist.model import settings
+
+MODES = settings.MIXED_PRECISION
 _POLICIES = {"bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 
 

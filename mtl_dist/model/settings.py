@@ -12,6 +12,8 @@ from typing import Any, Mapping
 
 from mtl_dist import errors
 
+# --mixed_precision: what the trunk computes in (`precision` applies it).
+MIXED_PRECISION = ("none", "bfloat16", "float16")
 ARCHITECTURES = ("hps", "mmoe", "cgc", "ple", "cross_stitch", "dselect_k",
                  "mtan")
 # Architectures with one representation every task reads (--rep_grad).

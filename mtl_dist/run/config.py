@@ -4,6 +4,11 @@ Every check that does not need TensorFlow's devices lives here, so the launcher
 and the Python API refuse the same bad input with the same message. Messages
 name the flag (`--name=value: what is wrong`), because the launcher is the
 main way runs are configured.
+
+Neither this module nor anything it imports imports TensorFlow (the
+methods come from their catalogue, each section from its layer's
+`settings`), so a launcher checks its flags before TensorFlow starts
+(tests/test_console.py holds it to that).
 """
 
 from __future__ import annotations
@@ -13,27 +18,25 @@ from typing import Any, Mapping, Optional, Sequence, TypeVar
 
 from mtl_dist import errors
 from mtl_dist import typecheck
-from mtl_dist.cluster import resolver
 from mtl_dist.cluster import settings as cluster_settings
 from mtl_dist.data import settings as data_settings
-from mtl_dist.methods import registry
-from mtl_dist.methods import schedules
-from mtl_dist.model import precision
+from mtl_dist.methods import catalog
+from mtl_dist.methods import settings as method_settings
 from mtl_dist.model import settings as model_settings
 from mtl_dist.run import export_dir
 
 MODES = ("joint", "alternate")
-SCHEDULES = schedules.NAMES
+SCHEDULES = method_settings.NAMES
 OPTIMIZERS = ("adam", "sgd")
 TRUNKS = ("mlp", "conv")
 STRATEGIES = cluster_settings.STRATEGIES
-CLUSTERS = resolver.CLUSTERS
+CLUSTERS = cluster_settings.CLUSTERS
 COLLECTIVES = cluster_settings.COLLECTIVES
 ON_NONFINITE = ("stop", "skip")
 MULTI_WORKER_FLAGS = cluster_settings.MULTI_WORKER_FLAGS
-AGGREGATORS = registry.AGGREGATORS.names()
-WEIGHTINGS = registry.WEIGHTINGS.names()
-MIXED_PRECISION = precision.MODES
+AGGREGATORS = catalog.AGGREGATORS.names()
+WEIGHTINGS = catalog.WEIGHTINGS.names()
+MIXED_PRECISION = model_settings.MIXED_PRECISION
 ARCHITECTURES = model_settings.ARCHITECTURES
 
 _Section = TypeVar("_Section")
@@ -43,7 +46,7 @@ MAX_INT = 2**31 - 1
 # No float setting means anything beyond this magnitude (a weight, a rate, a
 # coefficient, seconds: 11 days); 1e300 would only turn into NaN or an
 # overflow later, blamed on something else. Method options share it.
-MAX_FLOAT = registry.MAX_OPTION
+MAX_FLOAT = catalog.MAX_OPTION
 # Each logical CPU device runs a replica.
 MAX_CPU_DEVICES = 256
 # What each size may be at most, and why (the flags' docs list them).
@@ -79,15 +82,13 @@ def _flag_text(value: Any) -> str:
   return str(value)
 
 
-def method_option_flags() -> list[tuple[str, str, str, registry.Option]]:
-  """(flag, kind, method, option) of every registered method option."""
-  return [(flag, methods.kind, method, option)
-          for methods in (registry.WEIGHTINGS, registry.AGGREGATORS)
-          for flag, method, option in methods.options()]
+def method_option_flags() -> list[tuple[str, str, str, catalog.Option]]:
+  """(flag, kind, method, option) of every catalogued method option."""
+  return catalog.option_flags()
 
 
 # One keyword-only field per method option, `<method>_<option>`, None when
-# unset: a method's options come from its module, not from this file.
+# unset: a method's options come from its catalogue entry, not this file.
 _MethodOptions = dataclasses.make_dataclass(
     "_MethodOptions",
     [(flag, Optional[type(option.default)], dataclasses.field(default=None))
@@ -103,7 +104,7 @@ class TrainConfig(_MethodOptions):
   section (`data_config()`, `cluster_config()`, `schedule_config()`), so
   that a flag given where it has no meaning can be refused instead of
   silently ignored. Every default lives once: here, or in the section.
-  Each registered method option is a keyword-only field too
+  Each catalogued method option is a keyword-only field too
   (`cagrad_c`, `dwa_window`, ...; None: the method's default).
   """
 
@@ -128,11 +129,11 @@ class TrainConfig(_MethodOptions):
   # Task -> model_dir of its single-task run, for Delta_m in summary.json.
   baselines: Optional[Mapping[str, str]] = None
   # Joint mode: how task gradients combine.
-  aggregator: str = registry.AGGREGATORS.default
+  aggregator: str = catalog.AGGREGATORS.default
   # Gram-form aggregators: task gradients at the trunk output.
   rep_grad: bool = False
   # Joint mode: how task losses are weighted.
-  weighting: str = registry.WEIGHTINGS.default
+  weighting: str = catalog.WEIGHTINGS.default
   train_examples: Optional[int] = None  # shapes, joint mode; default 16384.
   # TFDS datasets (--dataset=tfds:NAME, or --task_datasets in alternate mode).
   task_datasets: Optional[Mapping[str, str]] = None  # task -> tfds:NAME:LABEL
@@ -219,9 +220,9 @@ class TrainConfig(_MethodOptions):
     """The architecture section, for the model."""
     return self._section(model_settings.ArchitectureConfig)
 
-  def schedule_config(self) -> schedules.ScheduleConfig:
+  def schedule_config(self) -> method_settings.ScheduleConfig:
     """The schedule section, for the alternate-mode schedule."""
-    return self._section(schedules.ScheduleConfig)
+    return self._section(method_settings.ScheduleConfig)
 
   @property
   def per_task_optimizers(self) -> bool:
@@ -296,7 +297,7 @@ class TrainConfig(_MethodOptions):
     self._validate_mode_flags(given)
     data_settings.validate_flags(given)
     model_settings.validate_flags(given)
-    gram_forms = registry.gram_forms()
+    gram_forms = catalog.gram_forms()
     if self.rep_grad and self.aggregator not in gram_forms:
       raise errors.ConfigError(
           f"--rep_grad is valid for --aggregator={' or '.join(gram_forms)} "
@@ -309,7 +310,7 @@ class TrainConfig(_MethodOptions):
           "--jit_compile cannot be combined with --rep_grad: its step "
           "all-reduces the Gram matrix between two backward passes, which "
           "one compiled function cannot hold")
-    sub_batches = registry.AGGREGATORS.get(self.aggregator).sub_batches
+    sub_batches = catalog.AGGREGATORS.get(self.aggregator).sub_batches
     if self.mode == "joint" and sub_batches > 1:
       if self.jit_compile:
         raise errors.ConfigError(
@@ -323,7 +324,7 @@ class TrainConfig(_MethodOptions):
             f"sub-batches, so it must be divisible by {sub_batches} (and by "
             f"{sub_batches} x the replicas)")
     if (self.jit_compile and self.mode == "joint" and
-        registry.WEIGHTINGS.get(self.weighting).needs_losses):
+        catalog.WEIGHTINGS.get(self.weighting).needs_losses):
       raise errors.ConfigError(
           f"--jit_compile cannot be combined with --weighting="
           f"{self.weighting}: its weights need the step's global losses, "
@@ -452,7 +453,7 @@ class TrainConfig(_MethodOptions):
       raise errors.ConfigError(
           f"--aggregator={self.aggregator} applies to "
           "--mode=joint only (an alternate step has one task)")
-    schedules.validate_flags(given)
+    method_settings.validate_flags(given)
 
   def check_known(self, tasks: Sequence[str]) -> None:
     """Checks that per-task flags name only trained tasks.

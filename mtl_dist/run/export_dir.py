@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 import tempfile
 
-import tensorflow as tf
-
 from mtl_dist import errors
 
 
@@ -23,6 +21,9 @@ def check_export_dir(export_dir: str) -> None:
   Raises:
     ConfigError: For a file, or a non-empty directory without a SavedModel.
   """
+  # TensorFlow's file system reaches remote paths (gs://, ...); imported
+  # here, so that the configuration (which imports this) needs none.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   if not tf.io.gfile.exists(export_dir):
     check_writable(export_dir, "--export_dir")
     return

@@ -1,8 +1,9 @@
-"""Gradient aggregators, one module each, registered by name where defined.
+"""Gradient aggregators, one module each, named by its catalogue entry.
 
-Importing this package imports every module in it, so a new aggregator is
-one new module here (see docs/design.md). `aggregate` runs any of them on a
-matrix, as the training step does.
+Importing this package imports every module in it, whose class registers
+itself under its entry in `catalog.AGGREGATORS`; so a new aggregator is one
+entry there and one new module here (see docs/design.md). `aggregate` runs
+any of them on a matrix, as the training step does.
 """
 
 from __future__ import annotations

@@ -101,7 +101,6 @@ class AlignedMTL(base.GramAggregator):
   """Aligned-MTL: the gradients aligned to equal, orthogonal ones, averaged."""
 
   name = "aligned_mtl"
-  summary = "aligned gradient components, Senushkin et al. 2023"
   promises = frozenset({base.ORDER_INVARIANT, base.HOMOGENEOUS})
 
   def gram_coefficients(self, gram: tf.Tensor, step: tf.Tensor) -> tf.Tensor:

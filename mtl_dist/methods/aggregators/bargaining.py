@@ -48,10 +48,12 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from mtl_dist.methods import catalog
 from mtl_dist.methods.aggregators import base
 
-# The default ridge added to the cosine matrix C (see the module docstring).
-REG_EPS = 1e-8
+# The default ridge added to the cosine matrix C (see the module docstring;
+# --nash_mtl_reg_eps and --fairgrad_reg_eps in the catalogue).
+REG_EPS = catalog.BARGAINING_REG_EPS
 
 _NEWTON_LIMIT = 100  # At most this many Newton steps.
 # Stop when max_i |(A y)_i - b_i y_i^-p| / ((|A| y)_i + b_i y_i^-p) is below

@@ -37,7 +37,7 @@ from typing import ClassVar, Optional
 
 import tensorflow as tf
 
-from mtl_dist.methods import registry
+from mtl_dist.methods import catalog
 from mtl_dist.methods import state
 
 SUM = "sum"
@@ -61,15 +61,18 @@ VANISHING = 1e-8
 class Aggregator(tf.Module):
   """Combines the tasks' gradients of the shared variables into one update.
 
-  Subclasses set `name` (and register with `registry.AGGREGATORS`), declare
-  `needs`, `has_gram_form` and `options`, and implement `__call__` (and
+  Subclasses set `name` (an entry of `catalog.AGGREGATORS`, and register
+  with `registry.AGGREGATORS`, which sets their `summary` and `options`
+  from the entry), declare `needs` (and `has_gram_form`, `needs_losses`,
+  `sub_batches` as their entry does), and implement `__call__` (and
   `gram_coefficients` with a Gram form). State, if any, is `tf.Variable`s
   created in `__init__` (inside the strategy's scope), checkpointed with
   the run.
   """
 
   name: ClassVar[str]
-  summary: ClassVar[str]  # A few words for --helpfull.
+  # Set by `registry.AGGREGATORS.register` from the catalogue entry.
+  summary: ClassVar[str]
   needs: ClassVar[str] = JACOBIAN
   has_gram_form: ClassVar[bool] = False
   # Whether `__call__` needs the step's [T] global-batch losses (the
@@ -82,7 +85,7 @@ class Aggregator(tf.Module):
   # gets (a [K*T, P] matrix, row k*T + i: task i on sub-batch k); 1: the
   # full-batch [T, P] Jacobian.
   sub_batches: ClassVar[int] = 1
-  options: ClassVar[tuple[registry.Option, ...]] = ()
+  options: ClassVar[tuple[catalog.Option, ...]] = ()  # Set likewise.
 
   def __init__(self, num_tasks: int, seed: int = 0):
     """Creates the aggregator.

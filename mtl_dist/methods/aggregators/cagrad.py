@@ -100,11 +100,7 @@ class CAGrad(base.GramAggregator):
   """CAGrad, with its c (`--cagrad_c`)."""
 
   name = "cagrad"
-  summary = "conflict-averse, Liu et al. 2021"
   promises = frozenset({base.ORDER_INVARIANT, base.HOMOGENEOUS})
-  options = (registry.Option(
-      "c", 0.5, "c (the update stays within c |g0| / (1 + c^2) of "
-      "g0 / (1 + c^2))", minimum=0.0),)
 
   def __init__(self, num_tasks: int, seed: int = 0, c: float = 0.5):
     super().__init__(num_tasks, seed)

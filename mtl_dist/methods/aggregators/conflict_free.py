@@ -98,7 +98,6 @@ class ConflictFree(base.GramAggregator):
   """ConFIG: the summed projections on the equal-cosine direction."""
 
   name = "conflict_free"
-  summary = "ConFIG, equal cosine with every task, Liu et al. 2024"
   promises = frozenset({base.ORDER_INVARIANT, base.HOMOGENEOUS})
 
   def gram_coefficients(self, gram: tf.Tensor, step: tf.Tensor) -> tf.Tensor:

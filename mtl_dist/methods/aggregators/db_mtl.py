@@ -69,16 +69,8 @@ class DBMTL(base.Aggregator):
   """DB-MTL: log-loss gradients, averaged, rescaled to the largest norm."""
 
   name = "db_mtl"
-  summary = "log losses, gradients to equal norms, Lin et al. 2023"
   promises = frozenset({base.ORDER_INVARIANT})
   needs_losses = True
-  options = (
-      registry.Option("beta", 0.9, "weight of the old gradient average",
-                      minimum=0.0),
-      registry.Option("beta_sigma", 0.0,
-                      "decay exponent: the weight is beta / k^beta_sigma",
-                      minimum=0.0),
-  )
 
   def __init__(self, num_tasks: int, seed: int = 0, beta: float = 0.9,
                beta_sigma: float = 0.0):

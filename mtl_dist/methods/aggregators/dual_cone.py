@@ -20,15 +20,16 @@ from typing import Callable, ClassVar
 
 import tensorflow as tf
 
-from mtl_dist.methods import registry
+from mtl_dist.methods import catalog
 from mtl_dist.methods.aggregators import base
 
-# TorchJD adds 1e-4 to the diagonal (REG_EPS, its default). It also treats
+# TorchJD adds 1e-4 to the diagonal (REG_EPS, its default, the default of
+# --upgrad_reg_eps and --dualproj_reg_eps in the catalogue). It also treats
 # a trace below norm_eps = 1e-4 as 0, which turns UPGrad and DualProj into
 # the mean whenever sum_i |g_i|^2 < 1e-4, as late in training it often is;
 # here only a zero trace does (NORM_EPS = 0), so they scale linearly.
 NORM_EPS = 0.0
-REG_EPS = 1e-4
+REG_EPS = catalog.DUAL_CONE_REG_EPS
 
 _GROWTH = 10.0  # The barrier's t grows by this factor after each centring.
 _NEWTON_LIMIT = 400  # At most this many Newton steps.
@@ -114,20 +115,14 @@ def project_weights(lower: tf.Tensor, gram: tf.Tensor,
                   tf.cast(lower, tf.float64))
 
 
-REG_OPTION = registry.Option(
-    "reg_eps", REG_EPS, "added to the diagonal of the trace-normalised Gram "
-    "matrix, so that it is positive definite", minimum=0.0, strict=True)
-
-
 class DualConeAggregator(base.GramAggregator):
   """An aggregator whose coefficients are dual-cone projections.
 
-  Subclasses set `name`, `summary` and `weights`, a function of the Gram
+  Subclasses set `name` and `weights`, a function of the Gram
   matrix and `reg_eps` (their `--<name>_reg_eps`) giving the [T] float32
   coefficients.
   """
 
-  options = (REG_OPTION,)
   promises = frozenset({
       base.ORDER_INVARIANT, base.NON_CONFLICTING, base.HOMOGENEOUS})
   weights: ClassVar[Callable[[tf.Tensor, float], tf.Tensor]]

@@ -31,5 +31,4 @@ class DualProj(dual_cone.DualConeAggregator):
   """DualProj: the mean gradient projected onto the dual cone."""
 
   name = "dualproj"
-  summary = "the mean projected onto the dual cone, TorchJD"
   weights = staticmethod(dualproj_weights)

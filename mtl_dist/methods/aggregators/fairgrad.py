@@ -51,15 +51,6 @@ class FairGrad(base.GramAggregator):
   """FairGrad: alpha-fair allocation of the update among the tasks."""
 
   name = "fairgrad"
-  summary = "alpha-fair resource allocation, Ban & Ji 2024"
-  options = (
-      registry.Option("alpha", 1.0, "the fairness exponent: 1 proportional "
-                      "fairness, larger values favour the worst-off task",
-                      minimum=0.0, strict=True),
-      registry.Option("reg_eps", bargaining.REG_EPS, "added to the diagonal "
-                      "of the gradients' cosine matrix, so that a solution "
-                      "exists", minimum=0.0, strict=True),
-  )
 
   def __init__(self, num_tasks: int, seed: int = 0, alpha: float = 1.0,
                reg_eps: float = bargaining.REG_EPS):

@@ -74,11 +74,7 @@ class GradDrop(base.Aggregator):
   """GradDrop, with its leak (`--graddrop_leak`)."""
 
   name = "graddrop"
-  summary = "gradient sign dropout, Chen et al. 2020"
   promises = frozenset({base.ORDER_INVARIANT, base.HOMOGENEOUS})
-  options = (registry.Option(
-      "leak", 0.0, "the rate (in [0, 1]) at which a task's dropped gradient "
-      "components still pass", minimum=0.0, maximum=1.0),)
 
   def __init__(self, num_tasks: int, seed: int = 0, leak: float = 0.0):
     """Creates the aggregator.

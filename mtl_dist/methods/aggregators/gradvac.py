@@ -122,12 +122,7 @@ class GradVac(base.Aggregator):
   """Gradient Vaccine over the whole model, per-pair target cosines."""
 
   name = "gradvac"
-  summary = "raise pairwise cosines to their running mean, Wang et al. 2021"
   promises = frozenset({base.HOMOGENEOUS})
-  options = (registry.Option(
-      "beta", 0.01, "weight of the new cosine in each pair's target "
-      "(moving average; LibMTL's default is 0.5)", minimum=0.0,
-      maximum=1.0),)
 
   def __init__(self, num_tasks: int, seed: int = 0, beta: float = 0.01):
     super().__init__(num_tasks, seed)

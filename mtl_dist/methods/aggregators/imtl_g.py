@@ -67,7 +67,6 @@ class IMTLG(base.GramAggregator):
   """IMTL-G: the update with equal projections on every task's direction."""
 
   name = "imtl_g"
-  summary = "equal projections on every task, Liu et al. 2021"
   promises = frozenset({base.ORDER_INVARIANT, base.HOMOGENEOUS})
 
   def gram_coefficients(self, gram: tf.Tensor, step: tf.Tensor) -> tf.Tensor:

@@ -45,7 +45,6 @@ class MGDA(base.GramAggregator):
   """MGDA: coefficients `min_norm_weights` of the Gram matrix."""
 
   name = "mgda"
-  summary = "min-norm point, Sener & Koltun 2018"
   promises = frozenset({
       base.ORDER_INVARIANT, base.NON_CONFLICTING, base.HOMOGENEOUS})
 

@@ -80,23 +80,8 @@ class MoCo(base.Aggregator):
   """MoCo with LibMTL's loss-scaled gradients and softmax weights."""
 
   name = "moco"
-  summary = "tracked gradients, softmax weights, Fernando et al. 2023"
   promises = frozenset({base.ORDER_INVARIANT})
   needs_losses = True
-  options = (
-      registry.Option("beta", 0.5, "step size of the tracked gradients y",
-                      minimum=0.0),
-      registry.Option("beta_sigma", 0.5,
-                      "decay exponent: y's step is beta / k^beta_sigma",
-                      minimum=0.0),
-      registry.Option("gamma", 0.1, "step size of the task weights lambda",
-                      minimum=0.0),
-      registry.Option("gamma_sigma", 0.5,
-                      "decay exponent: lambda's step is gamma / k^gamma_sigma",
-                      minimum=0.0),
-      registry.Option("rho", 0.0, "L2 regularisation of lambda's step",
-                      minimum=0.0),
-  )
 
   def __init__(self, num_tasks: int, seed: int = 0, beta: float = 0.5,
                beta_sigma: float = 0.5, gamma: float = 0.1,

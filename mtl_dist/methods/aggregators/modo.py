@@ -95,15 +95,8 @@ class MoDo(base.Aggregator):
   """MoDo: simplex weights from two sub-batches, applied to a third's."""
 
   name = "modo"
-  summary = "double-sampling MGDA, Chen et al. 2023"
   promises = frozenset({base.ORDER_INVARIANT})
   sub_batches = 3
-  options = (
-      registry.Option("gamma", 1e-3, "step size of the task weights lambda",
-                      minimum=0.0, strict=True),
-      registry.Option("rho", 0.1, "l2 regularisation of lambda's update",
-                      minimum=0.0),
-  )
 
   def __init__(self, num_tasks: int, seed: int = 0, gamma: float = 1e-3,
                rho: float = 0.1):

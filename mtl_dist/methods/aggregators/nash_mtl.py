@@ -66,16 +66,6 @@ class NashMTL(base.GramAggregator):
   """Nash-MTL: the Nash bargaining solution among the tasks' gradients."""
 
   name = "nash_mtl"
-  summary = "Nash bargaining, Navon et al. 2022"
-  options = (
-      registry.Option("update_every", 1, "recompute the weights every this "
-                      "many steps, reusing them in between", minimum=1),
-      registry.Option("max_norm", 1.0, "the update's norm is clipped to "
-                      "this (0: no clipping)", minimum=0.0),
-      registry.Option("reg_eps", bargaining.REG_EPS, "added to the diagonal "
-                      "of the gradients' cosine matrix, so that a solution "
-                      "exists", minimum=0.0, strict=True),
-  )
 
   def __init__(self, num_tasks: int, seed: int = 0, update_every: int = 1,
                max_norm: float = 1.0, reg_eps: float = bargaining.REG_EPS):

@@ -56,7 +56,6 @@ class PCGrad(base.Aggregator):
   """PCGrad; its sequential projections have no Gram-matrix form."""
 
   name = "pcgrad"
-  summary = "project out conflicts, Yu et al. 2020"
   promises = frozenset({base.HOMOGENEOUS})
 
   def __call__(self, jacobian: tf.Tensor, step: tf.Tensor,

@@ -43,11 +43,12 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from mtl_dist.methods import catalog
 from mtl_dist.methods import registry
 from mtl_dist.methods.aggregators import base
 from mtl_dist.methods.aggregators import modo
 
-LEARNING_RATE = 5.0  # LibMTL's SGD learning rate of w.
+LEARNING_RATE = catalog.SDMGRAD_LEARNING_RATE  # LibMTL's SGD rate of w.
 MOMENTUM = 0.5  # LibMTL's SGD momentum of w.
 SCALE_EPSILON = 1e-8  # Added to s^2 (LibMTL).
 
@@ -98,18 +99,8 @@ class SDMGrad(base.Aggregator):
   """SDMGrad: simplex weights from two sub-batches, applied to a third's."""
 
   name = "sdmgrad"
-  summary = "stochastic direction-oriented MGDA, Xiao et al. 2023"
   promises = frozenset({base.ORDER_INVARIANT})
   sub_batches = 3
-  options = (
-      registry.Option("lamda", 0.3, "weight of the mean gradient's "
-                      "direction (the paper's lambda)", minimum=0.0),
-      registry.Option("niter", 20, "projected SGD steps of the weights per "
-                      "step", minimum=1),
-      registry.Option("lr", LEARNING_RATE, "learning rate of those steps "
-                      "(LibMTL's 5; below ~1/T they converge, see the "
-                      "module docstring)", minimum=0.0, strict=True),
-  )
 
   def __init__(self, num_tasks: int, seed: int = 0, lamda: float = 0.3,
                niter: int = 20, lr: float = LEARNING_RATE):

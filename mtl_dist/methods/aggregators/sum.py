@@ -20,7 +20,6 @@ class Sum(base.Aggregator):
   """
 
   name = "sum"
-  summary = "the plain sum"
   promises = frozenset({base.ORDER_INVARIANT, base.HOMOGENEOUS})
   needs = base.SUM
 

@@ -33,5 +33,4 @@ class UPGrad(dual_cone.DualConeAggregator):
   """UPGrad: the mean of every gradient's projection onto the dual cone."""
 
   name = "upgrad"
-  summary = "projections onto the dual cone, Quinton & Rey 2024"
   weights = staticmethod(upgrad_weights)

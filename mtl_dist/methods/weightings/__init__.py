@@ -1,8 +1,9 @@
-"""Loss weightings, one module each, registered by name where defined.
+"""Loss weightings, one module each, named by its catalogue entry.
 
-Importing this package imports every module in it, so a new weighting is one
-new module here (see docs/design.md). `loss_weights` runs any of them on a
-vector of losses, as the joint step does.
+Importing this package imports every module in it, whose class registers
+itself under its entry in `catalog.WEIGHTINGS`; so a new weighting is one
+entry there and one new module here (see docs/design.md). `loss_weights`
+runs any of them on a vector of losses, as the joint step does.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from typing import ClassVar, Optional, Protocol, Sequence, Union
 
 import tensorflow as tf
 
-from mtl_dist.methods import registry
+from mtl_dist.methods import catalog
 from mtl_dist.methods import state
 
 CLASSIFICATION = "classification"
@@ -45,14 +45,16 @@ class Task(Protocol):
 class LossWeighting(tf.Module):
   """Task weights of the joint-mode objective, and their state.
 
-  Subclasses set `name` (and register with `registry.WEIGHTINGS`), declare
-  `options`, and override the hooks they need. Create inside
-  `strategy.scope()`.
+  Subclasses set `name` (an entry of `catalog.WEIGHTINGS`, and register
+  with `registry.WEIGHTINGS`, which sets their `summary` and `options` from
+  the entry), declare `needs_losses` as their entry does, and override the
+  hooks they need. Create inside `strategy.scope()`.
   """
 
   name: ClassVar[str]
-  summary: ClassVar[str]  # A few words for --helpfull.
-  options: ClassVar[tuple[registry.Option, ...]] = ()
+  # Set by `registry.WEIGHTINGS.register` from the catalogue entry.
+  summary: ClassVar[str]
+  options: ClassVar[tuple[catalog.Option, ...]] = ()
   needs_task_gradients: ClassVar[bool] = False
   # Whether `weights` needs the step's global-batch losses (then the step
   # all-reduces them between forward and backward pass: not compilable

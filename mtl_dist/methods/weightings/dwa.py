@@ -21,10 +21,6 @@ class DWA(base.LossWeighting):
   """DWA over windows of `window` steps, temperature 2."""
 
   name = "dwa"
-  summary = "dynamic weight average, Liu et al. 2019"
-  options = (registry.Option(
-      "window", 100, "steps per loss-averaging window (the paper's epoch)",
-      minimum=0, strict=True),)
 
   def __init__(self, tasks: Sequence[base.Task], seed: int = 0,
                window: int = 100, temperature: float = 2.0):

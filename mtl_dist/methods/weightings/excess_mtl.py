@@ -108,10 +108,6 @@ class ExcessMTL(base.LossWeighting):
   """Weights that grow with each task's normalised excess-risk estimate."""
 
   name = "excess_mtl"
-  summary = "excess-risk weights, He et al. 2024"
-  options = (registry.Option(
-      "robust_step_size", 1e-2, "step size eta of the exponentiated weight "
-      "update", minimum=0.0),)
   needs_task_gradients = True
 
   def __init__(self, tasks: Sequence[base.Task], seed: int = 0,

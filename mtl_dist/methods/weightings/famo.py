@@ -142,13 +142,6 @@ class FAMO(base.LossWeighting):
   """FAMO's weights from task logits that learn which loss falls fastest."""
 
   name = "famo"
-  summary = "fast adaptive multitask optimization, Liu et al. 2023"
-  options = (
-      registry.Option("lr", 0.025, "Adam step size of the task logits",
-                      minimum=0.0, strict=True),
-      registry.Option("gamma", 1e-3, "weight decay (L2) of the task logits",
-                      minimum=0.0),
-  )
   needs_losses = True
   needs_updated_losses = True
 

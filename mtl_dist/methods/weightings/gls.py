@@ -51,7 +51,6 @@ class GLS(base.LossWeighting):
   """Weights GLS(L) / (T L_i): the gradient of the losses' geometric mean."""
 
   name = "gls"
-  summary = "geometric mean of the losses, Chennupati et al. 2019"
   needs_losses = True
 
   def weights(self, step: tf.Tensor,

@@ -87,13 +87,6 @@ class GradNorm(base.LossWeighting):
   """GradNorm's weights, updated from task gradients at the last shared layer."""
 
   name = "gradnorm"
-  summary = "Chen et al. 2018"
-  options = (
-      registry.Option("alpha", 1.5, "alpha (the pull towards equal "
-                      "training rates)", minimum=0.0),
-      registry.Option("lr", 0.025, "Adam step size of the weight update",
-                      minimum=0.0, strict=True),
-  )
   needs_task_gradients = True
 
   def __init__(self, tasks: Sequence[base.Task], seed: int = 0,

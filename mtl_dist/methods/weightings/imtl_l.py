@@ -36,7 +36,6 @@ class IMTLL(base.LossWeighting):
   """Weights e^{s_i}, the log scales s_i trained with the model."""
 
   name = "imtl_l"
-  summary = "learned loss scales, IMTL-L of Liu et al. 2021"
 
   def __init__(self, tasks: Sequence[base.Task], seed: int = 0):
     super().__init__(tasks, seed)

@@ -27,7 +27,6 @@ class RLW(base.LossWeighting):
   """Weights softmax(z), z ~ N(0, I), drawn each step from (seed, step)."""
 
   name = "rlw"
-  summary = "random weights each step, Lin et al. 2022"
 
   def weights(self, step: tf.Tensor,
               losses: Optional[tf.Tensor] = None) -> tf.Tensor:

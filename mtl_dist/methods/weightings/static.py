@@ -15,7 +15,6 @@ class Static(base.LossWeighting):
   """Each task's fixed weight (`TaskSpec.weight`)."""
 
   name = "static"
-  summary = "--task_weights"
 
   def __init__(self, tasks: Sequence[base.Task], seed: int = 0):
     super().__init__(tasks, seed)

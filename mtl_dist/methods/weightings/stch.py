@@ -74,14 +74,6 @@ class STCH(base.LossWeighting):
   """Smooth Tchebycheff weights after a warm-up of sum_i log L_i."""
 
   name = "stch"
-  summary = "smooth Tchebycheff scalarisation, Lin et al. 2024"
-  options = (
-      registry.Option("mu", 1.0, "smoothing parameter mu", minimum=0.0,
-                      strict=True),
-      registry.Option("warmup_steps", 100, "applied steps of the log-loss "
-                      "warm-up whose mean losses are the nadir vector (the "
-                      "paper's warm-up epochs)", minimum=0, strict=True),
-  )
   needs_losses = True
 
   def __init__(self, tasks: Sequence[base.Task], seed: int = 0,

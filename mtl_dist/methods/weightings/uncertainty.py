@@ -20,7 +20,6 @@ class Uncertainty(base.LossWeighting):
   """Weights c_i exp(-s_i), the log-variances s_i trained with the model."""
 
   name = "uncertainty"
-  summary = "learned log-variances, Kendall et al. 2018"
 
   def __init__(self, tasks: Sequence[base.Task], seed: int = 0):
     super().__init__(tasks, seed)
