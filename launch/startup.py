@@ -8,8 +8,10 @@ on a loaded machine).
 TensorFlow's C++ runtime writes start-up lines straight to stderr: an
 oneDNN notice and "Could not find cuda drivers" while it is imported
 (before its log settings apply), and a "failed call to cuInit" error on
-every host without a GPU. None is for the user of a launcher; setting
-TF_CPP_MIN_LOG_LEVEL yourself (e.g. to 0) shows them all again.
+every host without an NVIDIA driver. None is for the user of a launcher;
+they are dropped, and TensorFlow's C++ INFO and WARNING lines after them
+are hidden (its errors still show). Setting TF_CPP_MIN_LOG_LEVEL yourself
+(e.g. to 0) shows them all again.
 
 And after a launcher's one error line, nothing else: objects torn down at
 exit (a checkpoint that was never restored, a strategy) log warnings that
@@ -24,43 +26,71 @@ import os
 import re
 import sys
 import tempfile
-from typing import Callable
+from typing import Any, Callable
 
-# Start-up lines of TensorFlow's C++ runtime: glog's INFO and WARNING
-# (`I0000 00:00:...`, `W...`) and absl's note on logging before it is set up.
-_STARTUP_LINE = re.compile(
-    rb"^([IW]\d{4} |WARNING: All log messages before absl::InitializeLog)")
+# Set by the first launcher that hides the lines, so that the processes it
+# starts (mtl-local-cluster's workers) hide them too, although they inherit
+# a TF_CPP_MIN_LOG_LEVEL the user did not set.
+_QUIET_MARK = "MTL_DIST_QUIET_TF_STARTUP"
+# While TensorFlow is imported: glog's INFO and WARNING lines (`I0000 ...`,
+# `W...`; oneDNN, "Could not find cuda drivers", TensorRT) and absl's note
+# on logging before it is set up. Errors and anything else pass.
+_IMPORT_CHATTER = (rb"[IW]\d{4} |"
+                   rb"WARNING: All log messages before absl::InitializeLog")
+# While it first lists the devices: INFO lines.
+_DEVICE_CHATTER = rb"I\d{4} "
+# In either, on a host without an NVIDIA driver, the cuInit error (on a host
+# with one, it is the error to see).
+_NO_DRIVER_CHATTER = rb"|E\d{4} .*failed call to cuInit"
 
 
 def import_tensorflow_quietly() -> None:
   """Imports TensorFlow, keeping its C++ start-up lines off stderr.
 
-  Lines it writes while importing are dropped unless the user set
-  TF_CPP_MIN_LOG_LEVEL; anything else written meanwhile (Python warnings,
-  errors) is passed on. Hides C++ log lines below FATAL from then on too,
-  unless the user set TF_CPP_MIN_LOG_LEVEL.
+  Unless the user set TF_CPP_MIN_LOG_LEVEL, TensorFlow's C++ INFO and
+  WARNING lines are hidden from then on (level 2: errors still show), and
+  the lines it writes before that level applies (while it is imported and
+  first lists the devices) are filtered: the chatter above is dropped,
+  everything else (Python warnings, errors) is passed on.
   """
   if "tensorflow" in sys.modules:
     return
-  if "TF_CPP_MIN_LOG_LEVEL" in os.environ:  # The user asked for them.
+  if ("TF_CPP_MIN_LOG_LEVEL" in os.environ and
+      os.environ.get(_QUIET_MARK) != "1"):  # The user asked for them.
     importlib.import_module("tensorflow")
     return
-  os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+  os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+  os.environ[_QUIET_MARK] = "1"
+  extra = b"" if os.path.exists("/dev/nvidiactl") else _NO_DRIVER_CHATTER
+  tf = _filtered(re.compile(rb"^(" + _IMPORT_CHATTER + extra + rb")"),
+                 lambda: importlib.import_module("tensorflow"))
+  _filtered(re.compile(rb"^(" + _DEVICE_CHATTER + extra + rb")"),
+            tf.config.list_physical_devices)
+
+
+def _filtered(chatter: re.Pattern[bytes], call: Callable[[], Any]) -> Any:
+  """`call()`, dropping the lines it writes to stderr that match `chatter`.
+
+  The lines are collected in a file and passed on when `call` returns or
+  raises. Where stderr is no file descriptor, `call` runs unfiltered.
+  """
   sys.stderr.flush()
-  saved = os.dup(2)
+  try:
+    saved = os.dup(2)
+  except OSError:  # No fd 2.
+    return call()
   with tempfile.TemporaryFile() as captured:
     os.dup2(captured.fileno(), 2)
     try:
-      importlib.import_module("tensorflow")
+      return call()
     finally:
       sys.stderr.flush()
       os.dup2(saved, 2)
       os.close(saved)
       captured.seek(0)
       for line in captured:
-        if not _STARTUP_LINE.match(line):
-          sys.stderr.buffer.write(line)
-      sys.stderr.flush()
+        if not chatter.match(line):
+          os.write(2, line)
 
 
 def run(main: Callable[[list[str]], None],

@@ -362,7 +362,9 @@ def main(argv: list[str]) -> None:
     # MultiWorkerMirroredStrategy) drown the progress lines; --v=1 shows them.
     tf.get_logger().setLevel("WARNING")
   try:
-    summary = mtl_dist.train(config)
+    # --verbosity=-1 (or lower) hides the progress lines too.
+    summary = mtl_dist.train(
+        config, verbose=logging.get_verbosity() >= logging.INFO)
   except mtl_dist.ConfigError as e:
     cli.fail(_PROGRAM, str(e))
   except (mtl_dist.ClusterError, mtl_dist.DataError,

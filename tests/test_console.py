@@ -123,7 +123,7 @@ def test_flags_are_checked_before_tensorflow_is_imported(module, program,
   result = subprocess.run(
       [sys.executable, "-c", _WITHOUT_TENSORFLOW.format(module=module),
        program, *flags], cwd=ROOT, env=env, capture_output=True, text=True,
-      timeout=300, check=False)
+      timeout=time_limit(1), check=False)
   assert "tensorflow imported: False" in result.stdout, result.stderr[-2000:]
   if error is None:
     assert result.returncode == 0, result.stderr[-2000:]
@@ -150,7 +150,7 @@ def test_importing_the_configuration_imports_no_tensorflow():
           "             if m.split('.')[0] in ('tensorflow', 'tf_keras',\n"
           "                                    'keras')))\n")
   result = subprocess.run([sys.executable, "-c", code], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300,
-                          check=False)
+                          capture_output=True, text=True,
+                          timeout=time_limit(1), check=False)
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.strip() == "[]"
