@@ -285,12 +285,13 @@ def train_launcher_failing_with(monkeypatch, capsys, error: BaseException
   """(exit status, stderr) of mtl-train's main when `mtl_dist.train` raises."""
   from launch import train as launcher  # pylint: disable=g-import-not-at-top
 
-  def fail(config):
-    del config
+  def fail(config, **options):
+    del config, options
     raise error
 
   monkeypatch.setattr(mtl_dist, "train", fail)
-  monkeypatch.setattr(launcher, "_config_from_flags", lambda: None)
+  monkeypatch.setattr(launcher, "_config_from_flags",
+                      lambda: mtl_dist.TrainConfig(model_dir="unused"))
   with pytest.raises(SystemExit) as exit_info:
     launcher.main(["mtl-train"])
   return exit_info.value.code, capsys.readouterr().err
