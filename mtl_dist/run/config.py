@@ -71,7 +71,7 @@ _LIMIT_REASONS = {
 }
 
 
-def _flag_text(value: Any) -> str:
+def flag_text(value: Any) -> str:
   """A flag's value as it is typed: k=v,... for mappings."""
   if isinstance(value, Mapping):
     return ",".join(f"{k}={v}" for k, v in value.items())
@@ -359,7 +359,7 @@ class TrainConfig(_MethodOptions):
       items = (list(value.values()) if isinstance(value, Mapping) else
                list(value) if isinstance(value, (list, tuple)) else [value])
       for item in items:
-        shown = f"--{field.name}={_flag_text(value)}"
+        shown = f"--{field.name}={flag_text(value)}"
         if isinstance(item, float) and not abs(item) <= MAX_FLOAT:
           raise errors.ConfigError(f"{shown}: must be a finite number of "
                                    f"magnitude at most {MAX_FLOAT:g}")
@@ -376,8 +376,8 @@ class TrainConfig(_MethodOptions):
       values = (value.values() if isinstance(value, Mapping) else
                 [] if value is None else [value])
       if any(isinstance(v, (int, float)) and v > limit for v in values):
-        raise errors.ConfigError(f"--{name}={_flag_text(value)}: at most "
-                                 f"{_flag_text(limit)} "
+        raise errors.ConfigError(f"--{name}={flag_text(value)}: at most "
+                                 f"{flag_text(limit)} "
                                  f"({_LIMIT_REASONS[name]})")
     if not 0 <= self.seed <= MAX_INT:
       raise errors.ConfigError(f"--seed={self.seed}: must be from 0 to "

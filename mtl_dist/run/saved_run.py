@@ -202,11 +202,7 @@ def _flag(name: str, value: Any) -> str:
   """A setting as its flag would spell it: `--name=value`, `--[no]name`."""
   if isinstance(value, bool):
     return f"--{'' if value else 'no'}{name}"
-  if isinstance(value, tuple):
-    value = ",".join(str(item) for item in value)
-  elif isinstance(value, dict):
-    value = ",".join(f"{key}={item}" for key, item in value.items())
-  return f"--{name}={value}"
+  return f"--{name}={config_lib.flag_text(value)}"
 
 
 def signs_of_training(model_dir: str) -> list[str]:
