@@ -125,7 +125,7 @@ def keras_model(tasks: Sequence[tasks_lib.TaskSpec], input_shape: Sequence[int],
   return tf_keras.Model(inputs, outputs)
 
 
-def _keras_loss(task: tasks_lib.TaskSpec) -> tf_keras.losses.Loss:
+def keras_loss(task: tasks_lib.TaskSpec) -> tf_keras.losses.Loss:
   if task.kind == tasks_lib.CLASSIFICATION:
     return tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True)
   if task.loss_name == "mse":
@@ -180,7 +180,7 @@ class FitContender:
       self.model = keras_model(self._tasks, self._input_shape, self._size)
       self.model.compile(
           optimizer=adam(),
-          loss={task.name: _keras_loss(task) for task in self._tasks},
+          loss={task.name: keras_loss(task) for task in self._tasks},
           loss_weights={task.name: task.weight for task in self._tasks},
           steps_per_execution=self._steps_per_execution)
     targets = {task.name: labels[task.name].reshape(len(features), -1)
