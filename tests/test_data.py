@@ -105,6 +105,58 @@ def test_replicas_consume_the_same_global_batches_as_one_device():
     np.testing.assert_array_equal(got, want)
 
 
+def _reference_global_batches(num_examples, global_batch_size, steps,
+                              start_step=0, seed=3):
+  """The documented order: step k's global batch is the k-th run of
+  `global_batch_size` indices of the per-epoch permutations, seeded by
+  (seed, epoch), laid end to end."""
+  needed = (start_step + steps) * global_batch_size
+  epochs = -(-needed // num_examples)
+  stream = np.concatenate([
+      tf.random.experimental.stateless_shuffle(
+          tf.range(num_examples, dtype=tf.int64),
+          seed=tf.constant([seed, epoch], tf.int64)).numpy()
+      for epoch in range(epochs)])
+  start = start_step * global_batch_size
+  return [stream[start + k * global_batch_size:
+                 start + (k + 1) * global_batch_size]
+          for k in range(steps)]
+
+
+@pytest.mark.parametrize("gather_bytes", [1, 24 * 8 * 3, 1 << 30])
+def test_index_pipeline_follows_the_permutation_stream(monkeypatch,
+                                                       gather_bytes):
+  # One step per gather, three (chunks end mid-epoch: 100 examples), and
+  # at most an epoch's worth (4 steps of 24).
+  from mtl_dist.data import pipelines  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(pipelines, "_GATHER_BYTES", gather_bytes)
+  x = np.arange(100, dtype=np.float32)[:, None]  # 4 + 4 bytes per example.
+  source = data_lib.source_from_arrays(np.zeros((100, 1), np.float32),
+                                       {"x": x}, ["x"])
+  want = _reference_global_batches(100, 24, 13)
+  for replicas in (1, 2, 4):
+    got = _global_batches(make_strategy(replicas), source, 24, 13)
+    for step, (got_batch, want_batch) in enumerate(zip(got, want)):
+      np.testing.assert_array_equal(got_batch, want_batch,
+                                    err_msg=f"{replicas} replicas, step {step}")
+  resumed = _global_batches(make_strategy(2), source, 24, 6, start_step=7)
+  for got_batch, want_batch in zip(
+      resumed, _reference_global_batches(100, 24, 6, start_step=7)):
+    np.testing.assert_array_equal(got_batch, want_batch)
+
+
+def test_one_host_device_reads_the_dataset_without_a_distributed_wrapper():
+  source = data_lib.source_from_arrays(np.zeros((10, 1), np.float32),
+                                       {"x": np.zeros((10, 1), np.float32)},
+                                       ["x"])
+  one_device = data_lib.distribute_train(make_strategy(1), source, 4, seed=0)
+  assert isinstance(one_device, tf.data.Dataset)
+  features, labels = next(iter(one_device))
+  assert features.shape == (4, 1) and labels["x"].shape == (4, 1)
+  mirrored = data_lib.distribute_train(make_strategy(2), source, 4, seed=0)
+  assert not isinstance(mirrored, tf.data.Dataset)
+
+
 def test_source_from_arrays_rejects_mismatched_lengths():
   with pytest.raises(mtl_dist.ConfigError,
                      match=r"labels of 'x' have shape \(3, 1\), not 4 rows"):
