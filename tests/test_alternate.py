@@ -3,6 +3,7 @@
 from conftest import snapshot
 import numpy as np
 import pytest
+import tensorflow as tf
 
 TASKS = ("shape", "x", "y")
 
@@ -68,6 +69,53 @@ def test_one_round_robin_cycle_gives_each_task_one_step(build_trainer):
   trainer.train(iterators, 2 * len(TASKS) + 1)  # Two cycles and one step.
   np.testing.assert_array_equal(trainer.task_steps.numpy(), [4, 3, 3])
   assert int(trainer.global_step.numpy()) == 10
+
+
+def _op_types(function) -> set[str]:
+  graph_def = function.graph.as_graph_def()
+  return ({node.op for node in graph_def.node} |
+          {node.op for f in graph_def.library.function for node in f.node_def})
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_round_robin_rounds_run_without_a_switch_and_match_switched_steps(
+    build_trainer, replicas):
+  # A call of whole rounds from a round's start runs one step per task in
+  # order, with no in-graph switch; it must train exactly what the switched
+  # loop trains one step at a time.
+  switched, switched_its, _, _ = build_trainer(replicas, "alternate", TASKS)
+  rounds, rounds_its, _, _ = build_trainer(
+      replicas, "alternate", TASKS,
+      initial_weights=switched.model.get_weights())
+  want_losses, want_counts = np.zeros(3), np.zeros(3)
+  for _ in range(7):
+    losses, counts = switched.train(switched_its, 1)[:2]
+    want_losses += losses
+    want_counts += counts
+  got_losses, got_counts = np.zeros(3), np.zeros(3)
+  for num_steps in (6, 1):  # Two rounds, then a lone step: switched.
+    losses, counts = rounds.train(rounds_its, num_steps)[:2]
+    got_losses += losses
+    got_counts += counts
+  # pylint: disable=protected-access
+  assert rounds._cycles_loop.experimental_get_tracing_count() == 1
+  assert switched._cycles_loop.experimental_get_tracing_count() == 0
+  op_types = _op_types(rounds._cycles_loop.get_concrete_function(
+      tuple(rounds_its), tf.constant(1, tf.int64)))
+  assert not op_types & {"Case", "StatelessCase"}, op_types
+  assert {"Case", "StatelessCase"} & _op_types(
+      switched._train_loop.get_concrete_function(
+          tuple(switched_its), tf.constant(1, tf.int64)))
+  # pylint: enable=protected-access
+  np.testing.assert_array_equal(got_counts, want_counts)
+  np.testing.assert_array_equal(rounds.task_steps.numpy(), [3, 2, 2])
+  np.testing.assert_allclose(got_losses, want_losses, rtol=1e-6)
+  for got, want in zip(rounds.model.get_weights(),
+                       switched.model.get_weights()):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  for task in TASKS:
+    assert (int(rounds.optimizers[task].iterations.numpy()) ==
+            int(switched.optimizers[task].iterations.numpy()))
 
 
 def test_alternate_replicas_match_one_device(build_trainer):

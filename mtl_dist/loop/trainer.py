@@ -8,6 +8,7 @@ differ only in the step object (see steps/).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -207,6 +208,7 @@ class Trainer:
           global_batch_size, schedule or schedules.RoundRobin(num_tasks),
           skip_nonfinite=skip_nonfinite, jit_compile=jit_compile)
     self._train_loop = tf.function(self._train_loop_fn)
+    self._cycles_loop = tf.function(self._cycles_loop_fn)
     self._evaluator = evaluator.Evaluator(strategy, model, self.tasks)
 
   def checkpoint_items(self) -> dict[str, tf.Module]:
@@ -265,8 +267,14 @@ class Trainer:
 
   @property
   def train_trace_count(self) -> int:
-    """How many times the train loop has been traced."""
-    return self._train_loop.experimental_get_tracing_count()
+    """How many times the train loops have been traced: once each at most.
+
+    Alternate mode with the round-robin schedule runs a call of a whole
+    number of rounds, starting at a round's start, as rounds without an
+    in-graph task switch: a loop of its own, traced on its first use.
+    """
+    return (self._train_loop.experimental_get_tracing_count() +
+            self._cycles_loop.experimental_get_tracing_count())
 
   @property
   def eval_trace_count(self) -> int:
@@ -274,6 +282,20 @@ class Trainer:
     return self._evaluator.trace_count
 
   def _train_loop_fn(self, iterators, num_steps):
+    """`num_steps` steps, each task picked by the step (see steps/)."""
+    return self._loop(num_steps, [
+        lambda: self._step(self._strategy, iterators, self.global_step)])
+
+  def _cycles_loop_fn(self, iterators, num_cycles):
+    """Alternate round robin: `num_cycles` runs of one step per task in
+    order, with no in-graph switch between the tasks' steps."""
+    return self._loop(num_cycles, [
+        functools.partial(self._step.task_step, self._strategy, iterators, i)
+        for i in range(self._step.cycle)])
+
+  def _loop(self, num_iterations, steps):
+    """Runs `steps` in order, `num_iterations` times, and sums what they
+    measured (see `LoopResult`)."""
     num_tasks = len(self.tasks)
     loss_sums = tf.zeros([num_tasks])
     trained_counts = tf.zeros([num_tasks])
@@ -283,23 +305,24 @@ class Trainer:
     first_skipped = tf.constant(-1, tf.int64)
     first_skipped_losses = tf.zeros([num_tasks])
     first_skipped_trained = tf.zeros([num_tasks])
-    for _ in tf.range(num_steps):
-      losses, trained, metrics, measured, applied = self._step(
-          self._strategy, iterators, self.global_step)
-      # Counters count steps run (batches read), applied or not.
-      self.task_steps.assign_add(tf.cast(trained, tf.int64))
-      self.global_step.assign_add(1)
-      loss_sums += tf.where(applied, losses, 0.0)
-      trained_counts += tf.where(applied, trained, 0.0)
-      measured = tf.logical_and(applied, measured > 0)
-      metric_sums += tf.where(measured, metrics, 0.0)
-      metric_counts += tf.cast(measured, tf.float32)
-      first = tf.logical_and(tf.logical_not(applied), first_skipped < 0)
-      first_skipped = tf.where(first, self.global_step.read_value(),
-                               first_skipped)
-      first_skipped_losses = tf.where(first, losses, first_skipped_losses)
-      first_skipped_trained = tf.where(first, trained, first_skipped_trained)
-      skipped += tf.cast(tf.logical_not(applied), tf.int64)
+    for _ in tf.range(num_iterations):
+      for run_step in steps:
+        losses, trained, metrics, measured, applied = run_step()
+        # Counters count steps run (batches read), applied or not.
+        self.task_steps.assign_add(tf.cast(trained, tf.int64))
+        self.global_step.assign_add(1)
+        loss_sums += tf.where(applied, losses, 0.0)
+        trained_counts += tf.where(applied, trained, 0.0)
+        measured = tf.logical_and(applied, measured > 0)
+        metric_sums += tf.where(measured, metrics, 0.0)
+        metric_counts += tf.cast(measured, tf.float32)
+        first = tf.logical_and(tf.logical_not(applied), first_skipped < 0)
+        first_skipped = tf.where(first, self.global_step.read_value(),
+                                 first_skipped)
+        first_skipped_losses = tf.where(first, losses, first_skipped_losses)
+        first_skipped_trained = tf.where(first, trained,
+                                         first_skipped_trained)
+        skipped += tf.cast(tf.logical_not(applied), tf.int64)
     self.nonfinite_skipped.assign_add(skipped)
     return (loss_sums, trained_counts, (metric_sums, metric_counts),
             (skipped, first_skipped, first_skipped_losses,
@@ -323,8 +346,14 @@ class Trainer:
     Returns:
       What the steps measured (see `LoopResult`), read back in one go.
     """
-    outputs = self._train_loop(tuple(iterators),
-                               tf.constant(num_steps, tf.int64))
+    cycle = getattr(self._step, "cycle", None)
+    if (cycle and num_steps % cycle == 0 and
+        int(self.global_step.numpy()) % cycle == 0):
+      outputs = self._cycles_loop(tuple(iterators),
+                                  tf.constant(num_steps // cycle, tf.int64))
+    else:
+      outputs = self._train_loop(tuple(iterators),
+                                 tf.constant(num_steps, tf.int64))
     (loss_sums, counts, (metric_sums, metric_counts), skipped, loss_scales,
      learning_rates) = tf.nest.map_structure(lambda t: t.numpy(), outputs)
     count, first_step, losses, trained = skipped

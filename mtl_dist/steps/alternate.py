@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from typing import Optional, Sequence
 
 import tensorflow as tf
 import tf_keras
@@ -124,9 +125,36 @@ class AlternateStep:
                         for i in range(len(self.metric_names))], tf.float32,
                        shape=[len(self.metric_names)])
 
+  @property
+  def cycle(self) -> Optional[int]:
+    """T when the schedule trains tasks 0..T-1 in turn (round robin), from
+    any step that is a multiple of T; else None."""
+    if isinstance(self._schedule, schedules.RoundRobin):
+      return len(self._tasks)
+    return None
+
+  def _run_task(self, strategy: tf.distribute.Strategy,
+                iterators: Sequence[tf.distribute.DistributedIterator],
+                index: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor,
+                                     tf.Tensor]:
+    """Task `index`'s step on every replica: (loss, metrics, measured,
+    applied), as this worker's first replica has them."""
+    loss, metrics, applied = strategy.run(
+        self.replica_step, args=(index, next(iterators[index])))
+    return (plumbing.first_local(strategy, loss),
+            plumbing.first_local(strategy, metrics),
+            self._measured(index),
+            plumbing.first_local(strategy, applied))
+
+  def _outputs(self, task_index, loss, metrics, measured, applied):
+    trained = tf.one_hot(task_index, len(self._tasks))
+    # 0 * NaN is NaN: keep a non-finite loss at its task only.
+    losses = tf.where(trained > 0, loss, 0.0)
+    return losses, trained, metrics, measured, applied
+
   def __call__(self, strategy: tf.distribute.Strategy,
                iterators: Sequence[tf.distribute.DistributedIterator],
-               step: tf.Variable) -> tuple[tf.Tensor, tf.Tensor]:
+               step: tf.Variable) -> tuple[tf.Tensor, ...]:
     """Runs one step of the scheduled task on every replica.
 
     Returns:
@@ -136,20 +164,19 @@ class AlternateStep:
       the update was applied (False: the loss or a gradient was not finite).
     """
     task_index = self._schedule.task_index(step)
+    outputs = tf.switch_case(
+        task_index,
+        [functools.partial(self._run_task, strategy, iterators, i)
+         for i in range(len(self._tasks))])
+    return self._outputs(task_index, *outputs)
 
-    def branch(index: int):
-      def run_task() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
-        loss, metrics, applied = strategy.run(
-            self.replica_step, args=(index, next(iterators[index])))
-        return (plumbing.first_local(strategy, loss),
-                plumbing.first_local(strategy, metrics),
-                self._measured(index),
-                plumbing.first_local(strategy, applied))
-      return run_task
+  def task_step(self, strategy: tf.distribute.Strategy,
+                iterators: Sequence[tf.distribute.DistributedIterator],
+                task_index: int) -> tuple[tf.Tensor, ...]:
+    """One step of task `task_index`, known when tracing: no switch.
 
-    loss, metrics, measured, applied = tf.switch_case(
-        task_index, [branch(i) for i in range(len(self._tasks))])
-    trained = tf.one_hot(task_index, len(self._tasks))
-    # 0 * NaN is NaN: keep a non-finite loss at its task only.
-    losses = tf.where(trained > 0, loss, 0.0)
-    return losses, trained, metrics, measured, applied
+    Returns:
+      What `__call__` returns for a step that schedules `task_index`.
+    """
+    return self._outputs(task_index,
+                         *self._run_task(strategy, iterators, task_index))
