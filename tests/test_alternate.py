@@ -80,20 +80,23 @@ def _op_types(function) -> set[str]:
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_round_robin_rounds_run_without_a_switch_and_match_switched_steps(
     build_trainer, replicas):
-  # A call of whole rounds from a round's start runs one step per task in
-  # order, with no in-graph switch; it must train exactly what the switched
-  # loop trains one step at a time.
+  # The whole rounds of a call run one step per task in order, with no
+  # in-graph switch; the steps before a round's start and after the last
+  # round run switched. Together they must train exactly what the switched
+  # loop trains one step at a time, and report the same sums.
   switched, switched_its, _, _ = build_trainer(replicas, "alternate", TASKS)
   rounds, rounds_its, _, _ = build_trainer(
       replicas, "alternate", TASKS,
       initial_weights=switched.model.get_weights())
   want_losses, want_counts = np.zeros(3), np.zeros(3)
-  for _ in range(7):
+  for _ in range(14):
     losses, counts = switched.train(switched_its, 1)[:2]
     want_losses += losses
     want_counts += counts
   got_losses, got_counts = np.zeros(3), np.zeros(3)
-  for num_steps in (6, 1):  # Two rounds, then a lone step: switched.
+  # Two rounds; a lone step; from step 7: 2 switched steps to the round's
+  # start at 9, a round, 2 switched steps.
+  for num_steps in (6, 1, 7):
     losses, counts = rounds.train(rounds_its, num_steps)[:2]
     got_losses += losses
     got_counts += counts
@@ -108,7 +111,7 @@ def test_round_robin_rounds_run_without_a_switch_and_match_switched_steps(
           tuple(switched_its), tf.constant(1, tf.int64)))
   # pylint: enable=protected-access
   np.testing.assert_array_equal(got_counts, want_counts)
-  np.testing.assert_array_equal(rounds.task_steps.numpy(), [3, 2, 2])
+  np.testing.assert_array_equal(rounds.task_steps.numpy(), [5, 5, 4])
   np.testing.assert_allclose(got_losses, want_losses, rtol=1e-6)
   for got, want in zip(rounds.model.get_weights(),
                        switched.model.get_weights()):
@@ -129,3 +132,27 @@ def test_alternate_replicas_match_one_device(build_trainer):
   np.testing.assert_array_equal(multi.task_steps.numpy(), [2, 2, 1])
   for got, want in zip(multi.model.get_weights(), single.model.get_weights()):
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_loop_calls_merge_into_one_result():
+  from mtl_dist.loop import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+
+  def part(losses, skipped, first_step, first_losses, scale):
+    counts = np.array([1.0, 1.0])
+    return (np.array(losses), counts, (np.array([2.0]), np.array([1.0])),
+            (skipped, first_step, np.array(first_losses), counts),
+            {"loss_scale": scale}, {"learning_rate": scale / 10})
+
+  merged = trainer_lib._merged([  # pylint: disable=protected-access
+      part([1.0, 2.0], 0, -1, [0.0, 0.0], 1.0),
+      part([3.0, 4.0], 2, 7, [np.nan, 0.0], 2.0),
+      part([5.0, 6.0], 1, 12, [0.0, np.inf], 3.0)])
+  sums, counts, (metric_sums, metric_counts), skipped, scales, rates = merged
+  np.testing.assert_array_equal(sums, [9.0, 12.0])
+  np.testing.assert_array_equal(counts, [3.0, 3.0])
+  np.testing.assert_array_equal(metric_sums, [6.0])
+  np.testing.assert_array_equal(metric_counts, [3.0])
+  count, first_step, first_losses, _ = skipped
+  assert (count, first_step) == (3, 7)  # The earliest skipped step's.
+  assert np.isnan(first_losses[0]) and first_losses[1] == 0.0
+  assert scales == {"loss_scale": 3.0} and rates == {"learning_rate": 0.3}

@@ -31,7 +31,8 @@ def test_compiled_training_matches_uncompiled(build_trainer, replicas, mode,
   jit, jit_its, _, _ = build_trainer(replicas, mode, tasks, jit_compile=True,
                                      initial_weights=initial, **options)
   # Two calls. Joint: the second reuses the first trace. Alternate: 3 steps
-  # are a round of the 3 tasks (the round loop), 4 are not (switched).
+  # are a round of the 3 tasks (the round loop), the next 4 a round and a
+  # step (the switched loop).
   for num_steps in (3, 4):
     want_losses, want_counts = plain.train(plain_its, num_steps)[:2]
     got_losses, got_counts = jit.train(jit_its, num_steps)[:2]
@@ -54,7 +55,7 @@ def test_compiled_loop_traces_once(build_trainer, mode):
   for num_steps in (3, 5, 1, 7):
     trainer.train(iterators, num_steps)
   trainer.evaluate(eval_datasets, groups)
-  trainer.train(iterators, 2)  # Alternate: a whole round, the round loop.
+  trainer.train(iterators, 2)  # Alternate: the first 3 steps used both.
   assert trainer.train_trace_count == (1 if mode == "joint" else 2)
   assert int(trainer.global_step.numpy()) == 18
 

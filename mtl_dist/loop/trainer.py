@@ -269,9 +269,9 @@ class Trainer:
   def train_trace_count(self) -> int:
     """How many times the train loops have been traced: once each at most.
 
-    Alternate mode with the round-robin schedule runs a call of a whole
-    number of rounds, starting at a round's start, as rounds without an
-    in-graph task switch: a loop of its own, traced on its first use.
+    Alternate mode with the round-robin schedule runs the whole rounds of
+    a call (from a round's start) without an in-graph task switch: a loop
+    of its own, traced on its first use.
     """
     return (self._train_loop.experimental_get_tracing_count() +
             self._cycles_loop.experimental_get_tracing_count())
@@ -333,6 +333,10 @@ class Trainer:
             num_steps: int) -> LoopResult:
     """Runs `num_steps` steps in one tf.function call.
 
+    (Alternate mode with the round-robin schedule: its whole rounds in one
+    call of the round loop, and the steps before a round's start and after
+    the last round in a call of the switched loop each.)
+
     A step whose loss or gradient is not finite (on any replica) changes
     nothing; such steps are reported in the result's `skipped`. With loss
     scaling only the losses count here: the LossScaleOptimizer skips a step
@@ -346,16 +350,12 @@ class Trainer:
     Returns:
       What the steps measured (see `LoopResult`), read back in one go.
     """
-    cycle = getattr(self._step, "cycle", None)
-    if (cycle and num_steps % cycle == 0 and
-        int(self.global_step.numpy()) % cycle == 0):
-      outputs = self._cycles_loop(tuple(iterators),
-                                  tf.constant(num_steps // cycle, tf.int64))
-    else:
-      outputs = self._train_loop(tuple(iterators),
-                                 tf.constant(num_steps, tf.int64))
+    iterators = tuple(iterators)
+    parts = [tf.nest.map_structure(lambda t: t.numpy(), loop(
+        iterators, tf.constant(iterations, tf.int64)))
+             for loop, iterations in self._loop_calls(num_steps)]
     (loss_sums, counts, (metric_sums, metric_counts), skipped, loss_scales,
-     learning_rates) = tf.nest.map_structure(lambda t: t.numpy(), outputs)
+     learning_rates) = _merged(parts)
     count, first_step, losses, trained = skipped
     measured = [(name, float(total), int(steps)) for name, total, steps in
                 zip(self._step.metric_names, metric_sums, metric_counts)
@@ -372,10 +372,44 @@ class Trainer:
         loss_scales={k: float(v) for k, v in loss_scales.items()},
         learning_rates={k: float(v) for k, v in learning_rates.items()})
 
+  def _loop_calls(self, num_steps: int) -> list[tuple[Any, int]]:
+    """(loop, iterations) of each call that `num_steps` steps take.
+
+    One call of the switched loop, except in alternate mode with the
+    round-robin schedule: there the whole rounds run in the round loop,
+    after the switched steps up to a round's start and before the ones
+    left over.
+    """
+    cycle = getattr(self._step, "cycle", None)
+    if not cycle:
+      return [(self._train_loop, num_steps)]
+    lead = min(-int(self.global_step.numpy()) % cycle, num_steps)
+    rounds, tail = divmod(num_steps - lead, cycle)
+    calls = [(self._train_loop, lead), (self._cycles_loop, rounds),
+             (self._train_loop, tail)]
+    return [call for call in calls if call[1]] or [(self._train_loop, 0)]
+
   def evaluate(self, datasets: Sequence[tf.distribute.DistributedDataset],
                task_groups: Sequence[Sequence[str]]) -> dict[str, float]:
     """Evaluates on finite distributed datasets; see `Evaluator.evaluate`."""
     return self._evaluator.evaluate(datasets, task_groups)
+
+
+def _merged(parts: Sequence[tuple]) -> tuple:
+  """One loop's outputs from those of consecutive loop calls (NumPy)."""
+  merged = parts[0]
+  for part in parts[1:]:
+    sums, counts, (metric_sums, metric_counts), skipped = merged[:4]
+    count, first_step, first_losses, first_trained = skipped
+    more, more_first, more_losses, more_trained = part[3]
+    if first_step < 0:  # The first skipped step is the earliest call's.
+      first_step, first_losses, first_trained = (more_first, more_losses,
+                                                 more_trained)
+    merged = (sums + part[0], counts + part[1],
+              (metric_sums + part[2][0], metric_counts + part[2][1]),
+              (count + more, first_step, first_losses, first_trained),
+              part[4], part[5])  # Loss scales and rates: the latest.
+  return merged
 
 
 def _check_sub_batches(aggregator: aggregators.base.Aggregator,
