@@ -2,8 +2,9 @@
 
 Benchmarks are not tests: nothing here asserts a speed. These tests keep the
 harness from rotting: ratios are paired and inverted correctly, the FLOP
-count matches the model, and `python -m benchmarks.run --quick` runs every
-comparison end to end and writes its report.
+count matches the model, whole processes are timed at two lengths, and
+`python -m benchmarks.run --quick` runs every comparison end to end and
+writes its report.
 """
 
 import json
@@ -75,6 +76,89 @@ def test_a_contender_without_warm_up_runs_only_the_timed_segments():
   (result,) = harness.measure([launched], steps=1, repeats=2,
                               log=lambda _: None)
   assert result.throughput == pytest.approx([1000, 500])
+
+
+def test_process_contender_times_the_difference_of_two_lengths(
+    monkeypatch):
+  walls = {100: 3.0, 150: 5.5}  # Seconds of a whole process, by length.
+  calls, directories = [], []
+
+  def command(steps, directory):
+    assert os.path.isdir(directory) and not os.listdir(directory)
+    directories.append(directory)
+    return ["train", f"--model_dir={directory}", str(steps)]
+
+  def run_process(argv):
+    calls.append(int(argv[-1]))
+    return walls[int(argv[-1])]
+
+  monkeypatch.setattr(contenders, "run_process", run_process)
+  contender = contenders.ProcessContender("p", command, global_batch_size=8,
+                                          base_steps=100)
+  assert contender.warm_up is False and contender.work_per_step == 8
+  (result,) = harness.measure([contender], steps=50, repeats=3,
+                              log=lambda _: None)
+  # start() runs the short length once; then each repetition both, the
+  # first of them alternating.
+  assert calls == [100, 100, 150, 150, 100, 100, 150]
+  assert result.throughput == pytest.approx([8 * 50 / 2.5] * 3)
+  assert len(set(directories)) == len(calls)  # A fresh directory each.
+  assert not any(os.path.exists(d) for d in directories)  # Removed.
+
+  walls[150] = 3.0  # 50 steps more take no longer: start-up noise wins.
+  with pytest.raises(RuntimeError, match="too short for the start-up noise"):
+    contender.run(50)
+
+
+def test_process_contender_appends_the_length_to_a_command_list(
+    monkeypatch):
+  commands = []
+  monkeypatch.setattr(contenders, "run_process",
+                      lambda argv: commands.append(argv) or len(commands))
+  contender = contenders.ProcessContender(
+      "recipe", contenders.recipe_command("fit", ["--tasks=shape"]), 32, 10)
+  assert contender.run(5) == 1  # Second process minus first.
+  assert commands == [
+      [sys.executable, "-m", "benchmarks.recipes", "fit", "--tasks=shape",
+       f"--train_steps={steps}"] for steps in (10, 15)]
+
+
+def test_process_contender_runs_real_processes():
+  # Each process sleeps 5 ms per step: 200 steps more are 1 s more.
+  sleep = [sys.executable, "-c", "import sys, time; "
+           "time.sleep(int(sys.argv[1].split('=')[1]) * 0.005)"]
+  contender = contenders.ProcessContender("sleep", sleep, 4, base_steps=10)
+  contender.start()
+  assert contender.run(200) > 0
+
+  failing = contenders.ProcessContender(
+      "failing", [sys.executable, "-c", "import sys; sys.exit('no data')"],
+      4, base_steps=10)
+  with pytest.raises(RuntimeError) as error:
+    failing.start()
+  message = str(error.value)
+  assert f"{sys.executable} -c" in message and "--train_steps=10" in message
+  assert "exited 1" in message and message.endswith("no data\n")
+
+
+def test_processes_import_this_checkout(monkeypatch):
+  root = os.path.abspath(ROOT)
+  monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+  env = contenders.process_environment()
+  assert env["PYTHONPATH"] == f"{root}{os.pathsep}/elsewhere"
+  assert env["TF_CPP_MIN_LOG_LEVEL"] == "2"
+  monkeypatch.delenv("PYTHONPATH")
+  assert contenders.process_environment()["PYTHONPATH"] == root
+
+
+def test_launcher_command_trains_in_the_given_model_dir():
+  command = contenders.launcher_command(["--mode=joint"])
+  assert command(7, "/tmp/run") == [
+      sys.executable, "-m", "launch.train", "--model_dir=/tmp/run",
+      "--train_steps=7", "--mode=joint"]
+  cluster = contenders.launcher_command(["--mode=joint"], num_workers=2)
+  assert cluster(7, "/tmp/run")[2:5] == [
+      "launch.local_cluster", "--num_workers=2", "--"]
 
 
 def test_matmul_flops_of_a_training_step():
