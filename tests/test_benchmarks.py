@@ -2,17 +2,19 @@
 
 Benchmarks are not tests: nothing here asserts a speed. These tests keep the
 harness from rotting: ratios are paired and inverted correctly, the FLOP
-count matches the model, whole processes are timed at two lengths, and
-`python -m benchmarks.run --quick` runs every comparison end to end and
-writes its report.
+count matches the model, whole processes are timed at two lengths, the
+recipes they are compared with run, and `python -m benchmarks.run --quick`
+runs every comparison end to end and writes its report.
 """
 
+import importlib.util
 import json
 import math
 import os
 import subprocess
 import sys
 
+from conftest import communicate
 from conftest import time_limit
 import numpy as np
 import pytest
@@ -20,6 +22,7 @@ import pytest
 from benchmarks import comparisons
 from benchmarks import contenders
 from benchmarks import harness
+from benchmarks import recipes
 from mtl_dist.data import shapes
 from mtl_dist.methods import catalog
 from mtl_dist.methods import registry
@@ -159,6 +162,54 @@ def test_launcher_command_trains_in_the_given_model_dir():
   cluster = contenders.launcher_command(["--mode=joint"], num_workers=2)
   assert cluster(7, "/tmp/run")[2:5] == [
       "launch.local_cluster", "--num_workers=2", "--"]
+
+
+_TINY_RECIPE = ["--train_steps=4", "--steps_per_loop=2", "--tasks=shape,x",
+                "--trunk_width=8", "--trunk_depth=1", "--global_batch_size=4"]
+
+
+def _recipe(*args):
+  return subprocess.Popen(
+      [sys.executable, "-m", "benchmarks.recipes", *args], cwd=ROOT,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("recipe", [
+    "naive_alternate", "fit",
+    pytest.param("model_garden", marks=pytest.mark.skipif(
+        importlib.util.find_spec("official") is None,
+        reason="TF Model Garden is not installed (an optional dependency: "
+        f"{recipes.MODEL_GARDEN_INSTALL})"))])
+def test_each_recipe_trains_in_a_whole_process(recipe):
+  process = _recipe(recipe, *_TINY_RECIPE)
+  stdout, stderr = communicate(process, f"the {recipe} recipe", 3)
+  assert process.returncode == 0, stderr[-3000:]
+  if recipe == "model_garden":
+    assert stdout.splitlines()[-1] == "global step 4"
+  else:
+    last = stdout.splitlines()[-1]
+    assert last.startswith("last loss ")
+    assert math.isfinite(float(last.split()[-1]))
+
+
+def test_recipes_refuse_bad_arguments_in_one_error_line():
+  cases = {"--tasks": ("naive_alternate", "--train_steps=3",
+                       "--tasks=shape,nope"),
+           "--train_steps": ("fit", "--train_steps=0")}
+  processes = {flag: _recipe(*args) for flag, args in cases.items()}
+  errors = {}
+  for flag, process in processes.items():
+    _, stderr = communicate(process, f"the recipe refusing {flag}", 2)
+    assert process.returncode == 2, stderr[-3000:]
+    lines = [line for line in stderr.splitlines()
+             if line.startswith("python -m benchmarks.recipes: error: ")]
+    assert len(lines) == 1 and lines[0] == stderr.splitlines()[-1], stderr
+    errors[flag] = lines[0]
+  assert errors["--tasks"].endswith(
+      "--tasks: unknown nope (known: shape, scale, orientation, x, y)")
+  assert errors["--train_steps"].endswith(
+      "argument --train_steps: must be at least 1, not 0")
 
 
 def test_matmul_flops_of_a_training_step():
