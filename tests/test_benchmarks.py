@@ -164,6 +164,77 @@ def test_launcher_command_trains_in_the_given_model_dir():
       "launch.local_cluster", "--num_workers=2", "--"]
 
 
+def _steps_of(command):
+  (flag,) = [a for a in command if a.startswith("--train_steps=")]
+  return int(flag.split("=")[1])
+
+
+def test_launcher_comparison_runs_the_processes_it_describes(monkeypatch):
+  commands = []
+
+  def run_process(command):  # 5 s of start-up, then 1 ms a step.
+    commands.append(command)
+    return 5.0 + 1e-3 * _steps_of(command)
+
+  monkeypatch.setattr(contenders, "run_process", run_process)
+  section = comparisons.launcher(harness.Settings(quick=False, repeats=2),
+                                 None)
+  overhead, compute = (comparisons.OVERHEAD_BOUND.describe(),
+                       comparisons.COMPUTE_BOUND.describe())
+  assert [caption for caption, _, _ in section.tables] == [
+      f"**Alternate mode, tasks shape, scale: {overhead}; N = 20000**",
+      f"**Joint mode, five tasks: {compute}; N = 400**",
+      f"**Joint mode, five tasks: {overhead}; N = 20000**"]
+  names = [[r.name for r in results] for _, results, _ in section.tables]
+  assert names == [["mtl-train alternate", "mtl-train single task",
+                    "naive recipe", "Model Garden interleaving"],
+                   ["mtl-train joint", "fit"], ["mtl-train joint", "fit"]]
+  # The start-up cancels: 1 ms a step is a global batch per ms.
+  batches = [size.global_batch_size for size in (
+      comparisons.OVERHEAD_BOUND, comparisons.COMPUTE_BOUND,
+      comparisons.OVERHEAD_BOUND)]
+  for (_, results, _), batch in zip(section.tables, batches):
+    for r in results:
+      assert r.throughput == pytest.approx([batch * 1000] * 2)
+  assert [(v.claim.label, v.claim.target, v.ratio) for v in
+          section.verdicts] == [
+              ("alternate / naive recipe", 1.5, pytest.approx(1)),
+              ("alternate / Model Garden interleaving", 1.0,
+               pytest.approx(1)),
+              ("alternate / single task", 0.9, pytest.approx(1)),
+              (f"{compute}: mtl-train joint / fit (steps_per_execution=1)",
+               1.0, pytest.approx(1)),
+              (f"{overhead}: mtl-train joint / fit (steps_per_execution=1)",
+               1.5, pytest.approx(1))]
+  # Each contender: one short run to start, then short and long in turn.
+  assert len(commands) == 8 * 5
+  assert sorted({_steps_of(c) for c in commands}) == [200, 600, 20200]
+  trains = [c for c in commands if c[1:3] == ["-m", "launch.train"]]
+  assert len(trains) == 4 * 5
+  for command in trains:
+    assert command[3].startswith("--model_dir=")
+    for flag in ("--strategy=one_device", "--optimizer=adam",
+                 "--log_every=1000000", "--eval_every=1000000",
+                 "--checkpoint_every=1000000"):
+      assert flag in command
+  fits = [c for c in commands if c[1:4] == ["-m", "benchmarks.recipes",
+                                            "fit"]]
+  assert len(fits) == 2 * 5
+  assert all("--steps_per_loop=1" in c and
+             f"--tasks={','.join(shapes.TASK_NAMES)}" in c for c in fits)
+  assert not section.notes
+
+  # Without Model Garden, and in --quick mode: not the compute-bound model.
+  commands.clear()
+  monkeypatch.setattr(comparisons.importlib.util, "find_spec",
+                      lambda name: None)
+  quick = comparisons.launcher(harness.Settings(quick=True, repeats=1), None)
+  assert [len(results) for _, results, _ in quick.tables] == [3, 2]
+  assert len(quick.verdicts) == 3
+  assert recipes.MODEL_GARDEN_INSTALL in quick.notes
+  assert sorted({_steps_of(c) for c in commands}) == [100, 4100]
+
+
 _TINY_RECIPE = ["--train_steps=4", "--steps_per_loop=2", "--tasks=shape,x",
                 "--trunk_width=8", "--trunk_depth=1", "--global_batch_size=4"]
 
@@ -289,8 +360,9 @@ def test_quick_run_measures_every_comparison_and_updates_the_doc(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "benchmarks.run", "--quick", "--repeats=1",
        f"--json_output={report_path}", f"--update_doc={doc}"],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=time_limit(47),
-      check=False)
+      cwd=ROOT, env=env, capture_output=True, text=True,
+      # Comparison 8 adds 56 start-ups: 18 processes of ~3 each, 3 min.
+      timeout=time_limit(47 + 56), check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(report_path.read_text())
   sections = report["sections"]
@@ -318,10 +390,30 @@ def test_quick_run_measures_every_comparison_and_updates_the_doc(tmp_path):
       for count in (2, 5) for name in rows[1:]]
   assert "| method | T = 2 | T = 5 |" in result.stdout
   assert "MB at T = 40" in result.stdout
+  # Comparison 8 runs whole processes: in --quick mode the alternate group
+  # (Model Garden's trainer where it is installed) and the overhead-bound
+  # joint one.
+  (launcher,) = [s for s in sections if s["name"] == "launcher"]
+  model_garden = importlib.util.find_spec("official") is not None
+  alternate = ["mtl-train alternate", "mtl-train single task",
+               "naive recipe"] + ["Model Garden interleaving"] * model_garden
+  assert [c["name"] for c in launcher["contenders"]] == alternate + [
+      "mtl-train joint", "fit"]
+  labels = ["alternate / naive recipe"] + [
+      "alternate / Model Garden interleaving"] * model_garden + [
+          "alternate / single task",
+          f"{comparisons.OVERHEAD_BOUND.describe()}: mtl-train joint / fit "
+          "(steps_per_execution=1)"]
+  assert [v["label"] for v in launcher["verdicts"]] == labels
+  assert "### 8. The launcher path: whole processes" in result.stdout
+  for label in labels:
+    assert f"| {label} | " in result.stdout
+  assert ("Model Garden's interleaving trainer was not measured" in
+          result.stdout) != model_garden
   targets = [v for s in sections for v in s["verdicts"] if v["target"]]
   # --quick measures one model size per comparison: 1(b) twice, 2 at one
-  # size x 2 task counts x 2, 3 at one size, 4.
-  assert len(targets) == 2 + 4 + 1 + 1
+  # size x 2 task counts x 2, 3 at one size, 4; 8 the claims above.
+  assert len(targets) == 2 + 4 + 1 + 1 + len(labels)
   with pytest.raises(ValueError, match="a cost"):
     harness.Claim("cost", "a", "b", target=1.0, invert=True)
   text = doc.read_text()
