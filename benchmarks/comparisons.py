@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import math
 import os
 import tempfile
@@ -18,6 +19,7 @@ import tensorflow as tf
 
 from benchmarks import contenders as contenders_lib
 from benchmarks import harness
+from benchmarks import recipes
 import mtl_dist
 from mtl_dist import data as data_lib
 from mtl_dist import tasks as tasks_lib
@@ -663,6 +665,148 @@ def options(settings: harness.Settings,
       tables, verdicts)
 
 
+# Comparison 8 times whole processes at two lengths: the short one, and
+# the short one plus a segment that adds ~15-20 s on a machine training the
+# overhead-bound model at ~40k examples/s (the compute-bound one at ~5k).
+# --quick's segments still stand well out of the start-up's noise, which
+# is seconds (an mtl-train run of 100 steps took 10.4 to 13.4 s on 2 cores).
+_LAUNCHER_BASE_STEPS = 200
+_QUICK_LAUNCHER_BASE_STEPS = 100
+_LAUNCHER_OVERHEAD_BOUND_STEPS = 20000
+_QUICK_LAUNCHER_OVERHEAD_BOUND_STEPS = 4000
+_LAUNCHER_COMPUTE_BOUND_STEPS = 400
+_LAUNCHER_STEPS_PER_LOOP = 100  # Alternate mode and Model Garden.
+# No progress line, evaluation or checkpoint before the last step; the final
+# ones are in both lengths and cancel.
+_NO_EVENTS = ("--log_every=1000000", "--eval_every=1000000",
+              "--checkpoint_every=1000000")
+
+
+@dataclasses.dataclass
+class _ProcessGroup:
+  """Contenders of comparison 8 measured together, and their claims."""
+
+  caption: str
+  steps: int
+  rivals: list[contenders_lib.ProcessContender]
+  claims: list[Claim]
+
+
+def _model_flags(size: ModelSize) -> list[str]:
+  return [f"--trunk_width={size.width}", f"--trunk_depth={size.depth}",
+          f"--global_batch_size={size.global_batch_size}"]
+
+
+def launcher(settings: harness.Settings,
+             make_strategy: StrategyFactory) -> harness.Section:
+  """8: mtl-train against the recipes, whole processes at two lengths."""
+  del make_strategy  # Every contender is a process of its own.
+  base = settings.steps(_LAUNCHER_BASE_STEPS, _QUICK_LAUNCHER_BASE_STEPS)
+  overhead_steps = settings.steps(_LAUNCHER_OVERHEAD_BOUND_STEPS,
+                                  _QUICK_LAUNCHER_OVERHEAD_BOUND_STEPS)
+  model_garden = importlib.util.find_spec("official") is not None
+
+  def mtl_train(name, size, flags):
+    return contenders_lib.ProcessContender(
+        name, contenders_lib.launcher_command([
+            "--strategy=one_device", "--trunk=mlp", *_model_flags(size),
+            "--optimizer=adam", *flags, *_NO_EVENTS]),
+        size.global_batch_size, base)
+
+  def recipe(name, recipe_name, tasks, size, flags=()):
+    return contenders_lib.ProcessContender(
+        name, contenders_lib.recipe_command(recipe_name, [
+            f"--tasks={','.join(tasks)}", *_model_flags(size), *flags]),
+        size.global_batch_size, base)
+
+  alternate_tasks = ("shape", "scale")
+  loop = f"--steps_per_loop={_LAUNCHER_STEPS_PER_LOOP}"
+  alternate_group = _ProcessGroup(
+      f"**Alternate mode, tasks {', '.join(alternate_tasks)}: "
+      f"{OVERHEAD_BOUND.describe()}; N = {overhead_steps}**",
+      overhead_steps, [
+          mtl_train("mtl-train alternate", OVERHEAD_BOUND, [
+              "--mode=alternate", f"--tasks={','.join(alternate_tasks)}",
+              loop]),
+          mtl_train("mtl-train single task", OVERHEAD_BOUND, [
+              "--mode=joint", f"--tasks={alternate_tasks[0]}", loop]),
+          recipe("naive recipe", "naive_alternate", alternate_tasks,
+                 OVERHEAD_BOUND),
+          *([recipe("Model Garden interleaving", "model_garden",
+                    alternate_tasks, OVERHEAD_BOUND, [loop])]
+            if model_garden else []),
+      ], [
+          Claim("alternate / naive recipe", "mtl-train alternate",
+                "naive recipe", 1.5),
+          *([Claim("alternate / Model Garden interleaving",
+                   "mtl-train alternate", "Model Garden interleaving", 1.0)]
+            if model_garden else []),
+          Claim("alternate / single task", "mtl-train alternate",
+                "mtl-train single task", 0.9),
+      ])
+
+  def joint_group(size, steps, target):
+    return _ProcessGroup(
+        f"**Joint mode, five tasks: {size.describe()}; N = {steps}**",
+        steps, [
+            mtl_train("mtl-train joint", size, [
+                "--mode=joint", f"--tasks={','.join(shapes.TASK_NAMES)}",
+                f"--steps_per_loop={STEPS_PER_LOOP}"]),
+            recipe("fit", "fit", shapes.TASK_NAMES, size,
+                   ["--steps_per_loop=1"]),
+        ], [Claim(f"{size.describe()}: mtl-train joint / fit "
+                  "(steps_per_execution=1)", "mtl-train joint", "fit",
+                  target)])
+
+  if settings.quick:  # Not the compute-bound model: ~20 s a process.
+    groups = [alternate_group,
+              joint_group(OVERHEAD_BOUND, overhead_steps, 1.5)]
+  else:
+    groups = [alternate_group,
+              joint_group(COMPUTE_BOUND, _LAUNCHER_COMPUTE_BOUND_STEPS, 1.0),
+              joint_group(OVERHEAD_BOUND, overhead_steps, 1.5)]
+  tables, verdicts = [], []
+  for group in groups:
+    _log(f"{group.caption.strip('*')}: {base} and {base + group.steps} "
+         "steps per process")
+    results = harness.measure(group.rivals, group.steps, settings.repeats,
+                              log=_log, warm_up=settings.warm_up)
+    tables.append((group.caption, results, "examples/s"))
+    verdicts += [harness.judge(results, claim) for claim in group.claims]
+  notes = "" if model_garden else (
+      "Model Garden's interleaving trainer was not measured: TF Model "
+      f"Garden is not installed here (`{recipes.MODEL_GARDEN_INSTALL}`; see "
+      "Running it).")
+  return harness.Section(
+      "launcher", "8. The launcher path: whole processes",
+      "What users run, each a whole process started from the command line: "
+      "`mtl-train` (`python -m launch.train --strategy=one_device "
+      f"--trunk=mlp --optimizer=adam {' '.join(_NO_EVENTS)}`, a fresh "
+      "`--model_dir` each run) against `python -m benchmarks.recipes` (the "
+      "naive alternate recipe, TF Model Garden's "
+      "MultiTaskInterleavingTrainer under an orbit Controller, tf_keras "
+      "Model.fit). Each side trains as its tool does: mtl-train with "
+      "FusedAdam (what `--optimizer=adam` makes) under OneDeviceStrategy, "
+      "the recipes with tf_keras's Adam and no strategy; the shapes data "
+      "(as mtl-train generates it), model and global batch are the same. "
+      "Alternate mode: `mtl-train --mode=alternate --tasks=shape,scale "
+      f"--steps_per_loop={_LAUNCHER_STEPS_PER_LOOP}`; the single task is "
+      "`mtl-train --mode=joint --tasks=shape`; the naive recipe calls one "
+      "tf.function step per task from Python; Model Garden runs "
+      f"{_LAUNCHER_STEPS_PER_LOOP} steps per compiled call, tasks sampled "
+      "uniformly. Joint mode: `mtl-train --mode=joint` on the five tasks "
+      f"(`--steps_per_loop={STEPS_PER_LOOP}`) against Model.fit with "
+      "`loss_weights`, steps_per_execution=1. Every process runs at two "
+      f"lengths, {base} steps and {base} + N steps (N: in each group's "
+      "heading), "
+      "alternating which runs first; N steps take the difference of the "
+      "two wall times, so what a run does whatever its length (Python and "
+      "TensorFlow start-up, data generation, tracing, the final evaluation "
+      "and checkpoint) cancels. Start-up is the wall time of one whole "
+      f"{base}-step run.",
+      tables, verdicts, notes=notes)
+
+
 ALL = {
     "joint_fit": joint_fit,
     "alternate": alternate,
@@ -671,4 +815,5 @@ ALL = {
     "scaling": scaling,
     "methods": methods,
     "options": options,
+    "launcher": launcher,
 }

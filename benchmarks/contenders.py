@@ -6,6 +6,10 @@ optimizer and global batch as their rivals: Adam at 1e-3, as
 `mtl_dist.FusedAdam` (what `--optimizer=adam` makes) on every side, so that
 ratios measure the training loops, not the optimizer's kernels; the options
 comparison measures tf_keras's own Adam separately.
+
+`ProcessContender` is the exception: it times whole processes of the
+user-facing tools (`mtl-train`, `benchmarks.recipes`), each with the
+optimizer and strategy that tool uses.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import tensorflow as tf
@@ -340,6 +344,78 @@ class MatmulContender:
     return time.perf_counter() - started
 
 
+_REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def process_environment() -> dict[str, str]:
+  """The environment of a benchmark's subprocess.
+
+  Returns:
+    This process's environment with TensorFlow's C++ logs quiet and this
+    checkout's root first on PYTHONPATH, so that the subprocess imports
+    this checkout's `mtl_dist`, `launch` and `benchmarks` whatever its
+    working directory.
+  """
+  path = os.environ.get("PYTHONPATH")
+  return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
+              PYTHONPATH=os.pathsep.join([_REPOSITORY, path]) if path
+              else _REPOSITORY)
+
+
+def run_process(command: Sequence[str]) -> float:
+  """Runs `command` to its end, its output captured.
+
+  Args:
+    command: The program and its arguments.
+
+  Returns:
+    Its wall time in seconds.
+
+  Raises:
+    RuntimeError: It exited with a non-zero status; the message gives the
+      command and the end of its stderr.
+  """
+  started = time.perf_counter()
+  result = subprocess.run(list(command), capture_output=True, text=True,
+                          env=process_environment(), check=False)
+  seconds = time.perf_counter() - started
+  if result.returncode:
+    raise RuntimeError(f"{' '.join(command)} exited {result.returncode}:"
+                       f"\n{result.stderr[-2000:]}")
+  return seconds
+
+
+def launcher_command(flags: Sequence[str], num_workers: int = 1
+                    ) -> Callable[[int, str], list[str]]:
+  """The command of an `mtl-train` (or `mtl-local-cluster`) run.
+
+  Args:
+    flags: Its flags, besides --model_dir and --train_steps.
+    num_workers: More than 1: `mtl-local-cluster` with that many workers.
+
+  Returns:
+    A function of the training steps and a fresh model directory that gives
+    the command.
+  """
+  flags = list(flags)
+
+  def command(steps: int, model_dir: str) -> list[str]:
+    run_flags = [f"--model_dir={model_dir}", f"--train_steps={steps}",
+                 *flags]
+    if num_workers > 1:
+      return [sys.executable, "-m", "launch.local_cluster",
+              f"--num_workers={num_workers}", "--", *run_flags]
+    return [sys.executable, "-m", "launch.train", *run_flags]
+
+  return command
+
+
+def recipe_command(recipe: str, flags: Sequence[str]) -> list[str]:
+  """The command of `python -m benchmarks.recipes RECIPE`, without
+  --train_steps (`ProcessContender` adds it)."""
+  return [sys.executable, "-m", "benchmarks.recipes", recipe, *flags]
+
+
 class LauncherContender:
   """`mtl-train` (or `mtl-local-cluster`) in a subprocess.
 
@@ -354,27 +430,82 @@ class LauncherContender:
                num_workers: int = 1):
     self.name = name
     self.work_per_step = global_batch_size
-    self._flags = list(flags)
-    self._num_workers = num_workers
+    self._command = launcher_command(flags, num_workers)
 
   def start(self) -> None:
     pass
 
   def run(self, steps: int) -> float:
     with tempfile.TemporaryDirectory() as model_dir:
-      flags = [f"--model_dir={model_dir}", f"--train_steps={steps}",
-               *self._flags]
-      if self._num_workers > 1:
-        command = [sys.executable, "-m", "launch.local_cluster",
-                   f"--num_workers={self._num_workers}", "--", *flags]
-      else:
-        command = [sys.executable, "-m", "launch.train", *flags]
-      env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-      result = subprocess.run(command, capture_output=True, text=True,
-                              env=env, check=False)
-      if result.returncode:
-        raise RuntimeError(f"{' '.join(command)} exited {result.returncode}:"
-                           f"\n{result.stderr[-2000:]}")
+      run_process(self._command(steps, model_dir))
       with open(os.path.join(model_dir, "summary.json")) as f:
         examples_per_second = json.load(f)["examples_per_second"]
     return steps * self.work_per_step / examples_per_second
+
+
+class ProcessContender:
+  """A whole training process, timed at two lengths.
+
+  `run(steps)` runs the process for `base_steps` training steps and for
+  `base_steps + steps`, and returns the difference of their wall times:
+  what `steps` steady-state steps took. Everything a run does whatever its
+  length cancels: interpreter and TensorFlow start-up, data generation,
+  tracing, and the final evaluation and checkpoint. Which length runs first
+  alternates from one call to the next, so that a drift of the machine
+  does not favour one of them.
+  """
+
+  warm_up = False  # Every process starts from scratch anyway.
+
+  def __init__(self, name: str,
+               command: Union[Sequence[str], Callable[[int, str],
+                                                      Sequence[str]]],
+               global_batch_size: int, base_steps: int):
+    """Describes the process.
+
+    Args:
+      name: The contender's name.
+      command: The command without its length, to which
+        `--train_steps=N` is appended; or a function of the training steps
+        and a fresh empty directory (removed after the process, e.g. for
+        --model_dir) that gives the whole command.
+      global_batch_size: Examples per training step.
+      base_steps: The short length, in training steps.
+    """
+    self.name = name
+    self.work_per_step = global_batch_size
+    self.base_steps = base_steps
+    self._command = command if callable(command) else list(command)
+    self._runs = 0
+
+  def start(self) -> None:
+    """Runs the short process once: the command works, and how long a
+    whole short run takes is the contender's start-up."""
+    self._wall(self.base_steps)
+
+  def run(self, steps: int) -> float:
+    """Runs the short and the long process; returns wall(long) - wall(short).
+
+    Raises:
+      RuntimeError: A process failed, or the long one took no longer than
+        the short one: `steps` are too few to stand out of the start-up's
+        noise.
+    """
+    short, long = self.base_steps, self.base_steps + steps
+    order = (short, long) if self._runs % 2 == 0 else (long, short)
+    self._runs += 1
+    wall = {length: self._wall(length) for length in order}
+    if wall[long] <= wall[short]:
+      raise RuntimeError(
+          f"{self.name}: {long} steps took {wall[long]:.2f} s, {short} steps "
+          f"{wall[short]:.2f} s: the segment of {steps} steps is too short "
+          "for the start-up noise; give it more steps")
+    return wall[long] - wall[short]
+
+  def _wall(self, steps: int) -> float:
+    with tempfile.TemporaryDirectory() as directory:
+      if callable(self._command):
+        command = self._command(steps, directory)
+      else:
+        command = [*self._command, f"--train_steps={steps}"]
+      return run_process(command)

@@ -46,7 +46,18 @@ MODEL_GARDEN_INSTALL = (
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
-  """The recipe and its settings, named as `mtl-train` names them."""
+  """The recipe and its settings, named as `mtl-train` names them.
+
+  Args:
+    argv: The command-line arguments after the program.
+
+  Returns:
+    The parsed arguments; `tasks` is a list of shapes task names.
+
+  Bad arguments (an unknown task, a count below 1, model_garden without
+  TF Model Garden) exit 2 with the usage and one line
+  `python -m benchmarks.recipes: error: ...`, as argparse does.
+  """
   parser = argparse.ArgumentParser(prog="python -m benchmarks.recipes",
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("recipe", choices=RECIPES)
@@ -62,6 +73,14 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
   args.tasks = args.tasks.split(",")
+  from mtl_dist.data import shapes  # pylint: disable=g-import-not-at-top
+  unknown = [name for name in args.tasks if name not in shapes.TASK_NAMES]
+  if unknown:
+    parser.error(f"--tasks: unknown {', '.join(unknown)} (known: "
+                 f"{', '.join(shapes.TASK_NAMES)})")
+  if (args.recipe == "model_garden" and
+      importlib.util.find_spec("official") is None):
+    parser.error(f"model_garden needs TF Model Garden: {MODEL_GARDEN_INSTALL}")
   return args
 
 
@@ -73,19 +92,10 @@ def _positive(text: str) -> int:
 
 
 def main(argv: Sequence[str]) -> int:
+  """Trains the recipe `argv` names; returns the exit status (0)."""
   args = parse(argv)
   from mtl_dist.data import shapes  # pylint: disable=g-import-not-at-top
   known = {task.name: task for task in shapes.TASKS}
-  unknown = [name for name in args.tasks if name not in known]
-  if unknown:
-    print(f"benchmarks.recipes: --tasks: unknown {', '.join(unknown)} "
-          f"(known: {', '.join(known)})", file=sys.stderr)
-    return 2
-  if args.recipe == "model_garden":
-    if importlib.util.find_spec("official") is None:
-      print("benchmarks.recipes: model_garden needs TF Model Garden: "
-            f"{MODEL_GARDEN_INSTALL}", file=sys.stderr)
-      return 2
   tasks = [known[name] for name in args.tasks]
   if args.recipe == "fit":
     _fit(args, tasks)

@@ -35,7 +35,8 @@ NUM_LOGICAL_CPUS = 4  # Scaling runs 1, 2 and 4 replicas on logical CPUs.
 _COMPARISONS = flags.DEFINE_list(
     "comparisons", None,
     "Comparisons to run, in order (default: all). Known: joint_fit, "
-    "alternate, input_pipeline, flops, scaling, methods, options.")
+    "alternate, input_pipeline, flops, scaling, methods, options, "
+    "launcher.")
 _QUICK = flags.DEFINE_bool(
     "quick", False, "Short segments, no warm-up segment, one model size per "
     "comparison and 2 repetitions: every comparison in a few minutes, to "

@@ -2,16 +2,19 @@
 
 Benchmarks are not tests: nothing here asserts a speed. These tests keep the
 harness from rotting: ratios are paired and inverted correctly, the FLOP
-count matches the model, and `python -m benchmarks.run --quick` runs every
-comparison end to end and writes its report.
+count matches the model, whole processes are timed at two lengths, the
+recipes they are compared with run, and `python -m benchmarks.run --quick`
+runs every comparison end to end and writes its report.
 """
 
+import importlib.util
 import json
 import math
 import os
 import subprocess
 import sys
 
+from conftest import communicate
 from conftest import time_limit
 import numpy as np
 import pytest
@@ -19,6 +22,7 @@ import pytest
 from benchmarks import comparisons
 from benchmarks import contenders
 from benchmarks import harness
+from benchmarks import recipes
 from mtl_dist.data import shapes
 from mtl_dist.methods import catalog
 from mtl_dist.methods import registry
@@ -75,6 +79,208 @@ def test_a_contender_without_warm_up_runs_only_the_timed_segments():
   (result,) = harness.measure([launched], steps=1, repeats=2,
                               log=lambda _: None)
   assert result.throughput == pytest.approx([1000, 500])
+
+
+def test_process_contender_times_the_difference_of_two_lengths(
+    monkeypatch):
+  walls = {100: 3.0, 150: 5.5}  # Seconds of a whole process, by length.
+  calls, directories = [], []
+
+  def command(steps, directory):
+    assert os.path.isdir(directory) and not os.listdir(directory)
+    directories.append(directory)
+    return ["train", f"--model_dir={directory}", str(steps)]
+
+  def run_process(argv):
+    calls.append(int(argv[-1]))
+    return walls[int(argv[-1])]
+
+  monkeypatch.setattr(contenders, "run_process", run_process)
+  contender = contenders.ProcessContender("p", command, global_batch_size=8,
+                                          base_steps=100)
+  assert contender.warm_up is False and contender.work_per_step == 8
+  (result,) = harness.measure([contender], steps=50, repeats=3,
+                              log=lambda _: None)
+  # start() runs the short length once; then each repetition both, the
+  # first of them alternating.
+  assert calls == [100, 100, 150, 150, 100, 100, 150]
+  assert result.throughput == pytest.approx([8 * 50 / 2.5] * 3)
+  assert len(set(directories)) == len(calls)  # A fresh directory each.
+  assert not any(os.path.exists(d) for d in directories)  # Removed.
+
+  walls[150] = 3.0  # 50 steps more take no longer: start-up noise wins.
+  with pytest.raises(RuntimeError, match="too short for the start-up noise"):
+    contender.run(50)
+
+
+def test_process_contender_appends_the_length_to_a_command_list(
+    monkeypatch):
+  commands = []
+  monkeypatch.setattr(contenders, "run_process",
+                      lambda argv: commands.append(argv) or len(commands))
+  contender = contenders.ProcessContender(
+      "recipe", contenders.recipe_command("fit", ["--tasks=shape"]), 32, 10)
+  assert contender.run(5) == 1  # Second process minus first.
+  assert commands == [
+      [sys.executable, "-m", "benchmarks.recipes", "fit", "--tasks=shape",
+       f"--train_steps={steps}"] for steps in (10, 15)]
+
+
+def test_process_contender_runs_real_processes():
+  # Each process sleeps 5 ms per step: 200 steps more are 1 s more.
+  sleep = [sys.executable, "-c", "import sys, time; "
+           "time.sleep(int(sys.argv[1].split('=')[1]) * 0.005)"]
+  contender = contenders.ProcessContender("sleep", sleep, 4, base_steps=10)
+  contender.start()
+  assert contender.run(200) > 0
+
+  failing = contenders.ProcessContender(
+      "failing", [sys.executable, "-c", "import sys; sys.exit('no data')"],
+      4, base_steps=10)
+  with pytest.raises(RuntimeError) as error:
+    failing.start()
+  message = str(error.value)
+  assert f"{sys.executable} -c" in message and "--train_steps=10" in message
+  assert "exited 1" in message and message.endswith("no data\n")
+
+
+def test_processes_import_this_checkout(monkeypatch):
+  root = os.path.abspath(ROOT)
+  monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+  env = contenders.process_environment()
+  assert env["PYTHONPATH"] == f"{root}{os.pathsep}/elsewhere"
+  assert env["TF_CPP_MIN_LOG_LEVEL"] == "2"
+  monkeypatch.delenv("PYTHONPATH")
+  assert contenders.process_environment()["PYTHONPATH"] == root
+
+
+def test_launcher_command_trains_in_the_given_model_dir():
+  command = contenders.launcher_command(["--mode=joint"])
+  assert command(7, "/tmp/run") == [
+      sys.executable, "-m", "launch.train", "--model_dir=/tmp/run",
+      "--train_steps=7", "--mode=joint"]
+  cluster = contenders.launcher_command(["--mode=joint"], num_workers=2)
+  assert cluster(7, "/tmp/run")[2:5] == [
+      "launch.local_cluster", "--num_workers=2", "--"]
+
+
+def _steps_of(command):
+  (flag,) = [a for a in command if a.startswith("--train_steps=")]
+  return int(flag.split("=")[1])
+
+
+def test_launcher_comparison_runs_the_processes_it_describes(monkeypatch):
+  commands = []
+
+  def run_process(command):  # 5 s of start-up, then 1 ms a step.
+    commands.append(command)
+    return 5.0 + 1e-3 * _steps_of(command)
+
+  monkeypatch.setattr(contenders, "run_process", run_process)
+  section = comparisons.launcher(harness.Settings(quick=False, repeats=2),
+                                 None)
+  overhead, compute = (comparisons.OVERHEAD_BOUND.describe(),
+                       comparisons.COMPUTE_BOUND.describe())
+  assert [caption for caption, _, _ in section.tables] == [
+      f"**Alternate mode, tasks shape, scale: {overhead}; N = 20000**",
+      f"**Joint mode, five tasks: {compute}; N = 400**",
+      f"**Joint mode, five tasks: {overhead}; N = 20000**"]
+  names = [[r.name for r in results] for _, results, _ in section.tables]
+  assert names == [["mtl-train alternate", "mtl-train single task",
+                    "naive recipe", "Model Garden interleaving"],
+                   ["mtl-train joint", "fit"], ["mtl-train joint", "fit"]]
+  # The start-up cancels: 1 ms a step is a global batch per ms.
+  batches = [size.global_batch_size for size in (
+      comparisons.OVERHEAD_BOUND, comparisons.COMPUTE_BOUND,
+      comparisons.OVERHEAD_BOUND)]
+  for (_, results, _), batch in zip(section.tables, batches):
+    for r in results:
+      assert r.throughput == pytest.approx([batch * 1000] * 2)
+  assert [(v.claim.label, v.claim.target, v.ratio) for v in
+          section.verdicts] == [
+              ("alternate / naive recipe", 1.5, pytest.approx(1)),
+              ("alternate / Model Garden interleaving", 1.0,
+               pytest.approx(1)),
+              ("alternate / single task", 0.9, pytest.approx(1)),
+              (f"{compute}: mtl-train joint / fit (steps_per_execution=1)",
+               1.0, pytest.approx(1)),
+              (f"{overhead}: mtl-train joint / fit (steps_per_execution=1)",
+               1.5, pytest.approx(1))]
+  # Each contender: one short run to start, then short and long in turn.
+  assert len(commands) == 8 * 5
+  assert sorted({_steps_of(c) for c in commands}) == [200, 600, 20200]
+  trains = [c for c in commands if c[1:3] == ["-m", "launch.train"]]
+  assert len(trains) == 4 * 5
+  for command in trains:
+    assert command[3].startswith("--model_dir=")
+    for flag in ("--strategy=one_device", "--optimizer=adam",
+                 "--log_every=1000000", "--eval_every=1000000",
+                 "--checkpoint_every=1000000"):
+      assert flag in command
+  fits = [c for c in commands if c[1:4] == ["-m", "benchmarks.recipes",
+                                            "fit"]]
+  assert len(fits) == 2 * 5
+  assert all("--steps_per_loop=1" in c and
+             f"--tasks={','.join(shapes.TASK_NAMES)}" in c for c in fits)
+  assert not section.notes
+
+  # Without Model Garden, and in --quick mode: not the compute-bound model.
+  commands.clear()
+  monkeypatch.setattr(comparisons.importlib.util, "find_spec",
+                      lambda name: None)
+  quick = comparisons.launcher(harness.Settings(quick=True, repeats=1), None)
+  assert [len(results) for _, results, _ in quick.tables] == [3, 2]
+  assert len(quick.verdicts) == 3
+  assert recipes.MODEL_GARDEN_INSTALL in quick.notes
+  assert sorted({_steps_of(c) for c in commands}) == [100, 4100]
+
+
+_TINY_RECIPE = ["--train_steps=4", "--steps_per_loop=2", "--tasks=shape,x",
+                "--trunk_width=8", "--trunk_depth=1", "--global_batch_size=4"]
+
+
+def _recipe(*args):
+  return subprocess.Popen(
+      [sys.executable, "-m", "benchmarks.recipes", *args], cwd=ROOT,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("recipe", [
+    "naive_alternate", "fit",
+    pytest.param("model_garden", marks=pytest.mark.skipif(
+        importlib.util.find_spec("official") is None,
+        reason="TF Model Garden is not installed (an optional dependency: "
+        f"{recipes.MODEL_GARDEN_INSTALL})"))])
+def test_each_recipe_trains_in_a_whole_process(recipe):
+  process = _recipe(recipe, *_TINY_RECIPE)
+  stdout, stderr = communicate(process, f"the {recipe} recipe", 3)
+  assert process.returncode == 0, stderr[-3000:]
+  if recipe == "model_garden":
+    assert stdout.splitlines()[-1] == "global step 4"
+  else:
+    last = stdout.splitlines()[-1]
+    assert last.startswith("last loss ")
+    assert math.isfinite(float(last.split()[-1]))
+
+
+def test_recipes_refuse_bad_arguments_in_one_error_line():
+  cases = {"--tasks": ("naive_alternate", "--train_steps=3",
+                       "--tasks=shape,nope"),
+           "--train_steps": ("fit", "--train_steps=0")}
+  processes = {flag: _recipe(*args) for flag, args in cases.items()}
+  errors = {}
+  for flag, process in processes.items():
+    _, stderr = communicate(process, f"the recipe refusing {flag}", 2)
+    assert process.returncode == 2, stderr[-3000:]
+    lines = [line for line in stderr.splitlines()
+             if line.startswith("python -m benchmarks.recipes: error: ")]
+    assert len(lines) == 1 and lines[0] == stderr.splitlines()[-1], stderr
+    errors[flag] = lines[0]
+  assert errors["--tasks"].endswith(
+      "--tasks: unknown nope (known: shape, scale, orientation, x, y)")
+  assert errors["--train_steps"].endswith(
+      "argument --train_steps: must be at least 1, not 0")
 
 
 def test_matmul_flops_of_a_training_step():
@@ -154,8 +360,9 @@ def test_quick_run_measures_every_comparison_and_updates_the_doc(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "benchmarks.run", "--quick", "--repeats=1",
        f"--json_output={report_path}", f"--update_doc={doc}"],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=time_limit(47),
-      check=False)
+      cwd=ROOT, env=env, capture_output=True, text=True,
+      # Comparison 8 adds 56 start-ups: 18 processes of ~3 each, 3 min.
+      timeout=time_limit(47 + 56), check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(report_path.read_text())
   sections = report["sections"]
@@ -183,10 +390,30 @@ def test_quick_run_measures_every_comparison_and_updates_the_doc(tmp_path):
       for count in (2, 5) for name in rows[1:]]
   assert "| method | T = 2 | T = 5 |" in result.stdout
   assert "MB at T = 40" in result.stdout
+  # Comparison 8 runs whole processes: in --quick mode the alternate group
+  # (Model Garden's trainer where it is installed) and the overhead-bound
+  # joint one.
+  (launcher,) = [s for s in sections if s["name"] == "launcher"]
+  model_garden = importlib.util.find_spec("official") is not None
+  alternate = ["mtl-train alternate", "mtl-train single task",
+               "naive recipe"] + ["Model Garden interleaving"] * model_garden
+  assert [c["name"] for c in launcher["contenders"]] == alternate + [
+      "mtl-train joint", "fit"]
+  labels = ["alternate / naive recipe"] + [
+      "alternate / Model Garden interleaving"] * model_garden + [
+          "alternate / single task",
+          f"{comparisons.OVERHEAD_BOUND.describe()}: mtl-train joint / fit "
+          "(steps_per_execution=1)"]
+  assert [v["label"] for v in launcher["verdicts"]] == labels
+  assert "### 8. The launcher path: whole processes" in result.stdout
+  for label in labels:
+    assert f"| {label} | " in result.stdout
+  assert ("Model Garden's interleaving trainer was not measured" in
+          result.stdout) != model_garden
   targets = [v for s in sections for v in s["verdicts"] if v["target"]]
   # --quick measures one model size per comparison: 1(b) twice, 2 at one
-  # size x 2 task counts x 2, 3 at one size, 4.
-  assert len(targets) == 2 + 4 + 1 + 1
+  # size x 2 task counts x 2, 3 at one size, 4; 8 the claims above.
+  assert len(targets) == 2 + 4 + 1 + 1 + len(labels)
   with pytest.raises(ValueError, match="a cost"):
     harness.Claim("cost", "a", "b", target=1.0, invert=True)
   text = doc.read_text()
