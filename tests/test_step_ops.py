@@ -14,9 +14,10 @@ import tensorflow as tf
 import mtl_dist
 
 
-def _loop_op_types(trainer, iterators) -> collections.Counter:
-  """Op types of the train loop, counted through every function it calls."""
-  function = trainer._train_loop.get_concrete_function(  # pylint: disable=protected-access
+def _loop_op_types(trainer, iterators,
+                   loop: str = "_train_loop") -> collections.Counter:
+  """Op types of a train loop, counted through every function it calls."""
+  function = getattr(trainer, loop).get_concrete_function(
       tuple(iterators), tf.constant(1, tf.int64))
   graph_def = function.graph.as_graph_def()
   library = {f.signature.name: f for f in graph_def.library.function}
@@ -49,16 +50,21 @@ def test_one_label_check_and_one_set_of_adam_scalars_per_update(
   trainer, iterators, _, _ = build_trainer(
       1, mode, task_names, optimizer_factory=lambda: mtl_dist.FusedAdam(
           learning_rate=1e-3, jit_compile=False))
-  counts = _loop_op_types(trainer, iterators)
-  # One assertion, for the one classification task ("shape"); no checks of
-  # the constant batch size (tf.nn.compute_average_loss adds three per task).
-  assert counts["Assert"] == 1
-  # beta_1^t and beta_2^t once per optimizer update, not per variable.
-  assert counts["Pow"] == 2 * updates
+  # Alternate round robin: the switched loop and the round loop (each task's
+  # step once, no switch) hold the same steps.
+  loops = ["_train_loop"] + (["_cycles_loop"] if mode == "alternate" else [])
   model = trainer.model
   updated = (model.trainable_variables if mode == "joint" else
              [v for name in task_names
               for v in model.trunk_and_head_variables(name)])
-  assert counts["ResourceApplyAdam"] == len(updated)
+  for loop in loops:
+    counts = _loop_op_types(trainer, iterators, loop)
+    # One assertion, for the one classification task ("shape"); no checks
+    # of the constant batch size (tf.nn.compute_average_loss adds three per
+    # task).
+    assert counts["Assert"] == 1, loop
+    # beta_1^t and beta_2^t once per optimizer update, not per variable.
+    assert counts["Pow"] == 2 * updates, loop
+    assert counts["ResourceApplyAdam"] == len(updated), loop
   trainer.train(iterators, 3)  # And the loop runs.
   assert int(trainer.global_step.numpy()) == 3

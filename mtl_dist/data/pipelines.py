@@ -109,7 +109,9 @@ def _on_host(strategy: tf.distribute.Strategy) -> bool:
   """Whether the strategy is one replica on this host's CPU."""
   if not isinstance(strategy, tf.distribute.OneDeviceStrategy):
     return False
-  return "CPU" in strategy.extended.worker_devices[0].upper()
+  device = tf.DeviceSpec.from_string(strategy.extended.worker_devices[0])
+  return (device.device_type or "").upper() == "CPU" and device.job in (
+      None, "localhost")
 
 
 @typecheck.checked

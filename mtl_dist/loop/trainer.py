@@ -1,8 +1,9 @@
 """The trainer: a run's state (model, optimizers, counters) and its loops.
 
 Following TF Model Garden's orbit, the host calls `train(iterators, n)` and
-`n` steps run inside one tf.function call, `n` passed as a tensor so that no
-call after the first retraces. Joint and alternate mode share this loop and
+`n` steps run inside one tf.function call (alternate round robin: whole
+rounds in a loop without the task switch, see `Trainer.train`), `n` passed
+as a tensor so that no call after the first retraces. Joint and alternate mode share this loop and
 differ only in the step object (see steps/).
 """
 

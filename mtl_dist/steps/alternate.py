@@ -129,7 +129,9 @@ class AlternateStep:
   def cycle(self) -> Optional[int]:
     """T when the schedule trains tasks 0..T-1 in turn (round robin), from
     any step that is a multiple of T; else None."""
-    if isinstance(self._schedule, schedules.RoundRobin):
+    # Exactly RoundRobin over these tasks: a subclass may reorder them.
+    if (type(self._schedule) is schedules.RoundRobin and  # pylint: disable=unidiomatic-typecheck
+        self._schedule.num_tasks == len(self._tasks)):
       return len(self._tasks)
     return None
 
