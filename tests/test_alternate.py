@@ -77,17 +77,21 @@ def _op_types(function) -> set[str]:
           {node.op for f in graph_def.library.function for node in f.node_def})
 
 
-@pytest.mark.parametrize("replicas", [1, 2])
+@pytest.mark.parametrize("replicas, options", [
+    (1, {}), (2, {}), (1, {"per_task_optimizer": False}),
+    (1, {"optimizer": "adam", "learning_rate": 1e-3}),
+])
 def test_round_robin_rounds_run_without_a_switch_and_match_switched_steps(
-    build_trainer, replicas):
+    build_trainer, replicas, options):
   # The whole rounds of a call run one step per task in order, with no
   # in-graph switch; the steps before a round's start and after the last
   # round run switched. Together they must train exactly what the switched
   # loop trains one step at a time, and report the same sums.
-  switched, switched_its, _, _ = build_trainer(replicas, "alternate", TASKS)
+  switched, switched_its, _, _ = build_trainer(replicas, "alternate", TASKS,
+                                               **options)
   rounds, rounds_its, _, _ = build_trainer(
       replicas, "alternate", TASKS,
-      initial_weights=switched.model.get_weights())
+      initial_weights=switched.model.get_weights(), **options)
   want_losses, want_counts = np.zeros(3), np.zeros(3)
   for _ in range(14):
     losses, counts = switched.train(switched_its, 1)[:2]
