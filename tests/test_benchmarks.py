@@ -177,6 +177,12 @@ def test_launcher_comparison_runs_the_processes_it_describes(monkeypatch):
     return 5.0 + 1e-3 * _steps_of(command)
 
   monkeypatch.setattr(contenders, "run_process", run_process)
+  # With Model Garden (faked: no process starts, installed or not).
+  find_spec = comparisons.importlib.util.find_spec
+  monkeypatch.setattr(
+      comparisons.importlib.util, "find_spec",
+      lambda name, *args: object() if name == "official" else find_spec(
+          name, *args))
   section = comparisons.launcher(harness.Settings(quick=False, repeats=2),
                                  None)
   overhead, compute = (comparisons.OVERHEAD_BOUND.describe(),
