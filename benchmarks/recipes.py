@@ -146,30 +146,29 @@ def _loss(task):
   return contenders.keras_loss(task)
 
 
-def _trunk_and_heads(args, tasks):
-  """The shared trunk, and per task a model of the trunk and its head.
+def _models(args, tasks):
+  """The multi-output model (`contenders.keras_model`, the one `fit` trains
+  in comparison 1) and, per task, a model of its trunk and that task's head.
 
   Returns:
-    (input, {task name: head output}, {task name: trunk-and-head model}).
+    (multi-output model, {task name: trunk-and-head model}).
   """
   import tf_keras  # pylint: disable=g-import-not-at-top
+  from benchmarks import contenders  # pylint: disable=g-import-not-at-top
   from mtl_dist.data import shapes  # pylint: disable=g-import-not-at-top
-  inputs = tf_keras.Input((shapes.IMAGE_SIZE, shapes.IMAGE_SIZE, 1))
-  hidden = tf_keras.layers.Flatten()(inputs)
-  for _ in range(args.trunk_depth):
-    hidden = tf_keras.layers.Dense(args.trunk_width, activation="relu")(hidden)
-  heads = {task.name: tf_keras.layers.Dense(task.output_size,
-                                            name=task.name)(hidden)
-           for task in tasks}
-  return inputs, heads, {name: tf_keras.Model(inputs, output)
-                         for name, output in heads.items()}
+  model = contenders.keras_model(
+      tasks, (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE, 1),
+      contenders.ModelSize(args.trunk_width, args.trunk_depth,
+                           args.global_batch_size))
+  return model, {task.name: tf_keras.Model(
+      model.input, model.get_layer(task.name).output) for task in tasks}
 
 
 def _naive_alternate(args, tasks, datasets) -> None:
   """One tf.function and one Adam per task, called round-robin from Python."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tf_keras  # pylint: disable=g-import-not-at-top
-  _, _, task_models = _trunk_and_heads(args, tasks)
+  _, task_models = _models(args, tasks)
 
   def make_step(task):
     model = task_models[task.name]
@@ -207,7 +206,7 @@ def _model_garden(args, tasks, datasets) -> None:
   import orbit
   import tf_keras
   # pylint: enable=g-import-not-at-top
-  _, _, task_models = _trunk_and_heads(args, tasks)
+  _, task_models = _models(args, tasks)
 
   class Task(base_task.Task):
     """A shapes task: its pipeline and its loss."""
@@ -256,8 +255,7 @@ def _fit(args, tasks) -> None:
       examples + settings.DataConfig().eval_examples, args.seed)
   targets = {task.name: _targets(task, labels[task.name][:examples])
              for task in tasks}
-  inputs, outputs, _ = _trunk_and_heads(args, tasks)
-  model = tf_keras.Model(inputs, outputs)
+  model, _ = _models(args, tasks)
   model.compile(optimizer=tf_keras.optimizers.Adam(LEARNING_RATE),
                 loss={task.name: _loss(task) for task in tasks},
                 loss_weights={task.name: task.weight for task in tasks},
