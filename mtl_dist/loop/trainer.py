@@ -3,8 +3,8 @@
 Following TF Model Garden's orbit, the host calls `train(iterators, n)` and
 `n` steps run inside one tf.function call (alternate round robin: whole
 rounds in a loop without the task switch, see `Trainer.train`), `n` passed
-as a tensor so that no call after the first retraces. Joint and alternate mode share this loop and
-differ only in the step object (see steps/).
+as a tensor so that no call after the first retraces. Joint and alternate
+mode share this loop and differ only in the step object (see steps/).
 """
 
 from __future__ import annotations
